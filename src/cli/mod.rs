@@ -1,0 +1,428 @@
+//! The `mailreplica` command line: doveadm's spelling, options and output formats, so that an
+//! admin's runbooks and diffs against doveadm keep working.
+//!
+//! Parsing is two-stage: clap turns argv into [`Cli`] without side effects; [`Session`] then
+//! reads the configuration, looks the user up, drops root privileges for `-u USER`, and only
+//! after that opens the mail store.
+
+pub mod output;
+
+mod backup;
+mod mail;
+mod search;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow};
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::store::StoreError;
+use crate::store::maildir::{Maildir, MaildirSettings};
+use crate::userdb::UserdbError;
+pub use output::Format;
+
+/// Exit codes, as doveadm uses them (sysexits.h).
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Bad command line.
+    pub const USAGE: u8 = 64;
+    /// Bad data, or the operation is not possible (doveadm's NOTPOSSIBLE).
+    pub const DATAERR: u8 = 65;
+    /// No such user.
+    pub const NOUSER: u8 = 67;
+    /// A mailbox or mail was not found (doveadm's NOTFOUND).
+    pub const NOTFOUND: u8 = 68;
+    /// Configuration error.
+    pub const CONFIG: u8 = 78;
+    /// Temporary failure: I/O, locks, damaged files.
+    pub const TEMPFAIL: u8 = 75;
+    /// Permission denied.
+    pub const NOPERM: u8 = 77;
+}
+
+/// `mailreplica`: replicate Dovecot Maildirs with Dovecot's dsync protocol, and inspect them
+/// with doveadm's mail commands.
+#[derive(Debug, Parser)]
+#[command(name = "mailreplica", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Configuration file [default: /etc/mailreplica/mailreplica.toml if it exists].
+    #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override a setting (repeatable).
+    #[arg(short = 'o', global = true, value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Act on this user's mail; as root, drop to the user first.
+    #[arg(short = 'u', long = "user", global = true, value_name = "USER")]
+    pub user: Option<String>,
+    /// Output format.
+    #[arg(short = 'f', long = "format", global = true, value_enum, value_name = "FORMAT")]
+    pub format: Option<Format>,
+    /// Debug logging (to stderr).
+    #[arg(short = 'D', global = true)]
+    pub debug: bool,
+    /// Verbose logging (to stderr).
+    #[arg(short = 'v', global = true)]
+    pub verbose: bool,
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mailbox management.
+    Mailbox {
+        /// Sub-command.
+        #[command(subcommand)]
+        command: MailboxCommand,
+    },
+    /// Save a mail read from stdin.
+    Save {
+        /// Mailbox to save into.
+        #[arg(short = 'm', value_name = "MAILBOX", default_value = "INBOX")]
+        mailbox: String,
+    },
+    /// Print fields of the mails matching a search query.
+    Fetch {
+        /// Space-separated fields: uid guid flags modseq seq mailbox mailbox-guid size.physical
+        /// size.virtual date.received date.saved text hdr body.
+        fields: String,
+        /// Search query, e.g. `mailbox INBOX uid 1:10`.
+        #[arg(required = true, allow_hyphen_values = true, trailing_var_arg = true)]
+        search: Vec<String>,
+    },
+    /// Change flags of the mails matching a search query.
+    Flags {
+        /// How to change them.
+        #[command(subcommand)]
+        command: FlagsCommand,
+    },
+    /// Expunge the mails matching a search query.
+    Expunge {
+        /// Search query.
+        #[arg(required = true, allow_hyphen_values = true, trailing_var_arg = true)]
+        search: Vec<String>,
+    },
+    /// Look users up in the userdb; masks with `*` or `?` list matching names.
+    User {
+        /// User names or masks.
+        #[arg(default_value = "*")]
+        masks: Vec<String>,
+    },
+    /// Make DEST an exact copy of this user's mail (store-level copy; the dsync engine that
+    /// replaces it is not built yet).
+    Backup {
+        /// Destination: `maildir:PATH[:LAYOUT=…]`.
+        dest: String,
+    },
+}
+
+/// `mailbox` sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum MailboxCommand {
+    /// List mailboxes.
+    List {
+        /// Only subscribed mailboxes.
+        #[arg(short = 's')]
+        subscribed: bool,
+        /// Name masks (`*`, `%`).
+        masks: Vec<String>,
+    },
+    /// Print mailbox status fields.
+    Status {
+        /// Space-separated: all messages recent uidnext uidvalidity unseen highestmodseq vsize guid.
+        fields: String,
+        /// Name masks.
+        #[arg(required = true)]
+        masks: Vec<String>,
+    },
+    /// Create mailboxes.
+    Create {
+        /// Also subscribe.
+        #[arg(short = 's')]
+        subscribe: bool,
+        /// Mailbox GUID to use (one mailbox only).
+        #[arg(short = 'g', value_name = "GUID")]
+        guid: Option<String>,
+        /// Names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Delete mailboxes.
+    Delete {
+        /// Also unsubscribe.
+        #[arg(short = 's')]
+        unsubscribe: bool,
+        /// Delete children too.
+        #[arg(short = 'r')]
+        recursive: bool,
+        /// Names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Rename a mailbox (and its children).
+    Rename {
+        /// Move the subscription too.
+        #[arg(short = 's')]
+        subscriptions: bool,
+        /// Old name.
+        old: String,
+        /// New name.
+        new: String,
+    },
+    /// Subscribe to mailboxes.
+    Subscribe {
+        /// Names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Unsubscribe from mailboxes.
+    Unsubscribe {
+        /// Names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+/// `flags` sub-commands.
+#[derive(Debug, Subcommand)]
+pub enum FlagsCommand {
+    /// Add flags.
+    Add {
+        /// Space-separated flags and keywords, e.g. `\Seen $Junk`.
+        flags: String,
+        /// Search query.
+        #[arg(required = true, allow_hyphen_values = true, trailing_var_arg = true)]
+        search: Vec<String>,
+    },
+    /// Remove flags.
+    Remove {
+        /// Flags.
+        flags: String,
+        /// Search query.
+        #[arg(required = true, allow_hyphen_values = true, trailing_var_arg = true)]
+        search: Vec<String>,
+    },
+    /// Replace all flags.
+    Replace {
+        /// Flags.
+        flags: String,
+        /// Search query.
+        #[arg(required = true, allow_hyphen_values = true, trailing_var_arg = true)]
+        search: Vec<String>,
+    },
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    /// Exit code.
+    pub code: u8,
+    /// What went wrong.
+    pub error: anyhow::Error,
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let error = e.into();
+        Self { code: classify(&error), error }
+    }
+}
+
+impl Failure {
+    /// A failure with an explicit code.
+    pub fn new(code: u8, error: anyhow::Error) -> Self {
+        Self { code, error }
+    }
+}
+
+/// Maps an error to doveadm's exit code by what it is, walking the cause chain.
+pub fn classify(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(s) = cause.downcast_ref::<StoreError>() {
+            return match s {
+                StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => exit::NOPERM,
+                StoreError::MailboxNotFound(_) | StoreError::MailNotFound(_) => exit::NOTFOUND,
+                StoreError::MailboxExists(_)
+                | StoreError::NotPossible(_)
+                | StoreError::BadName(_)
+                | StoreError::BadKeyword(_)
+                | StoreError::BadGuid(_)
+                | StoreError::Limit(_) => exit::DATAERR,
+                _ => exit::TEMPFAIL,
+            };
+        }
+        if cause.downcast_ref::<crate::config::ConfigError>().is_some() {
+            return exit::CONFIG;
+        }
+        if cause.downcast_ref::<UserdbError>().is_some() {
+            return exit::TEMPFAIL;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            return exit::NOPERM;
+        }
+    }
+    exit::TEMPFAIL
+}
+
+/// Who we act for, with the configuration that applies.
+#[derive(Debug)]
+pub struct Session {
+    /// Effective configuration.
+    pub config: Config,
+    /// User name.
+    pub user: String,
+    /// Home directory.
+    pub home: PathBuf,
+    /// The user's own `mail` setting from the userdb, if any.
+    pub userdb_mail: Option<String>,
+}
+
+impl Session {
+    /// Reads the configuration and becomes the mail user (dropping root for `-u USER`).
+    pub fn establish(cli: &Cli) -> Result<Self, Failure> {
+        let config = Config::load(cli.config.as_deref(), &cli.overrides)?;
+        let euid = nix::unistd::geteuid().as_raw();
+        match &cli.user {
+            Some(name) => {
+                let entry = config
+                    .userdb
+                    .lookup(name)?
+                    .ok_or_else(|| Failure::new(exit::NOUSER, anyhow!("user {name} doesn't exist")))?;
+                if !config.uid_allowed(entry.uid) || crate::privdrop::forbidden_id(entry.uid) {
+                    return Err(Failure::new(
+                        exit::NOPERM,
+                        anyhow!(
+                            "user {name} has uid {}, outside first_valid_uid={}..last_valid_uid={}",
+                            entry.uid,
+                            config.first_valid_uid,
+                            config.last_valid_uid
+                        ),
+                    ));
+                }
+                if crate::privdrop::forbidden_id(entry.gid) {
+                    return Err(Failure::new(exit::NOPERM, anyhow!("user {name} has primary gid {}", entry.gid)));
+                }
+                if euid == 0 {
+                    crate::privdrop::drop_to(entry.uid, entry.gid, &[])
+                        .with_context(|| format!("dropping privileges to {name}"))?;
+                } else if euid != entry.uid {
+                    return Err(Failure::new(exit::NOPERM, anyhow!("-u {name}: only root can act for another user")));
+                }
+                Ok(Self {
+                    config,
+                    user: entry.name.clone(),
+                    home: entry.home.clone(),
+                    userdb_mail: entry.mail_location().map(str::to_owned),
+                })
+            }
+            None => {
+                let pw = nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten();
+                let user = std::env::var("USER")
+                    .ok()
+                    .filter(|u| !u.is_empty())
+                    .or_else(|| pw.as_ref().map(|p| p.name.clone()));
+                let home = std::env::var_os("HOME").map(PathBuf::from).or_else(|| pw.as_ref().map(|p| p.dir.clone()));
+                let (Some(user), Some(home)) = (user, home) else {
+                    return Err(Failure::new(exit::NOUSER, anyhow!("can't tell who the current user is; use -u USER")));
+                };
+                if euid == 0 {
+                    tracing::warn!("running as root without -u: files created now will belong to root");
+                }
+                Ok(Self { config, user, home, userdb_mail: None })
+            }
+        }
+    }
+
+    /// Settings of a Maildir location (the configured one when `location` is `None`).
+    pub fn maildir_settings(&self, location: Option<&str>) -> Result<MaildirSettings, Failure> {
+        let loc = match location.or(self.userdb_mail.as_deref()) {
+            Some(s) => crate::config::MailLocation::parse(s).map_err(|e| Failure::new(exit::CONFIG, e.into()))?,
+            None => self.config.mail_location.clone(),
+        };
+        let hostname = self.config.hostname.clone().unwrap_or_else(hostname);
+        loc.expand(&self.user, &self.home, &hostname, self.config.lock_wait())
+            .map_err(|e| Failure::new(exit::CONFIG, e.into()))
+    }
+
+    /// Opens the user's mail store.
+    pub fn store(&self) -> Result<Maildir, Failure> {
+        let settings = self.maildir_settings(None)?;
+        if !self.home.is_dir() {
+            return Err(Failure::new(
+                exit::TEMPFAIL,
+                anyhow!("home directory {} of user {} does not exist", self.home.display(), self.user),
+            ));
+        }
+        Ok(Maildir::open(settings).with_context(|| format!("opening the mail store of {}", self.user))?)
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".to_owned())
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let default = if cli.debug {
+        "debug"
+    } else if cli.verbose {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = EnvFilter::try_from_env("MAILREPLICA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    init_logging(&cli);
+    let session = Session::establish(&cli)?;
+    match &cli.command {
+        Command::Mailbox { command } => mail::mailbox(&session, cli.format, command),
+        Command::Save { mailbox } => mail::save(&session, mailbox),
+        Command::Fetch { fields, search } => mail::fetch(&session, cli.format, fields, search),
+        Command::Flags { command } => mail::flags(&session, command),
+        Command::Expunge { search } => mail::expunge(&session, search),
+        Command::User { masks } => mail::user(&session, cli.format, masks),
+        Command::Backup { dest } => backup::run(&session, dest),
+    }
+}
+
+/// The process entry point: parse, run, report, exit.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { exit::OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            // A closed stdout (e.g. `| head`) is not an error worth a message.
+            let broken_pipe = f.error.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("mailreplica: Error: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Configuration: `/etc/mailreplica/mailreplica.toml` (or `-c FILE`) plus `-o key=value`
+//! overrides, with Dovecot's setting names where the meaning is the same.
+//!
+//! Parsing has no side effects beyond reading the file: every key is checked against the
+//! table of known settings, and an unknown key or a bad value is an error that names the file,
+//! the line and the key (or the `-o` argument).
+
+mod mail_location;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use mail_location::{MailLocation, MailLocationError, expand as expand_path};
+
+use crate::userdb::Userdb;
+
+/// The default configuration file.
+pub const DEFAULT_PATH: &str = "/etc/mailreplica/mailreplica.toml";
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where mail lives, in Dovecot's syntax (`maildir:~/Maildir[:LAYOUT=fs][:INBOX=…]`).
+    pub mail_location: MailLocation,
+    /// Where users come from.
+    pub userdb: Userdb,
+    /// Lowest UID allowed to own mail (Dovecot's `first_valid_uid`).
+    pub first_valid_uid: u32,
+    /// Highest UID allowed to own mail; 0 = no limit (Dovecot's `last_valid_uid`).
+    pub last_valid_uid: u32,
+    /// Host name used in lock files, new file names and the dsync handshake.
+    pub hostname: Option<String>,
+    /// Longest wait for a mailbox lock (Dovecot's `mail_max_lock_timeout`; 0 = Dovecot's default
+    /// of 122 seconds).
+    pub mail_max_lock_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mail_location: MailLocation::parse("maildir:~/Maildir").expect("the default is valid"),
+            userdb: Userdb::Passwd,
+            first_valid_uid: 500,
+            last_valid_uid: 0,
+            hostname: None,
+            mail_max_lock_timeout: Duration::ZERO,
+        }
+    }
+}
+
+/// Where a setting came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A line of a configuration file.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line.
+        line: usize,
+    },
+    /// A `-o key=value` argument.
+    Override(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File { path, line } => write!(f, "{} line {line}", path.display()),
+            Self::Override(arg) => write!(f, "-o {arg}"),
+        }
+    }
+}
+
+/// A configuration error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{}: {message}", path.display())]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The TOML parser's message (it names the line and column).
+        message: String,
+    },
+    /// A key that is not a setting.
+    #[error("{origin}: unknown setting `{key}`")]
+    UnknownKey {
+        /// Where.
+        origin: Origin,
+        /// The key.
+        key: String,
+    },
+    /// A value that does not fit the setting.
+    #[error("{origin}: bad value for `{key}`: {reason}")]
+    BadValue {
+        /// Where.
+        origin: Origin,
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// A `-o` argument without `=`.
+    #[error("-o {0}: expected key=value")]
+    BadOverride(String),
+}
+
+/// A setting's value before it is interpreted: TOML gives typed values, `-o` gives text.
+enum Raw<'a> {
+    Toml(&'a toml::Value),
+    Text(&'a str),
+}
+
+impl Raw<'_> {
+    fn string(&self) -> Result<String, String> {
+        match self {
+            Raw::Toml(toml::Value::String(s)) => Ok(s.clone()),
+            Raw::Toml(v) => Err(format!("expected a string, got {}", v.type_str())),
+            Raw::Text(s) => Ok((*s).to_owned()),
+        }
+    }
+
+    fn u32(&self) -> Result<u32, String> {
+        match self {
+            Raw::Toml(toml::Value::Integer(i)) => u32::try_from(*i).map_err(|_| format!("{i} is out of range")),
+            Raw::Toml(v) => Err(format!("expected an integer, got {}", v.type_str())),
+            Raw::Text(s) => s.trim().parse().map_err(|_| format!("{s:?} is not a number")),
+        }
+    }
+
+    fn duration(&self) -> Result<Duration, String> {
+        match self {
+            Raw::Toml(toml::Value::Integer(i)) => {
+                u64::try_from(*i).map(Duration::from_secs).map_err(|_| format!("{i} is out of range"))
+            }
+            Raw::Toml(toml::Value::String(s)) => parse_duration(s),
+            Raw::Toml(v) => Err(format!("expected seconds or a duration string, got {}", v.type_str())),
+            Raw::Text(s) => parse_duration(s),
+        }
+    }
+}
+
+/// Parses `30`, `30s`, `30 secs`, `5 mins`, `1h` (Dovecot's time units).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration"))?;
+    let mult = match unit.trim() {
+        "" | "s" | "sec" | "secs" | "second" | "seconds" => 1,
+        "m" | "min" | "mins" | "minute" | "minutes" => 60,
+        "h" | "hour" | "hours" => 3600,
+        "d" | "day" | "days" => 86400,
+        u => return Err(format!("unknown time unit {u:?}")),
+    };
+    Ok(Duration::from_secs(n * mult))
+}
+
+impl Config {
+    /// Loads the configuration: `path` if given (it must exist), else the default file if it
+    /// exists, else the defaults; then applies the `-o` overrides in order.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut cfg = Self::default();
+        let file = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_PATH)).filter(|p| p.exists()),
+        };
+        if let Some(file) = file {
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| ConfigError::Read { path: file.clone(), source: e })?;
+            cfg.apply_toml(&text, &file)?;
+        }
+        for o in overrides {
+            let (k, v) = o.split_once('=').ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
+            cfg.set(k.trim(), Raw::Text(v), Origin::Override(o.clone()))?;
+        }
+        Ok(cfg)
+    }
+
+    /// Applies the settings of a TOML document.
+    pub fn apply_toml(&mut self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        let table: BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>> = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax { path: path.to_path_buf(), message: e.to_string() })?;
+        let line_of = |offset: usize| text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1;
+        for (k, v) in &table {
+            let origin = Origin::File { path: path.to_path_buf(), line: line_of(k.span().start) };
+            self.set(k.get_ref(), Raw::Toml(v.get_ref()), origin)?;
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, key: &str, raw: Raw<'_>, origin: Origin) -> Result<(), ConfigError> {
+        let bad = |reason: String| ConfigError::BadValue { origin: origin.clone(), key: key.to_owned(), reason };
+        match key {
+            "mail_location" => {
+                self.mail_location =
+                    MailLocation::parse(&raw.string().map_err(bad)?).map_err(|e| bad(e.to_string()))?;
+            }
+            "userdb" => self.userdb = Userdb::parse(&raw.string().map_err(bad)?).map_err(bad)?,
+            "first_valid_uid" => self.first_valid_uid = raw.u32().map_err(bad)?,
+            "last_valid_uid" => self.last_valid_uid = raw.u32().map_err(bad)?,
+            "hostname" => {
+                let h = raw.string().map_err(bad)?;
+                if h.is_empty() || h.contains(['/', ' ', '\t', '\n', ':']) {
+                    return Err(bad("must be a plain host name".to_owned()));
+                }
+                self.hostname = Some(h);
+            }
+            "mail_max_lock_timeout" => self.mail_max_lock_timeout = raw.duration().map_err(bad)?,
+            _ => {
+                return Err(ConfigError::UnknownKey { origin, key: key.to_owned() });
+            }
+        }
+        Ok(())
+    }
+
+    /// True if `uid` may own mail under `first_valid_uid`/`last_valid_uid`.
+    pub fn uid_allowed(&self, uid: u32) -> bool {
+        uid >= self.first_valid_uid && (self.last_valid_uid == 0 || uid <= self.last_valid_uid)
+    }
+
+    /// How long to wait for a mailbox lock.
+    pub fn lock_wait(&self) -> Duration {
+        if self.mail_max_lock_timeout.is_zero() { Duration::from_secs(122) } else { self.mail_max_lock_timeout }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_and_overrides() {
+        let mut c = Config::default();
+        c.apply_toml("mail_location = \"maildir:~/M:LAYOUT=fs\"\nfirst_valid_uid = 1000\n", Path::new("x.toml"))
+            .unwrap();
+        assert_eq!(c.first_valid_uid, 1000);
+        assert!(c.uid_allowed(1000) && !c.uid_allowed(999));
+        let err = c.apply_toml("\n\nbogus = 1\n", Path::new("x.toml")).unwrap_err();
+        assert_eq!(err.to_string(), "x.toml line 3: unknown setting `bogus`");
+        let err = c.apply_toml("first_valid_uid = \"x\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().starts_with("x.toml line 1: bad value for `first_valid_uid`"), "{err}");
+        let err = c.apply_toml("mail_location = \"mbox:~/mail\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("mail_location"), "{err}");
+        assert!(matches!(c.apply_toml("a = = 1", Path::new("x.toml")), Err(ConfigError::Syntax { .. })));
+    }
+
+    #[test]
+    fn override_errors() {
+        let e = Config::load(Some(Path::new("/nonexistent/x.toml")), &[]).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "").unwrap();
+        let e = Config::load(Some(&f), &["first_valid_uid=abc".into()]).unwrap_err();
+        assert_eq!(e.to_string(), "-o first_valid_uid=abc: bad value for `first_valid_uid`: \"abc\" is not a number");
+        let e = Config::load(Some(&f), &["nokey".into()]).unwrap_err();
+        assert!(matches!(e, ConfigError::BadOverride(_)));
+        let c = Config::load(Some(&f), &["mail_max_lock_timeout=5 mins".into()]).unwrap();
+        assert_eq!(c.lock_wait(), Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,528 @@
+//! An in-memory [`MailStore`] for fast tests of code above the store (the sync engine).
+//!
+//! It keeps the same observable rules as the Maildir store: UIDs never reused, a UID asked for
+//! is used only if it is still free, one modseq per change, a change log with a floor, and the
+//! mailbox-list change log. Cloning a [`MemoryStore`] shares the data, so a test can keep a
+//! handle to inspect what the code under test did.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{Cursor, Read};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::{
+    Change, FlagOp, Flags, Guid128, Keyword, ListChange, ListChangeKind, MailGuid, MailRecord, MailStore, Mailbox,
+    MailboxInfo, MailboxKind, MailboxName, MailboxStatus, MailboxUpdate, Modseq, SaveRequest, SavedMail, StoreError,
+    StoreResult, Uid, UnixTime,
+};
+
+#[derive(Debug, Clone)]
+struct MemMail {
+    uid: Uid,
+    guid: MailGuid,
+    flags: Flags,
+    keywords: Vec<Keyword>,
+    modseq: Modseq,
+    received: UnixTime,
+    body: Arc<Vec<u8>>,
+    recent: bool,
+}
+
+#[derive(Debug, Clone)]
+struct MemMailbox {
+    guid: Guid128,
+    uid_validity: u32,
+    uid_next: u32,
+    first_recent_uid: u32,
+    highest_modseq: Modseq,
+    log_floor: Modseq,
+    mails: BTreeMap<Uid, MemMail>,
+    log: VecDeque<Change>,
+}
+
+#[derive(Debug, Default)]
+struct Data {
+    mailboxes: BTreeMap<MailboxName, MemMailbox>,
+    dirs: BTreeMap<MailboxName, ()>,
+    subscriptions: BTreeMap<MailboxName, ()>,
+    changes: Vec<ListChange>,
+    next_uid_validity: u32,
+    guid_counter: u64,
+}
+
+/// An in-memory mail store with `/` as hierarchy separator.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore {
+    data: Arc<Mutex<Data>>,
+}
+
+fn now() -> UnixTime {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64
+}
+
+fn lock(data: &Mutex<Data>) -> MutexGuard<'_, Data> {
+    data.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MemoryStore {
+    /// An empty store with an INBOX.
+    pub fn new() -> Self {
+        let s = Self::default();
+        {
+            let mut d = lock(&s.data);
+            d.next_uid_validity = 1_000_000;
+            let mb = new_mailbox(Guid128::generate(), 999_999);
+            d.mailboxes.insert(MailboxName::inbox(), mb);
+        }
+        s
+    }
+
+    /// Number of mails in a mailbox (for tests).
+    pub fn message_count(&self, name: &MailboxName) -> Option<usize> {
+        lock(&self.data).mailboxes.get(name).map(|m| m.mails.len())
+    }
+}
+
+fn new_mailbox(guid: Guid128, uid_validity: u32) -> MemMailbox {
+    MemMailbox {
+        guid,
+        uid_validity,
+        uid_next: 1,
+        first_recent_uid: 1,
+        highest_modseq: 1,
+        log_floor: 1,
+        mails: BTreeMap::new(),
+        log: VecDeque::new(),
+    }
+}
+
+impl MailStore for MemoryStore {
+    type Mailbox = MemoryMailbox;
+
+    fn hierarchy_separator(&self) -> char {
+        '/'
+    }
+
+    fn list(&mut self) -> StoreResult<Vec<MailboxInfo>> {
+        let d = lock(&self.data);
+        let mut out: BTreeMap<MailboxName, MailboxInfo> = BTreeMap::new();
+        let blank = |name: &MailboxName, kind| MailboxInfo {
+            name: name.clone(),
+            kind,
+            guid: None,
+            uid_validity: 0,
+            uid_next: 0,
+            subscribed: false,
+            last_renamed_or_created: 0,
+            last_subscription_change: 0,
+        };
+        for (name, mb) in &d.mailboxes {
+            let mut i = blank(name, MailboxKind::Mailbox);
+            i.guid = Some(mb.guid);
+            i.uid_validity = mb.uid_validity;
+            i.uid_next = mb.uid_next;
+            out.insert(name.clone(), i);
+        }
+        for name in d.dirs.keys() {
+            out.entry(name.clone()).or_insert_with(|| blank(name, MailboxKind::Directory));
+        }
+        let names: Vec<MailboxName> = out.keys().chain(d.subscriptions.keys()).cloned().collect();
+        for n in names {
+            let mut p = Some(n.clone());
+            while let Some(x) = p {
+                out.entry(x.clone()).or_insert_with(|| blank(&x, MailboxKind::Nonexistent));
+                p = x.parent();
+            }
+        }
+        for s in d.subscriptions.keys() {
+            if let Some(i) = out.get_mut(s) {
+                i.subscribed = true;
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
+    fn list_changes(&mut self) -> StoreResult<Vec<ListChange>> {
+        Ok(lock(&self.data).changes.clone())
+    }
+
+    fn create_mailbox(
+        &mut self,
+        name: &MailboxName,
+        guid: Option<Guid128>,
+        uid_validity: Option<u32>,
+    ) -> StoreResult<()> {
+        let mut d = lock(&self.data);
+        if d.mailboxes.contains_key(name) {
+            return Err(StoreError::MailboxExists(name.join('/')));
+        }
+        let uv = match uid_validity {
+            Some(v) if v != 0 => v,
+            _ => {
+                d.next_uid_validity += 1;
+                d.next_uid_validity
+            }
+        };
+        d.guid_counter += 1;
+        let guid = guid.filter(|g| !g.is_empty()).unwrap_or_else(Guid128::generate);
+        d.mailboxes.insert(name.clone(), new_mailbox(guid, uv));
+        Ok(())
+    }
+
+    fn delete_mailbox(&mut self, name: &MailboxName) -> StoreResult<()> {
+        if name.is_inbox() {
+            return Err(StoreError::NotPossible("INBOX can't be deleted.".to_owned()));
+        }
+        let mut d = lock(&self.data);
+        let mb = d.mailboxes.remove(name).ok_or_else(|| StoreError::MailboxNotFound(name.join('/')))?;
+        let t = now();
+        d.changes.push(ListChange { kind: ListChangeKind::DeleteMailbox, guid: mb.guid, time: t });
+        Ok(())
+    }
+
+    fn rename_mailbox(&mut self, from: &MailboxName, to: &MailboxName) -> StoreResult<()> {
+        if from.is_inbox() || to.is_inbox() {
+            return Err(StoreError::NotPossible("renaming INBOX is not supported".to_owned()));
+        }
+        if to.starts_with(from) {
+            return Err(StoreError::NotPossible("can't rename a mailbox under itself".to_owned()));
+        }
+        let mut d = lock(&self.data);
+        let moving: Vec<MailboxName> = d.mailboxes.keys().filter(|n| n.starts_with(from)).cloned().collect();
+        if moving.is_empty() {
+            return Err(StoreError::MailboxNotFound(from.join('/')));
+        }
+        for n in &moving {
+            let dest = n.rebase(from, to).ok_or_else(|| StoreError::MailboxNotFound(n.join('/')))?;
+            if d.mailboxes.contains_key(&dest) {
+                return Err(StoreError::MailboxExists(dest.join('/')));
+            }
+        }
+        for n in moving {
+            if let (Some(mb), Some(dest)) = (d.mailboxes.remove(&n), n.rebase(from, to)) {
+                d.mailboxes.insert(dest, mb);
+            }
+        }
+        let t = now();
+        d.changes.push(ListChange {
+            kind: ListChangeKind::Rename,
+            guid: Guid128::sha128(to.join('/').as_bytes()),
+            time: t,
+        });
+        Ok(())
+    }
+
+    fn set_subscribed(&mut self, name: &MailboxName, subscribed: bool) -> StoreResult<()> {
+        let mut d = lock(&self.data);
+        let changed = if subscribed {
+            d.subscriptions.insert(name.clone(), ()).is_none()
+        } else {
+            d.subscriptions.remove(name).is_some()
+        };
+        if changed {
+            let kind = if subscribed { ListChangeKind::Subscribe } else { ListChangeKind::Unsubscribe };
+            let t = now();
+            d.changes.push(ListChange { kind, guid: Guid128::sha128(name.join('/').as_bytes()), time: t });
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, name: &MailboxName) -> StoreResult<MemoryMailbox> {
+        let d = lock(&self.data);
+        let mb = d.mailboxes.get(name).ok_or_else(|| StoreError::MailboxNotFound(name.join('/')))?;
+        Ok(MemoryMailbox { data: self.data.clone(), name: name.clone(), guid: mb.guid, pending: Vec::new() })
+    }
+}
+
+/// An open in-memory mailbox.
+#[derive(Debug)]
+pub struct MemoryMailbox {
+    data: Arc<Mutex<Data>>,
+    name: MailboxName,
+    guid: Guid128,
+    pending: Vec<(SaveRequest, Vec<u8>)>,
+}
+
+impl MemoryMailbox {
+    fn with<T>(&self, f: impl FnOnce(&mut MemMailbox) -> StoreResult<T>) -> StoreResult<T> {
+        let mut d = lock(&self.data);
+        let mb = d
+            .mailboxes
+            .values_mut()
+            .find(|m| m.guid == self.guid)
+            .ok_or_else(|| StoreError::MailboxNotFound(self.name.join('/')))?;
+        f(mb)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&MemMailbox) -> T) -> Option<T> {
+        let d = lock(&self.data);
+        d.mailboxes.values().find(|m| m.guid == self.guid).map(f)
+    }
+}
+
+fn record(m: &MemMail) -> MailRecord {
+    MailRecord {
+        uid: m.uid,
+        guid: m.guid.clone(),
+        flags: m.flags,
+        keywords: m.keywords.clone(),
+        modseq: m.modseq,
+        recent: m.recent,
+    }
+}
+
+fn bump(mb: &mut MemMailbox, min: Modseq) -> Modseq {
+    mb.highest_modseq = (mb.highest_modseq + 1).max(min);
+    mb.highest_modseq
+}
+
+impl Mailbox for MemoryMailbox {
+    fn name(&self) -> &MailboxName {
+        &self.name
+    }
+
+    fn status(&self) -> MailboxStatus {
+        self.read(|mb| MailboxStatus {
+            guid: mb.guid,
+            uid_validity: mb.uid_validity,
+            uid_next: mb.uid_next,
+            messages: mb.mails.len() as u32,
+            unseen: mb.mails.values().filter(|m| !m.flags.contains(Flags::SEEN)).count() as u32,
+            recent: mb.mails.values().filter(|m| m.recent).count() as u32,
+            first_recent_uid: mb.first_recent_uid,
+            highest_modseq: mb.highest_modseq,
+        })
+        .unwrap_or(MailboxStatus {
+            guid: self.guid,
+            uid_validity: 0,
+            uid_next: 0,
+            messages: 0,
+            unseen: 0,
+            recent: 0,
+            first_recent_uid: 0,
+            highest_modseq: 0,
+        })
+    }
+
+    fn mails(&self) -> Vec<MailRecord> {
+        self.read(|mb| mb.mails.values().map(record).collect()).unwrap_or_default()
+    }
+
+    fn mail(&self, uid: Uid) -> Option<MailRecord> {
+        self.read(|mb| mb.mails.get(&uid).map(record)).flatten()
+    }
+
+    fn changes_since(&self, since: Modseq) -> Option<Vec<Change>> {
+        self.read(|mb| {
+            if since < mb.log_floor {
+                None
+            } else {
+                Some(mb.log.iter().filter(|c| c.modseq() > since).cloned().collect())
+            }
+        })
+        .flatten()
+    }
+
+    fn open_body(&mut self, uid: Uid) -> StoreResult<Box<dyn Read + Send>> {
+        let body =
+            self.with(|mb| mb.mails.get(&uid).map(|m| m.body.clone()).ok_or(StoreError::MailNotFound(uid.get())))?;
+        Ok(Box::new(Cursor::new(body.as_ref().clone())))
+    }
+
+    fn received_date(&mut self, uid: Uid) -> StoreResult<UnixTime> {
+        self.with(|mb| mb.mails.get(&uid).map(|m| m.received).ok_or(StoreError::MailNotFound(uid.get())))
+    }
+
+    fn physical_size(&mut self, uid: Uid) -> StoreResult<u64> {
+        self.with(|mb| mb.mails.get(&uid).map(|m| m.body.len() as u64).ok_or(StoreError::MailNotFound(uid.get())))
+    }
+
+    fn virtual_size(&mut self, uid: Uid) -> StoreResult<u64> {
+        self.with(|mb| {
+            let m = mb.mails.get(&uid).ok_or(StoreError::MailNotFound(uid.get()))?;
+            let mut prev = 0u8;
+            let mut n = 0u64;
+            for &b in m.body.iter() {
+                n += if b == b'\n' && prev != b'\r' { 2 } else { 1 };
+                prev = b;
+            }
+            Ok(n)
+        })
+    }
+
+    fn save(&mut self, request: SaveRequest, body: &mut dyn Read) -> StoreResult<()> {
+        let mut data = Vec::new();
+        body.read_to_end(&mut data).map_err(|e| StoreError::io("read", "<mail body>", e))?;
+        self.pending.push((request, data));
+        Ok(())
+    }
+
+    fn commit(&mut self) -> StoreResult<Vec<SavedMail>> {
+        let pending = std::mem::take(&mut self.pending);
+        self.with(|mb| {
+            let base = mb.highest_modseq + 1;
+            let mut out = Vec::new();
+            for (req, body) in pending {
+                let uid = match req.uid {
+                    Some(u) if u.get() >= mb.uid_next => u,
+                    _ => Uid::new(mb.uid_next).ok_or_else(|| StoreError::Limit("UIDs exhausted".to_owned()))?,
+                };
+                mb.uid_next = uid.get() + 1;
+                let modseq = base.max(req.min_modseq);
+                mb.highest_modseq = mb.highest_modseq.max(modseq);
+                let guid = match req.guid {
+                    Some(g) => g,
+                    None => MailGuid::new(&Guid128::generate().to_string())?,
+                };
+                let mut kws = req.keywords.clone();
+                kws.sort();
+                kws.dedup();
+                mb.mails.insert(
+                    uid,
+                    MemMail {
+                        uid,
+                        guid: guid.clone(),
+                        flags: req.flags.stored(),
+                        keywords: kws,
+                        modseq,
+                        received: req.received.unwrap_or_else(now),
+                        body: Arc::new(body),
+                        recent: true,
+                    },
+                );
+                out.push(SavedMail { requested: req.uid, uid, guid });
+            }
+            Ok(out)
+        })
+    }
+
+    fn change_flags(
+        &mut self,
+        uid: Uid,
+        op: FlagOp,
+        flags: Flags,
+        keywords: &[Keyword],
+        min_modseq: Modseq,
+    ) -> StoreResult<()> {
+        self.with(|mb| {
+            let m = mb.mails.get(&uid).ok_or(StoreError::MailNotFound(uid.get()))?;
+            let (of, okw) = (m.flags, m.keywords.clone());
+            let flags = flags.stored();
+            let (nf, mut nkw) = match op {
+                FlagOp::Add => (of | flags, okw.iter().chain(keywords).cloned().collect::<Vec<_>>()),
+                FlagOp::Remove => (of & !flags, okw.iter().filter(|k| !keywords.contains(k)).cloned().collect()),
+                FlagOp::Replace => (flags, keywords.to_vec()),
+            };
+            nkw.sort();
+            nkw.dedup();
+            if nf == of && nkw == okw {
+                if min_modseq > m.modseq {
+                    let modseq = bump(mb, min_modseq);
+                    if let Some(m) = mb.mails.get_mut(&uid) {
+                        m.modseq = modseq;
+                    }
+                }
+                return Ok(());
+            }
+            let modseq = bump(mb, min_modseq);
+            mb.log.push_back(Change::Flags {
+                uid,
+                modseq,
+                added: nf & !of,
+                removed: of & !nf,
+                keywords_added: nkw.iter().filter(|k| !okw.contains(k)).cloned().collect(),
+                keywords_removed: okw.iter().filter(|k| !nkw.contains(k)).cloned().collect(),
+            });
+            if let Some(m) = mb.mails.get_mut(&uid) {
+                m.flags = nf;
+                m.keywords = nkw;
+                m.modseq = modseq;
+            }
+            Ok(())
+        })
+    }
+
+    fn expunge(&mut self, uids: &[Uid]) -> StoreResult<()> {
+        self.with(|mb| {
+            for uid in uids {
+                if let Some(m) = mb.mails.remove(uid) {
+                    let modseq = bump(mb, 0);
+                    mb.log.push_back(Change::Expunge { uid: *uid, modseq, guid: m.guid.guid128() });
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn move_to_uid(&mut self, from: Uid, to: Uid) -> StoreResult<Uid> {
+        self.with(|mb| {
+            let mut m = mb.mails.remove(&from).ok_or(StoreError::MailNotFound(from.get()))?;
+            let uid = if to.get() >= mb.uid_next { to } else { Uid::new(mb.uid_next).unwrap_or(to) };
+            mb.uid_next = uid.get() + 1;
+            let modseq = bump(mb, 0);
+            mb.log.push_back(Change::Expunge { uid: from, modseq, guid: m.guid.guid128() });
+            m.uid = uid;
+            m.modseq = modseq;
+            mb.mails.insert(uid, m);
+            Ok(uid)
+        })
+    }
+
+    fn update(&mut self, update: &MailboxUpdate) -> StoreResult<()> {
+        let new_guid = self.with(|mb| {
+            if let Some(v) = update.uid_validity {
+                mb.uid_validity = v;
+            }
+            if let Some(g) = update.guid {
+                mb.guid = g;
+            }
+            if let Some(n) = update.min_next_uid {
+                mb.uid_next = mb.uid_next.max(n);
+            }
+            if let Some(r) = update.min_first_recent_uid {
+                mb.first_recent_uid = mb.first_recent_uid.max(r);
+            }
+            if let Some(m) = update.min_highest_modseq {
+                mb.highest_modseq = mb.highest_modseq.max(m);
+            }
+            Ok(mb.guid)
+        })?;
+        self.guid = new_guid;
+        Ok(())
+    }
+
+    fn refresh(&mut self) -> StoreResult<()> {
+        Ok(())
+    }
+
+    fn sync_point(&mut self) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_flags_expunge_log() {
+        let mut s = MemoryStore::new();
+        let inbox = MailboxName::inbox();
+        let mut mb = s.open(&inbox).unwrap();
+        mb.save(SaveRequest { uid: Uid::new(5), ..Default::default() }, &mut &b"a\n"[..]).unwrap();
+        mb.save(SaveRequest { uid: Uid::new(3), ..Default::default() }, &mut &b"b\n"[..]).unwrap();
+        let saved = mb.commit().unwrap();
+        assert_eq!(saved.iter().map(|s| s.uid.get()).collect::<Vec<_>>(), [5, 6]);
+        let hms = mb.status().highest_modseq;
+        let kw = Keyword::new("$Junk").unwrap();
+        mb.change_flags(Uid::new(5).unwrap(), FlagOp::Add, Flags::SEEN, std::slice::from_ref(&kw), 0).unwrap();
+        mb.expunge(&[Uid::new(6).unwrap()]).unwrap();
+        let ch = mb.changes_since(hms).unwrap();
+        assert_eq!(ch.len(), 2);
+        assert!(
+            matches!(&ch[0], Change::Flags { added, keywords_added, .. } if *added == Flags::SEEN && keywords_added == std::slice::from_ref(&kw))
+        );
+        assert!(matches!(ch[1], Change::Expunge { .. }));
+        assert!(mb.changes_since(0).is_none());
+    }
+}

@@ -1,0 +1,132 @@
+//! The crate's only `unsafe`: thin wrappers over libc calls that `nix` does not offer.
+//!
+//! Each function keeps its `unsafe` block to the call itself and states why the call is sound.
+#![allow(unsafe_code)]
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Mutex;
+
+/// Fills `buf` from the kernel's random pool (`getrandom(2)`), blocking only until the pool
+/// is initialised at boot.
+pub fn random_bytes(buf: &mut [u8]) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe `rest`, a live, writable byte slice.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // getrandom(2) cannot fail with valid arguments on Linux ≥ 3.17; if it ever does,
+            // there is no safe fallback for GUID uniqueness.
+            panic!("getrandom failed: {err}");
+        }
+        filled += n as usize;
+    }
+}
+
+/// One entry of the passwd database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswdEntry {
+    /// Login name.
+    pub name: String,
+    /// UID.
+    pub uid: u32,
+    /// Primary GID.
+    pub gid: u32,
+    /// Home directory.
+    pub home: String,
+}
+
+static PWENT_LOCK: Mutex<()> = Mutex::new(());
+
+/// Every entry of the passwd database through NSS (`setpwent`/`getpwent_r`/`endpwent`).
+/// Entries whose name or home is not UTF-8 are skipped.
+pub fn all_passwd_entries() -> io::Result<Vec<PasswdEntry>> {
+    // getpwent keeps one process-wide cursor; the lock keeps two callers from sharing it.
+    let _guard = PWENT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out = Vec::new();
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: setpwent has no arguments; the cursor is protected by PWENT_LOCK.
+    unsafe { libc::setpwent() };
+    loop {
+        // SAFETY: all-zero is a valid `passwd` (null pointers, zero ids); it is only read
+        // after getpwent_r fills it.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: every pointer refers to a live local; `buf.len()` is its real length.
+        let rc = unsafe { libc::getpwent_r(&mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+        if rc == libc::ERANGE {
+            let len = buf.len() * 2;
+            buf.resize(len, 0);
+            continue;
+        }
+        if rc != 0 || result.is_null() {
+            break;
+        }
+        // SAFETY: on success pw_name and pw_dir point to NUL-terminated strings inside `buf`,
+        // which lives until the end of this iteration.
+        let (name, home) = unsafe { (CStr::from_ptr(pwd.pw_name), CStr::from_ptr(pwd.pw_dir)) };
+        if let (Ok(name), Ok(home)) = (name.to_str(), home.to_str()) {
+            out.push(PasswdEntry { name: name.to_owned(), uid: pwd.pw_uid, gid: pwd.pw_gid, home: home.to_owned() });
+        }
+    }
+    // SAFETY: no arguments; still under PWENT_LOCK.
+    unsafe { libc::endpwent() };
+    Ok(out)
+}
+
+/// Starts writing back a file's dirty pages without waiting (`sync_file_range(2)` with
+/// `SYNC_FILE_RANGE_WRITE`), so that a later `fdatasync` of many files finds most of the work
+/// done. Purely an optimisation: errors are ignored, durability still comes from fsync.
+pub fn start_writeback(fd: BorrowedFd<'_>) {
+    // SAFETY: `fd` is a valid open descriptor for the duration of the borrow; the call only
+    // schedules I/O and touches no memory of ours.
+    let _ = unsafe { libc::sync_file_range(fd.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+/// Formats a Unix time as `YYYY-MM-DD HH:MM:SS` in the local time zone (`localtime_r`), the
+/// way doveadm prints dates.
+pub fn format_local_time(t: i64) -> String {
+    // SAFETY: all-zero is a valid `tm` (plain integers and a null zone pointer).
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let tt: libc::time_t = t;
+    // SAFETY: both pointers refer to live locals; localtime_r is the thread-safe variant.
+    let ok = unsafe { !libc::localtime_r(&tt, &mut tm).is_null() };
+    if !ok {
+        return t.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_is_not_constant() {
+        let mut a = [0u8; 16];
+        let mut b = [0u8; 16];
+        random_bytes(&mut a);
+        random_bytes(&mut b);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn passwd_has_root() {
+        let all = all_passwd_entries().unwrap();
+        assert!(all.iter().any(|e| e.name == "root" && e.uid == 0));
+    }
+}
