@@ -314,7 +314,7 @@ impl Mailbox for MemoryMailbox {
 
     fn changes_since(&self, since: Modseq) -> Option<Vec<Change>> {
         self.read(|mb| {
-            if since < mb.log_floor {
+            if since != 0 && since < mb.log_floor {
                 None
             } else {
                 Some(mb.log.iter().filter(|c| c.modseq() > since).cloned().collect())
@@ -362,7 +362,12 @@ impl Mailbox for MemoryMailbox {
         self.with(|mb| {
             let base = mb.highest_modseq + 1;
             let mut out = Vec::new();
-            for (req, body) in pending {
+            // UIDs are assigned in ascending order of the UIDs asked for, as the Maildir does.
+            let mut order: Vec<usize> = (0..pending.len()).collect();
+            order.sort_by_key(|&i| pending[i].0.uid.map_or(u64::MAX, |u| u64::from(u.get())));
+            let mut results = vec![None; pending.len()];
+            for i in order {
+                let (req, body) = pending[i].clone();
                 let uid = match req.uid {
                     Some(u) if u.get() >= mb.uid_next => u,
                     _ => Uid::new(mb.uid_next).ok_or_else(|| StoreError::Limit("UIDs exhausted".to_owned()))?,
@@ -390,8 +395,9 @@ impl Mailbox for MemoryMailbox {
                         recent: true,
                     },
                 );
-                out.push(SavedMail { requested: req.uid, uid, guid });
+                results[i] = Some(SavedMail { requested: req.uid, uid, guid });
             }
+            out.extend(results.into_iter().flatten());
             Ok(out)
         })
     }
@@ -523,6 +529,6 @@ mod tests {
             matches!(&ch[0], Change::Flags { added, keywords_added, .. } if *added == Flags::SEEN && keywords_added == std::slice::from_ref(&kw))
         );
         assert!(matches!(ch[1], Change::Expunge { .. }));
-        assert!(mb.changes_since(0).is_none());
+        assert_eq!(mb.changes_since(0).unwrap().len(), 2);
     }
 }

@@ -274,6 +274,7 @@ pub trait Mailbox {
 
     /// Changes with a modseq above `since`, in modseq order, or `None` if the log no longer
     /// reaches back that far (the caller must then fall back to a full comparison).
+    /// `since == 0` returns whatever the log still holds.
     fn changes_since(&self, since: Modseq) -> Option<Vec<Change>>;
 
     /// The mail's body as stored (Maildir: LF line ends unless the sender used CRLF).

@@ -608,8 +608,13 @@ impl MaildirMailbox {
         let mut used_cur = false;
         let pending = std::mem::take(&mut self.pending);
         let mut renamed: Vec<PathBuf> = Vec::new();
+        // UIDs are assigned in ascending order of the UIDs asked for (the uidlist must stay
+        // sorted), whatever order the mails were staged in.
+        let mut by_uid: Vec<usize> = (0..pending.len()).collect();
+        by_uid.sort_by_key(|&i| pending[i].requested.map_or(u64::MAX, |u| u64::from(u.get())));
         let outcome = (|| {
-            for (i, p) in pending.iter().enumerate() {
+            for &i in &by_uid {
+                let p = &pending[i];
                 let (kw, _) = kwmap.mask_for(&p.keywords)?;
                 let stored = p.flags.stored();
                 let in_new = stored.is_empty() && kw == 0;
@@ -669,6 +674,7 @@ impl MaildirMailbox {
         let base_modseq = self.header.highest_modseq + 1;
         let mut lines = String::new();
         let mut saved = Vec::with_capacity(placed.len());
+        placed.sort_by_key(|(i, _)| *i);
         for (i, mut m) in placed {
             let p = &pending[i];
             m.modseq = base_modseq.max(p.min_modseq);
@@ -680,6 +686,9 @@ impl MaildirMailbox {
                 guid: MailGuid::new(m.guid())?,
             });
             self.mails.push(m);
+        }
+        if self.mails.windows(2).any(|w| w[0].uid > w[1].uid) {
+            self.mails.sort_by_key(|m| m.uid);
         }
         self.next_uid = list.next_uid();
         self.header.next_uid = self.next_uid;
@@ -748,7 +757,7 @@ impl Mailbox for MaildirMailbox {
     }
 
     fn changes_since(&self, since: Modseq) -> Option<Vec<Change>> {
-        if since < self.header.log_floor {
+        if since != 0 && since < self.header.log_floor {
             return None;
         }
         let mut out = Vec::new();

@@ -1,0 +1,1404 @@
+//! Importing the other side's changes into one of our mailboxes (`dsync-mailbox-import.c`).
+//!
+//! The remote's `C` records arrive in ascending UID order. Until the last common UID is known,
+//! each record is matched against our mail with the same UID (by GUID); the first mismatch ends
+//! the common prefix. After it, remote saves and our own mails above the prefix are "new mails":
+//! instances with the same GUID are linked, each keeps its UID if that UID is free on the other
+//! side, and the rest get fresh UIDs above both UIDNEXTs, in the order found. Both sides run
+//! this same algorithm on the same data and so agree on every UID without talking about it.
+//! Mails we lack are copied from a local instance with the same GUID when we have one, and
+//! requested with `R` otherwise.
+//!
+//! Flag changes are merged by modseq (on equal modseqs the master's state wins); in backup mode
+//! our flags are simply replaced. A backup destination that finds a conflict it cannot fix in
+//! place (a UID used by a different mail, or a mail missing below our UIDNEXT) deletes the
+//! whole mailbox and fails this run, so the next run recreates it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Read;
+
+use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
+use crate::store::{
+    Change, FlagOp, Flags, Guid128, Keyword, MailGuid, MailRecord, Mailbox, MailboxUpdate, SaveRequest, StoreError, Uid,
+};
+
+/// How the importer behaves.
+#[derive(Debug, Clone)]
+pub(crate) struct ImportOptions {
+    pub(crate) master_brain: bool,
+    pub(crate) revert_local_changes: bool,
+    pub(crate) want_mail_requests: bool,
+    pub(crate) mails_use_guid128: bool,
+    pub(crate) commit_msgs_interval: usize,
+}
+
+/// The remote mailbox's numbers that the importer needs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RemoteBox {
+    pub(crate) uid_next: u32,
+    pub(crate) first_recent_uid: u32,
+    pub(crate) highest_modseq: u64,
+    pub(crate) highest_pvt_modseq: u64,
+}
+
+/// Where a sync of a mailbox left off.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct LastCommon {
+    pub(crate) uid: u32,
+    pub(crate) modseq: u64,
+    pub(crate) pvt_modseq: u64,
+}
+
+/// What the import achieved.
+#[derive(Debug, Clone)]
+pub(crate) struct ImportResult {
+    /// The import failed (already logged); the session must report failure.
+    pub(crate) error: Option<String>,
+    /// A backup conflict that can only be fixed by deleting the mailbox (the caller does it).
+    pub(crate) delete_mailbox: bool,
+    pub(crate) last_common_uid: u32,
+    pub(crate) last_common_modseq: u64,
+    pub(crate) last_common_pvt_modseq: u64,
+    pub(crate) messages_count: u32,
+    pub(crate) changes_during_sync: Option<String>,
+    pub(crate) require_full_resync: bool,
+}
+
+/// A fatal import error.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ImportError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The remote did something the protocol does not allow.
+    #[error("{0}")]
+    Protocol(String),
+    /// The import failed for a reason already logged (e.g. the mailbox had to be deleted).
+    #[error("{0}")]
+    Failed(String),
+}
+
+#[derive(Debug, Clone, Default)]
+struct LocalChange {
+    expunge_guid: Option<Option<Guid128>>,
+    add: u8,
+    remove: u8,
+    keywords: Vec<(KwOp, String)>,
+}
+
+#[derive(Debug, Clone)]
+struct NewMail {
+    next: Option<usize>,
+    link: Option<usize>,
+    guid: String,
+    change: Option<MailChange>,
+    final_uid: u32,
+    local_uid: u32,
+    remote_uid: u32,
+    uid_in_local: bool,
+    uid_is_usable: bool,
+    skip: bool,
+    saved: bool,
+}
+
+/// The importer of one mailbox.
+pub(crate) struct Importer {
+    opts: ImportOptions,
+    remote: RemoteBox,
+    last_common_uid: u32,
+    last_common_modseq: u64,
+    last_common_pvt_modseq: u64,
+    last_common_uid_found: bool,
+    local_uid_next: u32,
+    local_initial_hms: u64,
+    local_initial_pvt_hms: u64,
+    /// Our mails above the initial last common UID, in UID order (the "search").
+    local: Vec<MailRecord>,
+    cur: Option<usize>,
+    next_local_seq: usize,
+    cur_mail_skip: bool,
+    cur_uid_has_change: bool,
+    local_changes: HashMap<u32, LocalChange>,
+    maybe_expunge_uids: BTreeSet<u32>,
+    maybe_saves: Vec<MailChange>,
+    newmails: Vec<NewMail>,
+    /// Insertion order of keys matters for nothing but determinism of requests.
+    import_guids: Vec<(String, usize)>,
+    import_uids: Vec<(u32, usize)>,
+    wanted_uids: Vec<u32>,
+    saved_uids: Vec<u32>,
+    highest_wanted_uid: u32,
+    requests: Vec<MailRequest>,
+    request_idx: usize,
+    prev_uid: u32,
+    new_uids_assigned: bool,
+    require_full_resync: bool,
+    delete_mailbox: bool,
+    failed: Option<String>,
+    expunges: BTreeSet<u32>,
+    /// Newmail indices sorted by final UID (after UID assignment), and how many leading ones
+    /// are saved: intermediate commits are allowed only when every save so far is a prefix.
+    order: Vec<usize>,
+    first_unsaved_idx: usize,
+    saves_since_commit: usize,
+    /// Wanted UIDs of staged, not yet committed saves, in staging order.
+    pending_wanted: Vec<u32>,
+    /// UIDs our own mails moved to during this import (old → new).
+    moved: HashMap<u32, u32>,
+}
+
+fn recent_stripped(f: u8) -> u8 {
+    f & !FLAG_RECENT
+}
+
+fn kw_names(kws: &[Keyword]) -> Vec<String> {
+    kws.iter().map(|k| k.as_str().to_owned()).collect()
+}
+
+impl Importer {
+    /// Starts importing into `mb`.
+    pub(crate) fn new<M: Mailbox>(
+        mb: &mut M,
+        opts: ImportOptions,
+        last: LastCommon,
+        remote: RemoteBox,
+    ) -> Result<Self, ImportError> {
+        let status = mb.status();
+        let stateful = last.uid != 0 || last.modseq != 0;
+        let mut imp = Self {
+            opts,
+            remote,
+            last_common_uid: last.uid,
+            last_common_modseq: last.modseq,
+            last_common_pvt_modseq: last.pvt_modseq,
+            last_common_uid_found: stateful,
+            local_uid_next: status.uid_next,
+            local_initial_hms: status.highest_modseq,
+            local_initial_pvt_hms: 0,
+            local: mb.mails().into_iter().filter(|m| m.uid.get() > last.uid).collect(),
+            cur: None,
+            next_local_seq: 0,
+            cur_mail_skip: true,
+            cur_uid_has_change: false,
+            local_changes: HashMap::new(),
+            maybe_expunge_uids: BTreeSet::new(),
+            maybe_saves: Vec::new(),
+            newmails: Vec::new(),
+            import_guids: Vec::new(),
+            import_uids: Vec::new(),
+            wanted_uids: Vec::new(),
+            saved_uids: Vec::new(),
+            highest_wanted_uid: 0,
+            requests: Vec::new(),
+            request_idx: 0,
+            prev_uid: 0,
+            new_uids_assigned: false,
+            require_full_resync: false,
+            delete_mailbox: false,
+            failed: None,
+            expunges: BTreeSet::new(),
+            order: Vec::new(),
+            first_unsaved_idx: 0,
+            saves_since_commit: 0,
+            pending_wanted: Vec::new(),
+            moved: HashMap::new(),
+        };
+        imp.search_init();
+        if stateful {
+            if imp.local_uid_next <= last.uid {
+                imp.unexpected_state(format!("local UIDNEXT {} <= last common UID {}", imp.local_uid_next, last.uid));
+            } else if imp.local_initial_hms < last.modseq {
+                imp.unexpected_state(format!(
+                    "local HIGHESTMODSEQ {} < last common HIGHESTMODSEQ {}",
+                    imp.local_initial_hms, last.modseq
+                ));
+            }
+        }
+        let highest_wanted = if last.uid == 0 { u32::MAX } else { last.uid };
+        match mb.changes_since(last.modseq) {
+            Some(changes) => imp.local_changes = scan_log(&changes, highest_wanted),
+            None => imp.unexpected_state(format!("modseq {} is no longer in our change log", last.modseq)),
+        }
+        Ok(imp)
+    }
+
+    fn unexpected_state(&mut self, why: String) {
+        if self.last_common_uid_found {
+            tracing::warn!(
+                "mailbox doesn't match the previous state: {why} (dsync must be run again without the state)"
+            );
+        } else {
+            tracing::error!("mailbox: {why}");
+        }
+        self.require_full_resync = true;
+    }
+
+    fn fail(&mut self, why: String) {
+        tracing::error!("{why}");
+        if self.failed.is_none() {
+            self.failed = Some(why);
+        }
+    }
+
+    fn search_init(&mut self) {
+        let start = self.local.iter().position(|m| m.uid.get() > self.last_common_uid);
+        self.cur = start;
+        self.next_local_seq = start.unwrap_or(self.local.len());
+        self.cur_mail_skip = true;
+    }
+
+    fn cur_mail(&self) -> Option<&MailRecord> {
+        self.cur.map(|i| &self.local[i])
+    }
+
+    /// `importer_next_mail`: moves to the next local mail at or above `wanted_uid` that has
+    /// not been consumed yet. Mails passed over without a remote change are remembered as
+    /// possibly expunged on the other side.
+    fn next_mail(&mut self, wanted_uid: u32) -> bool {
+        let Some(mut i) = self.cur else { return false };
+        while i < self.next_local_seq || self.local[i].uid.get() < wanted_uid {
+            if !self.cur_uid_has_change && !self.last_common_uid_found {
+                self.maybe_expunge_uids.insert(self.local[i].uid.get());
+            }
+            self.cur_mail_skip = false;
+            i += 1;
+            if i >= self.local.len() {
+                self.cur = None;
+                return false;
+            }
+            self.cur = Some(i);
+            self.cur_uid_has_change = false;
+        }
+        self.cur_uid_has_change = self.local[i].uid.get() == wanted_uid;
+        self.next_local_seq = i;
+        true
+    }
+
+    fn guid_equals(&self, change: &MailChange, local_guid: &str) -> bool {
+        let Some(cg) = change.guid.as_deref() else { return true };
+        if change.kind == ChangeType::Expunge {
+            let Ok(cg) = cg.parse::<Guid128>() else { return false };
+            return Guid128::from_mail_guid(local_guid) == cg;
+        }
+        if self.opts.mails_use_guid128 {
+            Guid128::from_mail_guid(cg) == Guid128::from_mail_guid(local_guid)
+        } else {
+            cg == local_guid
+        }
+    }
+
+    fn revert_existing_uid(&mut self, uid: u32, reason: &str) {
+        tracing::warn!("deleting mailbox: UID={uid} already exists locally for a different mail: {reason}");
+        self.delete_mailbox = true;
+        self.fail(format!(
+            "UID {uid} conflicts ({reason}); the mailbox was deleted and will be recreated by the next sync"
+        ));
+    }
+
+    fn revert_missing(&mut self, change: &MailChange) {
+        tracing::warn!(
+            "deleting mailbox: UID={} GUID={} is missing locally",
+            change.uid,
+            change.guid.as_deref().unwrap_or("")
+        );
+        self.delete_mailbox = true;
+        self.fail(format!(
+            "UID {} is missing locally; the mailbox was deleted and will be recreated by the next sync",
+            change.uid
+        ));
+    }
+
+    fn push_newmail(&mut self, nm: NewMail, remote_uid: u32) {
+        let idx = self.newmails.len();
+        self.newmails.push(nm);
+        self.link_newmail(idx, remote_uid);
+    }
+
+    /// `newmail_link`: groups instances by GUID (or by remote UID without GUIDs) and links a
+    /// local instance with a remote one.
+    fn link_newmail(&mut self, idx: usize, remote_uid: u32) {
+        let guid = self.newmails[idx].guid.clone();
+        let first = if !guid.is_empty() {
+            match self.import_guids.iter().find(|(g, _)| *g == guid) {
+                Some(&(_, f)) => f,
+                None => {
+                    self.import_guids.push((guid, idx));
+                    return;
+                }
+            }
+        } else {
+            if remote_uid == 0 {
+                return;
+            }
+            match self.import_uids.iter().find(|(u, _)| *u == remote_uid) {
+                Some(&(_, f)) => f,
+                None => {
+                    self.import_uids.push((remote_uid, idx));
+                    return;
+                }
+            }
+        };
+        let mut link = None;
+        let mut cur = Some(first);
+        let mut last = first;
+        while let Some(m) = cur {
+            if self.newmails[m].final_uid == self.newmails[idx].final_uid {
+                self.newmails[m].uid_is_usable = true;
+            }
+            if link.is_none()
+                && self.newmails[m].link.is_none()
+                && self.newmails[m].uid_in_local != self.newmails[idx].uid_in_local
+            {
+                link = Some(m);
+            }
+            last = m;
+            cur = self.newmails[m].next;
+        }
+        self.newmails[last].next = Some(idx);
+        if let Some(l) = link
+            && self.newmails[idx].link.is_none()
+        {
+            self.newmails[l].link = Some(idx);
+            self.newmails[idx].link = Some(l);
+        }
+    }
+
+    /// `dsync_mailbox_try_save_cur`. Returns true when the remote save was consumed.
+    fn try_save_cur<M: Mailbox>(&mut self, mb: &mut M, save: Option<&MailChange>) -> bool {
+        use std::cmp::Ordering;
+        let cur = self.cur_mail().cloned();
+        let diff = match (&cur, save) {
+            (None, None) => return true,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(_), None) => Ordering::Less,
+            (Some(c), Some(s)) => {
+                let sg = s.guid.as_deref().unwrap_or("");
+                c.guid.as_str().cmp(sg).then(c.uid.get().cmp(&s.uid))
+            }
+        };
+        let (nm, remote_saved) = match diff {
+            Ordering::Less => {
+                let c = cur.expect("diff < 0 means a local mail");
+                if self.opts.revert_local_changes {
+                    if save.is_none() && c.uid.get() >= self.remote.uid_next {
+                        self.revert_existing_uid(
+                            c.uid.get(),
+                            &format!("higher than remote's UIDs (remote UIDNEXT={})", self.remote.uid_next),
+                        );
+                        return true;
+                    }
+                    self.expunges.insert(c.uid.get());
+                    self.cur_mail_skip = true;
+                    self.next_local_seq += 1;
+                    return false;
+                }
+                let nm = NewMail {
+                    next: None,
+                    link: None,
+                    guid: c.guid.as_str().to_owned(),
+                    change: None,
+                    final_uid: c.uid.get(),
+                    local_uid: c.uid.get(),
+                    remote_uid: 0,
+                    uid_in_local: true,
+                    uid_is_usable: c.uid.get() >= self.remote.uid_next,
+                    skip: false,
+                    saved: false,
+                };
+                (nm, false)
+            }
+            Ordering::Greater => {
+                let s = save.expect("diff > 0 means a remote save");
+                let usable = s.uid >= self.local_uid_next;
+                if !usable && self.opts.revert_local_changes {
+                    self.revert_existing_uid(s.uid, &format!("UID >= local UIDNEXT={}", self.local_uid_next));
+                    return true;
+                }
+                let nm = NewMail {
+                    next: None,
+                    link: None,
+                    guid: s.guid.clone().unwrap_or_default(),
+                    change: Some(s.clone()),
+                    final_uid: s.uid,
+                    local_uid: 0,
+                    remote_uid: s.uid,
+                    uid_in_local: false,
+                    uid_is_usable: usable,
+                    skip: false,
+                    saved: false,
+                };
+                (nm, true)
+            }
+            Ordering::Equal => {
+                let c = cur.expect("equal means both exist");
+                let s = save.expect("equal means both exist");
+                let nm = NewMail {
+                    next: None,
+                    link: None,
+                    guid: s.guid.clone().unwrap_or_default(),
+                    change: Some(s.clone()),
+                    final_uid: c.uid.get(),
+                    local_uid: c.uid.get(),
+                    remote_uid: s.uid,
+                    uid_in_local: true,
+                    uid_is_usable: true,
+                    skip: false,
+                    saved: false,
+                };
+                (nm, true)
+            }
+        };
+        let in_local = nm.uid_in_local;
+        let remote_uid = nm.remote_uid;
+        if in_local {
+            self.cur_mail_skip = true;
+            self.next_local_seq += 1;
+        }
+        let idx = self.newmails.len();
+        if diff == Ordering::Equal {
+            let mut nm = nm;
+            nm.link = Some(idx);
+            self.push_newmail(nm, 0);
+        } else if in_local {
+            self.push_newmail(nm, 0);
+        } else {
+            self.push_newmail(nm, remote_uid);
+        }
+        let _ = mb;
+        remote_saved
+    }
+
+    fn try_save<M: Mailbox>(&mut self, mb: &mut M, save: Option<&MailChange>) -> bool {
+        if self.cur_mail_skip && !self.next_mail(0) && save.is_none() {
+            return true;
+        }
+        self.try_save_cur(mb, save)
+    }
+
+    fn save<M: Mailbox>(&mut self, mb: &mut M, save: &MailChange) {
+        while !self.try_save(mb, Some(save)) {
+            if self.failed.is_some() {
+                return;
+            }
+        }
+    }
+
+    fn current_record<M: Mailbox>(&self, mb: &M, uid: u32) -> Option<MailRecord> {
+        if self.expunges.contains(&uid) {
+            // Expunged in this import but, as in Dovecot's open transaction, still readable.
+            return self.local.iter().find(|m| m.uid.get() == uid).cloned();
+        }
+        Uid::new(uid).and_then(|u| mb.mail(u))
+    }
+
+    /// `dsync_import_set_mail`: the local mail with the change's UID, checked by GUID.
+    fn set_mail<M: Mailbox>(&mut self, mb: &M, change: &MailChange) -> Option<MailRecord> {
+        let rec = self.current_record(mb, change.uid)?;
+        match change.guid.as_deref() {
+            None | Some("") => Some(rec),
+            Some(g) => {
+                if self.guid_equals(change, rec.guid.as_str()) {
+                    Some(rec)
+                } else {
+                    self.unexpected_state(format!(
+                        "Unexpected GUID mismatch for UID={}: {} != {g}",
+                        change.uid, rec.guid
+                    ));
+                    None
+                }
+            }
+        }
+    }
+
+    fn replace_flags<M: Mailbox>(
+        &mut self,
+        mb: &mut M,
+        rec: &MailRecord,
+        change: &MailChange,
+    ) -> Result<(), ImportError> {
+        let mut kws = Vec::new();
+        for k in change.final_keywords() {
+            match Keyword::new(k) {
+                Ok(k) => kws.push(k),
+                Err(e) => tracing::warn!("ignoring invalid keyword from the remote: {e}"),
+            }
+        }
+        let flags = Flags::from_bits_truncate(recent_stripped(change.add_flags | change.final_flags));
+        mb.change_flags(rec.uid, FlagOp::Replace, flags, &kws, change.modseq)?;
+        Ok(())
+    }
+
+    /// `dsync_mailbox_import_flag_change`.
+    fn flag_change<M: Mailbox>(&mut self, mb: &mut M, change: &MailChange) -> Result<(), ImportError> {
+        let rec = match self.cur_mail().filter(|c| c.uid.get() == change.uid).cloned() {
+            Some(c) => {
+                if let Some(g) = change.guid.as_deref()
+                    && !g.is_empty()
+                    && !self.guid_equals(change, c.guid.as_str())
+                {
+                    self.unexpected_state(format!(
+                        "Unexpected GUID mismatch (2) for UID={}: {} != {g}",
+                        change.uid, c.guid
+                    ));
+                    return Ok(());
+                }
+                // Our current view of the mail (flags may have changed since the snapshot).
+                match self.current_record(mb, c.uid.get()) {
+                    Some(r) => r,
+                    None => return Ok(()),
+                }
+            }
+            None => match self.set_mail(mb, change) {
+                Some(r) => r,
+                None => return Ok(()),
+            },
+        };
+        if self.expunges.contains(&rec.uid.get()) {
+            return Ok(());
+        }
+        if self.opts.revert_local_changes {
+            return self.replace_flags(mb, &rec, change);
+        }
+        let local = self.local_changes.get(&change.uid).cloned().unwrap_or_default();
+        let prefer_remote = match rec.modseq.cmp(&change.modseq) {
+            std::cmp::Ordering::Less => true,
+            std::cmp::Ordering::Greater => false,
+            std::cmp::Ordering::Equal => !self.opts.master_brain,
+        };
+        let mut remote_changed = false;
+        let local_final = rec.flags.bits();
+        let (add, remove) = merge_flags(
+            local_final,
+            local.add,
+            local.remove,
+            recent_stripped(change.final_flags),
+            recent_stripped(change.add_flags),
+            recent_stripped(change.remove_flags),
+            prefer_remote,
+            &mut remote_changed,
+        );
+        let new_flags = (local_final | add) & !remove;
+        let new_kws =
+            merge_keywords(&rec.keywords, &local.keywords, &change.keyword_changes, prefer_remote, &mut remote_changed);
+        let mut new_modseq = change.modseq;
+        if remote_changed && new_modseq <= self.remote.highest_modseq {
+            new_modseq = self.remote.highest_modseq + 1;
+        }
+        let kws: Vec<Keyword> = new_kws.iter().filter_map(|k| Keyword::new(k).ok()).collect();
+        let changed = new_flags != local_final || kw_names(&rec.keywords) != new_kws;
+        if changed || rec.modseq < new_modseq {
+            mb.change_flags(rec.uid, FlagOp::Replace, Flags::from_bits_truncate(new_flags), &kws, new_modseq)?;
+        }
+        Ok(())
+    }
+
+    /// `dsync_mailbox_import_save`.
+    fn import_save<M: Mailbox>(&mut self, mb: &mut M, change: &MailChange) -> Result<(), ImportError> {
+        if change.uid == self.last_common_uid {
+            // Already verified to match: apply flag changes.
+            return self.flag_change(mb, change);
+        }
+        if self.last_common_uid_found {
+            self.save(mb, change);
+        } else {
+            self.maybe_saves.push(change.clone());
+        }
+        Ok(())
+    }
+
+    /// `dsync_mailbox_import_expunge`.
+    fn import_expunge<M: Mailbox>(&mut self, mb: &mut M, change: &MailChange) {
+        if self.last_common_uid_found {
+            if self.set_mail(mb, change).is_some() {
+                self.expunges.insert(change.uid);
+            }
+        } else if self.cur_mail().is_none_or(|c| change.uid < c.uid.get()) {
+            // Already expunged locally.
+        } else if change.uid == self.last_common_uid {
+            if let Some(c) = self.cur_mail().cloned() {
+                let ok = match change.guid.as_deref() {
+                    None | Some("") => true,
+                    Some(_) => self.guid_equals(change, c.guid.as_str()),
+                };
+                if ok {
+                    self.expunges.insert(c.uid.get());
+                } else {
+                    self.unexpected_state(format!("Unexpected GUID mismatch (2) for UID={}", change.uid));
+                }
+            }
+        } else {
+            self.maybe_expunge_uids.insert(change.uid);
+        }
+    }
+
+    fn rewind_search(&mut self) {
+        if self.cur_mail().is_some_and(|c| c.uid.get() <= self.last_common_uid + 1) {
+            return;
+        }
+        self.search_init();
+    }
+
+    /// `dsync_mailbox_common_uid_found`.
+    fn common_uid_found<M: Mailbox>(&mut self, mb: &mut M) {
+        self.last_common_uid_found = true;
+        self.rewind_search();
+        let delayed: Vec<u32> =
+            self.maybe_expunge_uids.iter().copied().take_while(|&u| u <= self.last_common_uid).collect();
+        for uid in delayed {
+            if self.current_record(mb, uid).is_some() {
+                self.expunges.insert(uid);
+            }
+        }
+        let saves = std::mem::take(&mut self.maybe_saves);
+        for s in saves {
+            if s.uid > self.last_common_uid {
+                self.save(mb, &s);
+            }
+        }
+    }
+
+    fn match_msg(&mut self, change: &MailChange) -> Option<bool> {
+        let cur = self.cur_mail().cloned()?;
+        let cg = change.guid.as_deref().unwrap_or("");
+        if !cg.is_empty() && !cur.guid.as_str().is_empty() {
+            return Some(self.guid_equals(change, cur.guid.as_str()));
+        }
+        if change.kind == ChangeType::Expunge {
+            return None;
+        }
+        self.fail("the remote's mails have no GUIDs; header hashes are not supported".to_owned());
+        None
+    }
+
+    /// `dsync_mailbox_find_common_expunged_uid`.
+    fn find_common_expunged_uid<M: Mailbox>(&mut self, mb: &mut M, change: &MailChange) -> bool {
+        let Some(g) = change.guid.as_deref().filter(|g| !g.is_empty()) else {
+            return false;
+        };
+        let Some(Some(Some(local_guid))) = self.local_changes.get(&change.uid).map(|c| c.expunge_guid) else {
+            return false;
+        };
+        let remote128 = if change.kind == ChangeType::Expunge {
+            g.parse::<Guid128>().unwrap_or(Guid128::EMPTY)
+        } else {
+            Guid128::from_mail_guid(g)
+        };
+        if remote128 == local_guid {
+            self.last_common_uid = change.uid;
+        } else if change.kind != ChangeType::Expunge {
+            self.common_uid_found(mb);
+        }
+        true
+    }
+
+    /// `dsync_mailbox_find_common_uid`.
+    fn find_common_uid<M: Mailbox>(&mut self, mb: &mut M, change: &MailChange) {
+        if !self.next_mail(change.uid) {
+            if change.kind == ChangeType::Expunge {
+                return;
+            }
+            if self.local_uid_next <= change.uid {
+                self.common_uid_found(mb);
+            } else if self.opts.revert_local_changes {
+                self.revert_missing(change);
+            } else if !self.find_common_expunged_uid(mb, change) {
+                self.common_uid_found(mb);
+            }
+            return;
+        }
+        if change.guid.is_none() {
+            return;
+        }
+        if self.cur_mail().is_some_and(|c| c.uid.get() == change.uid) {
+            match self.match_msg(change) {
+                None => {}
+                Some(true) => self.last_common_uid = change.uid,
+                Some(false) if !self.opts.revert_local_changes => self.common_uid_found(mb),
+                Some(false) => self.revert_existing_uid(change.uid, "GUIDs don't match"),
+            }
+            return;
+        }
+        if self.opts.revert_local_changes && change.kind != ChangeType::Expunge {
+            self.revert_missing(change);
+        } else {
+            let _ = self.find_common_expunged_uid(mb, change);
+        }
+    }
+
+    /// Imports one `C` record.
+    pub(crate) fn import_change<M: Mailbox>(&mut self, mb: &mut M, change: &MailChange) -> Result<(), ImportError> {
+        if self.new_uids_assigned {
+            return Err(ImportError::Protocol("change received after the change list ended".into()));
+        }
+        if change.uid <= self.prev_uid {
+            return Err(ImportError::Protocol(format!(
+                "changes not in ascending UID order ({} after {})",
+                change.uid, self.prev_uid
+            )));
+        }
+        self.prev_uid = change.uid;
+        if self.failed.is_some() || self.require_full_resync {
+            return Ok(());
+        }
+        if !self.last_common_uid_found {
+            self.find_common_uid(mb, change);
+        }
+        if self.failed.is_some() || self.require_full_resync {
+            return Ok(());
+        }
+        if self.last_common_uid_found {
+            if change.uid <= self.last_common_uid {
+                if change.kind == ChangeType::Save {
+                    return Err(ImportError::Protocol(format!(
+                        "remote sent a save for UID {} at or below the last common UID {}",
+                        change.uid, self.last_common_uid
+                    )));
+                }
+            } else if change.kind == ChangeType::Expunge {
+                return Ok(());
+            } else if change.kind != ChangeType::Save {
+                return Err(ImportError::Protocol(format!(
+                    "remote sent a flag change for UID {} above the last common UID {}",
+                    change.uid, self.last_common_uid
+                )));
+            }
+        }
+        match change.kind {
+            ChangeType::Save => self.import_save(mb, change)?,
+            ChangeType::Expunge => self.import_expunge(mb, change),
+            ChangeType::FlagChange => {
+                if !self.last_common_uid_found {
+                    return Err(ImportError::Protocol(format!(
+                        "flag change for UID {} before the common UIDs were known",
+                        change.uid
+                    )));
+                }
+                self.flag_change(mb, change)?;
+            }
+        }
+        match &self.failed {
+            Some(f) => Err(ImportError::Failed(f.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// `dsync_mailbox_import_assign_new_uids`.
+    fn assign_new_uids(&mut self) {
+        let mut common_uid_next = self.local_uid_next.max(self.remote.uid_next);
+        for i in 0..self.newmails.len() {
+            if self.newmails[i].skip {
+                continue;
+            }
+            let new_uid = if self.newmails[i].uid_is_usable {
+                self.newmails[i].final_uid
+            } else if let Some(l) = self.newmails[i].link.filter(|&l| self.newmails[l].uid_is_usable) {
+                self.newmails[l].final_uid
+            } else {
+                let u = common_uid_next;
+                common_uid_next += 1;
+                u
+            };
+            self.newmails[i].final_uid = new_uid;
+            if let Some(l) = self.newmails[i].link
+                && l != i
+            {
+                self.newmails[l].skip = true;
+            }
+        }
+        self.last_common_uid = common_uid_next - 1;
+        self.new_uids_assigned = true;
+        let mut order: Vec<usize> = (0..self.newmails.len()).collect();
+        order.sort_by_key(|&i| self.newmails[i].final_uid);
+        self.order = order;
+    }
+
+    /// Handles everything after the remote's change list ended: local mails above the common
+    /// prefix become new mails, UIDs are assigned, local instances are reused and the rest is
+    /// requested. After this, [`Importer::next_request`] yields the `R` records.
+    pub(crate) fn changes_finish<M: Mailbox>(&mut self, mb: &mut M) -> Result<(), ImportError> {
+        if self.new_uids_assigned {
+            return Ok(());
+        }
+        if !self.last_common_uid_found {
+            self.common_uid_found(mb);
+        }
+        let _ = self.next_mail(self.last_common_uid + 1);
+        while self.cur.is_some() && self.failed.is_none() {
+            let _ = self.try_save(mb, None);
+        }
+        self.assign_new_uids();
+        if self.failed.is_none() {
+            self.handle_local_mails(mb)?;
+        }
+        match &self.failed {
+            Some(f) => Err(ImportError::Failed(f.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn chain(&self, first: usize) -> Vec<usize> {
+        let mut v = Vec::new();
+        let mut cur = Some(first);
+        while let Some(i) = cur {
+            v.push(i);
+            cur = self.newmails[i].next;
+        }
+        v
+    }
+
+    fn handle_local_mails<M: Mailbox>(&mut self, mb: &mut M) -> Result<(), ImportError> {
+        let guids = std::mem::take(&mut self.import_guids);
+        let mut keep = Vec::new();
+        for (g, first) in guids {
+            if !self.handle_mail(mb, first)? {
+                keep.push((g, first));
+            }
+        }
+        self.import_guids = keep;
+        let uids = std::mem::take(&mut self.import_uids);
+        let mut keep = Vec::new();
+        for (u, first) in uids {
+            if !self.handle_mail(mb, first)? {
+                keep.push((u, first));
+            }
+        }
+        self.import_uids = keep;
+        Ok(())
+    }
+
+    /// `dsync_mailbox_import_handle_mail`: true if handled locally, false if requested.
+    fn handle_mail<M: Mailbox>(&mut self, mb: &mut M, first: usize) -> Result<bool, ImportError> {
+        let chain = self.chain(first);
+        let mut local_uids = BTreeSet::new();
+        let mut wanted = BTreeSet::new();
+        let mut request: Option<(Option<String>, u32)> = None;
+        for &i in &chain {
+            let m = &self.newmails[i];
+            if m.uid_in_local {
+                local_uids.insert(m.local_uid);
+            } else if request.is_none() {
+                request = Some(((!m.guid.is_empty()).then(|| m.guid.clone()), m.remote_uid));
+            }
+            if !m.skip {
+                wanted.insert(m.final_uid);
+            }
+        }
+        if self.try_local(mb, first, &chain, &local_uids, &wanted)? {
+            return Ok(true);
+        }
+        if self.opts.want_mail_requests
+            && let Some((guid, uid)) = request
+        {
+            self.requests.push(MailRequest { guid, uid });
+        }
+        Ok(false)
+    }
+
+    /// `dsync_mailbox_import_try_local`: reuse local instances (moving them to the wanted
+    /// UIDs), expunge unwanted ones, and copy a local instance to the remaining wanted UIDs.
+    fn try_local<M: Mailbox>(
+        &mut self,
+        mb: &mut M,
+        first: usize,
+        chain: &[usize],
+        local_uids: &BTreeSet<u32>,
+        wanted: &BTreeSet<u32>,
+    ) -> Result<bool, ImportError> {
+        if local_uids.is_empty() {
+            return Ok(false);
+        }
+        let mut assigned = BTreeSet::new();
+        let mut unwanted: Vec<u32> = Vec::new();
+        let wanted_v: Vec<u32> = wanted.iter().copied().collect();
+        let mut wi = 0;
+        for &l in local_uids {
+            if let Some(&w) = wanted_v.get(wi)
+                && l == w
+            {
+                assigned.insert(w);
+                wi += 1;
+                continue;
+            }
+            unwanted.push(l);
+        }
+        // Reuse existing mails by giving them the wanted UIDs (latest first).
+        while let Some(&w) = wanted_v.get(wi) {
+            let Some(old) = unwanted.pop() else { break };
+            match mb.move_to_uid(
+                Uid::new(old).ok_or_else(|| ImportError::Protocol("UID 0".into()))?,
+                Uid::new(w).unwrap_or(Uid::MIN),
+            ) {
+                Ok(got) => {
+                    self.moved.insert(old, got.get());
+                    self.highest_wanted_uid = self.highest_wanted_uid.max(w);
+                    self.wanted_uids.push(w);
+                    self.saved_uids.push(got.get());
+                    assigned.insert(w);
+                    wi += 1;
+                }
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        for u in unwanted {
+            self.expunges.insert(u);
+        }
+        for &i in chain {
+            if !self.newmails[i].skip && assigned.contains(&self.newmails[i].final_uid) {
+                self.newmails[i].skip = true;
+            }
+        }
+        if wi >= wanted_v.len() {
+            return Ok(true);
+        }
+        // Copy a local instance to the remaining wanted UIDs.
+        for &l in local_uids {
+            let uid = self.moved.get(&l).copied().unwrap_or(l);
+            let Some(rec) = Uid::new(uid).and_then(|u| mb.mail(u)) else { continue };
+            let guid = self.newmails[first].guid.clone();
+            if !guid.is_empty() && rec.guid.as_str() != guid {
+                self.unexpected_state(format!("Unexpected GUID mismatch (3) for UID={uid}: {} != {guid}", rec.guid));
+                return Ok(false);
+            }
+            let received = mb.received_date(rec.uid).ok();
+            let body = {
+                let mut r = mb.open_body(rec.uid)?;
+                let mut v = Vec::new();
+                r.read_to_end(&mut v).map_err(|e| StoreError::io("read", "<local mail>", e))?;
+                v
+            };
+            let header = MailHeader {
+                guid: rec.guid.as_str().to_owned(),
+                uid: 0,
+                received_date: received.unwrap_or(0),
+                has_body: true,
+                ..Default::default()
+            };
+            self.save_newmails(mb, &header, first, &mut &body[..], true)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// The next `R` record to send.
+    pub(crate) fn next_request(&mut self) -> Option<MailRequest> {
+        let r = self.requests.get(self.request_idx).cloned();
+        if r.is_some() {
+            self.request_idx += 1;
+        }
+        r
+    }
+
+    /// Saves every wanted instance of a mail from one body.
+    fn save_newmails<M: Mailbox>(
+        &mut self,
+        mb: &mut M,
+        header: &MailHeader,
+        first: usize,
+        body: &mut dyn Read,
+        _remote: bool,
+    ) -> Result<(), ImportError> {
+        let targets: Vec<usize> = self.chain(first).into_iter().filter(|&i| !self.newmails[i].skip).collect();
+        if targets.is_empty() {
+            return Ok(());
+        }
+        // One body for several instances: keep it so that each save can read it.
+        let mut buffered = None;
+        if targets.len() > 1 {
+            let mut v = Vec::new();
+            body.read_to_end(&mut v).map_err(|e| StoreError::io("read", "<mail stream>", e))?;
+            buffered = Some(v);
+        }
+        for i in targets {
+            let nm = self.newmails[i].clone();
+            let change = nm.change.clone().or_else(|| self.newmails[first].change.clone());
+            let (flags, keywords, modseq) = match &change {
+                Some(c) => (
+                    Flags::from_bits_truncate(recent_stripped(c.final_flags)),
+                    c.final_keywords().into_iter().filter_map(|k| Keyword::new(k).ok()).collect(),
+                    if c.modseq > 1 { c.modseq } else { 0 },
+                ),
+                None => (Flags::NONE, Vec::new(), 0),
+            };
+            let guid = if header.guid.is_empty() { None } else { MailGuid::new(&header.guid).ok() };
+            let req = SaveRequest {
+                uid: Uid::new(nm.final_uid),
+                guid,
+                flags,
+                keywords,
+                received: (header.received_date > 0).then_some(header.received_date),
+                min_modseq: modseq,
+            };
+            match &buffered {
+                Some(v) => mb.save(req, &mut &v[..])?,
+                None => mb.save(req, body)?,
+            }
+            self.newmails[i].saved = true;
+            self.pending_wanted.push(nm.final_uid);
+            self.highest_wanted_uid = self.highest_wanted_uid.max(nm.final_uid);
+            self.saves_since_commit += 1;
+        }
+        while self.first_unsaved_idx < self.order.len() && self.newmails[self.order[self.first_unsaved_idx]].saved {
+            self.first_unsaved_idx += 1;
+        }
+        // Committing early is safe only if every later save has a higher UID.
+        let prefix_done = self.first_unsaved_idx == self.wanted_uids.len() + self.pending_wanted.len();
+        if self.saves_since_commit >= self.opts.commit_msgs_interval.max(1) && prefix_done {
+            self.commit(mb)?;
+        }
+        Ok(())
+    }
+
+    fn commit<M: Mailbox>(&mut self, mb: &mut M) -> Result<(), ImportError> {
+        let saved = mb.commit()?;
+        let wanted = std::mem::take(&mut self.pending_wanted);
+        for (s, w) in saved.iter().zip(wanted) {
+            self.wanted_uids.push(w);
+            self.saved_uids.push(s.uid.get());
+        }
+        self.saves_since_commit = 0;
+        Ok(())
+    }
+
+    /// Imports one `M` record and its body.
+    pub(crate) fn import_mail<M: Mailbox>(
+        &mut self,
+        mb: &mut M,
+        header: &MailHeader,
+        body: Option<&mut dyn Read>,
+    ) -> Result<(), ImportError> {
+        if !self.new_uids_assigned {
+            return Err(ImportError::Protocol("mail received before the change list ended".into()));
+        }
+        if self.failed.is_some() || self.require_full_resync {
+            if let Some(b) = body {
+                std::io::copy(b, &mut std::io::sink()).map_err(|e| StoreError::io("read", "<mail stream>", e))?;
+            }
+            return Ok(());
+        }
+        let found = if !header.guid.is_empty() {
+            self.import_guids.iter().position(|(g, _)| *g == header.guid).map(|p| self.import_guids.remove(p).1)
+        } else {
+            self.import_uids.iter().position(|(u, _)| *u == header.uid).map(|p| self.import_uids.remove(p).1)
+        };
+        let Some(first) = found else {
+            if self.opts.want_mail_requests {
+                tracing::error!("remote sent an unwanted mail body for GUID={} UID={}", header.guid, header.uid);
+            }
+            if let Some(b) = body {
+                std::io::copy(b, &mut std::io::sink()).map_err(|e| StoreError::io("read", "<mail stream>", e))?;
+            }
+            return Ok(());
+        };
+        match body {
+            Some(b) if header.has_body => self.save_newmails(mb, header, first, b, true),
+            _ => {
+                // Expunged on the remote meanwhile: nothing to save.
+                for i in self.chain(first) {
+                    self.newmails[i].skip = true;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Renumbers mails that ended up at UIDs we did not want because another writer saved
+    /// mails during the sync (`reassign_unwanted_uids`).
+    fn reassign_unwanted<M: Mailbox>(&mut self, mb: &mut M) -> Result<Option<String>, ImportError> {
+        if self.wanted_uids.is_empty() || self.wanted_uids.len() != self.saved_uids.len() {
+            return Ok(None);
+        }
+        let highest_seen = (self.remote.uid_next.saturating_sub(1)).max(self.highest_wanted_uid);
+        if self.local_uid_next > highest_seen {
+            return Ok(None);
+        }
+        let mut unwanted: BTreeSet<u32> = (self.local_uid_next..=highest_seen).collect();
+        for (w, s) in self.wanted_uids.iter().zip(&self.saved_uids) {
+            if w == s {
+                unwanted.remove(s);
+            }
+        }
+        let mut renumbered = 0;
+        for uid in unwanted.iter().copied() {
+            let Some(u) = Uid::new(uid) else { continue };
+            if mb.mail(u).is_none() {
+                continue;
+            }
+            let target = mb.status().uid_next;
+            match mb.move_to_uid(u, Uid::new(target).unwrap_or(u)) {
+                Ok(_) => renumbered += 1,
+                Err(e) if e.is_not_found() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if renumbered == 0 {
+            return Ok(None);
+        }
+        self.last_common_uid = self.local_uid_next - 1;
+        Ok(Some(format!("{} UIDs changed due to UID conflicts", unwanted.len())))
+    }
+
+    /// Finishes the import: commits, updates the mailbox's numbers and reports the state.
+    pub(crate) fn finish<M: Mailbox>(mut self, mb: &mut M, success: bool) -> Result<ImportResult, ImportError> {
+        if (!success || self.require_full_resync) && self.failed.is_none() {
+            self.failed = Some("incomplete import".to_owned());
+        }
+        if !self.new_uids_assigned && self.failed.is_none() {
+            self.assign_new_uids();
+        }
+        if self.failed.is_none() {
+            let missing: Vec<String> = self
+                .import_guids
+                .iter()
+                .flat_map(|(_, f)| self.chain(*f))
+                .chain(self.import_uids.iter().flat_map(|(_, f)| self.chain(*f)))
+                .filter(|&i| !self.newmails[i].skip && !self.newmails[i].saved)
+                .map(|i| format!("GUID={} UID={}", self.newmails[i].guid, self.newmails[i].remote_uid))
+                .collect();
+            if !missing.is_empty() {
+                self.fail(format!("remote didn't send mails: {}", missing.join(", ")));
+            }
+        }
+        let mut changes_during_sync = None;
+        let commit = self.commit(mb);
+        let expunges: Vec<Uid> = self.expunges.iter().filter_map(|&u| Uid::new(u)).collect();
+        let mut ok = commit.is_ok() && self.failed.is_none();
+        if commit.is_ok() {
+            mb.expunge(&expunges)?;
+        }
+        if ok {
+            let update = MailboxUpdate {
+                min_next_uid: Some(self.remote.uid_next),
+                min_first_recent_uid: Some((self.last_common_uid + 1).min(self.remote.first_recent_uid)),
+                min_highest_modseq: Some(self.remote.highest_modseq),
+                ..Default::default()
+            };
+            if let Err(e) = mb.update(&update) {
+                tracing::error!("updating the mailbox failed: {e}");
+                ok = false;
+            }
+        }
+        if ok {
+            changes_during_sync = self.reassign_unwanted(mb)?;
+        }
+        let (modseq, pvt) = if changes_during_sync.is_none() {
+            (self.remote.highest_modseq, self.remote.highest_pvt_modseq)
+        } else {
+            (self.local_initial_hms, self.local_initial_pvt_hms)
+        };
+        let messages_count = if self.delete_mailbox { 0 } else { mb.status().messages };
+        mb.sync_point()?;
+        commit?;
+        let error = if self.require_full_resync { None } else { self.failed.clone() };
+        let result = ImportResult {
+            error,
+            delete_mailbox: self.delete_mailbox,
+            last_common_uid: self.last_common_uid,
+            last_common_modseq: modseq,
+            last_common_pvt_modseq: pvt,
+            messages_count,
+            changes_during_sync,
+            require_full_resync: self.require_full_resync,
+        };
+        Ok(result)
+    }
+}
+
+/// Collects our own changes since the last common modseq per UID, as Dovecot's transaction
+/// log scan does: flag adds/removes accumulate, an expunge overrides everything.
+fn scan_log(changes: &[Change], highest_wanted_uid: u32) -> HashMap<u32, LocalChange> {
+    let mut out: HashMap<u32, LocalChange> = HashMap::new();
+    for c in changes {
+        match c {
+            Change::Expunge { uid, guid, .. } => {
+                if uid.get() > highest_wanted_uid {
+                    continue;
+                }
+                let e = out.entry(uid.get()).or_default();
+                *e = LocalChange { expunge_guid: Some(Some(*guid)), ..Default::default() };
+            }
+            Change::Flags { uid, added, removed, keywords_added, keywords_removed, .. } => {
+                if uid.get() > highest_wanted_uid {
+                    continue;
+                }
+                let e = out.entry(uid.get()).or_default();
+                if e.expunge_guid.is_some() {
+                    continue;
+                }
+                e.add |= added.bits();
+                e.remove &= !added.bits();
+                e.remove |= removed.bits();
+                e.add &= !removed.bits();
+                for k in keywords_added {
+                    e.keywords.retain(|(_, n)| n != k.as_str());
+                    e.keywords.push((KwOp::Add, k.as_str().to_owned()));
+                }
+                for k in keywords_removed {
+                    e.keywords.retain(|(_, n)| n != k.as_str());
+                    e.keywords.push((KwOp::Remove, k.as_str().to_owned()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Dovecot's `merge_flags` for one 32-bit group (no private flags here): returns the flags to
+/// add and remove locally; sets `remote_changed` if the result differs from the remote's.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn merge_flags(
+    local_final: u8,
+    mut local_add: u8,
+    mut local_remove: u8,
+    remote_final: u8,
+    mut remote_add: u8,
+    mut remote_remove: u8,
+    prefer_remote: bool,
+    remote_changed: &mut bool,
+) -> (u8, u8) {
+    let conflict = local_add & remote_remove;
+    if conflict != 0 {
+        if prefer_remote {
+            local_add &= !conflict;
+        } else {
+            remote_remove &= !conflict;
+        }
+    }
+    let conflict = local_remove & remote_add;
+    if conflict != 0 {
+        if prefer_remote {
+            local_remove &= !conflict;
+        } else {
+            remote_add &= !conflict;
+        }
+    }
+    let differ = local_final ^ remote_final;
+    let combined_add = (local_add | remote_add) & differ;
+    let combined_remove = (local_remove | remote_remove) & differ;
+    let mut local_wanted = (local_final | combined_add) & !combined_remove;
+    let remote_wanted = (remote_final | combined_add) & !combined_remove;
+    if local_wanted ^ remote_wanted != 0 && prefer_remote {
+        local_wanted = remote_wanted;
+    }
+    if local_wanted != remote_final {
+        *remote_changed = true;
+    }
+    (local_wanted & !local_final, local_final & !local_wanted)
+}
+
+/// Dovecot's `merge_keywords`: the same merge per keyword name. Returns the final keywords.
+fn merge_keywords(
+    local_final: &[Keyword],
+    local_changes: &[(KwOp, String)],
+    remote_changes: &[(KwOp, String)],
+    prefer_remote: bool,
+    remote_changed: &mut bool,
+) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    let idx = |names: &mut Vec<String>, n: &str| -> usize {
+        match names.iter().position(|x| x == n) {
+            Some(i) => i,
+            None => {
+                names.push(n.to_owned());
+                names.len() - 1
+            }
+        }
+    };
+    let mut bits: Vec<[bool; 6]> = Vec::new(); // la lr lf ra rr rf
+    let set = |names: &mut Vec<String>, bits: &mut Vec<[bool; 6]>, n: &str, slot: usize| {
+        let i = idx(names, n);
+        if bits.len() <= i {
+            bits.resize(i + 1, [false; 6]);
+        }
+        bits[i][slot] = true;
+    };
+    for (op, n) in remote_changes {
+        match op {
+            KwOp::Add => set(&mut names, &mut bits, n, 3),
+            KwOp::Remove => set(&mut names, &mut bits, n, 4),
+            KwOp::Final => set(&mut names, &mut bits, n, 5),
+            KwOp::AddAndFinal => {
+                set(&mut names, &mut bits, n, 3);
+                set(&mut names, &mut bits, n, 5);
+            }
+        }
+    }
+    for (op, n) in local_changes {
+        match op {
+            KwOp::Add | KwOp::AddAndFinal => set(&mut names, &mut bits, n, 0),
+            KwOp::Remove => set(&mut names, &mut bits, n, 1),
+            KwOp::Final => {
+                let i = idx(&mut names, n);
+                if bits.len() <= i {
+                    bits.resize(i + 1, [false; 6]);
+                }
+            }
+        }
+    }
+    for k in local_final {
+        set(&mut names, &mut bits, k.as_str(), 2);
+    }
+    let mut out = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let b = bits.get(i).copied().unwrap_or([false; 6]);
+        let bit = |x: bool| u8::from(x);
+        let (add, remove) = merge_flags(
+            bit(b[2]),
+            bit(b[0]),
+            bit(b[1]),
+            bit(b[5]),
+            bit(b[3]),
+            bit(b[4]),
+            prefer_remote,
+            remote_changed,
+        );
+        let present = (bit(b[2]) | add) & !remove;
+        if present != 0 {
+            out.push(n.clone());
+        }
+    }
+    // Keep our existing keywords in their order, then new ones.
+    let mut ordered: Vec<String> =
+        local_final.iter().map(|k| k.as_str().to_owned()).filter(|k| out.contains(k)).collect();
+    for n in out {
+        if !ordered.contains(&n) {
+            ordered.push(n);
+        }
+    }
+    ordered
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_flags_tie_prefers_the_chosen_side() {
+        let mut rc = false;
+        // Local added \Seen, remote removed it: remote preferred -> removed.
+        let (a, r) = merge_flags(0x08, 0x08, 0, 0, 0, 0x08, true, &mut rc);
+        assert_eq!((a, r), (0, 0x08));
+        let mut rc = false;
+        let (a, r) = merge_flags(0x08, 0x08, 0, 0, 0, 0x08, false, &mut rc);
+        assert_eq!((a, r), (0, 0));
+        assert!(rc);
+        // Identical flags are never touched.
+        let mut rc = false;
+        assert_eq!(merge_flags(0x0a, 0, 0, 0x0a, 0x02, 0, true, &mut rc), (0, 0));
+        assert!(!rc);
+    }
+
+    #[test]
+    fn keyword_merge() {
+        let local = vec![Keyword::new("a").unwrap(), Keyword::new("b").unwrap()];
+        let mut rc = false;
+        let out = merge_keywords(
+            &local,
+            &[],
+            &[(KwOp::Final, "a".into()), (KwOp::Remove, "b".into()), (KwOp::AddAndFinal, "c".into())],
+            true,
+            &mut rc,
+        );
+        assert_eq!(out, vec!["a".to_owned(), "c".to_owned()]);
+    }
+}
