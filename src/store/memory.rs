@@ -518,11 +518,12 @@ mod tests {
         mb.save(SaveRequest { uid: Uid::new(5), ..Default::default() }, &mut &b"a\n"[..]).unwrap();
         mb.save(SaveRequest { uid: Uid::new(3), ..Default::default() }, &mut &b"b\n"[..]).unwrap();
         let saved = mb.commit().unwrap();
-        assert_eq!(saved.iter().map(|s| s.uid.get()).collect::<Vec<_>>(), [5, 6]);
+        // UIDs are assigned in ascending order of the UIDs asked for, reported in staging order.
+        assert_eq!(saved.iter().map(|s| s.uid.get()).collect::<Vec<_>>(), [5, 3]);
         let hms = mb.status().highest_modseq;
         let kw = Keyword::new("$Junk").unwrap();
         mb.change_flags(Uid::new(5).unwrap(), FlagOp::Add, Flags::SEEN, std::slice::from_ref(&kw), 0).unwrap();
-        mb.expunge(&[Uid::new(6).unwrap()]).unwrap();
+        mb.expunge(&[Uid::new(3).unwrap()]).unwrap();
         let ch = mb.changes_since(hms).unwrap();
         assert_eq!(ch.len(), 2);
         assert!(

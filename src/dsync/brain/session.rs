@@ -823,6 +823,7 @@ mod tests {
     #[test]
     fn remote_names_are_made_storable() {
         let fixed = fix_remote_parts(&["a.b".into(), "..".into(), "x/y".into(), "tab\tbed".into()], '.', '_');
-        assert_eq!(fixed, vec!["a_b", "_..", "x_y", "tab_bed"]);
+        assert_eq!(fixed, vec!["a_b", "__", "x_y", "tab_bed"]);
+        assert_eq!(fix_remote_parts(&["..".into()], '/', '_'), vec!["_.."]);
     }
 }
