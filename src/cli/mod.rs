@@ -113,6 +113,21 @@ pub enum Command {
         #[arg(default_value = "*")]
         masks: Vec<String>,
     },
+    /// Serve the dsync protocol on stdin/stdout as the slave (what `doveadm sync|backup`
+    /// runs on the remote side). A trailing `dsync-server` word, which doveadm appends to
+    /// command destinations, is ignored.
+    #[command(name = "dsync-server")]
+    DsyncServer {
+        /// I/O timeout in seconds (doveadm's `-T`).
+        #[arg(short = 'T', value_name = "SECS", default_value_t = 600)]
+        timeout: u64,
+        /// Accepted for doveadm compatibility (notify the replicator); no effect.
+        #[arg(short = 'U')]
+        notify: bool,
+        /// Ignored trailing words (doveadm appends `dsync-server`).
+        #[arg(hide = true, allow_hyphen_values = true, trailing_var_arg = true)]
+        extra: Vec<String>,
+    },
     /// Make DEST an exact copy of this user's mail (store-level copy; the dsync engine that
     /// replaces it is not built yet).
     Backup {
@@ -389,6 +404,12 @@ fn init_logging(cli: &Cli) {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<(), Failure> {
     init_logging(&cli);
+    if matches!(cli.command, Command::DsyncServer { .. }) && cli.user.is_none() && nix::unistd::geteuid().is_root() {
+        return Err(Failure::new(
+            exit::NOPERM,
+            anyhow!("dsync-server as root needs -u USER (it never touches mail as root)"),
+        ));
+    }
     let session = Session::establish(&cli)?;
     match &cli.command {
         Command::Mailbox { command } => mail::mailbox(&session, cli.format, command),
@@ -398,7 +419,23 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Expunge { search } => mail::expunge(&session, search),
         Command::User { masks } => mail::user(&session, cli.format, masks),
         Command::Backup { dest } => backup::run(&session, dest),
+        Command::DsyncServer { timeout, extra, .. } => dsync_server(&session, *timeout, extra),
     }
+}
+
+/// `dsync-server`: the slave on stdin/stdout.
+fn dsync_server(session: &Session, timeout: u64, extra: &[String]) -> Result<(), Failure> {
+    if let Some(w) = extra.iter().find(|w| w.as_str() != "dsync-server") {
+        return Err(Failure::new(exit::USAGE, anyhow!("dsync-server: unexpected argument {w:?}")));
+    }
+    let mut store = session.store()?;
+    let hostname = session.config.hostname.clone().unwrap_or_else(hostname);
+    let outcome = crate::dsync::server::serve_stdio(&mut store, &hostname, std::time::Duration::from_secs(timeout.max(1)))
+        .with_context(|| format!("dsync-server for {}", session.user))?;
+    if let Some(f) = outcome.failed {
+        return Err(Failure::new(exit::TEMPFAIL, anyhow!("dsync failed: {f}")));
+    }
+    Ok(())
 }
 
 /// The process entry point: parse, run, report, exit.
