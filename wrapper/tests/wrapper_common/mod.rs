@@ -388,3 +388,173 @@ pub fn assert_dropped(pid: u32, uid: u32, gid: u32, groups: &[u32]) {
         assert_eq!(status_field(&st, "Umask").as_deref(), Some("0077"), "{st_path:?}");
     }
 }
+
+/// Kills and reaps a child on drop (sshd, long-lived ssh clients), so a failing test leaves no
+/// process behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Host key and client keys for one sshd sandbox.
+pub struct SshKeys {
+    pub dir: PathBuf,
+    pub host: PathBuf,
+    pub clients: Vec<PathBuf>,
+}
+
+impl SshKeys {
+    pub fn new(sb: &Sandbox, clients: usize) -> Self {
+        assert!(
+            Path::new("/usr/sbin/sshd").exists(),
+            "/usr/sbin/sshd is missing: install openssh-server (tests/run does)"
+        );
+        assert!(
+            Command::new("ssh").arg("-V").stdin(Stdio::null()).output().is_ok(),
+            "ssh is missing: install openssh-client (tests/run does)"
+        );
+        let dir = sb.dir.join("ssh");
+        fs::create_dir(&dir).expect("mkdir ssh");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+        let keygen = |name: &str| {
+            let p = dir.join(name);
+            run_ok(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"]).arg(&p));
+            p
+        };
+        let host = keygen("host_ed25519");
+        let clients = (0..clients).map(|i| keygen(&format!("client{i}_ed25519"))).collect();
+        Self { dir, host, clients }
+    }
+
+    /// The public half of client key `i`, one line.
+    pub fn client_pub(&self, i: usize) -> String {
+        let p = self.clients[i].with_extension("pub");
+        fs::read_to_string(&p).expect("read pub").trim().to_owned()
+    }
+}
+
+/// A real OpenSSH sshd on 127.0.0.1, killed on drop. Its output goes to `sshd.log`.
+pub struct Sshd {
+    pub port: u16,
+    pub log: PathBuf,
+    pub known_hosts: PathBuf,
+    _child: KillOnDrop,
+}
+
+impl Sshd {
+    /// Starts sshd with `authorized_keys` as root's keys and `extra` appended to the config.
+    pub fn start(keys: &SshKeys, tag: &str, authorized_keys: &str, extra: &str) -> Self {
+        // sshd's privilege-separation directory (Debian's path); created only when missing.
+        if !Path::new("/run/sshd").exists() {
+            fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd");
+            fs::set_permissions("/run/sshd", fs::Permissions::from_mode(0o755)).expect("chmod /run/sshd");
+        }
+        let ak = keys.dir.join(format!("authorized_keys_{tag}"));
+        fs::write(&ak, authorized_keys).expect("write authorized_keys");
+        fs::set_permissions(&ak, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let log = keys.dir.join(format!("sshd_{tag}.log"));
+        for _attempt in 0..5 {
+            // sshd cannot take port 0: borrow a free port from the kernel, then hand it over.
+            let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+            let cfg = keys.dir.join(format!("sshd_config_{tag}"));
+            fs::write(
+                &cfg,
+                // sshd takes the first value of an option: `extra` goes first so it overrides.
+                format!(
+                    "{extra}\nPort {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile none\nAuthorizedKeysFile {}\n\
+                     StrictModes yes\nUsePAM no\nPermitRootLogin forced-commands-only\nPubkeyAuthentication yes\n\
+                     PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitUserEnvironment no\n\
+                     ClientAliveInterval 10\nClientAliveCountMax 3\nLogLevel VERBOSE\n",
+                    keys.host.display(),
+                    ak.display()
+                ),
+            )
+            .expect("write sshd_config");
+            let check = Command::new("/usr/sbin/sshd").arg("-t").arg("-f").arg(&cfg).stdin(Stdio::null()).output();
+            let check = check.expect("sshd -t");
+            assert!(check.status.success(), "sshd -t: {}", String::from_utf8_lossy(&check.stderr));
+            let logf = File::create(&log).expect("sshd log");
+            let child = Command::new("/usr/sbin/sshd")
+                .arg("-D")
+                .arg("-e")
+                .arg("-f")
+                .arg(&cfg)
+                .env_clear()
+                .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+                .stdin(Stdio::null())
+                .stdout(logf.try_clone().expect("dup log"))
+                .stderr(logf)
+                .spawn()
+                .expect("spawn sshd");
+            let mut child = KillOnDrop(child);
+            let until = Instant::now() + Duration::from_secs(10);
+            loop {
+                let text = fs::read_to_string(&log).unwrap_or_default();
+                if text.contains("Server listening on") {
+                    let known_hosts = keys.dir.join(format!("known_hosts_{tag}"));
+                    let host_pub = fs::read_to_string(keys.host.with_extension("pub")).expect("host pub");
+                    let mut f = File::create(&known_hosts).expect("known_hosts");
+                    writeln!(f, "[127.0.0.1]:{port} {}", host_pub.trim()).expect("write known_hosts");
+                    return Self { port, log, known_hosts, _child: child };
+                }
+                if let Ok(Some(_)) = child.0.try_wait() {
+                    break; // e.g. the port was taken meanwhile: try another
+                }
+                assert!(Instant::now() < until, "sshd did not start: {text}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("sshd did not start: {}", fs::read_to_string(&log).unwrap_or_default());
+    }
+
+    /// An `ssh` command to root@127.0.0.1 with client key `key`, strict host key checking and
+    /// no user configuration. Add options, then the remote command.
+    pub fn ssh(&self, key: &Path) -> Command {
+        let mut c = Command::new("ssh");
+        c.args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
+        .args(["-o", "LogLevel=ERROR", "-i"])
+        .arg(key)
+        .args(["-p", &self.port.to_string()])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", self.log.parent().unwrap_or(Path::new("/")));
+        c
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// The pid in an auth-log line (`mailreplica-wrapper[PID]: …`).
+pub fn log_pid(line: &str) -> u32 {
+    let (_, rest) = line.split_once("mailreplica-wrapper[").expect("tag");
+    rest.split(']').next().expect("pid").parse().expect("pid number")
+}
+
+/// Waits up to 12 s for a log line containing all of `needles`.
+pub fn wait_log_line(sb: &Sandbox, needles: &[&str]) -> String {
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        if let Some(l) = sb.log_text().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return l.to_owned();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no log line with {needles:?}; log:\n{}", sb.log_text());
+}
