@@ -239,7 +239,8 @@ fn serve_session(ctx: &mut Ctx, policy: &Policy) -> Result<ExitCode, Refusal> {
     sys::set_env("LOGNAME", name.as_str());
     nix::unistd::alarm::cancel();
     let maildir = escape(settings.root.as_os_str().as_encoded_bytes(), 200);
-    ctx.log(Severity::Notice, "accept", &format!("{proof} maildir=\"{maildir}\""));
+    let spent = ctx.start.elapsed().as_micros();
+    ctx.log(Severity::Notice, "accept", &format!("{proof} maildir=\"{maildir}\" pre_serve_us={spent}"));
     // The served process must not be able to write to the root-only log file.
     ctx.log = None;
 

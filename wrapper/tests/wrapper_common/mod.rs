@@ -15,7 +15,12 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-pub const WRAPPER: &str = env!("CARGO_BIN_EXE_mailreplica-wrapper");
+/// The wrapper binary: Cargo's path for integration tests; the release build for the example
+/// benchmark, which includes this module too.
+pub const WRAPPER: &str = match option_env!("CARGO_BIN_EXE_mailreplica-wrapper") {
+    Some(p) => p,
+    None => concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/mailreplica-wrapper"),
+};
 pub const DENIED: &str = "mailreplica-wrapper: access denied\n";
 /// Where sandboxes live: under /run, root-owned 0755 all the way up, as the wrapper's
 /// StrictModes-like checks demand (/tmp is world-writable and would be refused).
