@@ -41,6 +41,7 @@ mod sys;
 mod trust;
 mod username;
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -125,7 +126,8 @@ fn refuse(mut ctx: Ctx, r: Refusal) -> ExitCode {
     if spent < MIN_REFUSAL {
         std::thread::sleep(MIN_REFUSAL - spent);
     }
-    eprintln!("{DENIED_LINE}");
+    // Not eprintln!: a peer that closed stderr must not turn the refusal into a panic.
+    let _ = writeln!(std::io::stderr(), "{DENIED_LINE}");
     ExitCode::from(EXIT_DENIED)
 }
 

@@ -17,6 +17,7 @@
 //! rt.block_on(mailreplica::dsync::server::serve(fd0_reader, fd1_writer, store, ...))
 //! ```
 
+use std::io::Write;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::process::ExitCode;
 
@@ -60,12 +61,13 @@ pub(crate) fn run(session: Session) -> ExitCode {
             Ok(n) => total += n as u64,
             Err(Errno::EINTR | Errno::EAGAIN) => {}
             Err(e) => {
-                eprintln!("mailreplica-wrapper: reading the dsync stream: {e}");
+                let _ = writeln!(std::io::stderr(), "mailreplica-wrapper: reading the dsync stream: {e}");
                 break;
             }
         }
     }
-    eprintln!(
+    let _ = writeln!(
+        std::io::stderr(),
         "mailreplica-wrapper: peer {} user {} (uid {}, maildir {}): the dsync server is not available yet; \
          read {total} bytes after the username line until EOF",
         session.peer,
