@@ -14,7 +14,12 @@
 //! * the upstream shell wrapper `read username; exec doveadm dsync-server -u $username`:
 //!   `ssh` start → the first byte of doveadm's dsync handshake at the client.
 //!
-//! Also the same without connection reuse (a full SSH handshake per run). Prints medians.
+//! Also the same without connection reuse (a full SSH handshake per run), and both commands
+//! spawned directly without ssh. Prints medians.
+//!
+//! The release profile aborts on panic, so a failed run skips the destructors: its sshd,
+//! Dovecot and ssh control masters (all under `/run/mailreplica-wrapper-tests/PIDxN/`) must then
+//! be stopped by hand; the next test run deletes its user and directory.
 #![allow(missing_docs)]
 
 #[path = "../tests/wrapper_common/mod.rs"]
