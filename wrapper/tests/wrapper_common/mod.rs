@@ -1,0 +1,565 @@
+//! Helpers for the wrapper's root-only integration tests: a root-owned sandbox directory, real
+//! users made by `useradd` (serialized with an flock, deleted on drop, stale ones from killed
+//! runs swept), and running the wrapper binary with a clean environment and captured output.
+//!
+//! Kept inside the wrapper's tests for now; `tests/common/mod.rs` is being written in a
+//! parallel branch and this can move there once both are merged.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The wrapper binary: Cargo's path for integration tests; the release build for the example
+/// benchmark, which includes this module too.
+pub const WRAPPER: &str = match option_env!("CARGO_BIN_EXE_mailreplica-wrapper") {
+    Some(p) => p,
+    None => concat!(env!("CARGO_MANIFEST_DIR"), "/../target/release/mailreplica-wrapper"),
+};
+pub const DENIED: &str = "mailreplica-wrapper: access denied\n";
+/// Where sandboxes live: under /run, root-owned 0755 all the way up, as the wrapper's
+/// StrictModes-like checks demand (/tmp is world-writable and would be refused).
+const BASE: &str = "/run/mailreplica-wrapper-tests";
+const USERADD_LOCK: &str = "/run/mailreplica-wrapper-tests.useradd.lock";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Panics unless the tests run as root (they create users and run a root-owned forced command).
+pub fn require_root() {
+    let uid = fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
+    assert_eq!(uid, 0, "the wrapper tests must run as root (they create users with useradd); run tests/run as root");
+    for tool in ["/usr/sbin/useradd", "/usr/sbin/userdel", "/usr/sbin/groupadd", "/usr/sbin/groupdel"] {
+        assert!(Path::new(tool).exists(), "{tool} is missing (package passwd)");
+    }
+}
+
+fn unique() -> String {
+    format!("{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Holds the useradd lock: shadow's tools fail rather than wait when another one has
+/// /etc/passwd locked, and tests run in parallel threads and binaries.
+fn passwd_lock() -> File {
+    let f = fs::OpenOptions::new().create(true).append(true).open(USERADD_LOCK).expect("useradd lock file");
+    f.lock().expect("flock useradd lock");
+    f
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Deletes users, groups and sandboxes left behind by test processes that were killed.
+fn sweep_stale() {
+    let _l = passwd_lock();
+    for (db, del) in [("/etc/passwd", "userdel -f"), ("/etc/group", "groupdel")] {
+        let text = fs::read_to_string(db).unwrap_or_default();
+        for line in text.lines() {
+            let name = line.split(':').next().unwrap_or("");
+            let Some(rest) = name.strip_prefix("mrw") else { continue };
+            let Some((pid, _)) = rest.split_once('x') else { continue };
+            if let Ok(pid) = pid.parse::<u32>()
+                && !pid_alive(pid)
+            {
+                let mut words = del.split(' ');
+                let prog = words.next().unwrap_or(del);
+                let _ = Command::new(prog).args(words).arg(name).stdin(Stdio::null()).output();
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir(BASE) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some((pid, _)) = n.split_once('x')
+                && pid.parse::<u32>().is_ok_and(|p| !pid_alive(p))
+            {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// A root-owned 0755 directory for one test: policy, auth log, lock dir, homes.
+pub struct Sandbox {
+    pub dir: PathBuf,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        require_root();
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(sweep_stale);
+        fs::create_dir_all(BASE).expect("create test base");
+        fs::set_permissions(BASE, fs::Permissions::from_mode(0o755)).expect("chmod base");
+        let dir = PathBuf::from(BASE).join(unique());
+        fs::create_dir(&dir).expect("create sandbox");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod sandbox");
+        fs::create_dir(dir.join("home")).expect("homes");
+        fs::set_permissions(dir.join("home"), fs::Permissions::from_mode(0o755)).expect("chmod homes");
+        Self { dir }
+    }
+
+    pub fn policy(&self) -> PathBuf {
+        self.dir.join("wrapper.toml")
+    }
+
+    pub fn auth_log(&self) -> PathBuf {
+        self.dir.join("auth.log")
+    }
+
+    /// Writes the policy (root-owned, 0644), with `lock_dir` in the sandbox prepended.
+    pub fn write_policy(&self, body: &str) {
+        let text = format!("lock_dir = \"{}\"\nlock_wait_secs = 2\n\n{body}", self.dir.join("locks").display());
+        fs::write(self.policy(), text).expect("write policy");
+        fs::set_permissions(self.policy(), fs::Permissions::from_mode(0o644)).expect("chmod policy");
+    }
+
+    /// The standard arguments: `--peer PEER --policy … --auth-log …`.
+    pub fn args(&self, peer: &str) -> Vec<String> {
+        vec![
+            "--peer".into(),
+            peer.into(),
+            "--policy".into(),
+            self.policy().display().to_string(),
+            "--auth-log".into(),
+            self.auth_log().display().to_string(),
+        ]
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(self.auth_log()).unwrap_or_default()
+    }
+
+    /// The auth-log line of process `pid`, if written.
+    pub fn log_line(&self, pid: u32) -> Option<String> {
+        let tag = format!("mailreplica-wrapper[{pid}]: ");
+        self.log_text().lines().find(|l| l.contains(&tag)).map(str::to_owned)
+    }
+
+    /// Waits up to 12 s for the `accept` line of `pid`.
+    pub fn wait_accept(&self, pid: u32) -> String {
+        let until = Instant::now() + Duration::from_secs(12);
+        while Instant::now() < until {
+            if let Some(l) = self.log_line(pid) {
+                assert!(l.contains(": accept "), "pid {pid} was not accepted: {l}");
+                return l;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no auth-log line for pid {pid}; log:\n{}", self.log_text());
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// How to make a test user.
+#[derive(Default)]
+pub struct UserSpec {
+    /// `-r`: a system account (uid below 1000).
+    pub system: bool,
+    /// `-o -u UID`: a duplicate uid (e.g. 0).
+    pub dup_uid: Option<u32>,
+    /// `-g GID`: primary group.
+    pub gid: Option<u32>,
+    /// `-G a,b`: supplementary groups.
+    pub groups: Vec<String>,
+    /// Do not create the home directory.
+    pub no_home: bool,
+}
+
+/// A real user, deleted (with its own group) on drop.
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+impl TestUser {
+    pub fn new(sb: &Sandbox) -> Self {
+        Self::with(sb, UserSpec::default())
+    }
+
+    pub fn with(sb: &Sandbox, spec: UserSpec) -> Self {
+        let name = format!("mrw{}", unique());
+        let home = sb.dir.join("home").join(&name);
+        let mut cmd = Command::new("useradd");
+        cmd.args(["-s", "/usr/sbin/nologin", "-d"]).arg(&home);
+        if spec.system {
+            cmd.arg("-r");
+        }
+        if let Some(u) = spec.dup_uid {
+            cmd.args(["-o", "-u", &u.to_string()]);
+        }
+        if let Some(g) = spec.gid {
+            cmd.args(["-g", &g.to_string()]);
+        } else {
+            cmd.arg("-U");
+        }
+        if !spec.groups.is_empty() {
+            cmd.args(["-G", &spec.groups.join(",")]);
+        }
+        cmd.arg("-M").arg(&name);
+        {
+            let _l = passwd_lock();
+            run_ok(&mut cmd);
+        }
+        let ent = run_ok(Command::new("getent").args(["passwd", &name]));
+        let f: Vec<&str> = ent.trim().split(':').collect();
+        let (uid, gid) = (f[2].parse().expect("uid"), f[3].parse().expect("gid"));
+        let user = Self { name, uid, gid, home };
+        if !spec.no_home {
+            fs::create_dir(&user.home).expect("create home");
+            chown(&user.home, uid, gid);
+            fs::set_permissions(&user.home, fs::Permissions::from_mode(0o700)).expect("chmod home");
+        }
+        user
+    }
+}
+
+impl Drop for TestUser {
+    fn drop(&mut self) {
+        let _l = passwd_lock();
+        // -f: userdel refuses a uid-0 alias otherwise (uid 0 "is logged in"). Without -r it
+        // removes no files.
+        let _ = Command::new("userdel").arg("-f").arg(&self.name).stdin(Stdio::null()).output();
+        // `useradd -U` made a group of the same name; userdel removes it unless shared.
+        let _ = Command::new("groupdel").arg(&self.name).stdin(Stdio::null()).output();
+    }
+}
+
+/// A real group, deleted on drop.
+pub struct TestGroup {
+    pub name: String,
+    pub gid: u32,
+}
+
+impl TestGroup {
+    pub fn new() -> Self {
+        let name = format!("mrw{}", unique());
+        {
+            let _l = passwd_lock();
+            run_ok(Command::new("groupadd").arg(&name));
+        }
+        let ent = run_ok(Command::new("getent").args(["group", &name]));
+        let gid = ent.trim().split(':').nth(2).expect("gid field").parse().expect("gid");
+        Self { name, gid }
+    }
+}
+
+impl Drop for TestGroup {
+    fn drop(&mut self) {
+        let _l = passwd_lock();
+        let _ = Command::new("groupdel").arg(&self.name).stdin(Stdio::null()).output();
+    }
+}
+
+pub fn chown(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::chown(p, Some(uid), Some(gid)).expect("chown");
+}
+
+/// The environment sshd gives a forced command (no test-harness variables: cargo sets
+/// LD_LIBRARY_PATH, which the wrapper rightly refuses).
+pub fn sshd_env() -> Vec<(String, String)> {
+    vec![
+        ("PATH".into(), "/usr/bin:/bin".into()),
+        ("USER".into(), "root".into()),
+        ("LOGNAME".into(), "root".into()),
+        ("HOME".into(), "/root".into()),
+        ("SHELL".into(), "/bin/bash".into()),
+        ("SSH_CONNECTION".into(), "127.0.0.1 40000 127.0.0.1 22".into()),
+        ("SSH_CLIENT".into(), "127.0.0.1 40000 22".into()),
+    ]
+}
+
+/// Starts the wrapper with `args` and exactly `env`, all three std streams piped.
+pub fn spawn(args: &[String], env: &[(String, String)]) -> Child {
+    Command::new(WRAPPER)
+        .args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn wrapper")
+}
+
+/// A finished run.
+pub struct Run {
+    pub pid: u32,
+    pub out: Output,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    pub fn status(&self) -> ExitStatus {
+        self.out.status
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+}
+
+/// Runs the wrapper, writes `input` in one write, closes stdin, waits.
+pub fn run(args: &[String], env: &[(String, String)], input: &[u8]) -> Run {
+    let start = Instant::now();
+    let mut child = spawn(args, env);
+    let pid = child.id();
+    let mut stdin = child.stdin.take().expect("stdin");
+    // A refused peer may see EPIPE: the wrapper stops reading at the cap.
+    let _ = stdin.write_all(input);
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait");
+    Run { pid, out, elapsed: start.elapsed() }
+}
+
+/// Asserts the uniform refusal and that the auth log has the reason for this pid.
+pub fn assert_refused(sb: &Sandbox, r: &Run, reason: &str) {
+    assert_eq!(r.status().code(), Some(126), "exit status; stderr: {}", r.stderr());
+    assert!(r.out.stdout.is_empty(), "stdout must be empty, got {:?}", r.out.stdout);
+    assert_eq!(r.stderr(), DENIED, "stderr");
+    assert!(r.elapsed >= Duration::from_millis(990), "refusal after {:?}, before the minimum delay", r.elapsed);
+    let line = sb.log_line(r.pid).unwrap_or_else(|| panic!("no log line for pid {}; log:\n{}", r.pid, sb.log_text()));
+    assert!(line.contains(": deny ") && line.contains(&format!(" reason={reason} ")), "want reason {reason}: {line}");
+}
+
+/// Every path under `root` with (mode, uid, size, mtime): to prove a refused session touched
+/// nothing.
+pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, (u32, u32, u64, i64, i64)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(m) = fs::symlink_metadata(&p) else { continue };
+        out.insert(p.clone(), (m.mode(), m.uid(), m.size(), m.mtime(), m.mtime_nsec()));
+        if m.is_dir() {
+            for e in fs::read_dir(&p).into_iter().flatten().flatten() {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+/// `/proc/PID/status` field.
+pub fn status_field(status: &str, key: &str) -> Option<String> {
+    status.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')).map(|v| v.trim().to_owned())
+}
+
+/// Asserts the kernel's view of a served process and each of its threads.
+pub fn assert_dropped(pid: u32, uid: u32, gid: u32, groups: &[u32]) {
+    let tasks: Vec<PathBuf> = fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .flatten()
+        .map(|e| e.path().join("status"))
+        .collect();
+    assert!(!tasks.is_empty());
+    let mut all = vec![PathBuf::from(format!("/proc/{pid}/status"))];
+    all.extend(tasks);
+    for st_path in all {
+        let st = fs::read_to_string(&st_path).expect("read status");
+        let four = |id: u32| format!("{id}\t{id}\t{id}\t{id}");
+        assert_eq!(status_field(&st, "Uid"), Some(four(uid)), "{st_path:?}");
+        assert_eq!(status_field(&st, "Gid"), Some(four(gid)), "{st_path:?}");
+        let mut got: Vec<u32> = status_field(&st, "Groups")
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(|g| g.parse().expect("group id"))
+            .collect();
+        got.sort_unstable();
+        let mut want = groups.to_vec();
+        want.sort_unstable();
+        assert_eq!(got, want, "Groups in {st_path:?}");
+        for k in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(status_field(&st, k).as_deref(), Some("0000000000000000"), "{k} in {st_path:?}");
+        }
+        assert_eq!(status_field(&st, "NoNewPrivs").as_deref(), Some("1"), "{st_path:?}");
+        assert_eq!(status_field(&st, "Umask").as_deref(), Some("0077"), "{st_path:?}");
+    }
+}
+
+/// Kills and reaps a child on drop (sshd, long-lived ssh clients), so a failing test leaves no
+/// process behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Host key and client keys for one sshd sandbox.
+pub struct SshKeys {
+    pub dir: PathBuf,
+    pub host: PathBuf,
+    pub clients: Vec<PathBuf>,
+}
+
+impl SshKeys {
+    pub fn new(sb: &Sandbox, clients: usize) -> Self {
+        assert!(
+            Path::new("/usr/sbin/sshd").exists(),
+            "/usr/sbin/sshd is missing: install openssh-server (tests/run does)"
+        );
+        assert!(
+            Command::new("ssh").arg("-V").stdin(Stdio::null()).output().is_ok(),
+            "ssh is missing: install openssh-client (tests/run does)"
+        );
+        let dir = sb.dir.join("ssh");
+        fs::create_dir(&dir).expect("mkdir ssh");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).expect("chmod");
+        let keygen = |name: &str| {
+            let p = dir.join(name);
+            run_ok(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"]).arg(&p));
+            p
+        };
+        let host = keygen("host_ed25519");
+        let clients = (0..clients).map(|i| keygen(&format!("client{i}_ed25519"))).collect();
+        Self { dir, host, clients }
+    }
+
+    /// The public half of client key `i`, one line.
+    pub fn client_pub(&self, i: usize) -> String {
+        let p = self.clients[i].with_extension("pub");
+        fs::read_to_string(&p).expect("read pub").trim().to_owned()
+    }
+}
+
+/// A real OpenSSH sshd on 127.0.0.1, killed on drop. Its output goes to `sshd.log`.
+pub struct Sshd {
+    pub port: u16,
+    pub log: PathBuf,
+    pub known_hosts: PathBuf,
+    _child: KillOnDrop,
+}
+
+impl Sshd {
+    /// Starts sshd with `authorized_keys` as root's keys and `extra` appended to the config.
+    pub fn start(keys: &SshKeys, tag: &str, authorized_keys: &str, extra: &str) -> Self {
+        // sshd's privilege-separation directory (Debian's path); created only when missing.
+        if !Path::new("/run/sshd").exists() {
+            fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd");
+            fs::set_permissions("/run/sshd", fs::Permissions::from_mode(0o755)).expect("chmod /run/sshd");
+        }
+        let ak = keys.dir.join(format!("authorized_keys_{tag}"));
+        fs::write(&ak, authorized_keys).expect("write authorized_keys");
+        fs::set_permissions(&ak, fs::Permissions::from_mode(0o600)).expect("chmod");
+        let log = keys.dir.join(format!("sshd_{tag}.log"));
+        for _attempt in 0..5 {
+            // sshd cannot take port 0: borrow a free port from the kernel, then hand it over.
+            let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+            let cfg = keys.dir.join(format!("sshd_config_{tag}"));
+            fs::write(
+                &cfg,
+                // sshd takes the first value of an option: `extra` goes first so it overrides.
+                format!(
+                    "{extra}\nPort {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile none\nAuthorizedKeysFile {}\n\
+                     StrictModes yes\nUsePAM no\nPermitRootLogin forced-commands-only\nPubkeyAuthentication yes\n\
+                     PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitUserEnvironment no\n\
+                     ClientAliveInterval 10\nClientAliveCountMax 3\nLogLevel VERBOSE\n",
+                    keys.host.display(),
+                    ak.display()
+                ),
+            )
+            .expect("write sshd_config");
+            let check = Command::new("/usr/sbin/sshd").arg("-t").arg("-f").arg(&cfg).stdin(Stdio::null()).output();
+            let check = check.expect("sshd -t");
+            assert!(check.status.success(), "sshd -t: {}", String::from_utf8_lossy(&check.stderr));
+            let logf = File::create(&log).expect("sshd log");
+            let child = Command::new("/usr/sbin/sshd")
+                .arg("-D")
+                .arg("-e")
+                .arg("-f")
+                .arg(&cfg)
+                .env_clear()
+                .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+                .stdin(Stdio::null())
+                .stdout(logf.try_clone().expect("dup log"))
+                .stderr(logf)
+                .spawn()
+                .expect("spawn sshd");
+            let mut child = KillOnDrop(child);
+            let until = Instant::now() + Duration::from_secs(10);
+            loop {
+                let text = fs::read_to_string(&log).unwrap_or_default();
+                if text.contains("Server listening on") {
+                    let known_hosts = keys.dir.join(format!("known_hosts_{tag}"));
+                    let host_pub = fs::read_to_string(keys.host.with_extension("pub")).expect("host pub");
+                    let mut f = File::create(&known_hosts).expect("known_hosts");
+                    writeln!(f, "[127.0.0.1]:{port} {}", host_pub.trim()).expect("write known_hosts");
+                    return Self { port, log, known_hosts, _child: child };
+                }
+                if let Ok(Some(_)) = child.0.try_wait() {
+                    break; // e.g. the port was taken meanwhile: try another
+                }
+                assert!(Instant::now() < until, "sshd did not start: {text}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("sshd did not start: {}", fs::read_to_string(&log).unwrap_or_default());
+    }
+
+    /// An `ssh` command to root@127.0.0.1 with client key `key`, strict host key checking and
+    /// no user configuration. Add options, then the remote command.
+    pub fn ssh(&self, key: &Path) -> Command {
+        let mut c = Command::new("ssh");
+        c.args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
+        .args(["-o", "LogLevel=ERROR", "-i"])
+        .arg(key)
+        .args(["-p", &self.port.to_string()])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", self.log.parent().unwrap_or(Path::new("/")));
+        c
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// The pid in an auth-log line (`mailreplica-wrapper[PID]: …`).
+pub fn log_pid(line: &str) -> u32 {
+    let (_, rest) = line.split_once("mailreplica-wrapper[").expect("tag");
+    rest.split(']').next().expect("pid").parse().expect("pid number")
+}
+
+/// Waits up to 12 s for a log line containing all of `needles`.
+pub fn wait_log_line(sb: &Sandbox, needles: &[&str]) -> String {
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        if let Some(l) = sb.log_text().lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+            return l.to_owned();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no log line with {needles:?}; log:\n{}", sb.log_text());
+}
