@@ -14,6 +14,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod dsync;
 pub mod privdrop;
 pub mod store;
 pub mod sys;
