@@ -5,6 +5,7 @@
 //! converts between those bytes and typed records exactly as Dovecot's `dsync-ibc-stream.c`
 //! does, without ever touching a socket, file or clock.
 
+mod dot;
 mod error;
 pub mod escape;
 mod fields;
@@ -12,6 +13,7 @@ mod header;
 mod record;
 mod types;
 
+pub use dot::{DotDecoder, DotEncoder, DotProgress, encode_body};
 pub use error::{
     FieldContext, Incompatibility, Inside, Limited, LineNo, Malformation, Misuse, StateProblem, WireError,
 };
