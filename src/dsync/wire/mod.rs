@@ -65,6 +65,8 @@
 //! Left to the brain: which record may come when (Dovecot's "Received unexpected input"),
 //! skipping `A` records and their list end for peers below minor 1, and the meaning of it all.
 
+mod base64;
+mod crc32;
 mod decoder;
 mod dot;
 mod encoder;
@@ -73,6 +75,7 @@ pub mod escape;
 mod fields;
 mod header;
 mod record;
+mod state;
 mod types;
 
 pub use decoder::{Decoder, DecoderLimits, Event};
@@ -89,6 +92,7 @@ pub use record::{
     Attribute, AttributeValue, CacheField, Deletion, Finish, Handshake, Mail, MailChange, MailRequest, Mailbox,
     MailboxDeletes, MailboxNode, MailboxState, Record,
 };
+pub use state::{decode_state, encode_state};
 pub use types::{
     AttributeType, BodyChunk, CacheDecision, CacheDecisionKind, ChangeType, Existence, Guid128, HierarchySep,
     KeywordChange, KeywordOp, MailboxPath, NsPrefixes, SyncType, Text, WireFlags,
