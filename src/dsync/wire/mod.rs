@@ -78,6 +78,9 @@ mod record;
 mod state;
 mod types;
 
+#[cfg(test)]
+mod tests;
+
 pub use decoder::{Decoder, DecoderLimits, Event};
 pub use dot::{DotDecoder, DotEncoder, DotProgress, encode_body};
 pub use encoder::Encoder;
