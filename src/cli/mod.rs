@@ -430,8 +430,9 @@ fn dsync_server(session: &Session, timeout: u64, extra: &[String]) -> Result<(),
     }
     let mut store = session.store()?;
     let hostname = session.config.hostname.clone().unwrap_or_else(hostname);
-    let outcome = crate::dsync::server::serve_stdio(&mut store, &hostname, std::time::Duration::from_secs(timeout.max(1)))
-        .with_context(|| format!("dsync-server for {}", session.user))?;
+    let outcome =
+        crate::dsync::server::serve_stdio(&mut store, &hostname, std::time::Duration::from_secs(timeout.max(1)))
+            .with_context(|| format!("dsync-server for {}", session.user))?;
     if let Some(f) = outcome.failed {
         return Err(Failure::new(exit::TEMPFAIL, anyhow!("dsync failed: {f}")));
     }

@@ -59,7 +59,11 @@ pub(crate) fn settings_from_wire(h: &wire::Handshake) -> Settings {
         virtual_all_box: h.virtual_all_box.as_ref().map(text),
         empty_hdr_workaround: h.empty_hdr_workaround,
         import_commit_msgs_interval: h.import_commit_msgs_interval.map_or(100, |n| n.get()),
-        hashed_headers: h.hashed_headers.as_ref().map(|v| v.iter().map(text).filter(|s| !s.is_empty()).collect()).unwrap_or_default(),
+        hashed_headers: h
+            .hashed_headers
+            .as_ref()
+            .map(|v| v.iter().map(text).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default(),
         alt_char: h.alt_char.map(|c| char::from(c.get())),
     }
 }

@@ -23,7 +23,6 @@ const OUT_QUEUE: usize = 256;
 pub(crate) struct ByteIo {
     rx: Receiver<io::Result<Vec<u8>>>,
     tx: Option<SyncSender<Vec<u8>>>,
-    pending: Vec<u8>,
     timeout: Duration,
     eof: bool,
     writer: Option<JoinHandle<io::Result<()>>>,
@@ -78,7 +77,7 @@ impl ByteIo {
                 output.flush()
             })
             .ok();
-        Self { rx, tx: Some(tx), pending: Vec::new(), timeout, eof: false, writer, reader }
+        Self { rx, tx: Some(tx), timeout, eof: false, writer, reader }
     }
 
     /// Queues bytes for the writer thread.
@@ -91,9 +90,9 @@ impl ByteIo {
         };
         match tx.try_send(data) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(data)) => tx
-                .send(data)
-                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the remote closed its input")),
+            Err(TrySendError::Full(data)) => {
+                tx.send(data).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the remote closed its input"))
+            }
             Err(TrySendError::Disconnected(_)) => {
                 Err(io::Error::new(io::ErrorKind::BrokenPipe, "the remote closed its input"))
             }
@@ -102,9 +101,6 @@ impl ByteIo {
 
     /// Waits for more input; an empty vector means end of input.
     pub(crate) fn read(&mut self) -> io::Result<Vec<u8>> {
-        if !self.pending.is_empty() {
-            return Ok(std::mem::take(&mut self.pending));
-        }
         if self.eof {
             return Ok(Vec::new());
         }
@@ -124,15 +120,6 @@ impl ByteIo {
                 self.eof = true;
                 Ok(Vec::new())
             }
-        }
-    }
-
-    /// Puts bytes back to be returned by the next `read`.
-    pub(crate) fn unread(&mut self, data: Vec<u8>) {
-        if !data.is_empty() {
-            let mut v = data;
-            v.extend_from_slice(&self.pending);
-            self.pending = v;
         }
     }
 

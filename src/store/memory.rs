@@ -180,6 +180,16 @@ impl MailStore for MemoryStore {
         Ok(())
     }
 
+    fn clear_inbox(&mut self) -> StoreResult<()> {
+        let mut d = lock(&self.data);
+        let old = d.mailboxes.remove(&MailboxName::inbox());
+        if let Some(mb) = old {
+            let t = now();
+            d.changes.push(ListChange { kind: ListChangeKind::DeleteMailbox, guid: mb.guid, time: t });
+        }
+        Ok(())
+    }
+
     fn rename_mailbox(&mut self, from: &MailboxName, to: &MailboxName) -> StoreResult<()> {
         if from.is_inbox() || to.is_inbox() {
             return Err(StoreError::NotPossible("renaming INBOX is not supported".to_owned()));

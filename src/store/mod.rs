@@ -245,6 +245,11 @@ pub trait MailStore {
     /// Deletes a mailbox and its mails (not its children) and records the deletion.
     fn delete_mailbox(&mut self, name: &MailboxName) -> StoreResult<()>;
 
+    /// Empties INBOX and forgets its identity (GUID, UIDVALIDITY, UIDs): what deleting it means
+    /// for a replica, since INBOX itself can never be deleted. The next `create_mailbox` of
+    /// INBOX gives it a new identity.
+    fn clear_inbox(&mut self) -> StoreResult<()>;
+
     /// Renames a mailbox and its children and records the rename.
     fn rename_mailbox(&mut self, from: &MailboxName, to: &MailboxName) -> StoreResult<()>;
 

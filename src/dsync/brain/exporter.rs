@@ -29,7 +29,6 @@ pub(crate) struct Exporter {
     guids: HashMap<String, (Vec<u32>, bool)>,
     /// Mails requested by UID (peers without GUIDs).
     requested_uids: Vec<u32>,
-    auto_export: bool,
     /// Order in which GUIDs were first seen, for a deterministic send order.
     guid_order: Vec<String>,
 }
@@ -85,7 +84,6 @@ impl Exporter {
             idx: 0,
             guids: HashMap::new(),
             requested_uids: Vec::new(),
-            auto_export,
             guid_order: Vec::new(),
         };
         let mails = mb.mails();
@@ -208,11 +206,6 @@ impl Exporter {
             });
         }
         Ok(out)
-    }
-
-    /// Whether mails go out without requests.
-    pub(crate) fn auto_export(&self) -> bool {
-        self.auto_export
     }
 }
 

@@ -127,6 +127,8 @@ pub(crate) trait Ibc {
     fn send_end_of_list(&mut self) -> Result<(), IbcError>;
     fn send_done(&mut self) -> Result<(), IbcError>;
     fn flush(&mut self) -> Result<(), IbcError>;
+    /// The peer's protocol minor version (attributes need ≥ 1, `F` needs ≥ 3).
+    fn peer_minor(&self) -> u32;
     /// Waits for the next record.
     fn recv(&mut self) -> Result<Incoming, IbcError>;
     /// The body of the mail last received.

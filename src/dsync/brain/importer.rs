@@ -46,7 +46,6 @@ pub(crate) struct RemoteBox {
 pub(crate) struct LastCommon {
     pub(crate) uid: u32,
     pub(crate) modseq: u64,
-    pub(crate) pvt_modseq: u64,
 }
 
 /// What the import achieved.
@@ -106,8 +105,6 @@ pub(crate) struct Importer {
     opts: ImportOptions,
     remote: RemoteBox,
     last_common_uid: u32,
-    last_common_modseq: u64,
-    last_common_pvt_modseq: u64,
     last_common_uid_found: bool,
     local_uid_next: u32,
     local_initial_hms: u64,
@@ -169,8 +166,6 @@ impl Importer {
             opts,
             remote,
             last_common_uid: last.uid,
-            last_common_modseq: last.modseq,
-            last_common_pvt_modseq: last.pvt_modseq,
             last_common_uid_found: stateful,
             local_uid_next: status.uid_next,
             local_initial_hms: status.highest_modseq,

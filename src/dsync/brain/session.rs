@@ -165,6 +165,11 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
             match self.ibc.recv()? {
                 Incoming::Mailbox(b) => self.recv_mailbox(b)?,
                 Incoming::EndOfList => break,
+                Incoming::Finish { error, mail_error, require_full_resync } => {
+                    return Err(BrainError::Protocol(format!(
+                        "the master sent a finish record (error {error:?}, code {mail_error}, resync {require_full_resync}); only slaves send it"
+                    )));
+                }
                 other => return Err(expect_end("a mailbox or the end of the mailbox list", &other)),
             }
         }
@@ -304,6 +309,12 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
                 None => {
                     self.set_changes_during_sync(format!("mailbox {} GUID {guid} deletion conflict", name.join("/")))
                 }
+                Some(info) if info.name.is_inbox() => {
+                    // INBOX cannot be deleted; forgetting its identity and mails is the same for
+                    // a replica, and the following create gives it the source's identity.
+                    self.store.clear_inbox()?;
+                    self.boxes = None;
+                }
                 Some(info) => match self.store.delete_mailbox(&info.name) {
                     Ok(()) => self.boxes = None,
                     Err(e) if conflict(&e) => self.set_changes_during_sync(format!("deleting {}: {e}", name.join("/"))),
@@ -408,7 +419,6 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
         let last = LastCommon {
             uid: state.map_or(0, |s| s.last_common_uid),
             modseq: state.map_or(0, |s| s.last_common_modseq),
-            pvt_modseq: state.map_or(0, |s| s.last_common_pvt_modseq),
         };
         let desync = self.incremental_unusable(&mb, &last);
         if let Some(reason) = desync.or(resync_reason) {
@@ -498,8 +508,11 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
             Some(Importer::new(mb, opts, last, rb)?)
         };
         // What we send first: attributes (none) and changes.
+        let attributes = self.ibc.peer_minor() >= 1;
         if let Some(ex) = exporter.as_mut() {
-            self.ibc.send_end_of_list()?; // attributes: we keep none
+            if attributes {
+                self.ibc.send_end_of_list()?; // attributes: we keep none
+            }
             while let Some(c) = ex.next_change() {
                 self.ibc.send_change(c)?;
             }
@@ -509,10 +522,12 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
         let mut import_failed: Option<String> = None;
         // What we receive first: the remote's attributes and changes.
         if let Some(imp) = importer.as_mut() {
-            self.recv_list("attributes", |_, item| match item {
-                Incoming::Attribute => Ok(()),
-                other => Err(expect_end("an attribute or its list end", &other)),
-            })?;
+            if attributes {
+                self.recv_list("attributes", |_, item| match item {
+                    Incoming::Attribute => Ok(()),
+                    other => Err(expect_end("an attribute or its list end", &other)),
+                })?;
+            }
             loop {
                 match self.ibc.recv()? {
                     Incoming::Change(c) => {

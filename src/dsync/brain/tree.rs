@@ -151,6 +151,7 @@ impl Tree {
     }
 
     /// Looks a node up by its hierarchy levels.
+    #[cfg(test)]
     pub(crate) fn lookup(&self, parts: &[String]) -> Option<NodeId> {
         let mut node = ROOT;
         for p in parts {
@@ -160,6 +161,7 @@ impl Tree {
     }
 
     /// Looks a node up by its full name joined with the tree's separator.
+    #[cfg(test)]
     pub(crate) fn lookup_name(&self, full: &str) -> Option<NodeId> {
         let parts: Vec<String> = full.split(self.sep).map(str::to_owned).collect();
         self.lookup(&parts)
@@ -184,6 +186,7 @@ impl Tree {
     }
 
     /// [`Tree::get`] with a joined name.
+    #[cfg(test)]
     pub(crate) fn get_name(&mut self, full: &str) -> NodeId {
         let parts: Vec<String> = full.split(self.sep).map(str::to_owned).collect();
         self.get(&parts)

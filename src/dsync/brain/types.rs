@@ -27,29 +27,6 @@ pub(crate) enum KwOp {
     AddAndFinal,
 }
 
-impl KwOp {
-    /// The wire character.
-    pub(crate) fn char(self) -> char {
-        match self {
-            Self::Add => '+',
-            Self::Remove => '-',
-            Self::Final => '=',
-            Self::AddAndFinal => '&',
-        }
-    }
-
-    /// From the wire character.
-    pub(crate) fn from_char(c: char) -> Option<Self> {
-        Some(match c {
-            '+' => Self::Add,
-            '-' => Self::Remove,
-            '=' => Self::Final,
-            '&' => Self::AddAndFinal,
-            _ => return None,
-        })
-    }
-}
-
 /// A `C` record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct MailChange {

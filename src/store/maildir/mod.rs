@@ -305,6 +305,19 @@ impl Maildir {
         Ok(out)
     }
 
+    /// True if INBOX has an identity or mails.
+    fn inbox_in_use(&self) -> bool {
+        let dir = self.inbox_dir();
+        if dir.join(uidlist::NAME).exists() {
+            return true;
+        }
+        ["new", "cur"].iter().any(|sub| {
+            fs::read_dir(dir.join(sub))
+                .map(|rd| rd.flatten().any(|e| !e.file_name().to_string_lossy().starts_with('.')))
+                .unwrap_or(false)
+        })
+    }
+
     fn log_root(&self) -> &Path {
         self.settings.index_root.as_deref().unwrap_or(&self.settings.root)
     }
@@ -380,7 +393,11 @@ impl MailStore for Maildir {
         };
         let mut nodes: BTreeMap<MailboxName, MailboxInfo> = BTreeMap::new();
         let inbox = MailboxName::inbox();
-        nodes.insert(inbox.clone(), node(self, inbox, Some(&self.inbox_dir()))?);
+        // An INBOX that was never used (no uidlist, no mails) has no identity yet; listing it
+        // would give it one, which a replica would then have to fight with the source's.
+        if self.inbox_in_use() {
+            nodes.insert(inbox.clone(), node(self, inbox, Some(&self.inbox_dir()))?);
+        }
         for (name, dir) in &tree {
             nodes.insert(name.clone(), node(self, name.clone(), Some(dir))?);
         }
@@ -506,6 +523,39 @@ impl MailStore for Maildir {
                     fsutil::fsync_dir(parent)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    fn clear_inbox(&mut self) -> StoreResult<()> {
+        let dir = self.inbox_dir();
+        let name = MailboxName::inbox();
+        let old_guid = uidlist::Uidlist::read(&dir).ok().flatten().and_then(|l| l.guid);
+        // Hold the mailbox's own lock so no other mailreplica process works on it meanwhile.
+        let mb = MaildirMailbox::open(self.ctx.clone(), name, dir.clone())?;
+        let lock = dotlock::Dotlock::acquire(&dir.join(uidlist::NAME), &self.ctx.hostname, self.ctx.lock_wait)?;
+        for sub in ["new", "cur"] {
+            let d = dir.join(sub);
+            for e in fs::read_dir(&d).ctx("opendir", &d)? {
+                let e = e.ctx("readdir", &d)?;
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    fs::remove_file(e.path()).ctx("unlink", &e.path())?;
+                }
+            }
+            fsutil::fsync_dir(&d)?;
+        }
+        for f in [uidlist::NAME, keywords::NAME, index::NAME] {
+            match fs::remove_file(dir.join(f)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("unlink", dir.join(f), e)),
+            }
+        }
+        fsutil::fsync_dir(&dir)?;
+        lock.release()?;
+        drop(mb);
+        if let Some(g) = old_guid {
+            self.log(ListChangeKind::DeleteMailbox, g)?;
         }
         Ok(())
     }
