@@ -384,7 +384,6 @@ fn hostname() -> String {
 }
 
 fn init_logging(cli: &Cli) {
-    use tracing_subscriber::EnvFilter;
     let default = if cli.debug {
         "debug"
     } else if cli.verbose {
@@ -392,7 +391,14 @@ fn init_logging(cli: &Cli) {
     } else {
         "warn"
     };
-    let filter = EnvFilter::try_from_env("MAILREPLICA_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    init_stderr_logging(default);
+}
+
+/// Logs to stderr at `level` (`MAILREPLICA_LOG` overrides it); stdout stays free for output
+/// and protocols.
+pub fn init_stderr_logging(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MAILREPLICA_LOG").unwrap_or_else(|_| EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -6,29 +6,26 @@
 //! the per-user lock is held, and fd 0 is positioned exactly after the username's LF. From
 //! here on threads and an async runtime are allowed.
 //!
-//! **Missing piece:** the in-process dsync server does not exist yet. Until it does, `run`
-//! keeps the process alive reading fd 0 until EOF (so tests can inspect `/proc/PID/status`
-//! of the served process), reports on stderr how many bytes followed the username line, and
-//! exits with [`EXIT_UNAVAILABLE`]. The intended body:
-//!
-//! ```text
-//! let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-//! let store = mailreplica::store::maildir::Maildir::open(session.settings)?;
-//! rt.block_on(mailreplica::dsync::server::serve(fd0_reader, fd1_writer, store, ...))
-//! ```
+//! [`run`] opens the user's Maildir and serves the dsync protocol in-process on fd 0 and fd 1
+//! (`mailreplica::dsync::server`), with the reader and writer threads that the protocol needs.
+//! Its log lines go to stderr, which sshd passes back to the peer's `doveadm`.
 
+use std::fs::File;
 use std::io::Write;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use mailreplica::store::maildir::MaildirSettings;
-use nix::errno::Errno;
+use mailreplica::store::maildir::{Maildir, MaildirSettings};
 use nix::fcntl::Flock;
 
 use crate::demote::Unprivileged;
 
-/// Exit status while the dsync server is missing (sysexits `EX_UNAVAILABLE`).
-pub(crate) const EXIT_UNAVAILABLE: u8 = 69;
+/// Exit status of a session that failed after it was accepted (sysexits `EX_TEMPFAIL`).
+pub(crate) const EXIT_TEMPFAIL: u8 = 75;
+
+/// How long the peer may stay silent before the session is abandoned (doveadm's default).
+const IO_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Everything the server needs for one accepted session.
 #[derive(Debug)]
@@ -51,30 +48,36 @@ pub(crate) struct Session {
     pub(crate) unprivileged: Unprivileged,
 }
 
-/// Serves one session. See the module documentation: today this is the interim stand-in.
+/// Serves one session and returns the process's exit status.
 pub(crate) fn run(session: Session) -> ExitCode {
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut total: u64 = 0;
-    loop {
-        match nix::unistd::read(session.input, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => total += n as u64,
-            Err(Errno::EINTR | Errno::EAGAIN) => {}
-            Err(e) => {
-                let _ = writeln!(std::io::stderr(), "mailreplica-wrapper: reading the dsync stream: {e}");
-                break;
-            }
-        }
+    let fail = |what: &str| {
+        let _ = writeln!(
+            std::io::stderr(),
+            "mailreplica-wrapper: peer {} user {} (uid {}): {what}",
+            session.peer,
+            session.user,
+            session.unprivileged.uid()
+        );
+        ExitCode::from(EXIT_TEMPFAIL)
+    };
+    let input = match session.input.try_clone_to_owned() {
+        Ok(fd) => File::from(fd),
+        Err(e) => return fail(&format!("duplicating the input: {e}")),
+    };
+    let output = match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => File::from(fd),
+        Err(e) => return fail(&format!("duplicating the output: {e}")),
+    };
+    let mut store = match Maildir::open(session.settings.clone()) {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("opening the mail store: {e}")),
+    };
+    let hostname = session.settings.hostname.clone();
+    // Warnings of the server go to stderr, which reaches the peer's doveadm log.
+    mailreplica::cli::init_stderr_logging("warn");
+    match mailreplica::dsync::server::serve(&mut store, input, output, &hostname, IO_TIMEOUT) {
+        Ok(o) if o.failed.is_none() => ExitCode::SUCCESS,
+        Ok(o) => fail(&format!("dsync failed: {}", o.failed.unwrap_or_default())),
+        Err(e) => fail(&e.to_string()),
     }
-    let _ = writeln!(
-        std::io::stderr(),
-        "mailreplica-wrapper: peer {} user {} (uid {}, maildir {}): the dsync server is not available yet; \
-         read {total} bytes after the username line until EOF",
-        session.peer,
-        session.user,
-        session.unprivileged.uid(),
-        session.settings.root.display()
-    );
-    drop(session);
-    ExitCode::from(EXIT_UNAVAILABLE)
 }
