@@ -520,8 +520,10 @@ impl MaildirMailbox {
         Ok((lock, list))
     }
 
-    /// Writes a body to `tmp/`, converting CRLF to LF as Dovecot does for Maildir
-    /// (`mail_save_crlf = no`). Returns the file, its size and its CRLF size.
+    /// Writes a body to `tmp/`, converting line ends exactly as Dovecot does for Maildir
+    /// (`mail_save_crlf = no`, its `i_stream_create_lf`): CRLF becomes LF, any other CR is kept,
+    /// except a CR that is the very last byte, which Dovecot drops. Returns the file, its size
+    /// and its CRLF size.
     fn write_tmp(&self, body: &mut dyn Read) -> StoreResult<(PathBuf, File, u64, u64)> {
         let tmp_name = self.ctx.names.next();
         let tmp = self.dir.join("tmp").join(&tmp_name);
@@ -563,10 +565,8 @@ impl MaildirMailbox {
                 size += out.len() as u64;
                 w.write_all(&out).ctx("write", &tmp)?;
             }
-            if pending_cr {
-                w.write_all(b"\r").ctx("write", &tmp)?;
-                size += 1;
-            }
+            // A CR still pending at the end is dropped, as Dovecot drops it: the same input
+            // must give the same file (and the same ,S= and ,W=) through either tool.
             w.flush().ctx("write", &tmp)?;
             Ok((size, size + lfs))
         })();
