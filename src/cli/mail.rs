@@ -347,18 +347,10 @@ pub(super) fn mailbox(s: &Session, format: Option<Format>, cmd: &MailboxCommand)
             let to = parse_name(&store, new)?;
             store.rename_mailbox(&from, &to)?;
             if *subscriptions {
-                let subscribed: Vec<MailboxName> = store
-                    .list()?
-                    .into_iter()
-                    .filter(|i| i.subscribed && i.name.starts_with(&from))
-                    .map(|i| i.name)
-                    .collect();
-                for n in subscribed {
-                    if let Some(dest) = n.rebase(&from, &to) {
-                        store.set_subscribed(&n, false)?;
-                        store.set_subscribed(&dest, true)?;
-                    }
-                }
+                // As doveadm does it: the old name is unsubscribed and the new one subscribed
+                // (even if the old one was not); children's subscriptions stay as they are.
+                store.set_subscribed(&from, false)?;
+                store.set_subscribed(&to, true)?;
             }
         }
         MailboxCommand::Subscribe { names } | MailboxCommand::Unsubscribe { names } => {
