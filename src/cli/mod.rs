@@ -247,14 +247,21 @@ pub fn classify(e: &anyhow::Error) -> u8 {
             return match s {
                 StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => exit::NOPERM,
                 StoreError::MailboxNotFound(_) | StoreError::MailNotFound(_) => exit::NOTFOUND,
+                // doveadm: an invalid mailbox name is a usage error.
+                StoreError::BadName(_) => exit::USAGE,
                 StoreError::MailboxExists(_)
                 | StoreError::NotPossible(_)
-                | StoreError::BadName(_)
                 | StoreError::BadKeyword(_)
                 | StoreError::BadGuid(_)
                 | StoreError::Limit(_) => exit::DATAERR,
                 _ => exit::TEMPFAIL,
             };
+        }
+        if cause.downcast_ref::<crate::store::types::BadMailboxName>().is_some() {
+            return exit::USAGE;
+        }
+        if cause.downcast_ref::<crate::store::types::BadKeyword>().is_some() {
+            return exit::DATAERR;
         }
         if cause.downcast_ref::<crate::config::ConfigError>().is_some() {
             return exit::CONFIG;
@@ -381,6 +388,7 @@ fn init_logging(cli: &Cli) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .try_init();
@@ -399,6 +407,23 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::User { masks } => mail::user(&session, cli.format, masks),
         Command::Backup { dest } => backup::run(&session, dest),
     }
+}
+
+/// An error and its causes on one line, `outer: inner: …`, leaving out a cause whose text
+/// the line already ends with (an I/O error that names its OS error would otherwise print it
+/// twice).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.is_empty() {
+            out = s;
+        } else if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+    }
+    out
 }
 
 /// The process entry point: parse, run, report, exit.
@@ -421,7 +446,7 @@ pub fn main() -> ExitCode {
             if broken_pipe {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("mailreplica: Error: {:#}", f.error);
+            eprintln!("mailreplica: Error: {}", error_text(&f.error));
             ExitCode::from(f.code)
         }
     }

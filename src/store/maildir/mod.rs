@@ -228,6 +228,12 @@ impl Maildir {
         }
     }
 
+    /// True if `name` is a selectable mailbox (its directory has `cur/`). Fails only for names
+    /// this layout cannot store.
+    pub fn mailbox_exists(&self, name: &MailboxName) -> StoreResult<bool> {
+        Ok(is_dir(&self.mailbox_dir(name)?.join("cur")))
+    }
+
     fn decode_level(&self, level: &str) -> Option<String> {
         if self.settings.utf8 { Some(level.to_owned()) } else { mutf7::decode(level).ok() }
     }
