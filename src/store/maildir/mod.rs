@@ -218,8 +218,11 @@ impl Maildir {
             Layout::Fs => {
                 let mut p = self.settings.root.clone();
                 for c in name.components() {
-                    if c.starts_with('.') || matches!(c.as_str(), "cur" | "new" | "tmp") {
-                        return Err(bad("a hierarchy level is `cur`, `new`, `tmp` or starts with `.`"));
+                    // Dovecot's rule (mailbox_list_is_valid_fs_name): Maildir's own directory
+                    // names are reserved; `.`/`..` are refused by `MailboxName` itself. A level
+                    // that merely starts with `.` is an ordinary mailbox for Dovecot.
+                    if matches!(c.as_str(), "cur" | "new" | "tmp") {
+                        return Err(bad("a hierarchy level is `cur`, `new` or `tmp`"));
                     }
                     p.push(self.encode_level(c));
                 }
@@ -285,7 +288,8 @@ impl Maildir {
                         let Some(fname) = fname.to_str() else {
                             continue;
                         };
-                        if fname.starts_with('.') || matches!(fname, "cur" | "new" | "tmp") {
+                        // Dovecot lists every directory but `.`, `..` and Maildir's own.
+                        if matches!(fname, "." | ".." | "cur" | "new" | "tmp") {
                             continue;
                         }
                         let path = e.path();
