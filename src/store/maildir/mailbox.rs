@@ -595,7 +595,7 @@ impl MaildirMailbox {
         }
         // 2. Under the uidlist lock: keywords, names, renames, UIDs.
         let (lock, mut list) = self.lock_uidlist()?;
-        let mut kwmap = KeywordMap::read(&self.dir)?;
+        let mut kwmap = self.read_keywords_for_update()?;
         let all_kw: Vec<Keyword> = self.pending.iter().flat_map(|p| p.keywords.iter().cloned()).collect();
         let (_, kw_changed) = kwmap.mask_for(&all_kw)?;
         if kw_changed {
@@ -688,12 +688,20 @@ impl MaildirMailbox {
         Ok(saved)
     }
 
+    /// Re-reads `dovecot-keywords` (caller holds the uidlist lock) before allocating letters,
+    /// reserving the letters our mails carry without a name so that none is reused.
+    fn read_keywords_for_update(&self) -> StoreResult<KeywordMap> {
+        let mut map = KeywordMap::read(&self.dir)?;
+        map.reserve(self.mails.iter().fold(0, |m, x| m | x.kw));
+        Ok(map)
+    }
+
     fn keyword_mask_for(&mut self, keywords: &[Keyword]) -> StoreResult<KeywordMask> {
         if let Some(m) = self.keywords.existing_mask(keywords) {
             return Ok(m);
         }
         let (lock, _list) = self.lock_uidlist()?;
-        let mut map = KeywordMap::read(&self.dir)?;
+        let mut map = self.read_keywords_for_update()?;
         let (mask, changed) = map.mask_for(keywords)?;
         if changed {
             map.write(&self.dir)?;
