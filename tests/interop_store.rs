@@ -351,7 +351,7 @@ fn mailbox_operations_interleaved() {
         u.mr_ok(&["mailbox", "create", &c_b]);
         let v: View = u.assert_same_view_ours_first();
         assert_eq!(v.mails_of(&c_b).len(), 0, "{loc}: recreated mailbox must be empty");
-        assert_eq!(v.subscriptions, [c_b.clone()], "{loc}");
+        assert_eq!(v.subscriptions, std::slice::from_ref(&c_b), "{loc}");
         let dv = u.view(Tool::Dovecot);
         assert_views_equal(&dv, &v);
         // A recreated mailbox has a new identity: UIDVALIDITY and GUID.

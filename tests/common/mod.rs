@@ -479,6 +479,16 @@ impl TestUser {
         c
     }
 
+    /// `mailreplica ARGS` exactly as given (no `-c`/`-u` added), started as root with the
+    /// same clean environment, not yet started. For tests of the command line itself.
+    pub fn mr_raw_cmd<S: AsRef<OsStr>>(&self, args: &[S]) -> Command {
+        let mut c = Command::new(MAILREPLICA);
+        Self::base_env(&mut c);
+        c.env("HOME", "/root").env("USER", "root").current_dir(self.tmp.path());
+        c.args(args);
+        c
+    }
+
     /// The command for `tool`.
     pub fn cmd<S: AsRef<OsStr>>(&self, tool: Tool, args: &[S]) -> Command {
         match tool {
@@ -787,21 +797,39 @@ pub fn sorted_lines(text: &str) -> Vec<String> {
     v
 }
 
+/// A [`tree_snapshot`] or [`mail_snapshot`].
+pub type Snapshot = BTreeMap<PathBuf, (String, Vec<u8>)>;
+
 /// Every file and directory under `root` with its type, size, mode, mtime and (for files)
 /// contents: two snapshots are equal only if nothing under `root` changed.
-pub fn tree_snapshot(root: &Path) -> BTreeMap<PathBuf, (String, Vec<u8>)> {
+pub fn tree_snapshot(root: &Path) -> Snapshot {
+    snapshot(root, false)
+}
+
+/// Like [`tree_snapshot`], but leaves out our own `mailreplica-index` files and directory
+/// mtimes: equal snapshots mean that no mail and no Dovecot file changed, although our
+/// rebuildable index may have been refreshed.
+pub fn mail_snapshot(root: &Path) -> Snapshot {
+    snapshot(root, true)
+}
+
+fn snapshot(root: &Path, skip_ours: bool) -> Snapshot {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {
         let Ok(meta) = fs::symlink_metadata(&p) else { continue };
+        if skip_ours && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("mailreplica-index")) {
+            continue;
+        }
         let rel = p.strip_prefix(root).unwrap_or(&p).to_path_buf();
+        let mtime = if skip_ours && meta.is_dir() { (0, 0) } else { (meta.mtime(), meta.mtime_nsec()) };
         let desc = format!(
             "{} size={} mode={:o} mtime={}.{:09}",
             if meta.is_dir() { "dir" } else { "file" },
             if meta.is_dir() { 0 } else { meta.size() },
             meta.mode(),
-            meta.mtime(),
-            meta.mtime_nsec()
+            mtime.0,
+            mtime.1
         );
         let data = if meta.is_file() { fs::read(&p).unwrap_or_else(|e| format!("<{e}>").into_bytes()) } else { vec![] };
         out.insert(rel, (desc, data));
@@ -814,11 +842,21 @@ pub fn tree_snapshot(root: &Path) -> BTreeMap<PathBuf, (String, Vec<u8>)> {
     out
 }
 
-/// Panics, naming the differences, unless two [`tree_snapshot`]s are equal.
+/// Panics, naming the differences, unless `root` still matches the [`tree_snapshot`] `before`.
 #[track_caller]
-pub fn assert_tree_unchanged(before: &BTreeMap<PathBuf, (String, Vec<u8>)>, root: &Path, what: &str) {
-    let after = tree_snapshot(root);
-    if *before == after {
+pub fn assert_tree_unchanged(before: &Snapshot, root: &Path, what: &str) {
+    assert_snapshot_unchanged(before, &tree_snapshot(root), root, what);
+}
+
+/// Panics, naming the differences, unless `root` still matches the [`mail_snapshot`] `before`.
+#[track_caller]
+pub fn assert_mail_unchanged(before: &Snapshot, root: &Path, what: &str) {
+    assert_snapshot_unchanged(before, &mail_snapshot(root), root, what);
+}
+
+#[track_caller]
+fn assert_snapshot_unchanged(before: &Snapshot, after: &Snapshot, root: &Path, what: &str) {
+    if before == after {
         return;
     }
     let mut msg = format!("{what} changed files under {}:\n", root.display());
