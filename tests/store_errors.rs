@@ -94,11 +94,16 @@ fn torn_uidlist_tail_is_not_extended() {
     data.extend_from_slice(b"3 :1700000000.M1P1.torn,S=1");
     u.write_file(&path, &data);
     assert_eq!(u.mails(Tool::Ours, "INBOX").len(), 2);
-    u.save(Tool::Ours, "INBOX", &common::mail("three"));
+    let out = u.mr_in(&["save"], &common::mail("three")).ok();
+    assert!(out.stderr.contains("partial line"), "the repair must be reported: {}", out.describe());
+    // The new mail got UID 3 and its record names its own file.
+    let ours = u.mails(Tool::Ours, "INBOX");
+    assert_eq!(ours.iter().map(|m| m[0].as_str()).collect::<Vec<_>>(), ["1", "2", "3"]);
     let (_, records) = read_uidlist(&path);
-    assert_eq!(records.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3]);
+    let names: Vec<(u32, String)> = ours.iter().map(|m| (m[0].parse().unwrap(), m[1].clone())).collect();
+    assert_eq!(records, names, "uidlist records must match the mails");
     let v = u.assert_same_view_ours_first();
-    assert_eq!(v.mails_of("INBOX").len(), 3);
+    assert_eq!(v.mails_of("INBOX"), ours.as_slice());
 }
 
 #[test]
