@@ -122,7 +122,7 @@ pub(super) fn fetch(s: &Session, format: Option<Format>, fields: &str, search: &
                     "size.physical" => Cell::Text(mb.physical_size(m.uid)?.to_string()),
                     "size.virtual" => Cell::Text(mb.virtual_size(m.uid)?.to_string()),
                     "date.received" => Cell::Text(crate::sys::format_local_time(mb.received_date(m.uid)?)),
-                    "date.saved" => Cell::Text(crate::sys::format_local_time(mb.received_date(m.uid)?)),
+                    "date.saved" => Cell::Text(crate::sys::format_local_time(mb.saved_date(m.uid)?)),
                     "text" | "hdr" | "body" => {
                         let mut data = Vec::new();
                         mb.open_body(m.uid)?
@@ -281,17 +281,30 @@ pub(super) fn mailbox(s: &Session, format: Option<Format>, cmd: &MailboxCommand)
             out.finish()?;
         }
         MailboxCommand::Status { fields, masks } => {
-            const ORDER: &[&str] =
-                &["messages", "recent", "uidnext", "uidvalidity", "unseen", "highestmodseq", "vsize", "guid"];
+            // doveadm's columns, in doveadm's order whatever order they are asked in.
+            const ORDER: &[&str] = &[
+                "messages",
+                "recent",
+                "uidnext",
+                "uidvalidity",
+                "unseen",
+                "highestmodseq",
+                "vsize",
+                "guid",
+                "firstsaved",
+            ];
             let mut want: Vec<&str> = Vec::new();
             for f in fields.split_whitespace() {
                 match f {
-                    "all" => want.extend(&ORDER[..6]),
+                    "all" => want.extend(ORDER),
                     f if ORDER.contains(&f) => want.push(f),
                     f => {
                         return Err(Failure::new(exit::USAGE, anyhow!("Invalid status field: {f}")));
                     }
                 }
+            }
+            if want.is_empty() {
+                return Err(Failure::new(exit::USAGE, anyhow!("No status fields")));
             }
             let cols: Vec<&str> = ORDER.iter().copied().filter(|f| want.contains(f)).collect();
             let mut columns = vec![Column::hidden("mailbox")];
@@ -317,6 +330,11 @@ pub(super) fn mailbox(s: &Session, format: Option<Format>, cmd: &MailboxCommand)
                             }
                             total.to_string()
                         }
+                        // The save date of the first mail, as doveadm prints it.
+                        "firstsaved" => match mb.mails().first() {
+                            Some(m) => mb.saved_date(m.uid)?.to_string(),
+                            None => "never".to_owned(),
+                        },
                         _ => unreachable!("fields were checked above"),
                     }));
                 }

@@ -134,7 +134,8 @@ pub enum MailboxCommand {
     },
     /// Print mailbox status fields.
     Status {
-        /// Space-separated: all messages recent uidnext uidvalidity unseen highestmodseq vsize guid.
+        /// Space-separated: all messages recent uidnext uidvalidity unseen highestmodseq vsize guid
+        /// firstsaved.
         fields: String,
         /// Name masks.
         #[arg(required = true)]

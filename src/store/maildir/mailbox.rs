@@ -792,6 +792,14 @@ impl Mailbox for MaildirMailbox {
         Ok(meta.mtime())
     }
 
+    /// The file's ctime, Dovecot's fallback for the save date of a Maildir mail (Dovecot
+    /// prefers a value in its cache, which a later rename of the file does not change).
+    fn saved_date(&mut self, uid: Uid) -> StoreResult<UnixTime> {
+        let (f, idx) = self.open_file(uid)?;
+        let meta = f.metadata().ctx("fstat", &self.path_of(&self.mails[idx]))?;
+        Ok(meta.ctime())
+    }
+
     fn physical_size(&mut self, uid: Uid) -> StoreResult<u64> {
         let idx = self.find(uid).ok_or(StoreError::MailNotFound(uid.get()))?;
         if let Some(s) = filename::size_field(&self.mails[idx].file, b'S') {
