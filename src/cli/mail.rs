@@ -17,21 +17,42 @@ fn parse_name(store: &Maildir, s: &str) -> Result<MailboxName, Failure> {
     Ok(MailboxName::parse(s, store.hierarchy_separator())?)
 }
 
-/// Selectable mailboxes matching a query's mailbox keys, INBOX first, then by name.
-fn selected(store: &mut Maildir, q: &Query) -> Result<Vec<MailboxInfo>, Failure> {
+/// Selectable mailboxes named by `patterns` (`*` and `%` wildcards), INBOX first, then by
+/// name. Literal names are opened directly rather than found by listing every mailbox, so
+/// that a damaged mailbox elsewhere in the tree does not stop commands on this one. A single
+/// literal name that does not exist is an error (doveadm's NOTFOUND exit code).
+fn resolve(store: &mut Maildir, patterns: &[String], guids: &[Guid128]) -> Result<Vec<MailboxName>, Failure> {
     let sep = store.hierarchy_separator();
-    let mut v: Vec<MailboxInfo> = store
-        .list()?
-        .into_iter()
-        .filter(|i| i.kind == MailboxKind::Mailbox)
-        .filter(|i| q.mailboxes.is_empty() || q.mailboxes.iter().any(|p| mailbox_match(p, &i.name.join(sep), sep)))
-        .filter(|i| q.mailbox_guids.is_empty() || i.guid.is_some_and(|g| q.mailbox_guids.contains(&g)))
-        .collect();
-    if v.is_empty() && q.mailboxes.len() == 1 && !q.mailboxes[0].contains(['*', '%']) {
-        return Err(Failure::new(exit::NOTFOUND, anyhow!("Mailbox doesn't exist: {}", q.mailboxes[0])));
+    let literal = !patterns.is_empty() && guids.is_empty() && !patterns.iter().any(|p| p.contains(['*', '%']));
+    let mut v: Vec<MailboxName> = if literal {
+        let mut names = Vec::new();
+        for p in patterns {
+            let name = parse_name(store, p)?;
+            if store.mailbox_exists(&name)? && !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    } else {
+        store
+            .list()?
+            .into_iter()
+            .filter(|i| i.kind == MailboxKind::Mailbox)
+            .filter(|i| patterns.is_empty() || patterns.iter().any(|p| mailbox_match(p, &i.name.join(sep), sep)))
+            .filter(|i| guids.is_empty() || i.guid.is_some_and(|g| guids.contains(&g)))
+            .map(|i| i.name)
+            .collect()
+    };
+    if v.is_empty() && patterns.len() == 1 && !patterns[0].contains(['*', '%']) {
+        return Err(Failure::new(exit::NOTFOUND, anyhow!("Mailbox doesn't exist: {}", patterns[0])));
     }
-    v.sort_by(|a, b| (!a.name.is_inbox(), &a.name).cmp(&(!b.name.is_inbox(), &b.name)));
+    v.sort_by(|a, b| (!a.is_inbox(), a).cmp(&(!b.is_inbox(), b)));
     Ok(v)
+}
+
+/// The mailboxes a search query selects.
+fn selected(store: &mut Maildir, q: &Query) -> Result<Vec<MailboxName>, Failure> {
+    resolve(store, &q.mailboxes, &q.mailbox_guids)
 }
 
 fn stdout_printer(format: Format, cols: Vec<Column>) -> Printer<io::BufWriter<io::StdoutLock<'static>>> {
@@ -77,8 +98,9 @@ pub(super) fn fetch(s: &Session, format: Option<Format>, fields: &str, search: &
     let mut store = s.store()?;
     let sep = store.hierarchy_separator();
     let mut out = stdout_printer(format.unwrap_or(Format::Pager), fields.iter().map(|f| Column::new(*f)).collect());
-    for info in selected(&mut store, &q)? {
-        let mut mb = store.open(&info.name)?;
+    for name in selected(&mut store, &q)? {
+        let mut mb = store.open(&name)?;
+        let mailbox_guid = mb.status().guid;
         let mails = mb.mails();
         let count = mails.len() as u32;
         let max_uid = mails.last().map_or(0, |m| m.uid.get());
@@ -95,12 +117,12 @@ pub(super) fn fetch(s: &Session, format: Option<Format>, fields: &str, search: &
                     "flags" => Cell::Text(flag_string(m)),
                     "modseq" => Cell::Text(m.modseq.to_string()),
                     "seq" => Cell::Text(seq.to_string()),
-                    "mailbox" => Cell::Text(info.name.join(sep)),
-                    "mailbox-guid" => Cell::Text(info.guid.map(|g| g.to_string()).unwrap_or_default()),
+                    "mailbox" => Cell::Text(name.join(sep)),
+                    "mailbox-guid" => Cell::Text(mailbox_guid.to_string()),
                     "size.physical" => Cell::Text(mb.physical_size(m.uid)?.to_string()),
                     "size.virtual" => Cell::Text(mb.virtual_size(m.uid)?.to_string()),
                     "date.received" => Cell::Text(crate::sys::format_local_time(mb.received_date(m.uid)?)),
-                    "date.saved" => Cell::Text(crate::sys::format_local_time(mb.received_date(m.uid)?)),
+                    "date.saved" => Cell::Text(crate::sys::format_local_time(mb.saved_date(m.uid)?)),
                     "text" | "hdr" | "body" => {
                         let mut data = Vec::new();
                         mb.open_body(m.uid)?
@@ -146,7 +168,8 @@ fn parse_flags(s: &str) -> Result<(Flags, Vec<Keyword>), Failure> {
                 }
             }
         } else {
-            kws.push(Keyword::new(t).map_err(|e| Failure::new(exit::USAGE, e.into()))?);
+            // doveadm: "Invalid keywords" is NOTPOSSIBLE (65), unlike an invalid system flag.
+            kws.push(Keyword::new(t).map_err(|e| Failure::new(exit::DATAERR, e.into()))?);
         }
     }
     Ok((flags, kws))
@@ -165,8 +188,8 @@ pub(super) fn flags(s: &Session, cmd: &FlagsCommand) -> Result<(), Failure> {
     }
     let q = Query::parse(search).map_err(|e| Failure::new(exit::USAGE, e))?;
     let mut store = s.store()?;
-    for info in selected(&mut store, &q)? {
-        let mut mb = store.open(&info.name)?;
+    for name in selected(&mut store, &q)? {
+        let mut mb = store.open(&name)?;
         let mails = mb.mails();
         let count = mails.len() as u32;
         let max_uid = mails.last().map_or(0, |m| m.uid.get());
@@ -187,9 +210,19 @@ pub(super) fn flags(s: &Session, cmd: &FlagsCommand) -> Result<(), Failure> {
 /// `expunge SEARCH`
 pub(super) fn expunge(s: &Session, search: &[String]) -> Result<(), Failure> {
     let q = Query::parse(search).map_err(|e| Failure::new(exit::USAGE, e))?;
+    if !q.has_conditions() {
+        // doveadm's safety net, word for word: `expunge mailbox INBOX` must not empty INBOX.
+        return Err(Failure::new(
+            exit::USAGE,
+            anyhow!(
+                "expunge: To avoid accidents, each branch in search query must contain something else \
+                 besides MAILBOX (e.g. just add \"all\" if you want everything)"
+            ),
+        ));
+    }
     let mut store = s.store()?;
-    for info in selected(&mut store, &q)? {
-        let mut mb = store.open(&info.name)?;
+    for name in selected(&mut store, &q)? {
+        let mut mb = store.open(&name)?;
         let mails = mb.mails();
         let count = mails.len() as u32;
         let max_uid = mails.last().map_or(0, |m| m.uid.get());
@@ -248,36 +281,39 @@ pub(super) fn mailbox(s: &Session, format: Option<Format>, cmd: &MailboxCommand)
             out.finish()?;
         }
         MailboxCommand::Status { fields, masks } => {
-            const ORDER: &[&str] =
-                &["messages", "recent", "uidnext", "uidvalidity", "unseen", "highestmodseq", "vsize", "guid"];
+            // doveadm's columns, in doveadm's order whatever order they are asked in.
+            const ORDER: &[&str] = &[
+                "messages",
+                "recent",
+                "uidnext",
+                "uidvalidity",
+                "unseen",
+                "highestmodseq",
+                "vsize",
+                "guid",
+                "firstsaved",
+            ];
             let mut want: Vec<&str> = Vec::new();
             for f in fields.split_whitespace() {
                 match f {
-                    "all" => want.extend(&ORDER[..6]),
+                    "all" => want.extend(ORDER),
                     f if ORDER.contains(&f) => want.push(f),
                     f => {
                         return Err(Failure::new(exit::USAGE, anyhow!("Invalid status field: {f}")));
                     }
                 }
             }
+            if want.is_empty() {
+                return Err(Failure::new(exit::USAGE, anyhow!("No status fields")));
+            }
             let cols: Vec<&str> = ORDER.iter().copied().filter(|f| want.contains(f)).collect();
             let mut columns = vec![Column::hidden("mailbox")];
             columns.extend(cols.iter().map(|c| Column::new(*c)));
             let mut out = stdout_printer(format.unwrap_or(Format::Flow), columns);
-            let mut boxes: Vec<MailboxInfo> = store
-                .list()?
-                .into_iter()
-                .filter(|i| i.kind == MailboxKind::Mailbox)
-                .filter(|i| masks.iter().any(|m| mailbox_match(m, &i.name.join(sep), sep)))
-                .collect();
-            if boxes.is_empty() && masks.len() == 1 && !masks[0].contains(['*', '%']) {
-                return Err(Failure::new(exit::NOTFOUND, anyhow!("Mailbox doesn't exist: {}", masks[0])));
-            }
-            boxes.sort_by(|a, b| (!a.name.is_inbox(), &a.name).cmp(&(!b.name.is_inbox(), &b.name)));
-            for info in boxes {
-                let mut mb = store.open(&info.name)?;
+            for name in resolve(&mut store, masks, &[])? {
+                let mut mb = store.open(&name)?;
                 let st = mb.status();
-                let mut row = vec![Cell::Text(info.name.join(sep))];
+                let mut row = vec![Cell::Text(name.join(sep))];
                 for c in &cols {
                     row.push(Cell::Text(match *c {
                         "messages" => st.messages.to_string(),
@@ -294,6 +330,11 @@ pub(super) fn mailbox(s: &Session, format: Option<Format>, cmd: &MailboxCommand)
                             }
                             total.to_string()
                         }
+                        // The save date of the first mail, as doveadm prints it.
+                        "firstsaved" => match mb.mails().first() {
+                            Some(m) => mb.saved_date(m.uid)?.to_string(),
+                            None => "never".to_owned(),
+                        },
                         _ => unreachable!("fields were checked above"),
                     }));
                 }
@@ -347,18 +388,10 @@ pub(super) fn mailbox(s: &Session, format: Option<Format>, cmd: &MailboxCommand)
             let to = parse_name(&store, new)?;
             store.rename_mailbox(&from, &to)?;
             if *subscriptions {
-                let subscribed: Vec<MailboxName> = store
-                    .list()?
-                    .into_iter()
-                    .filter(|i| i.subscribed && i.name.starts_with(&from))
-                    .map(|i| i.name)
-                    .collect();
-                for n in subscribed {
-                    if let Some(dest) = n.rebase(&from, &to) {
-                        store.set_subscribed(&n, false)?;
-                        store.set_subscribed(&dest, true)?;
-                    }
-                }
+                // As doveadm does it: the old name is unsubscribed and the new one subscribed
+                // (even if the old one was not); children's subscriptions stay as they are.
+                store.set_subscribed(&from, false)?;
+                store.set_subscribed(&to, true)?;
             }
         }
         MailboxCommand::Subscribe { names } | MailboxCommand::Unsubscribe { names } => {

@@ -149,7 +149,8 @@ pub enum MailboxCommand {
     },
     /// Print mailbox status fields.
     Status {
-        /// Space-separated: all messages recent uidnext uidvalidity unseen highestmodseq vsize guid.
+        /// Space-separated: all messages recent uidnext uidvalidity unseen highestmodseq vsize guid
+        /// firstsaved.
         fields: String,
         /// Name masks.
         #[arg(required = true)]
@@ -262,14 +263,21 @@ pub fn classify(e: &anyhow::Error) -> u8 {
             return match s {
                 StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => exit::NOPERM,
                 StoreError::MailboxNotFound(_) | StoreError::MailNotFound(_) => exit::NOTFOUND,
+                // doveadm: an invalid mailbox name is a usage error.
+                StoreError::BadName(_) => exit::USAGE,
                 StoreError::MailboxExists(_)
                 | StoreError::NotPossible(_)
-                | StoreError::BadName(_)
                 | StoreError::BadKeyword(_)
                 | StoreError::BadGuid(_)
                 | StoreError::Limit(_) => exit::DATAERR,
                 _ => exit::TEMPFAIL,
             };
+        }
+        if cause.downcast_ref::<crate::store::types::BadMailboxName>().is_some() {
+            return exit::USAGE;
+        }
+        if cause.downcast_ref::<crate::store::types::BadKeyword>().is_some() {
+            return exit::DATAERR;
         }
         if cause.downcast_ref::<crate::config::ConfigError>().is_some() {
             return exit::CONFIG;
@@ -402,6 +410,7 @@ pub fn init_stderr_logging(level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .try_init();
@@ -445,6 +454,23 @@ fn dsync_server(session: &Session, timeout: u64, extra: &[String]) -> Result<(),
     Ok(())
 }
 
+/// An error and its causes on one line, `outer: inner: …`, leaving out a cause whose text
+/// the line already ends with (an I/O error that names its OS error would otherwise print it
+/// twice).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if out.is_empty() {
+            out = s;
+        } else if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+    }
+    out
+}
+
 /// The process entry point: parse, run, report, exit.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -465,7 +491,7 @@ pub fn main() -> ExitCode {
             if broken_pipe {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("mailreplica: Error: {:#}", f.error);
+            eprintln!("mailreplica: Error: {}", error_text(&f.error));
             ExitCode::from(f.code)
         }
     }

@@ -59,12 +59,14 @@ pub struct Printer<W: Write> {
     out: W,
     rows: usize,
     table: Vec<Vec<String>>,
+    /// `pager`: no short value printed yet (doveadm's `first_page`).
+    first_page: bool,
 }
 
 impl<W: Write> Printer<W> {
     /// A printer for `columns`.
     pub fn new(format: Format, columns: Vec<Column>, out: W) -> Self {
-        Self { format, columns, out, rows: 0, table: Vec::new() }
+        Self { format, columns, out, rows: 0, table: Vec::new(), first_page: true }
     }
 
     /// Prints one row (one value per column).
@@ -87,12 +89,16 @@ impl<W: Write> Printer<W> {
                 }
             }
             Format::Pager => {
-                if !first {
-                    self.out.write_all(b"\x0c\n")?;
-                }
-                for (c, col) in cells.iter().zip(&self.columns) {
+                // doveadm writes the record separator only before a short value in the first
+                // column, and only short values end the first page: with a stream in the first
+                // column, records are not separated at all.
+                for (i, (c, col)) in cells.iter().zip(&self.columns).enumerate() {
                     match c {
                         Cell::Text(s) => {
+                            if i == 0 && !self.first_page {
+                                self.out.write_all(b"\x0c\n")?;
+                            }
+                            self.first_page = false;
                             if !col.hide_title {
                                 write!(self.out, "{}: ", col.title)?;
                             }
@@ -238,6 +244,17 @@ mod tests {
         p.row(&[Cell::Text("2".into()), Cell::Stream(b"b\n".to_vec()), Cell::Text("".into())]).unwrap();
         p.finish().unwrap();
         String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn pager_with_a_stream_first() {
+        // Observed from doveadm 2.3.19 for `fetch 'text uid'`: no separator between records.
+        let mut buf = Vec::new();
+        let mut p = Printer::new(Format::Pager, vec![Column::new("text"), Column::new("uid")], &mut buf);
+        p.row(&[Cell::Stream(b"a\n".to_vec()), Cell::Text("1".into())]).unwrap();
+        p.row(&[Cell::Stream(b"b".to_vec()), Cell::Text("2".into())]).unwrap();
+        p.finish().unwrap();
+        assert_eq!(String::from_utf8(buf).unwrap(), "text:\na\nuid: 1\ntext:\nbuid: 2\n");
     }
 
     #[test]

@@ -51,6 +51,7 @@ impl NumSet {
 
 #[derive(Debug, Clone)]
 enum Cond {
+    All,
     Uid(NumSet),
     Seq(NumSet),
     Flag(Flags, bool),
@@ -80,7 +81,7 @@ impl Query {
                     let g = arg("a GUID")?;
                     q.mailbox_guids.push(g.parse().map_err(|_| anyhow!("invalid mailbox GUID {g:?}"))?);
                 }
-                "all" => {}
+                "all" => q.conds.push(Cond::All),
                 "uid" => q.conds.push(Cond::Uid(NumSet::parse(&arg("a UID set")?)?)),
                 "guid" => q.conds.push(Cond::Guid(arg("a GUID")?)),
                 "seen" => q.conds.push(Cond::Flag(Flags::SEEN, true)),
@@ -104,9 +105,16 @@ impl Query {
         Ok(q)
     }
 
+    /// True if the query says something about the mails themselves (`all` counts), not only
+    /// which mailboxes to look in.
+    pub(crate) fn has_conditions(&self) -> bool {
+        !self.conds.is_empty()
+    }
+
     /// Does mail `m`, the `seq`-th of `count` in a mailbox whose highest UID is `max_uid`, match?
     pub(crate) fn matches(&self, m: &MailRecord, seq: u32, count: u32, max_uid: u32) -> bool {
         self.conds.iter().all(|c| match c {
+            Cond::All => true,
             Cond::Uid(s) => s.contains(m.uid.get(), max_uid),
             Cond::Seq(s) => s.contains(seq, count),
             Cond::Flag(f, want) => m.flags.contains(*f) == *want,
@@ -175,6 +183,9 @@ mod tests {
     fn query() {
         let q = Query::parse(&["mailbox".into(), "INBOX".into(), "uid".into(), "1:2".into(), "seen".into()]).unwrap();
         assert_eq!(q.mailboxes, ["INBOX"]);
+        assert!(q.has_conditions());
+        assert!(!Query::parse(&["mailbox".into(), "INBOX".into()]).unwrap().has_conditions());
+        assert!(Query::parse(&["mailbox".into(), "INBOX".into(), "all".into()]).unwrap().has_conditions());
         assert!(Query::parse(&["bogus".into()]).is_err());
         assert!(Query::parse(&["uid".into()]).is_err());
     }

@@ -288,6 +288,12 @@ pub trait Mailbox {
     /// INTERNALDATE.
     fn received_date(&mut self, uid: Uid) -> StoreResult<UnixTime>;
 
+    /// When the mail was saved into this mailbox (IMAP's SAVEDATE). Stores that do not keep
+    /// it apart report the received date.
+    fn saved_date(&mut self, uid: Uid) -> StoreResult<UnixTime> {
+        self.received_date(uid)
+    }
+
     /// Size as stored (bytes).
     fn physical_size(&mut self, uid: Uid) -> StoreResult<u64>;
 

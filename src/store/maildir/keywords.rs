@@ -79,6 +79,18 @@ impl KeywordMap {
         (0..MAX_KEYWORDS).filter(|&i| mask & (1 << i) != 0 && self.names[i].is_none()).fold(0, |m, i| m | (1 << i))
     }
 
+    /// Names every letter of `used` that has no name `unknown-<index>`, as Dovecot does when it
+    /// meets such a letter in a file name. Once the map is written, the letter is reserved and
+    /// is never handed to a new keyword (which would silently put that keyword on every file
+    /// that already carries the letter).
+    pub(crate) fn reserve(&mut self, used: KeywordMask) {
+        for i in 0..MAX_KEYWORDS {
+            if used & (1 << i) != 0 && self.names[i].is_none() {
+                self.names[i] = Some(Keyword::new(&format!("unknown-{i}")).expect("valid keyword"));
+            }
+        }
+    }
+
     /// The mask for `keywords`, allocating letters for new ones. Returns the mask and whether
     /// the map changed (and must be written before any file uses the new letters).
     pub(crate) fn mask_for(&mut self, keywords: &[Keyword]) -> StoreResult<(KeywordMask, bool)> {
@@ -171,6 +183,13 @@ mod tests {
         assert_eq!(r.existing_mask(&[kw("$junk")]), Some(1));
         assert_eq!(r.keywords(0b100), vec![kw("unknown-2")]);
         assert_eq!(r.unnamed(0b111), 0b100);
+        // A used letter without a name is reserved, not handed out again.
+        let mut r = r;
+        r.reserve(0b100);
+        let (mask, _) = r.mask_for(&[kw("New")]).unwrap();
+        assert_eq!(mask, 0b1000);
+        assert_eq!(r.keywords(0b100), vec![kw("unknown-2")]);
+        assert_eq!(r.existing_mask(&[kw("unknown-2")]), Some(0b100));
     }
 
     #[test]

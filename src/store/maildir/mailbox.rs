@@ -520,8 +520,10 @@ impl MaildirMailbox {
         Ok((lock, list))
     }
 
-    /// Writes a body to `tmp/`, converting CRLF to LF as Dovecot does for Maildir
-    /// (`mail_save_crlf = no`). Returns the file, its size and its CRLF size.
+    /// Writes a body to `tmp/`, converting line ends exactly as Dovecot does for Maildir
+    /// (`mail_save_crlf = no`, its `i_stream_create_lf`): CRLF becomes LF, any other CR is kept,
+    /// except a CR that is the very last byte, which Dovecot drops. Returns the file, its size
+    /// and its CRLF size.
     fn write_tmp(&self, body: &mut dyn Read) -> StoreResult<(PathBuf, File, u64, u64)> {
         let tmp_name = self.ctx.names.next();
         let tmp = self.dir.join("tmp").join(&tmp_name);
@@ -563,10 +565,8 @@ impl MaildirMailbox {
                 size += out.len() as u64;
                 w.write_all(&out).ctx("write", &tmp)?;
             }
-            if pending_cr {
-                w.write_all(b"\r").ctx("write", &tmp)?;
-                size += 1;
-            }
+            // A CR still pending at the end is dropped, as Dovecot drops it: the same input
+            // must give the same file (and the same ,S= and ,W=) through either tool.
             w.flush().ctx("write", &tmp)?;
             Ok((size, size + lfs))
         })();
@@ -595,7 +595,7 @@ impl MaildirMailbox {
         }
         // 2. Under the uidlist lock: keywords, names, renames, UIDs.
         let (lock, mut list) = self.lock_uidlist()?;
-        let mut kwmap = KeywordMap::read(&self.dir)?;
+        let mut kwmap = self.read_keywords_for_update()?;
         let all_kw: Vec<Keyword> = self.pending.iter().flat_map(|p| p.keywords.iter().cloned()).collect();
         let (_, kw_changed) = kwmap.mask_for(&all_kw)?;
         if kw_changed {
@@ -697,12 +697,20 @@ impl MaildirMailbox {
         Ok(saved)
     }
 
+    /// Re-reads `dovecot-keywords` (caller holds the uidlist lock) before allocating letters,
+    /// reserving the letters our mails carry without a name so that none is reused.
+    fn read_keywords_for_update(&self) -> StoreResult<KeywordMap> {
+        let mut map = KeywordMap::read(&self.dir)?;
+        map.reserve(self.mails.iter().fold(0, |m, x| m | x.kw));
+        Ok(map)
+    }
+
     fn keyword_mask_for(&mut self, keywords: &[Keyword]) -> StoreResult<KeywordMask> {
         if let Some(m) = self.keywords.existing_mask(keywords) {
             return Ok(m);
         }
         let (lock, _list) = self.lock_uidlist()?;
-        let mut map = KeywordMap::read(&self.dir)?;
+        let mut map = self.read_keywords_for_update()?;
         let (mask, changed) = map.mask_for(keywords)?;
         if changed {
             map.write(&self.dir)?;
@@ -791,6 +799,14 @@ impl Mailbox for MaildirMailbox {
         let (f, idx) = self.open_file(uid)?;
         let meta = f.metadata().ctx("fstat", &self.path_of(&self.mails[idx]))?;
         Ok(meta.mtime())
+    }
+
+    /// The file's ctime, Dovecot's fallback for the save date of a Maildir mail (Dovecot
+    /// prefers a value in its cache, which a later rename of the file does not change).
+    fn saved_date(&mut self, uid: Uid) -> StoreResult<UnixTime> {
+        let (f, idx) = self.open_file(uid)?;
+        let meta = f.metadata().ctx("fstat", &self.path_of(&self.mails[idx]))?;
+        Ok(meta.ctime())
     }
 
     fn physical_size(&mut self, uid: Uid) -> StoreResult<u64> {

@@ -218,14 +218,23 @@ impl Maildir {
             Layout::Fs => {
                 let mut p = self.settings.root.clone();
                 for c in name.components() {
-                    if c.starts_with('.') || matches!(c.as_str(), "cur" | "new" | "tmp") {
-                        return Err(bad("a hierarchy level is `cur`, `new`, `tmp` or starts with `.`"));
+                    // Dovecot's rule (mailbox_list_is_valid_fs_name): Maildir's own directory
+                    // names are reserved; `.`/`..` are refused by `MailboxName` itself. A level
+                    // that merely starts with `.` is an ordinary mailbox for Dovecot.
+                    if matches!(c.as_str(), "cur" | "new" | "tmp") {
+                        return Err(bad("a hierarchy level is `cur`, `new` or `tmp`"));
                     }
                     p.push(self.encode_level(c));
                 }
                 Ok(p)
             }
         }
+    }
+
+    /// True if `name` is a selectable mailbox (its directory has `cur/`). Fails only for names
+    /// this layout cannot store.
+    pub fn mailbox_exists(&self, name: &MailboxName) -> StoreResult<bool> {
+        Ok(is_dir(&self.mailbox_dir(name)?.join("cur")))
     }
 
     fn decode_level(&self, level: &str) -> Option<String> {
@@ -279,7 +288,8 @@ impl Maildir {
                         let Some(fname) = fname.to_str() else {
                             continue;
                         };
-                        if fname.starts_with('.') || matches!(fname, "cur" | "new" | "tmp") {
+                        // Dovecot lists every directory but `.`, `..` and Maildir's own.
+                        if matches!(fname, "." | ".." | "cur" | "new" | "tmp") {
                             continue;
                         }
                         let path = e.path();

@@ -261,6 +261,22 @@ impl Uidlist {
             data.push_str(&Self::record_line(r));
         }
         let mut f = OpenOptions::new().append(true).open(&path).ctx("open", &path)?;
+        let len = f.metadata().ctx("fstat", &path)?.len();
+        if len != self.read_len {
+            // The file does not end where the complete lines we read end: a writer died in the
+            // middle of a line (power loss during an append). Appending would glue our first
+            // record onto that fragment and give the mail another UID than the one we report;
+            // replace the whole file instead, which drops the fragment.
+            tracing::warn!(
+                file = %path.display(),
+                expected = self.read_len,
+                found = len,
+                "uidlist ends in a partial line; rewriting it"
+            );
+            drop(f);
+            self.records.extend(new);
+            return self.rewrite(dir, |_| true);
+        }
         f.write_all(data.as_bytes()).ctx("write", &path)?;
         f.sync_data().ctx("fdatasync", &path)?;
         self.read_len += data.len() as u64;
@@ -314,6 +330,27 @@ mod tests {
                 other => panic!("{data:?}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn append_after_a_torn_line_rewrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(NAME);
+        std::fs::write(&path, "3 V1 N1 G42d01a2e9bb20a6b6454000083ecc375\n1 :a\n2 :tor").unwrap();
+        let mut l = Uidlist::read(dir.path()).unwrap().unwrap();
+        let next = l.next_uid();
+        l.append(dir.path(), vec![Record { uid: next, base: "b".into(), guid: None, other_exts: String::new() }])
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "3 V1 N3 G42d01a2e9bb20a6b6454000083ecc375\n1 :a\n2 :b\n");
+        // A clean file is appended to.
+        let mut l = Uidlist::read(dir.path()).unwrap().unwrap();
+        l.append(dir.path(), vec![Record { uid: 3, base: "c".into(), guid: None, other_exts: String::new() }]).unwrap();
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .ends_with("N3 G42d01a2e9bb20a6b6454000083ecc375\n1 :a\n2 :b\n3 :c\n")
+        );
     }
 
     #[test]
