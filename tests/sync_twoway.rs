@@ -635,6 +635,10 @@ fn assert_dovecot_does_not_converge(p: &Pair<'_>, syncs: usize, what: &str) {
 fn assert_ours_converges(p: &Pair<'_>, must_have: &[&str], what: &str) -> View {
     let mut history = String::new();
     for n in 1..=CONVERGE_WITHIN {
+        if p.mode == Mode::Stateful {
+            // See `Runs::sync_and_compare`: the master then syncs every mailbox.
+            p.touch_master_mailboxes();
+        }
         let out = p.sync_with(&[]);
         history.push_str(&format!("sync {n}: exit {:?}\n{}", out.code, out.stderr));
         if !(out.success() || out.code == Some(2)) {
@@ -767,4 +771,202 @@ fn one_new_mail_on_each_side() {
         "one new mail on each side",
     );
     assert_eq!(v.mails_of("INBOX").len(), 5);
+}
+
+// ------------------------------------------------------------------------------------------
+// Randomized: rounds of random changes on both sides, each followed by syncs.
+
+/// One random round's bookkeeping: which mails must exist afterwards.
+struct Model {
+    /// GUIDs that must be on both sides after the round's sync.
+    must_exist: BTreeSet<String>,
+    /// GUIDs that may be gone after the round (expunged, or in a deleted mailbox).
+    may_vanish: BTreeSet<String>,
+}
+
+const FLAGS: &[&str] = &["\\Seen", "\\Flagged", "\\Answered", "\\Draft", "$Label1", "$Label2", "kwA"];
+const NAMES: &[&str] = &["Archive", "Lists", "Projects", "Receipts", "Old", "Travel", "Later"];
+
+fn pick<'v, T>(rng: &mut Rng, v: &'v [T]) -> Option<&'v T> {
+    if v.is_empty() { None } else { Some(&v[rng.below(v.len() as u64) as usize]) }
+}
+
+/// Applies up to `n` random operations to one side. `view` is what the side showed before;
+/// `touched` collects mailboxes this side used (deliveries, flags), `avoid` lists those the
+/// other side used (never deleted here, so that a deletion cannot race a delivery).
+#[allow(clippy::too_many_arguments)]
+fn random_ops(
+    rng: &mut Rng,
+    p: &Pair<'_>,
+    side: Side,
+    view: &View,
+    n: u64,
+    counter: &mut u32,
+    model: &mut Model,
+    touched: &mut BTreeSet<String>,
+    avoid: &BTreeSet<String>,
+    log: &mut String,
+) {
+    // Mailboxes the other side deleted are left alone (a deletion racing a delivery loses
+    // the delivery by design; that is not what this test is about).
+    let mut boxes: Vec<String> =
+        view.status.keys().filter(|b| !avoid.contains(&format!("deleted:{b}"))).cloned().collect();
+    // Every name in use on this side (also those left alone), for creates and renames.
+    let mut names: BTreeSet<String> = view.mailboxes.iter().cloned().collect();
+    for _ in 0..n {
+        let op = rng.below(100);
+        let mbox = pick(rng, &boxes).cloned().unwrap_or_else(|| "INBOX".to_owned());
+        let mails: Vec<String> =
+            view.mails.get(&mbox).map(|m| m.iter().map(|r| r[1].clone()).collect()).unwrap_or_default();
+        let present = |g: &String| p.uid_of_opt(side, &mbox, g).is_some();
+        match op {
+            0..=34 => {
+                *counter += 1;
+                let g = format!(
+                    "1710000000.M{counter}P{}.{}",
+                    rng.below(1000),
+                    if side == Side::Master { "m" } else { "s" }
+                );
+                p.deliver(side, &mbox, &g);
+                model.must_exist.insert(g.clone());
+                touched.insert(mbox.clone());
+                log.push_str(&format!("{side:?}: deliver {g} to {mbox}\n"));
+            }
+            35..=64 => {
+                if let Some(g) = pick(rng, &mails).filter(|g| present(g)) {
+                    let f = pick(rng, FLAGS).copied().unwrap_or("\\Seen");
+                    let how = if rng.below(2) == 0 { "add" } else { "remove" };
+                    p.flags(side, how, f, &mbox, g);
+                    touched.insert(mbox.clone());
+                    log.push_str(&format!("{side:?}: flags {how} {f} on {g} in {mbox}\n"));
+                }
+            }
+            65..=79 => {
+                if let Some(g) = pick(rng, &mails).filter(|g| present(g)) {
+                    p.expunge(side, &mbox, g);
+                    model.may_vanish.insert(g.clone());
+                    log.push_str(&format!("{side:?}: expunge {g} in {mbox}\n"));
+                }
+            }
+            80..=88 => {
+                let name = pick(rng, NAMES).copied().unwrap_or("Archive");
+                if !names.contains(name) {
+                    p.mailbox_cmd(side, &["create", name]);
+                    boxes.push(name.to_owned());
+                    names.insert(name.to_owned());
+                    log.push_str(&format!("{side:?}: create {name}\n"));
+                }
+            }
+            89..=94 => {
+                let to = pick(rng, NAMES).copied().unwrap_or("Archive");
+                if mbox != "INBOX" && !names.contains(to) && !avoid.contains(&mbox) {
+                    p.mailbox_cmd(side, &["rename", &mbox, to]);
+                    boxes.retain(|b| *b != mbox);
+                    boxes.push(to.to_owned());
+                    names.remove(&mbox);
+                    names.insert(to.to_owned());
+                    touched.insert(mbox.clone());
+                    touched.insert(to.to_owned());
+                    log.push_str(&format!("{side:?}: rename {mbox} {to}\n"));
+                }
+            }
+            _ => {
+                if mbox != "INBOX" && !avoid.contains(&mbox) && !touched.contains(&mbox) {
+                    p.mailbox_cmd(side, &["delete", &mbox]);
+                    model.may_vanish.extend(mails.iter().cloned());
+                    boxes.retain(|b| *b != mbox);
+                    names.remove(&mbox);
+                    touched.insert(mbox.clone());
+                    touched.insert(format!("deleted:{mbox}"));
+                    log.push_str(&format!("{side:?}: delete {mbox} ({} mails)\n", mails.len()));
+                }
+            }
+        }
+    }
+}
+
+impl Pair<'_> {
+    /// The UID of `guid` in `mailbox`, if it is there.
+    fn uid_of_opt(&self, side: Side, mailbox: &str, guid: &str) -> Option<String> {
+        let out = self.run(side, &["-f", "tab", "fetch", "uid", "mailbox", mailbox, "guid", guid]);
+        if !out.success() {
+            return None;
+        }
+        parse_tab(&out.text(), &["uid"]).into_iter().next().map(|r| r[0].clone())
+    }
+}
+
+fn all_guids(v: &View) -> BTreeSet<String> {
+    v.mails.values().flatten().map(|m| m[1].clone()).collect()
+}
+
+fn randomized(seed: u64, rounds: usize, mode: Mode) {
+    eprintln!("randomized two-way sync ({mode:?}): seed {seed} (replay with MAILREPLICA_TEST_SEED={seed})");
+    let mut rng = Rng::new(seed);
+    let r = seeded(mode);
+    let [_, m] = r.pairs();
+    let mut counter = 0;
+    let mut log = String::new();
+    for round in 1..=rounds {
+        let before = m.view(Side::Master);
+        let mut model = Model { must_exist: all_guids(&before), may_vanish: BTreeSet::new() };
+        let (mut touched_m, mut touched_s) = (BTreeSet::new(), BTreeSet::new());
+        log.push_str(&format!("-- round {round}\n"));
+        let nm = rng.below(8);
+        let ns = rng.below(8);
+        random_ops(
+            &mut rng,
+            &m,
+            Side::Master,
+            &before,
+            nm,
+            &mut counter,
+            &mut model,
+            &mut touched_m,
+            &BTreeSet::new(),
+            &mut log,
+        );
+        let slave_before = m.view(Side::Slave);
+        random_ops(
+            &mut rng,
+            &m,
+            Side::Slave,
+            &slave_before,
+            ns,
+            &mut counter,
+            &mut model,
+            &mut touched_s,
+            &touched_m,
+            &mut log,
+        );
+        let must: Vec<String> = model.must_exist.difference(&model.may_vanish).cloned().collect();
+        let must_ref: Vec<&str> = must.iter().map(String::as_str).collect();
+        let what = format!("seed {seed}, round {round}\n{log}");
+        let v = assert_ours_converges(&m, &must_ref, &what);
+        let now = all_guids(&v);
+        for g in &now {
+            assert!(
+                model.must_exist.contains(g) || before.mails.values().flatten().any(|x| &x[1] == g),
+                "{what}: unknown mail {g} appeared"
+            );
+        }
+    }
+    eprintln!("{log}");
+}
+
+#[test]
+fn randomized_rounds_fixed_seed() {
+    randomized(0x5eed_2026, 20, Mode::Stateless);
+}
+
+#[test]
+fn randomized_rounds_with_state() {
+    randomized(0x5eed_2027, 20, Mode::Stateful);
+}
+
+#[test]
+fn randomized_rounds_new_seed() {
+    let seed =
+        std::env::var("MAILREPLICA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(Rng::seed_from_time);
+    randomized(seed, 20, Mode::Stateless);
 }
