@@ -20,9 +20,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::exporter::Exporter;
+use super::exporter::{ExportOptions, Exporter};
 use super::ibc::{Ibc, IbcError, Incoming, Settings, SyncKind};
-use super::importer::{ImportError, ImportOptions, Importer, LastCommon, RemoteBox};
+use super::importer::{ImportError, ImportOptions, Importer, LastCommon, MailFilter, RemoteBox};
 use super::tree::{Delete, DeleteKind, Existence, NodeData, Tree};
 use super::tree_sync::{SyncType, TreeChange, sync_trees};
 use super::types::{DsyncMailbox, MailboxState};
@@ -514,8 +514,16 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
         let backup_send = self.settings.backup_send;
         let backup_recv = self.settings.backup_recv;
         let mail_requests = self.settings.send_mail_requests;
+        let s = &self.settings;
+        let filter =
+            MailFilter::new(s.sync_since_timestamp, s.sync_until_timestamp, s.sync_max_size, s.sync_flags.as_deref());
+        let export_opts = ExportOptions {
+            auto_export: !mail_requests,
+            timestamps: filter.needs_timestamps(),
+            virtual_sizes: filter.max_size > 0,
+        };
         let mut exporter =
-            if backup_recv { None } else { Some(Exporter::new(&*mb, last.uid, last.modseq, !mail_requests)) };
+            if backup_recv { None } else { Some(Exporter::new(&mut *mb, last.uid, last.modseq, export_opts)?) };
         let mut importer = if backup_send {
             None
         } else {
@@ -531,6 +539,7 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
                 want_mail_requests: mail_requests,
                 mails_use_guid128: remote.have_only_guid128,
                 commit_msgs_interval: self.settings.import_commit_msgs_interval.max(1) as usize,
+                filter,
             };
             let rb = RemoteBox {
                 uid_next: remote.uid_next,
