@@ -1,6 +1,8 @@
 //! Helpers for the wrapper's root-only integration tests: a root-owned sandbox directory, real
 //! users made by `useradd` (serialized with an flock, deleted on drop, stale ones from killed
-//! runs swept), and running the wrapper binary with a clean environment and captured output.
+//! runs swept), running the wrapper binary with a clean environment and captured output, a
+//! scripted dsync master ([`MasterSession`], built with the project's own wire encoder) and a
+//! live view of a served process's output ([`Live`]).
 //!
 //! Kept inside the wrapper's tests for now; `tests/common/mod.rs` is being written in a
 //! parallel branch and this can move there once both are merged.
@@ -11,9 +13,16 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use mailreplica::dsync::wire::{
+    Decoder, Deletion, Encoder, Event, Existence, Guid128, Handshake, HierarchySep, MailboxDeletes, MailboxNode,
+    MailboxPath, Record, SyncType, Text,
+};
 
 /// The wrapper binary: Cargo's path for integration tests; the release build for the example
 /// benchmark, which includes this module too.
@@ -562,4 +571,359 @@ pub fn wait_log_line(sb: &Sandbox, needles: &[&str]) -> String {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("no log line with {needles:?}; log:\n{}", sb.log_text());
+}
+
+// ------------------------------------------------------------------------------------------
+// The dsync side of a served session
+
+/// The first line a dsync 3.5 peer sends (Dovecot 2.3.19 and our server alike).
+pub const VERSION_LINE: &[u8] = b"VERSION\tdsync\t3\t5\n";
+
+/// One mailbox a [`MasterSession`] announces.
+#[derive(Clone, Debug)]
+pub struct MasterBox {
+    pub name: String,
+    /// 32 lower-case hex digits.
+    pub guid: String,
+    pub uid_validity: u32,
+}
+
+/// What a dsync master (`doveadm sync` on the sending host) sends in a whole session whose
+/// mailboxes hold no mails: the VERSION line and header block, its handshake `H` (a two-way
+/// "changed" sync, as `doveadm sync` sends it), its mailbox tree (`N` records for new, empty
+/// mailboxes, then `.`), its deletion log (`D`, optionally padded with deletions of mailboxes
+/// nobody has, to make the stream long), and an empty mailbox list (`.`). A slave answers with
+/// its own greeting and handshake at once, its tree and `D` only after it parsed the master's
+/// `H`, creates the announced mailboxes with exactly these GUIDs and UIDVALIDITYs, and ends
+/// with `F` and `X`. Built with `mailreplica::dsync::wire::Encoder`, whose output is pinned
+/// byte for byte against captured Dovecot sessions.
+pub struct MasterSession {
+    /// VERSION line, the 11 header lines, `.` and the `H` line.
+    pub greeting: Vec<u8>,
+    /// Everything after the handshake.
+    pub rest: Vec<u8>,
+    pub boxes: Vec<MasterBox>,
+}
+
+impl MasterSession {
+    /// `boxes` new mailboxes (names unique to this session) and `deletions` padding entries.
+    pub fn new(boxes: usize, deletions: usize) -> Self {
+        let tag = unique();
+        let t = |s: &str| Text::try_from(s).expect("text");
+        let mut enc = Encoder::new();
+        let mut greeting = Vec::new();
+        enc.greeting(&mut greeting);
+        let hello = Handshake {
+            hostname: t("mx1"),
+            sync_type: Some(SyncType::Changed),
+            send_mail_requests: true,
+            import_commit_msgs_interval: std::num::NonZeroU32::new(100),
+            hashed_headers: Some(vec![t("Date"), t("Message-ID")]),
+            alt_char: std::num::NonZeroU8::new(b'_'),
+            ..Default::default()
+        };
+        enc.record(&Record::from(hello), &mut greeting).expect("encode H");
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let boxes: Vec<MasterBox> = (0..boxes)
+            .map(|i| MasterBox {
+                name: format!("Box{tag}n{i}"),
+                guid: format!("{:08x}{:08x}{:016x}", std::process::id(), n, i + 1),
+                uid_validity: 1_700_000_000 + i as u32,
+            })
+            .collect();
+        let mut rest = Vec::new();
+        for b in &boxes {
+            let node = MailboxNode {
+                name: MailboxPath::new(vec![t(&b.name)]).expect("path"),
+                existence: Existence::Exists,
+                mailbox_guid: Some(b.guid.parse::<Guid128>().expect("guid")),
+                uid_validity: b.uid_validity,
+                uid_next: 1,
+                last_renamed_or_created: 0,
+                subscribed: false,
+                last_subscription_change: 0,
+            };
+            enc.record(&Record::from(node), &mut rest).expect("encode N");
+        }
+        enc.end_of_list(&mut rest).expect("tree end");
+        let deletes = MailboxDeletes {
+            hierarchy_sep: HierarchySep::new(b'.').expect("sep"),
+            escape_char: None,
+            mailboxes: (0..deletions)
+                .map(|i| Deletion {
+                    // A prefix no GUID of `boxes` has: these name mailboxes that never existed.
+                    guid: format!("dead{:04x}{:024x}", n & 0xffff, i).parse::<Guid128>().expect("guid"),
+                    timestamp: 1_600_000_000 + i as i64,
+                })
+                .collect(),
+            dirs: Vec::new(),
+            unsubscribes: Vec::new(),
+        };
+        enc.record(&Record::from(deletes), &mut rest).expect("encode D");
+        enc.end_of_list(&mut rest).expect("mailbox list end");
+        Self { greeting, rest, boxes }
+    }
+
+    /// The whole stream.
+    pub fn all(&self) -> Vec<u8> {
+        let mut v = self.greeting.clone();
+        v.extend_from_slice(&self.rest);
+        v
+    }
+
+    /// Asserts that the served user's Maildir (`root`, Maildir++ layout) has every announced
+    /// mailbox with the announced GUID and UIDVALIDITY (the header of its `dovecot-uidlist`),
+    /// owned by `uid`.
+    pub fn assert_created_in(&self, root: &Path, uid: u32) {
+        for b in &self.boxes {
+            let list = root.join(format!(".{}", b.name)).join("dovecot-uidlist");
+            let text = fs::read_to_string(&list).unwrap_or_else(|e| panic!("{}: {e}", list.display()));
+            let header = text.lines().next().unwrap_or("");
+            let words: Vec<&str> = header.split(' ').collect();
+            assert!(words.contains(&format!("V{}", b.uid_validity).as_str()), "{}: {header}", list.display());
+            assert!(words.contains(&format!("G{}", b.guid).as_str()), "{}: {header}", list.display());
+            assert_eq!(fs::metadata(&list).expect("stat").uid(), uid, "{}", list.display());
+        }
+    }
+}
+
+/// Decodes everything a served process wrote on stdout. Panics on bytes that are not dsync.
+pub fn decode_server_output(out: &[u8]) -> Vec<Event> {
+    let mut dec = Decoder::new();
+    dec.feed(out);
+    dec.feed_eof();
+    let mut events = Vec::new();
+    loop {
+        match dec.next() {
+            Ok(Some(e)) => events.push(e),
+            Ok(None) => return events,
+            Err(e) => panic!("the served process wrote something that is not dsync ({e}): {}", out.escape_ascii()),
+        }
+    }
+}
+
+/// Asserts the slave's side of a whole, successful session: its greeting (protocol 3.5, all
+/// headers), handshake, tree, deletion log, a finish record without error, and `X`.
+pub fn assert_full_server_session(out: &[u8]) {
+    assert!(out.starts_with(VERSION_LINE), "the server's first line: {}", out.escape_ascii());
+    let events = decode_server_output(out);
+    let shown = || format!("{events:#?}");
+    assert_eq!(events.first(), Some(&Event::Greeting { minor: 5 }), "{}", shown());
+    assert!(matches!(events.get(1), Some(Event::Record(Record::Handshake(_)))), "{}", shown());
+    let tree_end = events.iter().position(|e| *e == Event::EndOfList).expect("the tree's end");
+    assert!(events[2..tree_end].iter().all(|e| matches!(e, Event::Record(Record::MailboxNode(_)))), "{}", shown());
+    let tail = &events[tree_end + 1..];
+    assert!(
+        matches!(
+            tail,
+            [Event::Record(Record::MailboxDeletes(_)), Event::Record(Record::Finish(f)), Event::Done]
+                if f.error.is_none() && f.mail_error == 0 && !f.require_full_resync
+        ),
+        "{}",
+        shown()
+    );
+}
+
+/// A running process whose stdin is fed from a thread (so that big writes never block the
+/// test) and whose stdout and stderr are collected by threads, so that a test can wait for
+/// what it has written so far. Killed and reaped on drop.
+pub struct Live {
+    pub pid: u32,
+    child: Option<Child>,
+    input: Option<Sender<Vec<u8>>>,
+    writer: Option<JoinHandle<()>>,
+    out_rx: Receiver<Vec<u8>>,
+    out_eof: bool,
+    err: Option<JoinHandle<Vec<u8>>>,
+    /// Everything read from stdout so far.
+    pub out: Vec<u8>,
+}
+
+impl Live {
+    /// Starts `cmd` with all three streams piped (overriding whatever `cmd` said).
+    pub fn start(mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        Self::from_child(child)
+    }
+
+    /// Takes over a child started with all three streams piped.
+    pub fn from_child(mut child: Child) -> Self {
+        let pid = child.id();
+        let mut stdin: ChildStdin = child.stdin.take().expect("piped stdin");
+        let (input, in_rx) = channel::<Vec<u8>>();
+        let writer = std::thread::spawn(move || {
+            while let Ok(buf) = in_rx.recv() {
+                // One write_all per buffer: the bytes of one `send` go out in the same write(2)
+                // as far as the pipe takes them. A process that stopped reading gives EPIPE.
+                if stdin.write_all(&buf).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let (out_tx, out_rx) = channel::<Vec<u8>>();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match std::io::Read::read(&mut stdout, &mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = out_tx.send(Vec::new());
+                        return;
+                    }
+                    Ok(n) => {
+                        if out_tx.send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let err = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stderr, &mut v);
+            v
+        });
+        Self {
+            pid,
+            child: Some(child),
+            input: Some(input),
+            writer: Some(writer),
+            out_rx,
+            out_eof: false,
+            err: Some(err),
+            out: Vec::new(),
+        }
+    }
+
+    /// Queues `bytes` for the process's stdin, as one write.
+    pub fn send(&self, bytes: Vec<u8>) {
+        self.input.as_ref().expect("input still open").send(bytes).expect("writer thread");
+    }
+
+    /// Closes stdin once everything queued is written (the writer thread does it).
+    pub fn close_input(&mut self) {
+        self.input = None;
+    }
+
+    /// Waits until `done(stdout so far)` holds; panics after `timeout` or at EOF.
+    pub fn wait_out(&mut self, what: &str, timeout: Duration, done: impl Fn(&[u8]) -> bool) {
+        let until = Instant::now() + timeout;
+        while !done(&self.out) {
+            if self.out_eof {
+                let err = self.stderr_after_exit();
+                panic!("stdout ended before {what}: {}\nstderr: {err}", self.out.escape_ascii());
+            }
+            match self.out_rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(chunk) if chunk.is_empty() => self.out_eof = true,
+                Ok(chunk) => self.out.extend_from_slice(&chunk),
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("no {what} within {timeout:?}; stdout so far: {}", self.out.escape_ascii())
+                }
+                Err(RecvTimeoutError::Disconnected) => self.out_eof = true,
+            }
+        }
+    }
+
+    /// The process's stderr once it has exited (waiting up to 10 s), for failure messages.
+    fn stderr_after_exit(&mut self) -> String {
+        let until = Instant::now() + Duration::from_secs(10);
+        if let Some(c) = self.child.as_mut() {
+            while Instant::now() < until && c.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if c.try_wait().ok().flatten().is_none() {
+                return "(still running)".to_owned();
+            }
+        }
+        let err = self.err.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        String::from_utf8_lossy(&err).into_owned()
+    }
+
+    /// Collects whatever stdout brings during `dur`.
+    pub fn collect_for(&mut self, dur: Duration) {
+        let until = Instant::now() + dur;
+        while !self.out_eof {
+            match self.out_rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(chunk) if chunk.is_empty() => self.out_eof = true,
+                Ok(chunk) => self.out.extend_from_slice(&chunk),
+                Err(RecvTimeoutError::Timeout) => return,
+                Err(RecvTimeoutError::Disconnected) => self.out_eof = true,
+            }
+        }
+    }
+
+    /// Waits until the decoded stdout has an event matching `want`.
+    pub fn wait_event(&mut self, what: &str, timeout: Duration, want: impl Fn(&Event) -> bool) {
+        self.wait_out(what, timeout, |out| {
+            let mut dec = Decoder::new();
+            dec.feed(out);
+            let mut found = false;
+            while let Ok(Some(e)) = dec.next() {
+                found |= want(&e);
+            }
+            found
+        });
+    }
+
+    /// Closes stdin (if still open), waits up to `timeout` for the exit, collects all output.
+    pub fn finish(mut self, timeout: Duration) -> (ExitStatus, Vec<u8>, String) {
+        self.close_input();
+        let mut child = self.child.take().expect("child");
+        let until = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                break st;
+            }
+            if Instant::now() >= until {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("pid {} still running after {timeout:?}; stdout so far: {}", self.pid, self.out.escape_ascii());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        while !self.out_eof {
+            match self.out_rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(chunk) if chunk.is_empty() => self.out_eof = true,
+                Ok(chunk) => self.out.extend_from_slice(&chunk),
+                Err(_) => self.out_eof = true,
+            }
+        }
+        if let Some(w) = self.writer.take() {
+            w.join().expect("writer thread");
+        }
+        let err = self.err.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        (status, std::mem::take(&mut self.out), String::from_utf8_lossy(&err).into_owned())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.input = None;
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The names (`comm`) of every thread of `pid`.
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .flatten()
+        .map(|e| fs::read_to_string(e.path().join("comm")).unwrap_or_default().trim().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Asserts that `pid` runs the dsync server's reader and writer threads besides its main one.
+pub fn assert_server_threads(pid: u32) {
+    let names = thread_names(pid);
+    assert!(
+        names.iter().any(|n| n == "dsync-read") && names.iter().any(|n| n == "dsync-write") && names.len() >= 3,
+        "threads of {pid}: {names:?}"
+    );
 }
