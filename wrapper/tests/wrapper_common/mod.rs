@@ -927,3 +927,135 @@ pub fn assert_server_threads(pid: u32) {
         "threads of {pid}: {names:?}"
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// A sandboxed Dovecot daemon (the sending side of the upstream scenario)
+
+/// Panics unless Dovecot's `dovecot` and `doveadm` are installed.
+pub fn require_dovecot() {
+    for tool in ["/usr/sbin/dovecot", "/usr/bin/doveadm"] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} is missing: install Dovecot 2.3 (apt-get install -y dovecot-core dovecot-imapd; tests/run does)"
+        );
+    }
+}
+
+/// Our `mailreplica` binary, built next to the wrapper by `cargo build --release --workspace`
+/// (Cargo builds only the wrapper's own binary for its tests, so the workspace build must come
+/// first, as `tests/run` does).
+pub fn mailreplica_bin() -> PathBuf {
+    let p = Path::new(WRAPPER).with_file_name("mailreplica");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace; tests/run does)",
+        p.display()
+    );
+    p
+}
+
+/// A private Dovecot 2.3 daemon (master, auth, config, log, stats; no listeners) whose
+/// configuration, sockets, state and log live in the sandbox, so that `doveadm -c CONF -u USER`
+/// can look users up (system passwd). Its output goes to its own log file, never to the test's
+/// stdout/stderr. Stopped on drop (SIGTERM to the master, which stops its children; SIGKILL
+/// after 10 s).
+pub struct Dovecot {
+    pub conf: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Dovecot {
+    pub fn start(sb: &Sandbox, mail_location: &str) -> Self {
+        require_dovecot();
+        let dir = sb.dir.join("dovecot");
+        for d in [dir.clone(), dir.join("state")] {
+            fs::create_dir(&d).expect("mkdir dovecot dir");
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let conf = dir.join("dovecot.conf");
+        let log = dir.join("dovecot.log");
+        fs::write(
+            &conf,
+            format!(
+                "# a mailreplica-wrapper test's private Dovecot: nothing outside this directory\n\
+                 base_dir = {run}\nstate_dir = {state}\nlog_path = {log}\ninfo_log_path = {log}\n\
+                 protocols =\nlisten = 127.0.0.1\nssl = no\nmail_location = {mail_location}\nfirst_valid_uid = 1000\n\
+                 passdb {{\n  driver = passwd\n}}\nuserdb {{\n  driver = passwd\n}}\n\
+                 namespace inbox {{\n  inbox = yes\n}}\n\
+                 service anvil {{\n  chroot =\n}}\n\
+                 default_internal_user = dovecot\ndefault_login_user = dovenull\n",
+                run = dir.join("run").display(),
+                state = dir.join("state").display(),
+                log = log.display(),
+            ),
+        )
+        .expect("write dovecot.conf");
+        // What the master prints before its log is open (configuration errors) goes here too.
+        let early = File::create(&log).expect("dovecot log");
+        let child = Command::new("/usr/sbin/dovecot")
+            .arg("-F")
+            .arg("-c")
+            .arg(&conf)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+            .stdin(Stdio::null())
+            .stdout(early.try_clone().expect("dup log"))
+            .stderr(early)
+            .spawn()
+            .expect("start dovecot");
+        let mut me = Self { conf, log, child: Some(child) };
+        let socket = dir.join("run").join("auth-userdb");
+        let until = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if let Some(st) = me.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("dovecot exited ({st}) at start; log:\n{}", me.log_text());
+            }
+            assert!(Instant::now() < until, "dovecot did not start; log:\n{}", me.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        me
+    }
+
+    /// `doveadm -c CONF ARGS…` with a clean environment (not started).
+    pub fn doveadm(&self) -> Command {
+        let mut c = Command::new("/usr/bin/doveadm");
+        c.arg("-c")
+            .arg(&self.conf)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+            .env("TZ", "UTC")
+            .env("LANG", "C.UTF-8");
+        c
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Runs `cmd` to its end (stdin closed at once), killing it after `timeout`: (status, stdout
+/// as text, stderr).
+pub fn run_for(cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
+    let mut live = Live::start(cmd);
+    live.close_input();
+    let (status, out, err) = live.finish(timeout);
+    (status, String::from_utf8_lossy(&out).into_owned(), err)
+}
