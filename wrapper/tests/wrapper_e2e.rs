@@ -137,17 +137,21 @@ impl Scenario {
     }
 
     /// `doveadm backup|sync -u USER remoteprefix:root@127.0.0.1` through sshd and the wrapper,
-    /// with Dovecot's own default remote command after the ssh options (the peer's command,
-    /// which the forced command ignores).
+    /// with the `dsync_remote_cmd` of `deploy/dovecot-sender.conf.example` (Dovecot's own
+    /// remote command after the ssh options: the peer's command, which the forced command
+    /// ignores), pointed at this test's key, port and known_hosts.
     fn dsync(&self, verb: &str, user: &TestUser) {
-        let remote_cmd = format!(
-            "dsync_remote_cmd=ssh -F /dev/null -p {} -i {} -o IdentitiesOnly=yes -o UserKnownHostsFile={} \
-             -o StrictHostKeyChecking=yes -o BatchMode=yes -o LogLevel=ERROR -l%{{login}} %{{host}} \
-             doveadm dsync-server -u%u -U",
-            self.sshd.port,
-            self.keys.clients[0].display(),
-            self.sshd.known_hosts.display()
-        );
+        let remote_cmd = format!("dsync_remote_cmd={}", sender_remote_cmd())
+            .replacen(
+                "ssh ",
+                &format!(
+                    "ssh -F /dev/null -p {} -o UserKnownHostsFile={} ",
+                    self.sshd.port,
+                    self.sshd.known_hosts.display()
+                ),
+                1,
+            )
+            .replace("/root/.ssh/mailreplica_ed25519", &self.keys.clients[0].display().to_string());
         let before = self.sb.log_text().lines().count();
         let mut c = self.dovecot.doveadm();
         c.args(["-o", &remote_cmd, verb, "-u", &user.name, "remoteprefix:root@127.0.0.1"]);
@@ -200,6 +204,15 @@ impl Scenario {
         assert_eq!(source, replica, "{when}: source (left) and replica (right) differ for {}", user.name);
         source
     }
+}
+
+/// The value of `dsync_remote_cmd` in `deploy/dovecot-sender.conf.example`.
+fn sender_remote_cmd() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/dovecot-sender.conf.example");
+    let text = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let value = text.lines().find_map(|l| l.strip_prefix("dsync_remote_cmd = ")).expect("a dsync_remote_cmd line");
+    assert!(value.contains("/root/.ssh/mailreplica_ed25519") && value.starts_with("ssh "), "{value}");
+    value.to_owned()
 }
 
 /// A change for [`Scenario::replica_change`]: a new mail, or a doveadm-style command line
