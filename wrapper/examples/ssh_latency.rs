@@ -57,6 +57,18 @@ fn stats(v: &mut [f64]) -> (f64, f64, f64) {
     (at(0.5), at(0.1), at(0.9))
 }
 
+/// The runs are paired (the commands alternate), so load that drifts during the benchmark
+/// hits both alike: the median of the per-pair differences, and how often the wrapper won.
+fn paired(ours: &[f64], theirs: &[f64]) -> String {
+    let mut d: Vec<f64> = ours.iter().zip(theirs).map(|(o, t)| t - o).collect();
+    let wins = d.iter().filter(|x| **x > 0.0).count();
+    let (m, p10, p90) = stats(&mut d);
+    format!(
+        "upstream minus wrapper, per pair: median {m:.2} (p10 {p10:.2}, p90 {p90:.2}); wrapper faster in {wins}/{}",
+        d.len()
+    )
+}
+
 fn show(label: &str, v: &mut [f64]) -> String {
     let (m, p10, p90) = stats(v);
     format!("{label} {m:.2} (p10 {p10:.2}, p90 {p90:.2})")
@@ -176,8 +188,9 @@ fn main() {
         ours.push(ms(first_byte(direct_wrapper(), &user.name)));
         theirs.push(ms(first_byte(direct_upstream(), &user.name)));
     }
+    let diff = paired(&ours, &theirs);
     println!(
-        "no ssh, spawn -> first byte ({runs} runs each, ms): {} | {}",
+        "no ssh, spawn -> first byte ({runs} runs each, ms): {} | {} | {diff}",
         show("mailreplica-wrapper", &mut ours),
         show("upstream sh + doveadm dsync-server", &mut theirs)
     );
@@ -189,8 +202,9 @@ fn main() {
             theirs.push(ms(first_byte(session(1, ctl(1)), &user.name)));
             floor.push(ms(first_byte(session(2, ctl(2)), &user.name)));
         }
+        let diff = paired(&ours, &theirs);
         println!(
-            "{}, ssh start -> first byte ({runs} runs each, ms): {} | {} | {}",
+            "{}, ssh start -> first byte ({runs} runs each, ms): {} | {} | {} | {diff}",
             if reuse { "new channel on an open connection" } else { "new connection per run" },
             show("mailreplica-wrapper", &mut ours),
             show("upstream sh + doveadm dsync-server", &mut theirs),

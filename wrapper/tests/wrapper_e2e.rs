@@ -37,12 +37,13 @@ const REPLICA: &str = "maildir:~/ReplicaMaildir";
 /// Any single doveadm or mailreplica run.
 const STEP: Duration = Duration::from_secs(120);
 
+/// Fields drop in this order: users, sshd, Dovecot, then the sandbox directory.
 struct Scenario {
-    sb: Sandbox,
-    dovecot: Dovecot,
-    sshd: Sshd,
-    keys: SshKeys,
     users: Vec<TestUser>,
+    sshd: Sshd,
+    dovecot: Dovecot,
+    keys: SshKeys,
+    sb: Sandbox,
 }
 
 /// Which tool changes the replica between runs.
@@ -69,7 +70,7 @@ impl Scenario {
         let sshd = Sshd::start(&keys, "e2e", &ak, "");
         // Our own configuration for `mailreplica -u`, independent of the system's.
         fs::write(sb.dir.join("mailreplica.toml"), "first_valid_uid = 1000\n").expect("mailreplica.toml");
-        Self { sb, dovecot, sshd, keys, users }
+        Self { users, sshd, dovecot, keys, sb }
     }
 
     /// `doveadm -c CONF [-o mail_location=<replica>] ARGS`.
