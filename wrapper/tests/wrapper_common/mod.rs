@@ -57,6 +57,42 @@ fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs a shadow tool (useradd, groupadd) under our lock, retrying while /etc/passwd or
+/// /etc/group is locked by someone our lock does not cover (another project's tests, a package
+/// manager): the tools exit with 1 or 10 then instead of waiting.
+fn passwd_tool_ok(cmd: &mut Command) -> String {
+    for attempt in 0u64..40 {
+        let out = {
+            let _l = passwd_lock();
+            cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+        };
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        let busy = matches!(out.status.code(), Some(1) | Some(10));
+        assert!(busy && attempt < 39, "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(50 * (attempt + 1).min(10)));
+    }
+    unreachable!("the loop returns or panics")
+}
+
+/// The same for clean-up (userdel, groupdel): retried while the databases are locked, any
+/// other outcome accepted (e.g. already gone).
+fn passwd_tool_cleanup(args: &[&str]) {
+    for attempt in 0u64..40 {
+        let out = {
+            let _l = passwd_lock();
+            Command::new(args[0]).args(&args[1..]).stdin(Stdio::null()).output()
+        };
+        match out {
+            Ok(o) if matches!(o.status.code(), Some(1) | Some(10)) => {
+                std::thread::sleep(Duration::from_millis(50 * (attempt + 1).min(10)));
+            }
+            _ => return,
+        }
+    }
+}
+
 /// Holds the useradd lock: shadow's tools fail rather than wait when another one has
 /// /etc/passwd locked, and tests run in parallel threads and binaries.
 fn passwd_lock() -> File {
@@ -224,10 +260,7 @@ impl TestUser {
             cmd.args(["-G", &spec.groups.join(",")]);
         }
         cmd.arg("-M").arg(&name);
-        {
-            let _l = passwd_lock();
-            run_ok(&mut cmd);
-        }
+        passwd_tool_ok(&mut cmd);
         let ent = run_ok(Command::new("getent").args(["passwd", &name]));
         let f: Vec<&str> = ent.trim().split(':').collect();
         let (uid, gid) = (f[2].parse().expect("uid"), f[3].parse().expect("gid"));
@@ -243,12 +276,11 @@ impl TestUser {
 
 impl Drop for TestUser {
     fn drop(&mut self) {
-        let _l = passwd_lock();
         // -f: userdel refuses a uid-0 alias otherwise (uid 0 "is logged in"). Without -r it
         // removes no files.
-        let _ = Command::new("userdel").arg("-f").arg(&self.name).stdin(Stdio::null()).output();
+        passwd_tool_cleanup(&["userdel", "-f", &self.name]);
         // `useradd -U` made a group of the same name; userdel removes it unless shared.
-        let _ = Command::new("groupdel").arg(&self.name).stdin(Stdio::null()).output();
+        passwd_tool_cleanup(&["groupdel", &self.name]);
     }
 }
 
@@ -261,10 +293,7 @@ pub struct TestGroup {
 impl TestGroup {
     pub fn new() -> Self {
         let name = format!("mrw{}", unique());
-        {
-            let _l = passwd_lock();
-            run_ok(Command::new("groupadd").arg(&name));
-        }
+        passwd_tool_ok(Command::new("groupadd").arg(&name));
         let ent = run_ok(Command::new("getent").args(["group", &name]));
         let gid = ent.trim().split(':').nth(2).expect("gid field").parse().expect("gid");
         Self { name, gid }
@@ -273,8 +302,7 @@ impl TestGroup {
 
 impl Drop for TestGroup {
     fn drop(&mut self) {
-        let _l = passwd_lock();
-        let _ = Command::new("groupdel").arg(&self.name).stdin(Stdio::null()).output();
+        passwd_tool_cleanup(&["groupdel", &self.name]);
     }
 }
 
