@@ -172,7 +172,7 @@ fn backup_into_empty_then_incremental_changes() {
     // now look unchanged to the master, which would skip INBOX.
     dv(&["mailbox", "delete", "Trash"]);
     dv(&["flags", "add", "\\Flagged", "mailbox", "INBOX", "uid", "4"]);
-    dv(&["flags", "add", "kw01", "mailbox", "INBOX", "uid", "6"]);
+    dv(&["flags", "add", "Work", "mailbox", "INBOX", "uid", "6"]);
     dv(&["mailbox", "rename", "-s", "Lists", "Groups"]);
     u.save(Tool::Dovecot, "Groups.rust", &mail("after the rename"));
     dv(&["flags", "remove", "Work", "mailbox", "Groups.rust", "uid", "2"]);

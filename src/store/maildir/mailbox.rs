@@ -105,6 +105,8 @@ pub struct MaildirMailbox {
     appended: usize,
     pending: Vec<Pending>,
     dirs_dirty: bool,
+    /// The one modseq of an import in progress ([`Mailbox::begin_import`]).
+    import_modseq: Option<Modseq>,
 }
 
 fn is_fresh(s: Option<Stamp>) -> bool {
@@ -185,6 +187,7 @@ impl MaildirMailbox {
             appended: 0,
             pending: Vec::new(),
             dirs_dirty: false,
+            import_modseq: None,
         };
         mb.load()?;
         Ok(mb)
@@ -471,9 +474,12 @@ impl MaildirMailbox {
         }
     }
 
+    /// The modseq of a change: one above HIGHESTMODSEQ (or the import's one modseq), raised
+    /// to `min`.
     fn next_modseq(&mut self, min: Modseq) -> Modseq {
-        self.header.highest_modseq = (self.header.highest_modseq + 1).max(min);
-        self.header.highest_modseq
+        let modseq = self.import_modseq.unwrap_or(self.header.highest_modseq + 1).max(min);
+        self.header.highest_modseq = self.header.highest_modseq.max(modseq);
+        modseq
     }
 
     fn record(&self, m: &Mail) -> MailRecord {
@@ -670,8 +676,9 @@ impl MaildirMailbox {
         lock.release()?;
         drop(renamed);
         self.keywords = kwmap;
-        // 3. Our index: one modseq for the whole commit (raised per mail by min_modseq).
-        let base_modseq = self.header.highest_modseq + 1;
+        // 3. Our index: one modseq for the whole commit, or the import's (raised per mail by
+        // min_modseq).
+        let base_modseq = self.import_modseq.unwrap_or(self.header.highest_modseq + 1);
         let mut lines = String::new();
         let mut saved = Vec::with_capacity(placed.len());
         placed.sort_by_key(|(i, _)| *i);
@@ -1098,10 +1105,16 @@ impl Mailbox for MaildirMailbox {
         if let Some(a) = &mut self.appender {
             a.sync()?;
         }
+        self.import_modseq = None;
         self.load()
     }
 
+    fn begin_import(&mut self) {
+        self.import_modseq = Some(self.header.highest_modseq + 1);
+    }
+
     fn sync_point(&mut self) -> StoreResult<()> {
+        self.import_modseq = None;
         if self.dirs_dirty {
             fsutil::fsync_dir(&self.dir.join("cur"))?;
             fsutil::fsync_dir(&self.dir.join("new"))?;
