@@ -288,3 +288,132 @@ fn backup_options_full_one_mailbox_and_excludes() {
     r.backup(&["-f"], "backup -f", &[]);
     r.assert_noop(&["-f"], "repeated backup -f", &[]);
 }
+
+/// `backup -R`: doveadm's side is the destination and the slave is the source. Each slave
+/// reads its own copy of one source Maildir (`cp -a`), changed the same way before each
+/// round; the two destinations must end the same.
+struct Reverse<'a> {
+    u: &'a TestUser,
+}
+
+impl Reverse<'_> {
+    const SRC_DV: &'static str = "maildir:~/SrcD";
+    const SRC_OURS: &'static str = "maildir:~/SrcO";
+    const DEST_DV: &'static str = "maildir:~/MD";
+    const DEST_OURS: &'static str = "maildir:~/MO";
+
+    fn src_dir(&self, slave: Slave) -> std::path::PathBuf {
+        self.u.home.join(if slave == Slave::Dovecot { "SrcD" } else { "SrcO" })
+    }
+
+    /// Copies Dovecot's source to ours, as it is (the starting point of both).
+    fn copy_source(&self) {
+        let (from, to) = (self.src_dir(Slave::Dovecot), self.src_dir(Slave::Ours));
+        let _ = std::fs::remove_dir_all(&to);
+        let out = common::run(
+            {
+                let mut c = std::process::Command::new("cp");
+                c.arg("-a").arg(&from).arg(&to);
+                c
+            },
+            None,
+        );
+        assert!(out.success(), "cp -a: {}", out.describe());
+    }
+
+    /// `backup -R ARGS` into both destinations; the sources must be unchanged (a backup
+    /// source only reads), the sessions the same, the destinations the same.
+    #[track_caller]
+    fn backup(&self, dv_args: &[&str], our_args: &[&str], what: &str) -> (DsyncRun, DsyncRun) {
+        let v = self.u.view_at(Tool::Dovecot, Some(Self::SRC_DV));
+        assert_eq!(v, self.u.view_at(Tool::Dovecot, Some(Self::SRC_OURS)), "{what}: the two sources differ");
+        let src = self.src_dir(Slave::Ours);
+        let before = mail_snapshot(&src);
+        let with = |args: &[&str]| {
+            let mut all: Vec<String> = vec!["backup".into(), "-R".into()];
+            all.extend(args.iter().map(|a| (*a).to_owned()));
+            all
+        };
+        let (a, b) = (with(dv_args), with(our_args));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let b: Vec<&str> = b.iter().map(String::as_str).collect();
+        let d = self.u.dsync(Self::DEST_DV, &a, Slave::Dovecot, Self::SRC_DV);
+        let o = self.u.dsync(Self::DEST_OURS, &b, Slave::Ours, Self::SRC_OURS);
+        common::assert_mail_unchanged(&before, &src, &format!("{what}: our slave as the backup source"));
+        d.ok();
+        o.ok();
+        assert_same_transcripts(&d, &o, what);
+        self.u.checked_view(Self::SRC_OURS, true);
+        let diverged = self.u.compare_with_oracle(Self::SRC_DV, Self::DEST_DV, Self::DEST_OURS, what);
+        assert!(diverged.is_empty(), "{what}: Dovecot's destination diverged from its source in {diverged:?}");
+        (d, o)
+    }
+
+    /// Runs `tool ARGS` on the source of `slave`'s world: each world changes its own source
+    /// with its own tool (Dovecot's with doveadm, ours with mailreplica), or both with doveadm.
+    #[track_caller]
+    fn change(&self, slave: Slave, tool: Tool, args: &[&str]) {
+        let loc = if slave == Slave::Dovecot { Self::SRC_DV } else { Self::SRC_OURS };
+        self.u.ok_at(tool, Some(loc), args);
+    }
+
+    /// The same change on both sources, each with its own tool.
+    #[track_caller]
+    fn change_both(&self, args: &[&str]) {
+        self.change(Slave::Dovecot, Tool::Dovecot, args);
+        self.change(Slave::Ours, Tool::Ours, args);
+    }
+
+    /// The same mail delivered into both sources (same file name, so the same GUID).
+    fn deliver_both(&self, mailbox: &str, base: &str, body: &[u8]) {
+        for s in [Slave::Dovecot, Slave::Ours] {
+            self.u.deliver(&self.src_dir(s), mailbox, base, body);
+        }
+    }
+}
+
+#[test]
+fn backup_reverse_from_our_maildir() {
+    let u = TestUser::new();
+    let r = Reverse { u: &u };
+    let src = Some(Reverse::SRC_DV);
+    let dv = |args: &[&str]| {
+        u.ok_at(Tool::Dovecot, src, args);
+    };
+    // The source, written by Dovecot, then copied for our slave.
+    dv(&["mailbox", "create", "-s", "Archive", "Archive.2024", "Lists"]);
+    for (i, m) in awkward_mails().into_iter().enumerate() {
+        r.u.deliver(&r.src_dir(Slave::Dovecot), "INBOX", &format!("1700000000.M{i}P1.src"), &m);
+    }
+    for i in 0..3 {
+        r.u.deliver(&r.src_dir(Slave::Dovecot), "Archive.2024", &format!("1700000100.M{i}P1.src"), &mail("a"));
+    }
+    dv(&["flags", "add", "\\Seen Work $Junk", "mailbox", "INBOX", "uid", "2:4"]);
+    dv(&["flags", "add", "\\Flagged", "mailbox", "Archive.2024", "uid", "1"]);
+    dv(&["mailbox", "unsubscribe", "Lists"]);
+    r.copy_source();
+    let (d, o) = r.backup(&["-s", ""], &["-s", ""], "backup -R into an empty Dovecot");
+    let states = (d.state(), o.state());
+
+    // Incremental: each source changed by its own tool.
+    r.deliver_both("INBOX", "1700000200.M1P1.src", &mail("new one"));
+    r.deliver_both("Archive.2024", "1700000200.M2P1.src", &mail("new two"));
+    r.change_both(&["flags", "remove", "Work", "mailbox", "INBOX", "uid", "3"]);
+    r.change_both(&["flags", "add", "\\Answered kw1", "mailbox", "INBOX", "uid", "5"]);
+    r.change_both(&["expunge", "mailbox", "INBOX", "uid", "1"]);
+    r.change_both(&["mailbox", "subscribe", "Lists"]);
+    r.backup(&[], &[], "backup -R after changes made by each source's own tool");
+
+    // Incremental with the saved states; this time Dovecot changes both sources.
+    r.deliver_both("INBOX", "1700000300.M1P1.src", &mail("third"));
+    for s in [Slave::Dovecot, Slave::Ours] {
+        r.change(s, Tool::Dovecot, &["flags", "add", "\\Seen", "mailbox", "INBOX", "all"]);
+        r.change(s, Tool::Dovecot, &["expunge", "mailbox", "Archive.2024", "uid", "2"]);
+    }
+    let (d, o) = r.backup(&["-s", &states.0], &["-s", &states.1], "backup -R -s STATE after changes by doveadm");
+    for run in [&d, &o] {
+        let t = &run.transcript;
+        assert!(t.slave_records("B ").iter().all(|b| b.contains("lost=false")), "{:#?}", t.lines());
+        assert_eq!(t.slave_records("M ").len(), 1, "only the new mail travels: {:#?}", t.lines());
+    }
+}

@@ -17,7 +17,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use mailreplica::dsync::wire::{Decoder, Event, Record};
+use mailreplica::dsync::wire::{Decoder, Event, KeywordOp, Record};
 
 use super::{MAILREPLICA, Output, TestUser, Tool, View, assert_views_equal, run};
 
@@ -536,6 +536,26 @@ fn summarize_record(r: &Record) -> String {
             b.have_only_guid128
         ),
         Record::Attribute(a) => format!("A {:?} {}", a.attr_type, text(&a.key)),
+        // A save carries, besides the final flags, whatever flag changes the sender's log
+        // still holds for that mail; how far back a log reaches is each side's own history
+        // (ours starts where our index started), so saves are compared by final state only.
+        Record::MailChange(c) if c.change_type == mailreplica::dsync::wire::ChangeType::Save => {
+            let mut kws: Vec<String> = c
+                .keyword_changes
+                .iter()
+                .filter(|k| matches!(k.op, KeywordOp::Final | KeywordOp::AddAndFinal))
+                .map(|k| text(&k.keyword))
+                .collect();
+            kws.sort();
+            format!(
+                "C Save uid={} guid={} final={:02x} keywords={kws:?} received={} vsize={:x}",
+                c.uid,
+                opt(&c.guid),
+                c.final_flags.bits(),
+                c.received_timestamp,
+                c.virtual_size
+            )
+        }
         Record::MailChange(c) => format!(
             "C {:?} uid={} guid={} add={:02x} remove={:02x} final={:02x} kw={:?} received={} vsize={:x}",
             c.change_type,
