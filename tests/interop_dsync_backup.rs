@@ -417,3 +417,112 @@ fn backup_reverse_from_our_maildir() {
         assert_eq!(t.slave_records("M ").len(), 1, "only the new mail travels: {:#?}", t.lines());
     }
 }
+
+impl Replicas<'_> {
+    /// Runs `tool ARGS` on each replica, Dovecot's with doveadm and ours with `ours` (our own
+    /// tool, or doveadm too).
+    #[track_caller]
+    fn change_replicas(&self, ours: Tool, args: &[&str]) {
+        self.u.ok_at(Tool::Dovecot, Some(&self.dv), args);
+        self.u.ok_at(ours, Some(&self.ours), args);
+    }
+
+    /// A backup that both slaves must fail the same way (same exit code, same session as the
+    /// master saw it, same replicas afterwards); returns both runs.
+    #[track_caller]
+    fn backup_fails(&self, what: &str) -> (DsyncRun, DsyncRun) {
+        let (d, o) = self.run(&[]);
+        assert!(!d.out.success(), "{what}: expected Dovecot's slave to fail: {}", d.describe());
+        assert_eq!(o.out.code, d.out.code, "{what}: exit codes differ:\n{}\n{}", d.describe(), o.describe());
+        assert_same_transcripts(&d, &o, what);
+        self.u.checked_view(&self.ours, true);
+        let diverged = self.u.compare_with_oracle(MASTER, &self.dv, &self.ours, what);
+        assert!(diverged.is_empty(), "{what}: {diverged:?}");
+        (d, o)
+    }
+}
+
+#[test]
+fn destination_conflicts_are_resolved_as_dovecot_does() {
+    let u = TestUser::new();
+    let r = Replicas::new(&u);
+    let dv = |args: &[&str]| {
+        u.dv_ok(args);
+    };
+    dv(&["mailbox", "create", "Archive", "Box"]);
+    for i in 0..3 {
+        u.save(Tool::Dovecot, "INBOX", &mail(&format!("inbox {i}")));
+        u.save(Tool::Dovecot, "Archive", &mail(&format!("archive {i}")));
+        u.save(Tool::Dovecot, "Box", &mail(&format!("box {i}")));
+    }
+    r.backup(&[], "backup into empty replicas", &[]);
+
+    // Flags changed and a mail expunged on the replicas, nothing on the master: a backup
+    // puts the flags back and, finding a mail missing below its UIDNEXT, deletes the mailbox
+    // and fails; the next run recreates it.
+    r.change_replicas(Tool::Ours, &["flags", "add", "\\Seen kwx", "mailbox", "Archive", "uid", "1"]);
+    r.change_replicas(Tool::Ours, &["expunge", "mailbox", "Box", "uid", "2"]);
+    r.backup_fails("backup after a mail vanished on the replicas");
+    r.backup(&[], "backup after the replicas deleted the damaged mailbox", &[]);
+
+    // A replica mail at the UID the master uses for another mail.
+    for (tool, loc) in [(Tool::Dovecot, &r.dv), (Tool::Ours, &r.ours)] {
+        u.ok_in(tool, &["-o", &format!("mail_location={loc}"), "save", "-m", "Archive"], &mail("replica only"));
+    }
+    u.save(Tool::Dovecot, "Archive", &mail("master's next"));
+    r.backup_fails("backup with a UID conflict");
+    r.backup(&[], "backup after the conflict", &[]);
+
+    // A replica-only mail above the master's UIDNEXT: the replica's UIDNEXT is now above the
+    // master's, so the mailbox tree sync deletes and recreates the mailbox in the same run.
+    for (tool, loc) in [(Tool::Dovecot, &r.dv), (Tool::Ours, &r.ours)] {
+        u.ok_in(tool, &["-o", &format!("mail_location={loc}"), "save", "-m", "Box"], &mail("replica only"));
+    }
+    let (_, o) = r.backup(&[], "backup with a replica-only mail", &[]);
+    assert!(
+        o.transcript.slave_records("B ").iter().any(|b| b.contains("uidnext=1 messages=0")),
+        "{:#?}",
+        o.transcript.lines()
+    );
+
+    // A changed UIDVALIDITY on the replicas (Dovecot changes it on both).
+    r.change_replicas(Tool::Dovecot, &["mailbox", "update", "--uid-validity", "12345", "Archive"]);
+    r.backup(&[], "backup after the replica's UIDVALIDITY changed", &[]);
+    r.assert_noop(&[], "and then nothing", &[]);
+}
+
+/// A replica that already has mail of its own: an INBOX with another GUID (which every
+/// Maildir gets as soon as anything opens it) and a mailbox the source lacks. Dovecot's slave
+/// cannot make this a backup: it wants to delete INBOX, cannot, and fails (exit 65) on every
+/// run. Ours empties INBOX and gives it the source's identity (what deleting and recreating
+/// it would do) and deletes the other mailbox: the replica becomes the source's copy.
+#[test]
+fn backup_over_a_replica_with_mail_of_its_own() {
+    let u = TestUser::new();
+    let r = Replicas::new(&u);
+    for (tool, loc) in [(Tool::Dovecot, &r.dv), (Tool::Ours, &r.ours)] {
+        u.ok_at(tool, Some(loc), &["mailbox", "create", "-s", "Stale"]);
+        for mb in ["INBOX", "Stale"] {
+            u.ok_in(tool, &["-o", &format!("mail_location={loc}"), "save", "-m", mb], &mail("replica's own"));
+        }
+    }
+    u.dv_ok(&["mailbox", "create", "Archive"]);
+    for i in 0..3 {
+        u.save(Tool::Dovecot, "INBOX", &mail(&format!("inbox {i}")));
+        u.save(Tool::Dovecot, "Archive", &mail(&format!("archive {i}")));
+    }
+    u.dv_ok(&["flags", "add", "\\Seen", "mailbox", "INBOX", "uid", "2"]);
+    let (d, o) = r.run(&[]);
+    assert_eq!(d.out.code, Some(75), "Dovecot's slave was expected to fail: {}", d.describe());
+    assert!(d.out.stderr.contains("INBOX can't be deleted"), "{}", d.describe());
+    o.ok();
+    u.checked_view(&r.ours, true);
+    let diverged = u.compare_with_oracle(MASTER, MASTER, &r.ours, "our replica against the master");
+    assert!(diverged.is_empty(), "{diverged:?}");
+    let root = u.home.join("SO");
+    let before = mail_snapshot(&root);
+    let o = u.dsync(MASTER, &["backup"], Slave::Ours, &r.ours);
+    o.ok();
+    common::assert_mail_unchanged(&before, &root, "a second backup");
+    assert!(o.transcript.master_records("C ").is_empty(), "{:#?}", o.transcript.lines());
+}
