@@ -357,10 +357,11 @@ pub fn assert_same_transcripts(dovecot: &DsyncRun, ours: &DsyncRun, what: &str) 
     panic!("{msg}");
 }
 
-/// Splits a raw log into (sent, received) bytes. Each entry is `<sec>.<usec> <I|O><:|>> `
-/// followed by data: `:` entries run to their LF (included), `>` entries are partial lines
-/// that run to the next entry.
-fn split_rawlog(raw: &[u8]) -> (Vec<u8>, Vec<u8>) {
+/// Splits a raw log into (sent, received) bytes: exactly what the master wrote to its slave,
+/// and what it read from it. Each entry is `<sec>.<usec> <I|O><:|>> ` followed by data: `:`
+/// entries run to their LF (included), `>` entries are partial lines that run to the next
+/// entry.
+pub fn split_rawlog(raw: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let (mut sent, mut received) = (Vec::new(), Vec::new());
     let mut pos = 0;
     while pos < raw.len() {
