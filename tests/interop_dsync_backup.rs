@@ -260,6 +260,26 @@ fn backup_with_saved_states_stays_incremental() {
         let t = &run.transcript;
         assert!(t.master_records("C ").is_empty() && t.master_records("M ").is_empty(), "{:#?}", t.lines());
     }
+
+    // A replica that lost its index (Dovecot's, or ours) no longer knows what changed since
+    // the saved state: it must not pretend to, but answer that the mailbox is lost, so that
+    // the master drops its state (and prints an empty one); the next run repairs everything.
+    for f in ["dovecot.index", "dovecot.index.log", "dovecot.index.cache"] {
+        let _ = std::fs::remove_file(u.home.join("SD/.Archive.2025").join(f));
+    }
+    std::fs::remove_file(u.home.join("SO/.Archive.2025/mailreplica-index")).expect("our index");
+    dv(&["flags", "add", "\\Seen", "mailbox", "Archive.2025", "all"]);
+    let (d, o) = r.run_each(&["-s", &states.0], &["-s", &states.1]);
+    assert_eq!(d.out.code, o.out.code, "lost index: exit codes differ:\n{}\n{}", d.describe(), o.describe());
+    assert_same_transcripts(&d, &o, "lost index");
+    for run in [&d, &o] {
+        let t = &run.transcript;
+        assert_eq!(t.slave_records("B ").iter().filter(|b| b.contains("lost=true")).count(), 1, "{:#?}", t.lines());
+        assert_eq!(run.state(), "", "the master must forget its state: {}", run.describe());
+    }
+    states = (String::new(), String::new());
+    state_round(&r, &mut states, "backup -s '' after a lost index");
+    state_round(&r, &mut states, "backup -s STATE after that");
 }
 
 #[test]

@@ -354,14 +354,16 @@ impl MaildirMailbox {
                 for m in &mut current {
                     m.modseq = base;
                 }
-                let first_recent = current.iter().find(|m| m.in_new).map_or(self.next_uid, |m| m.uid);
                 self.header = Header {
                     uid_validity: self.uid_validity,
                     guid: Some(self.guid),
                     next_uid: self.next_uid,
                     highest_modseq: base,
                     log_floor: base,
-                    first_recent_uid: if fresh_mailbox { 1 } else { first_recent },
+                    // As in a rebuilt Dovecot index: only a session that takes \Recent raises
+                    // it. (Starting at the first mail in new/ made it differ from the master's
+                    // for good, and dsync's CHANGED mode then never skipped the mailbox.)
+                    first_recent_uid: 1,
                 };
                 self.log = VecDeque::new();
             }
