@@ -394,6 +394,34 @@ pub(super) fn mailbox(s: &Session, format: Option<Format>, cmd: &MailboxCommand)
                 store.set_subscribed(&to, true)?;
             }
         }
+        MailboxCommand::Update {
+            mailbox_guid,
+            uid_validity,
+            min_next_uid,
+            min_first_recent_uid,
+            min_highest_modseq,
+            name,
+        } => {
+            let guid: Option<Guid128> = match mailbox_guid {
+                Some(g) => {
+                    Some(g.parse().map_err(|e: crate::store::types::BadGuid| Failure::new(exit::USAGE, e.into()))?)
+                }
+                None => None,
+            };
+            if *uid_validity == Some(0) {
+                return Err(Failure::new(exit::USAGE, anyhow!("--uid-validity 0 is not a valid UIDVALIDITY")));
+            }
+            let name = parse_name(&store, name)?;
+            let mut mb = store.open(&name)?;
+            mb.update(&crate::store::MailboxUpdate {
+                uid_validity: *uid_validity,
+                guid,
+                min_next_uid: *min_next_uid,
+                min_first_recent_uid: *min_first_recent_uid,
+                min_highest_modseq: *min_highest_modseq,
+                replicated_modseq: None,
+            })?;
+        }
         MailboxCommand::Subscribe { names } | MailboxCommand::Unsubscribe { names } => {
             let on = matches!(cmd, MailboxCommand::Subscribe { .. });
             for n in names {

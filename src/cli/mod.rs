@@ -190,6 +190,26 @@ pub enum MailboxCommand {
         /// New name.
         new: String,
     },
+    /// Change a mailbox's GUID, UIDVALIDITY or raise its counters (doveadm's `mailbox update`).
+    Update {
+        /// New mailbox GUID.
+        #[arg(long = "mailbox-guid", value_name = "GUID")]
+        mailbox_guid: Option<String>,
+        /// New UIDVALIDITY.
+        #[arg(long = "uid-validity", value_name = "N")]
+        uid_validity: Option<u32>,
+        /// Raise UIDNEXT to at least N.
+        #[arg(long = "min-next-uid", value_name = "N")]
+        min_next_uid: Option<u32>,
+        /// Raise the first recent UID to at least N.
+        #[arg(long = "min-first-recent-uid", value_name = "N")]
+        min_first_recent_uid: Option<u32>,
+        /// Raise HIGHESTMODSEQ to at least N.
+        #[arg(long = "min-highest-modseq", value_name = "N")]
+        min_highest_modseq: Option<u64>,
+        /// The mailbox.
+        name: String,
+    },
     /// Subscribe to mailboxes.
     Subscribe {
         /// Names.

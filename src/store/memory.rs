@@ -35,6 +35,7 @@ struct MemMailbox {
     uid_next: u32,
     first_recent_uid: u32,
     highest_modseq: Modseq,
+    replicated_modseq: Modseq,
     log_floor: Modseq,
     mails: BTreeMap<Uid, MemMail>,
     log: VecDeque<Change>,
@@ -90,6 +91,7 @@ fn new_mailbox(guid: Guid128, uid_validity: u32) -> MemMailbox {
         uid_next: 1,
         first_recent_uid: 1,
         highest_modseq: 1,
+        replicated_modseq: 0,
         log_floor: 1,
         mails: BTreeMap::new(),
         log: VecDeque::new(),
@@ -256,7 +258,8 @@ pub struct MemoryMailbox {
     data: Arc<Mutex<Data>>,
     name: MailboxName,
     guid: Guid128,
-    pending: Vec<(SaveRequest, Vec<u8>)>,
+    /// Staged saves: request, body, and the UID the mail moves away from (for moves).
+    pending: Vec<(SaveRequest, Vec<u8>, Option<Uid>)>,
     /// The one modseq of an import in progress ([`Mailbox::begin_import`]).
     import_modseq: Option<Modseq>,
 }
@@ -312,6 +315,7 @@ impl Mailbox for MemoryMailbox {
             recent: mb.mails.values().filter(|m| m.recent).count() as u32,
             first_recent_uid: mb.first_recent_uid,
             highest_modseq: mb.highest_modseq,
+            replicated_modseq: mb.replicated_modseq,
         })
         .unwrap_or(MailboxStatus {
             guid: self.guid,
@@ -322,6 +326,7 @@ impl Mailbox for MemoryMailbox {
             recent: 0,
             first_recent_uid: 0,
             highest_modseq: 0,
+            replicated_modseq: 0,
         })
     }
 
@@ -374,7 +379,7 @@ impl Mailbox for MemoryMailbox {
     fn save(&mut self, request: SaveRequest, body: &mut dyn Read) -> StoreResult<()> {
         let mut data = Vec::new();
         body.read_to_end(&mut data).map_err(|e| StoreError::io("read", "<mail body>", e))?;
-        self.pending.push((request, data));
+        self.pending.push((request, data, None));
         Ok(())
     }
 
@@ -389,7 +394,7 @@ impl Mailbox for MemoryMailbox {
             order.sort_by_key(|&i| pending[i].0.uid.map_or(u64::MAX, |u| u64::from(u.get())));
             let mut results = vec![None; pending.len()];
             for i in order {
-                let (req, body) = pending[i].clone();
+                let (req, body, from) = pending[i].clone();
                 let uid = match req.uid {
                     Some(u) if u.get() >= mb.uid_next => u,
                     _ => Uid::new(mb.uid_next).ok_or_else(|| StoreError::Limit("UIDs exhausted".to_owned()))?,
@@ -418,6 +423,12 @@ impl Mailbox for MemoryMailbox {
                     },
                 );
                 results[i] = Some(SavedMail { requested: req.uid, uid, guid });
+                if let Some(from) = from
+                    && let Some(m) = mb.mails.remove(&from)
+                {
+                    let modseq = bump(mb, import, 0);
+                    mb.log.push_back(Change::Expunge { uid: from, modseq, guid: m.guid.guid128() });
+                }
             }
             out.extend(results.into_iter().flatten());
             Ok(out)
@@ -484,19 +495,21 @@ impl Mailbox for MemoryMailbox {
         })
     }
 
-    fn move_to_uid(&mut self, from: Uid, to: Uid) -> StoreResult<Uid> {
-        let import = self.import_modseq;
-        self.with(|mb| {
-            let mut m = mb.mails.remove(&from).ok_or(StoreError::MailNotFound(from.get()))?;
-            let uid = if to.get() >= mb.uid_next { to } else { Uid::new(mb.uid_next).unwrap_or(to) };
-            mb.uid_next = uid.get() + 1;
-            let modseq = bump(mb, import, 0);
-            mb.log.push_back(Change::Expunge { uid: from, modseq, guid: m.guid.guid128() });
-            m.uid = uid;
-            m.modseq = modseq;
-            mb.mails.insert(uid, m);
-            Ok(uid)
-        })
+    fn stage_move(&mut self, from: Uid, to: Uid) -> StoreResult<()> {
+        let (req, body) = self.with(|mb| {
+            let m = mb.mails.get(&from).ok_or(StoreError::MailNotFound(from.get()))?;
+            let req = SaveRequest {
+                uid: Some(to),
+                guid: Some(m.guid.clone()),
+                flags: m.flags,
+                keywords: m.keywords.clone(),
+                received: Some(m.received),
+                min_modseq: 0,
+            };
+            Ok((req, m.body.as_ref().clone()))
+        })?;
+        self.pending.push((req, body, Some(from)));
+        Ok(())
     }
 
     fn update(&mut self, update: &MailboxUpdate) -> StoreResult<()> {
@@ -515,6 +528,9 @@ impl Mailbox for MemoryMailbox {
             }
             if let Some(m) = update.min_highest_modseq {
                 mb.highest_modseq = mb.highest_modseq.max(m);
+            }
+            if let Some(m) = update.replicated_modseq {
+                mb.replicated_modseq = m;
             }
             Ok(mb.guid)
         })?;

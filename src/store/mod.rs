@@ -107,6 +107,10 @@ pub struct MailboxStatus {
     pub first_recent_uid: u32,
     /// HIGHESTMODSEQ.
     pub highest_modseq: Modseq,
+    /// HIGHESTMODSEQ when a replication peer last had exactly this mailbox's content (0:
+    /// unknown). A higher HIGHESTMODSEQ means local changes since, even when every counter
+    /// happens to equal the peer's.
+    pub replicated_modseq: Modseq,
 }
 
 /// One mail as the store lists it.
@@ -217,6 +221,8 @@ pub struct MailboxUpdate {
     pub min_first_recent_uid: Option<u32>,
     /// Raise HIGHESTMODSEQ to at least this.
     pub min_highest_modseq: Option<Modseq>,
+    /// Record [`MailboxStatus::replicated_modseq`].
+    pub replicated_modseq: Option<Modseq>,
 }
 
 /// A mailbox backend: the mailbox tree and handles to single mailboxes.
@@ -320,8 +326,11 @@ pub trait Mailbox {
     /// Expunges mails; UIDs that no longer exist are skipped.
     fn expunge(&mut self, uids: &[Uid]) -> StoreResult<()>;
 
-    /// Gives a mail a new, higher UID, keeping its GUID, flags and body.
-    fn move_to_uid(&mut self, from: Uid, to: Uid) -> StoreResult<Uid>;
+    /// Stages giving a mail a new, higher UID (`to` or above), keeping its GUID, flags and
+    /// body. Like a save it takes effect at [`Mailbox::commit`], which reports it in staging
+    /// order among the saves; only then does the old UID disappear (as an expunge). Until then
+    /// the mail can still be read at its old UID, so a peer asking for it meanwhile gets it.
+    fn stage_move(&mut self, from: Uid, to: Uid) -> StoreResult<()>;
 
     /// Changes the mailbox's own metadata.
     fn update(&mut self, update: &MailboxUpdate) -> StoreResult<()>;

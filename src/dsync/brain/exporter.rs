@@ -151,19 +151,27 @@ impl Exporter {
     /// one per requested UID.
     pub(crate) fn mails_to_send<M: Mailbox>(&self, mb: &mut M) -> Result<Vec<OutMail>, StoreError> {
         let mut out = Vec::new();
+        // Our own importer may have moved a requested mail to a new UID meanwhile (a UID
+        // conflict): then the mail is found by its GUID. Built only when needed.
+        let mut by_guid: Option<HashMap<String, Uid>> = None;
         for g in &self.guid_order {
             let Some((uids, requested)) = self.guids.get(g) else { continue };
             if !requested {
                 continue;
             }
-            let mut found = None;
-            for &u in uids {
-                if let Some(uid) = Uid::new(u)
-                    && mb.mail(uid).is_some()
-                {
-                    found = Some(uid);
-                    break;
-                }
+            let mut found = uids
+                .iter()
+                .filter_map(|&u| Uid::new(u))
+                .find(|&uid| mb.mail(uid).is_some_and(|m| m.guid.as_str() == g));
+            if found.is_none() {
+                let map = by_guid.get_or_insert_with(|| {
+                    let mut map = HashMap::new();
+                    for m in mb.mails() {
+                        map.entry(m.guid.as_str().to_owned()).or_insert(m.uid);
+                    }
+                    map
+                });
+                found = map.get(g).copied();
             }
             match found {
                 Some(uid) => {

@@ -923,15 +923,16 @@ impl Importer {
         // Reuse existing mails by giving them the wanted UIDs (latest first).
         while let Some(&w) = wanted_v.get(wi) {
             let Some(old) = unwanted.pop() else { break };
-            match mb.move_to_uid(
+            // Staged like a save: the old UID stays readable until the commit, and the
+            // commit hands out UIDs in ascending order together with the saves.
+            match mb.stage_move(
                 Uid::new(old).ok_or_else(|| ImportError::Protocol("UID 0".into()))?,
                 Uid::new(w).unwrap_or(Uid::MIN),
             ) {
-                Ok(got) => {
-                    self.moved.insert(old, got.get());
+                Ok(()) => {
+                    self.moved.insert(old, w);
                     self.highest_wanted_uid = self.highest_wanted_uid.max(w);
-                    self.wanted_uids.push(w);
-                    self.saved_uids.push(got.get());
+                    self.pending_wanted.push(w);
                     assigned.insert(w);
                     wi += 1;
                 }
@@ -952,8 +953,18 @@ impl Importer {
         }
         // Copy a local instance to the remaining wanted UIDs.
         for &l in local_uids {
-            let uid = self.moved.get(&l).copied().unwrap_or(l);
-            let Some(rec) = Uid::new(uid).and_then(|u| mb.mail(u)) else { continue };
+            // A mail staged to move is still at its old UID unless a commit happened since;
+            // then it is found by its GUID.
+            let rec = match Uid::new(l).and_then(|u| mb.mail(u)) {
+                Some(r) => Some(r),
+                None if self.moved.contains_key(&l) => {
+                    let g = &self.newmails[first].guid;
+                    mb.mails().into_iter().find(|m| m.guid.as_str() == g)
+                }
+                None => None,
+            };
+            let Some(rec) = rec else { continue };
+            let uid = rec.uid.get();
             let guid = self.newmails[first].guid.clone();
             if !guid.is_empty() && rec.guid.as_str() != guid {
                 self.unexpected_state(format!("Unexpected GUID mismatch (3) for UID={uid}: {} != {guid}", rec.guid));
@@ -1124,8 +1135,8 @@ impl Importer {
                 continue;
             }
             let target = mb.status().uid_next;
-            match mb.move_to_uid(u, Uid::new(target).unwrap_or(u)) {
-                Ok(_) => renumbered += 1,
+            match mb.stage_move(u, Uid::new(target).unwrap_or(u)) {
+                Ok(()) => renumbered += 1,
                 Err(e) if e.is_not_found() => {}
                 Err(e) => return Err(e.into()),
             }
@@ -1133,6 +1144,7 @@ impl Importer {
         if renumbered == 0 {
             return Ok(None);
         }
+        mb.commit()?;
         self.last_common_uid = self.local_uid_next - 1;
         Ok(Some(format!("{} UIDs changed due to UID conflicts", unwanted.len())))
     }

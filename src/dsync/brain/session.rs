@@ -18,7 +18,7 @@
 //! the other side to read; the order below follows what each side sends only after receiving
 //! what, so neither side ever waits for the other in a circle.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::exporter::Exporter;
 use super::ibc::{Ibc, IbcError, Incoming, Settings, SyncKind};
@@ -83,6 +83,10 @@ pub(crate) struct SlaveConfig {
 /// The escape character we announce for mailbox names (doveadm forces `%` for dsync).
 const ESCAPE_CHAR: char = '%';
 
+/// How far our HIGHESTMODSEQ jumps after a sync that imported changes (see `exchange`): more
+/// changes than any master makes between two syncs, small enough that a u64 never runs out.
+const MODSEQ_JUMP: u64 = 1 << 32;
+
 struct Slave<'a, S: MailStore, I: Ibc> {
     store: &'a mut S,
     ibc: &'a mut I,
@@ -96,6 +100,10 @@ struct Slave<'a, S: MailStore, I: Ibc> {
     require_full_resync: bool,
     failed: Option<String>,
     boxes: Option<Vec<MailboxInfo>>,
+    /// Mailboxes (by their final GUID) that both sides created independently under one name:
+    /// their contents have never been compared, so they must be synced in this session even
+    /// if every counter happens to be equal.
+    merged_by_name: HashSet<Guid128>,
 }
 
 fn expect_end(what: &str, got: &Incoming) -> BrainError {
@@ -130,6 +138,7 @@ pub(crate) fn run_slave<S: MailStore, I: Ibc>(
         require_full_resync: false,
         failed: None,
         boxes: None,
+        merged_by_name: HashSet::new(),
     };
     slave.run()
 }
@@ -335,6 +344,10 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
                 let mut b = self.store.open(&mb)?;
                 let local = b.status().guid;
                 let ord = guid.0.cmp(&local.0);
+                if ord != std::cmp::Ordering::Equal && !self.settings.backup_recv && !self.settings.backup_send {
+                    self.merged_by_name.insert(*guid);
+                    self.merged_by_name.insert(local);
+                }
                 let change_ours =
                     (ord == std::cmp::Ordering::Greater && !self.settings.backup_recv && !self.settings.backup_send)
                         || (ord != std::cmp::Ordering::Equal && self.settings.backup_recv);
@@ -384,7 +397,7 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
         };
         let mut mb = self.store.open(&info.name)?;
         let st = mb.status();
-        let local = DsyncMailbox {
+        let mut local = DsyncMailbox {
             guid: st.guid,
             uid_validity: st.uid_validity,
             uid_next: st.uid_next,
@@ -410,7 +423,27 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
                 self.failed = Some("UIDVALIDITY changed during a stateful sync".to_owned());
             }
         }
+        // The master skips a mailbox whose counters (UIDVALIDITY, UIDNEXT, message count,
+        // HIGHESTMODSEQ) equal ours. Equal counters do not prove equal contents: both sides
+        // may have changed alike since the last sync (one new mail each), or the mailbox was
+        // created on both sides independently. When we know our side changed, ours are made
+        // to differ by a real modseq step, so that both sides compare their mails.
+        let changed_here = st.replicated_modseq != 0 && st.highest_modseq > st.replicated_modseq;
+        if !self.boxes_need_sync(&local, &remote)
+            && self.sync_kind == SyncKind::Changed
+            && !self.settings.no_mail_sync
+            && (changed_here || self.merged_by_name.contains(&local.guid))
+        {
+            let modseq = local.highest_modseq.max(remote.highest_modseq) + 1;
+            tracing::debug!(mailbox = %info.name.join('/'), modseq, "counters equal the master's after changes on both sides: raising HIGHESTMODSEQ to force a sync");
+            mb.update(&MailboxUpdate { min_highest_modseq: Some(modseq), ..Default::default() })?;
+            local.highest_modseq = mb.status().highest_modseq;
+        }
         if !self.boxes_need_sync(&local, &remote) {
+            // Nothing changed on either side: this is the content the master has.
+            if st.replicated_modseq != st.highest_modseq && !self.settings.no_mail_sync {
+                mb.update(&MailboxUpdate { replicated_modseq: Some(st.highest_modseq), ..Default::default() })?;
+            }
             self.ibc.send_mailbox(&local)?;
             self.ibc.flush()?;
             return Ok(());
@@ -651,6 +684,21 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
                 return Err(BrainError::Protocol(format!("state for mailbox {} while syncing {}", s.guid, local.guid)));
             }
             other => return Err(expect_end("the mailbox state", &other)),
+        }
+        // (Reaching here, the import succeeded and deleted nothing: see `failed` above.)
+        if !state.changes_during_sync && self.failed.is_none() && !self.require_full_resync {
+            // Both sides now hold the same mails: remember where our modseqs stood.
+            let mut hms = mb.status().highest_modseq;
+            if hms > local.highest_modseq.max(remote.highest_modseq) {
+                // Importing moved our HIGHESTMODSEQ past anything the master saw. The master
+                // ends at a value of its own, maybe just below ours; a few changes of its own
+                // could then bring its counters back to exactly ours, and it would skip the
+                // mailbox. A jump far ahead rules that out; the next sync, which has nothing
+                // to transfer, brings the master up to it.
+                hms = hms.saturating_add(MODSEQ_JUMP);
+                mb.update(&MailboxUpdate { min_highest_modseq: Some(hms), ..Default::default() })?;
+            }
+            mb.update(&MailboxUpdate { replicated_modseq: Some(hms), ..Default::default() })?;
         }
         Ok(())
     }

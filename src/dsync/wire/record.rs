@@ -79,7 +79,7 @@ pub struct Handshake {
 }
 
 /// `S`: a mailbox's sync state, sent in the initial state list and at the end of every
-/// mailbox. The same values make up the saved state string (see [`super::state`]).
+/// mailbox. The same values make up the saved state string (see [`super::decode_state`]).
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct MailboxState {
     /// The mailbox.
@@ -364,7 +364,7 @@ impl Record {
             return Err(WireError::malformed(
                 None,
                 None,
-                if item.name().is_some() || item == ItemType::DONE || first == b'.' {
+                if item == ItemType::CACHE_FIELD || item == ItemType::DONE {
                     Malformation::UnexpectedRecordType(item)
                 } else {
                     Malformation::UnknownRecordType(char::from(first))

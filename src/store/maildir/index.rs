@@ -79,6 +79,8 @@ pub(crate) struct Header {
     pub(crate) highest_modseq: Modseq,
     pub(crate) log_floor: Modseq,
     pub(crate) first_recent_uid: u32,
+    /// [`crate::store::MailboxStatus::replicated_modseq`].
+    pub(crate) replicated_modseq: Modseq,
 }
 
 /// Change stamps of the files the snapshot was taken from; all `None` = "rescan next time".
@@ -267,6 +269,7 @@ fn parse_header(rest: &str) -> Option<Header> {
             "M" => h.highest_modseq = v.parse().ok()?,
             "F" => h.log_floor = v.parse().ok()?,
             "R" => h.first_recent_uid = v.parse().ok()?,
+            "Y" => h.replicated_modseq = v.parse().ok()?,
             _ => return None,
         }
     }
@@ -276,13 +279,14 @@ fn parse_header(rest: &str) -> Option<Header> {
 /// Renders a header line.
 pub(crate) fn header_line(h: &Header) -> String {
     format!(
-        "H V{} G{} N{} M{} F{} R{}\n",
+        "H V{} G{} N{} M{} F{} R{} Y{}\n",
         h.uid_validity,
         h.guid.map_or_else(|| "-".to_owned(), |g| g.to_string()),
         h.next_uid,
         h.highest_modseq,
         h.log_floor,
-        h.first_recent_uid
+        h.first_recent_uid,
+        h.replicated_modseq
     )
 }
 
@@ -420,6 +424,7 @@ mod tests {
             highest_modseq: 5,
             log_floor: 1,
             first_recent_uid: 1,
+            replicated_modseq: 4,
         };
         let mails = vec![
             IndexedMail { uid: 1, modseq: 2, in_new: false, guid_ext: None, file: "a,S=1:2,S".into() },

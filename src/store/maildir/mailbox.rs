@@ -84,6 +84,8 @@ struct Pending {
     flags: Flags,
     keywords: Vec<Keyword>,
     min_modseq: Modseq,
+    /// For a staged move: the UID the mail leaves at commit.
+    move_from: Option<Uid>,
 }
 
 /// An open Maildir mailbox.
@@ -364,6 +366,7 @@ impl MaildirMailbox {
                     // it. (Starting at the first mail in new/ made it differ from the master's
                     // for good, and dsync's CHANGED mode then never skipped the mailbox.)
                     first_recent_uid: 1,
+                    replicated_modseq: 0,
                 };
                 self.log = VecDeque::new();
             }
@@ -703,6 +706,11 @@ impl MaildirMailbox {
         self.header.next_uid = self.next_uid;
         lines.push_str(&index::header_line(&self.header));
         self.append_index(&lines)?;
+        // Moves: the new instance is durable and has its UID, so the old one can go.
+        let moved: Vec<Uid> = pending.iter().filter_map(|p| p.move_from).collect();
+        if !moved.is_empty() {
+            self.expunge(&moved)?;
+        }
         Ok(saved)
     }
 
@@ -762,6 +770,7 @@ impl Mailbox for MaildirMailbox {
             recent: self.mails.iter().filter(|m| m.in_new).count() as u32,
             first_recent_uid: self.header.first_recent_uid.max(1),
             highest_modseq: self.header.highest_modseq,
+            replicated_modseq: self.header.replicated_modseq,
         }
     }
 
@@ -889,6 +898,7 @@ impl Mailbox for MaildirMailbox {
             flags: request.flags.stored(),
             keywords: request.keywords,
             min_modseq: request.min_modseq,
+            move_from: None,
         });
         Ok(())
     }
@@ -1016,45 +1026,52 @@ impl Mailbox for MaildirMailbox {
         self.append_index(&lines)
     }
 
-    fn move_to_uid(&mut self, from: Uid, to: Uid) -> StoreResult<Uid> {
+    fn stage_move(&mut self, from: Uid, to: Uid) -> StoreResult<()> {
         let idx = self.find(from).ok_or(StoreError::MailNotFound(from.get()))?;
-        let (lock, mut list) = self.lock_uidlist()?;
-        let uid = to.get().max(list.next_uid());
-        let m = self.mails[idx].clone();
+        // A hard link in tmp/ is the staged copy: no data is written, and until commit the
+        // mail stays readable at its old UID.
+        let tmp = self.dir.join("tmp").join(self.ctx.names.next());
+        let mut linked = false;
+        for attempt in 0..2 {
+            let src = self.path_of(&self.mails[idx]);
+            match fs::hard_link(&src, &tmp) {
+                Ok(()) => {
+                    linked = true;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempt == 0 => {
+                    if !self.relocate(idx)? {
+                        break;
+                    }
+                }
+                Err(e) => return Err(StoreError::io("link", tmp, e)),
+            }
+        }
+        if !linked {
+            return Err(StoreError::MailNotFound(from.get()));
+        }
+        let file = match File::open(&tmp) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(StoreError::io("open", tmp, e));
+            }
+        };
+        let m = &self.mails[idx];
         let old_base = filename::base(&m.file);
         let sizes = old_base.find(",S=").map(|i| old_base[i..].to_owned()).unwrap_or_default();
-        let new_base = format!("{}{}", self.ctx.names.next(), sizes);
-        let new_file = match m.file.split_once(':') {
-            Some((_, info)) => format!("{new_base}:{info}"),
-            None => new_base.clone(),
-        };
-        let sub = if m.in_new { "new" } else { "cur" };
-        let src = self.dir.join(sub).join(&m.file);
-        let dst = self.dir.join(sub).join(&new_file);
-        fs::hard_link(&src, &dst).ctx("link", &dst)?;
-        fsutil::fsync_dir(&self.dir.join(sub))?;
-        let guid = m.guid().to_owned();
-        list.append(
-            &self.dir,
-            vec![Record { uid, base: new_base, guid: Some(guid.clone()), other_exts: String::new() }],
-        )?;
-        lock.release()?;
-        fs::remove_file(&src).ctx("unlink", &src)?;
-        let modseq = self.next_modseq(0);
-        let entry = LogEntry::Expunge { modseq, uid: m.uid, guid: Guid128::from_mail_guid(&guid) };
-        let moved =
-            Mail { uid, modseq, in_new: m.in_new, guid_ext: Some(guid), file: new_file, flags: m.flags, kw: m.kw };
-        let mut lines = index::log_line(&entry);
-        lines.push_str(&index::mail_line(&moved.to_indexed()));
-        self.log.push_back(entry);
-        self.mails.remove(idx);
-        self.mails.push(moved);
-        self.next_uid = list.next_uid();
-        self.header.next_uid = self.next_uid;
-        lines.push_str(&index::header_line(&self.header));
-        self.dirs_dirty = true;
-        self.append_index(&lines)?;
-        Uid::new(uid).ok_or(StoreError::MailNotFound(0))
+        self.pending.push(Pending {
+            tmp,
+            file,
+            base: format!("{}{}", self.ctx.names.next(), sizes),
+            guid_ext: Some(m.guid().to_owned()),
+            requested: Some(to),
+            flags: m.flags,
+            keywords: self.keywords.keywords(m.kw),
+            min_modseq: 0,
+            move_from: Some(from),
+        });
+        Ok(())
     }
 
     fn update(&mut self, update: &MailboxUpdate) -> StoreResult<()> {
@@ -1090,6 +1107,9 @@ impl Mailbox for MaildirMailbox {
         }
         if let Some(m) = update.min_highest_modseq {
             h.highest_modseq = h.highest_modseq.max(m);
+        }
+        if let Some(m) = update.replicated_modseq {
+            h.replicated_modseq = m;
         }
         if header_change {
             // A new identity: the snapshot is rewritten so that it matches the new uidlist.
