@@ -242,7 +242,13 @@ impl MailStore for MemoryStore {
     fn open(&mut self, name: &MailboxName) -> StoreResult<MemoryMailbox> {
         let d = lock(&self.data);
         let mb = d.mailboxes.get(name).ok_or_else(|| StoreError::MailboxNotFound(name.join('/')))?;
-        Ok(MemoryMailbox { data: self.data.clone(), name: name.clone(), guid: mb.guid, pending: Vec::new() })
+        Ok(MemoryMailbox {
+            data: self.data.clone(),
+            name: name.clone(),
+            guid: mb.guid,
+            pending: Vec::new(),
+            import_modseq: None,
+        })
     }
 }
 
@@ -254,6 +260,8 @@ pub struct MemoryMailbox {
     guid: Guid128,
     /// Staged saves: request, body, and the UID the mail moves away from (for moves).
     pending: Vec<(SaveRequest, Vec<u8>, Option<Uid>)>,
+    /// The one modseq of an import in progress ([`Mailbox::begin_import`]).
+    import_modseq: Option<Modseq>,
 }
 
 impl MemoryMailbox {
@@ -284,9 +292,12 @@ fn record(m: &MemMail) -> MailRecord {
     }
 }
 
-fn bump(mb: &mut MemMailbox, min: Modseq) -> Modseq {
-    mb.highest_modseq = (mb.highest_modseq + 1).max(min);
-    mb.highest_modseq
+/// The modseq of a change: one above HIGHESTMODSEQ (or the import's one modseq), raised to
+/// `min`.
+fn bump(mb: &mut MemMailbox, import: Option<Modseq>, min: Modseq) -> Modseq {
+    let modseq = import.unwrap_or(mb.highest_modseq + 1).max(min);
+    mb.highest_modseq = mb.highest_modseq.max(modseq);
+    modseq
 }
 
 impl Mailbox for MemoryMailbox {
@@ -374,8 +385,9 @@ impl Mailbox for MemoryMailbox {
 
     fn commit(&mut self) -> StoreResult<Vec<SavedMail>> {
         let pending = std::mem::take(&mut self.pending);
+        let import = self.import_modseq;
         self.with(|mb| {
-            let base = mb.highest_modseq + 1;
+            let base = import.unwrap_or(mb.highest_modseq + 1);
             let mut out = Vec::new();
             // UIDs are assigned in ascending order of the UIDs asked for, as the Maildir does.
             let mut order: Vec<usize> = (0..pending.len()).collect();
@@ -414,7 +426,7 @@ impl Mailbox for MemoryMailbox {
                 if let Some(from) = from
                     && let Some(m) = mb.mails.remove(&from)
                 {
-                    let modseq = bump(mb, 0);
+                    let modseq = bump(mb, import, 0);
                     mb.log.push_back(Change::Expunge { uid: from, modseq, guid: m.guid.guid128() });
                 }
             }
@@ -431,6 +443,7 @@ impl Mailbox for MemoryMailbox {
         keywords: &[Keyword],
         min_modseq: Modseq,
     ) -> StoreResult<()> {
+        let import = self.import_modseq;
         self.with(|mb| {
             let m = mb.mails.get(&uid).ok_or(StoreError::MailNotFound(uid.get()))?;
             let (of, okw) = (m.flags, m.keywords.clone());
@@ -444,14 +457,14 @@ impl Mailbox for MemoryMailbox {
             nkw.dedup();
             if nf == of && nkw == okw {
                 if min_modseq > m.modseq {
-                    let modseq = bump(mb, min_modseq);
+                    let modseq = bump(mb, import, min_modseq);
                     if let Some(m) = mb.mails.get_mut(&uid) {
                         m.modseq = modseq;
                     }
                 }
                 return Ok(());
             }
-            let modseq = bump(mb, min_modseq);
+            let modseq = bump(mb, import, min_modseq);
             mb.log.push_back(Change::Flags {
                 uid,
                 modseq,
@@ -470,10 +483,11 @@ impl Mailbox for MemoryMailbox {
     }
 
     fn expunge(&mut self, uids: &[Uid]) -> StoreResult<()> {
+        let import = self.import_modseq;
         self.with(|mb| {
             for uid in uids {
                 if let Some(m) = mb.mails.remove(uid) {
-                    let modseq = bump(mb, 0);
+                    let modseq = bump(mb, import, 0);
                     mb.log.push_back(Change::Expunge { uid: *uid, modseq, guid: m.guid.guid128() });
                 }
             }
@@ -525,10 +539,16 @@ impl Mailbox for MemoryMailbox {
     }
 
     fn refresh(&mut self) -> StoreResult<()> {
+        self.import_modseq = None;
         Ok(())
     }
 
+    fn begin_import(&mut self) {
+        self.import_modseq = self.with(|mb| Ok(mb.highest_modseq + 1)).ok();
+    }
+
     fn sync_point(&mut self) -> StoreResult<()> {
+        self.import_modseq = None;
         Ok(())
     }
 }
@@ -558,5 +578,33 @@ mod tests {
         );
         assert!(matches!(ch[1], Change::Expunge { .. }));
         assert_eq!(mb.changes_since(0).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn an_import_is_one_transaction() {
+        let mut s = MemoryStore::new();
+        let mut mb = s.open(&MailboxName::inbox()).unwrap();
+        for u in [1, 2, 3] {
+            mb.save(SaveRequest { uid: Uid::new(u), ..Default::default() }, &mut &b"x\n"[..]).unwrap();
+        }
+        mb.commit().unwrap();
+        let start = mb.status().highest_modseq;
+        mb.begin_import();
+        // A peer's changes, in UID order, with the peer's modseqs out of order.
+        mb.change_flags(Uid::new(1).unwrap(), FlagOp::Add, Flags::SEEN, &[], start + 40).unwrap();
+        mb.change_flags(Uid::new(2).unwrap(), FlagOp::Add, Flags::SEEN, &[], start + 30).unwrap();
+        mb.expunge(&[Uid::new(3).unwrap()]).unwrap();
+        mb.save(SaveRequest { uid: Uid::new(4), min_modseq: start + 20, ..Default::default() }, &mut &b"y\n"[..])
+            .unwrap();
+        mb.commit().unwrap();
+        // The import ends at the highest modseq it was given, not one step above it per change.
+        assert_eq!(mb.status().highest_modseq, start + 40);
+        let modseqs: Vec<Modseq> = mb.changes_since(start).unwrap().iter().map(Change::modseq).collect();
+        assert_eq!(modseqs, [start + 40, start + 30, start + 1]);
+        assert_eq!(mb.mail(Uid::new(4).unwrap()).unwrap().modseq, start + 20);
+        // After it, changes are numbered one by one again.
+        mb.sync_point().unwrap();
+        mb.change_flags(Uid::new(2).unwrap(), FlagOp::Add, Flags::FLAGGED, &[], 0).unwrap();
+        assert_eq!(mb.status().highest_modseq, start + 41);
     }
 }

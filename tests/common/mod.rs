@@ -22,6 +22,8 @@
 // Each test binary uses a different part of the harness, and the items are `pub` for them.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod dsync;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fmt::Write as _;
@@ -129,6 +131,18 @@ impl Output {
     pub fn expect_code(self, code: i32) -> Self {
         assert_eq!(self.code, Some(code), "unexpected exit: {}", self.describe());
         self
+    }
+
+    /// Panics unless it exited with 0 and, for `tool`, said nothing alarming: no
+    /// `Error:`/`Warning:`/`Panic:`/`Fatal:` line from Dovecot, an empty stderr from us.
+    #[track_caller]
+    pub fn ok_quiet(self, tool: Tool) -> Self {
+        let out = self.ok();
+        match tool {
+            Tool::Dovecot => assert_quiet_dovecot(&out),
+            Tool::Ours => assert!(out.stderr.is_empty(), "unexpected stderr from {}", out.describe()),
+        }
+        out
     }
 
     /// stdout as text (lossy).
@@ -601,23 +615,60 @@ impl TestUser {
     // --------------------------------------------------------------------------------------
     // What a tool shows
 
+    /// `tool ARGS` run on the Maildir at `location` (`-o mail_location=LOCATION`; the
+    /// configured location when `None`), asserting success and a quiet stderr.
+    #[track_caller]
+    pub fn ok_at<S: AsRef<OsStr>>(&self, tool: Tool, location: Option<&str>, args: &[S]) -> String {
+        self.run_at(tool, location, args).ok_quiet(tool).text()
+    }
+
+    /// `tool ARGS` run on the Maildir at `location` (see [`TestUser::ok_at`]).
+    pub fn run_at<S: AsRef<OsStr>>(&self, tool: Tool, location: Option<&str>, args: &[S]) -> Output {
+        let mut all: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(loc) = location {
+            all.push("-o".into());
+            all.push(format!("mail_location={loc}").into());
+        }
+        all.extend(args.iter().map(|a| a.as_ref().to_owned()));
+        self.run(tool, &all)
+    }
+
     /// Mailbox names `mailbox list` prints, sorted (doveadm prints them in readdir order).
     #[track_caller]
     pub fn mailbox_list(&self, tool: Tool) -> Vec<String> {
-        sorted_lines(&self.ok(tool, &["mailbox", "list"]))
+        self.mailbox_list_at(tool, None)
+    }
+
+    /// [`TestUser::mailbox_list`] of the Maildir at `location`.
+    #[track_caller]
+    pub fn mailbox_list_at(&self, tool: Tool, location: Option<&str>) -> Vec<String> {
+        sorted_lines(&self.ok_at(tool, location, &["mailbox", "list"]))
     }
 
     /// Subscribed names (`mailbox list -s`), sorted.
     #[track_caller]
     pub fn subscriptions(&self, tool: Tool) -> Vec<String> {
-        sorted_lines(&self.ok(tool, &["mailbox", "list", "-s"]))
+        self.subscriptions_at(tool, None)
+    }
+
+    /// [`TestUser::subscriptions`] of the Maildir at `location`.
+    #[track_caller]
+    pub fn subscriptions_at(&self, tool: Tool, location: Option<&str>) -> Vec<String> {
+        sorted_lines(&self.ok_at(tool, location, &["mailbox", "list", "-s"]))
     }
 
     /// `mailbox status 'messages uidnext uidvalidity unseen guid' '*'`: one row per
     /// selectable mailbox, by name (columns in doveadm's order, which is fixed).
     #[track_caller]
     pub fn status_all(&self, tool: Tool) -> BTreeMap<String, Vec<String>> {
-        let t = self.ok(tool, &["-f", "tab", "mailbox", "status", "messages uidnext uidvalidity unseen guid", "*"]);
+        self.status_all_at(tool, None)
+    }
+
+    /// [`TestUser::status_all`] of the Maildir at `location`.
+    #[track_caller]
+    pub fn status_all_at(&self, tool: Tool, location: Option<&str>) -> BTreeMap<String, Vec<String>> {
+        let args = ["-f", "tab", "mailbox", "status", "messages uidnext uidvalidity unseen guid", "*"];
+        let t = self.ok_at(tool, location, &args);
         let rows = parse_tab(&t, &["mailbox", "messages", "uidnext", "uidvalidity", "unseen", "guid"]);
         rows.into_iter().map(|mut r| (r.remove(0), r)).collect()
     }
@@ -625,7 +676,13 @@ impl TestUser {
     /// `fetch 'uid guid flags' mailbox NAME all` with `\Recent` removed from the flags.
     #[track_caller]
     pub fn mails(&self, tool: Tool, mailbox: &str) -> Vec<[String; 3]> {
-        let t = self.ok(tool, &["-f", "tab", "fetch", "uid guid flags", "mailbox", mailbox, "all"]);
+        self.mails_at(tool, None, mailbox)
+    }
+
+    /// [`TestUser::mails`] of the Maildir at `location`.
+    #[track_caller]
+    pub fn mails_at(&self, tool: Tool, location: Option<&str>, mailbox: &str) -> Vec<[String; 3]> {
+        let t = self.ok_at(tool, location, &["-f", "tab", "fetch", "uid guid flags", "mailbox", mailbox, "all"]);
         parse_tab(&t, &["uid", "guid", "flags"])
             .into_iter()
             .map(|r| [r[0].clone(), r[1].clone(), normalize_flags(&r[2])])
@@ -635,9 +692,20 @@ impl TestUser {
     /// Everything [`View`] holds, as `tool` shows it.
     #[track_caller]
     pub fn view(&self, tool: Tool) -> View {
-        let status = self.status_all(tool);
-        let mails = status.keys().map(|m| (m.clone(), self.mails(tool, m))).collect();
-        View { mailboxes: self.mailbox_list(tool), subscriptions: self.subscriptions(tool), status, mails }
+        self.view_at(tool, None)
+    }
+
+    /// [`TestUser::view`] of the Maildir at `location`.
+    #[track_caller]
+    pub fn view_at(&self, tool: Tool, location: Option<&str>) -> View {
+        let status = self.status_all_at(tool, location);
+        let mails = status.keys().map(|m| (m.clone(), self.mails_at(tool, location, m))).collect();
+        View {
+            mailboxes: self.mailbox_list_at(tool, location),
+            subscriptions: self.subscriptions_at(tool, location),
+            status,
+            mails,
+        }
     }
 
     /// Asserts that Dovecot and we show the same [`View`], and returns it. Dovecot is asked
@@ -663,7 +731,13 @@ impl TestUser {
     /// The full text (`fetch text`) of one mail, byte for byte.
     #[track_caller]
     pub fn body(&self, tool: Tool, mailbox: &str, uid: &str) -> Vec<u8> {
-        let out = self.run(tool, &["-f", "tab", "fetch", "text", "mailbox", mailbox, "uid", uid]).ok();
+        self.body_at(tool, None, mailbox, uid)
+    }
+
+    /// [`TestUser::body`] from the Maildir at `location`.
+    #[track_caller]
+    pub fn body_at(&self, tool: Tool, location: Option<&str>, mailbox: &str, uid: &str) -> Vec<u8> {
+        let out = self.run_at(tool, location, &["-f", "tab", "fetch", "text", "mailbox", mailbox, "uid", uid]).ok();
         // tab format of a single stream column: a "text" title line, the stream, then LF.
         let b = out.stdout;
         assert!(b.starts_with(b"text\n") && b.ends_with(b"\n"), "odd fetch text output: {b:?}");

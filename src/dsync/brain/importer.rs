@@ -237,6 +237,10 @@ impl Importer {
         remote: RemoteBox,
     ) -> Result<Self, ImportError> {
         let status = mb.status();
+        // Everything this import changes shares one modseq, raised per mail to the remote's
+        // modseq, as in Dovecot's single import transaction: the mailbox then ends at the
+        // remote's HIGHESTMODSEQ instead of running ahead of it (see `Mailbox::begin_import`).
+        mb.begin_import();
         let stateful = last.uid != 0 || last.modseq != 0;
         let mut imp = Self {
             opts,

@@ -561,7 +561,6 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
             self.ibc.send_end_of_list()?;
             self.ibc.flush()?;
         }
-        let mut import_failed: Option<String> = None;
         // What we receive first: the remote's attributes and changes.
         if let Some(imp) = importer.as_mut() {
             if attributes {
@@ -572,27 +571,19 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
             }
             loop {
                 match self.ibc.recv()? {
-                    Incoming::Change(c) => {
-                        if import_failed.is_none()
-                            && let Err(e) = imp.import_change(mb, &c)
-                        {
-                            match e {
-                                ImportError::Failed(f) => import_failed = Some(f),
-                                other => return Err(other.into()),
-                            }
-                        }
-                    }
+                    Incoming::Change(c) => match imp.import_change(mb, &c) {
+                        Ok(()) => {}
+                        Err(ImportError::Failed(f)) => return self.abort_import(mb, info, importer, f),
+                        Err(other) => return Err(other.into()),
+                    },
                     Incoming::EndOfList => break,
                     other => return Err(expect_end("a mail change or its list end", &other)),
                 }
             }
-            if import_failed.is_none()
-                && let Err(e) = imp.changes_finish(mb)
-            {
-                match e {
-                    ImportError::Failed(f) => import_failed = Some(f),
-                    other => return Err(other.into()),
-                }
+            match imp.changes_finish(mb) {
+                Ok(()) => {}
+                Err(ImportError::Failed(f)) => return self.abort_import(mb, info, importer, f),
+                Err(other) => return Err(other.into()),
             }
             if mail_requests {
                 while let Some(r) = imp.next_request() {
@@ -637,13 +628,10 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
                         } else {
                             imp.import_mail(mb, &h, None)
                         };
-                        if let Err(e) = res {
-                            match e {
-                                ImportError::Failed(f) => {
-                                    import_failed.get_or_insert(f);
-                                }
-                                other => return Err(other.into()),
-                            }
+                        match res {
+                            Ok(()) => {}
+                            Err(ImportError::Failed(f)) => return self.abort_import(mb, info, importer, f),
+                            Err(other) => return Err(other.into()),
                         }
                         // Whatever the importer did not read of the body is skipped.
                         if has_body {
@@ -657,7 +645,7 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
         }
         // Our state for this mailbox.
         let mut state = MailboxState { guid: local.guid, last_uidvalidity: local.uid_validity, ..Default::default() };
-        let mut delete_mailbox = false;
+        let mut failed = None;
         match importer.take() {
             None => {
                 state.last_common_uid = local.uid_next.saturating_sub(1);
@@ -666,7 +654,7 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
                 state.last_messages_count = local.messages_count;
             }
             Some(imp) => {
-                let r = imp.finish(mb, import_failed.is_none())?;
+                let r = imp.finish(mb, true)?;
                 state.last_common_uid = r.last_common_uid;
                 state.last_common_modseq = r.last_common_modseq;
                 state.last_common_pvt_modseq = r.last_common_pvt_modseq;
@@ -678,10 +666,10 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
                     state.changes_during_sync = true;
                     self.set_changes_during_sync(c);
                 }
-                delete_mailbox = r.delete_mailbox;
-                if let Some(e) = r.error.or(import_failed) {
-                    self.failed.get_or_insert(e);
+                if r.delete_mailbox {
+                    self.delete_for_recreate(info);
                 }
+                failed = r.error;
             }
         }
         if self.require_full_resync {
@@ -691,6 +679,10 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
         mb.sync_point()?;
         self.ibc.send_mailbox_state(&state)?;
         self.ibc.flush()?;
+        if let Some(e) = failed {
+            // Dovecot's slave sends its state and then stops: the brain has failed.
+            return Err(BrainError::Failed(e));
+        }
         match self.ibc.recv()? {
             Incoming::MailboxState(s) if s.guid == local.guid => {
                 if s.changes_during_sync {
@@ -702,7 +694,8 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
             }
             other => return Err(expect_end("the mailbox state", &other)),
         }
-        if !delete_mailbox && !state.changes_during_sync && self.failed.is_none() && !self.require_full_resync {
+        // (Reaching here, the import succeeded and deleted nothing: see `failed` above.)
+        if !state.changes_during_sync && self.failed.is_none() && !self.require_full_resync {
             // Both sides now hold the same mails: remember where our modseqs stood.
             let mut hms = mb.status().highest_modseq;
             if hms > local.highest_modseq.max(remote.highest_modseq) {
@@ -716,15 +709,41 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
             }
             mb.update(&MailboxUpdate { replicated_modseq: Some(hms), ..Default::default() })?;
         }
-        if delete_mailbox {
-            tracing::warn!("deleting mailbox {} so that the next sync recreates it", info.name.join('/'));
-            let name = info.name.clone();
-            if let Err(e) = self.store.delete_mailbox(&name) {
-                tracing::error!("couldn't delete mailbox {}: {e}", name.join('/'));
-            }
-            self.boxes = None;
-        }
         Ok(())
+    }
+
+    /// An import failed (a backup conflict that only recreating the mailbox can fix, or a
+    /// mail the remote did not deliver). Dovecot's brain then fails at once
+    /// (`brain->failed`): its slave sends nothing more for this mailbox, syncs no further
+    /// mailbox and closes with `X` instead of `F`; the importer is finished on the way out,
+    /// which deletes a mailbox it marked for deletion, so that the next run recreates it. We
+    /// do the same, so that the master sees the same session (and the same later mailboxes
+    /// are left for the next run).
+    fn abort_import(
+        &mut self,
+        mb: &mut S::Mailbox,
+        info: &MailboxInfo,
+        importer: Option<Importer>,
+        reason: String,
+    ) -> Result<(), BrainError> {
+        if let Some(imp) = importer {
+            let r = imp.finish(mb, false)?;
+            if r.delete_mailbox {
+                self.delete_for_recreate(info);
+            }
+        }
+        mb.sync_point()?;
+        Err(BrainError::Failed(reason))
+    }
+
+    /// Deletes a mailbox whose conflicts only a new copy can fix (Dovecot's importer does it
+    /// when it is finished); failing that is logged, as Dovecot logs it.
+    fn delete_for_recreate(&mut self, info: &MailboxInfo) {
+        tracing::warn!("deleting mailbox {} so that the next sync recreates it", info.name.join('/'));
+        if let Err(e) = self.store.delete_mailbox(&info.name) {
+            tracing::error!("couldn't delete mailbox {}: {e}", info.name.join('/'));
+        }
+        self.boxes = None;
     }
 
     fn recv_list(

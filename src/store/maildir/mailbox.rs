@@ -107,6 +107,8 @@ pub struct MaildirMailbox {
     appended: usize,
     pending: Vec<Pending>,
     dirs_dirty: bool,
+    /// The one modseq of an import in progress ([`Mailbox::begin_import`]).
+    import_modseq: Option<Modseq>,
 }
 
 fn is_fresh(s: Option<Stamp>) -> bool {
@@ -187,6 +189,7 @@ impl MaildirMailbox {
             appended: 0,
             pending: Vec::new(),
             dirs_dirty: false,
+            import_modseq: None,
         };
         mb.load()?;
         Ok(mb)
@@ -353,14 +356,16 @@ impl MaildirMailbox {
                 for m in &mut current {
                     m.modseq = base;
                 }
-                let first_recent = current.iter().find(|m| m.in_new).map_or(self.next_uid, |m| m.uid);
                 self.header = Header {
                     uid_validity: self.uid_validity,
                     guid: Some(self.guid),
                     next_uid: self.next_uid,
                     highest_modseq: base,
                     log_floor: base,
-                    first_recent_uid: if fresh_mailbox { 1 } else { first_recent },
+                    // As in a rebuilt Dovecot index: only a session that takes \Recent raises
+                    // it. (Starting at the first mail in new/ made it differ from the master's
+                    // for good, and dsync's CHANGED mode then never skipped the mailbox.)
+                    first_recent_uid: 1,
                     replicated_modseq: 0,
                 };
                 self.log = VecDeque::new();
@@ -474,9 +479,12 @@ impl MaildirMailbox {
         }
     }
 
+    /// The modseq of a change: one above HIGHESTMODSEQ (or the import's one modseq), raised
+    /// to `min`.
     fn next_modseq(&mut self, min: Modseq) -> Modseq {
-        self.header.highest_modseq = (self.header.highest_modseq + 1).max(min);
-        self.header.highest_modseq
+        let modseq = self.import_modseq.unwrap_or(self.header.highest_modseq + 1).max(min);
+        self.header.highest_modseq = self.header.highest_modseq.max(modseq);
+        modseq
     }
 
     fn record(&self, m: &Mail) -> MailRecord {
@@ -673,8 +681,9 @@ impl MaildirMailbox {
         lock.release()?;
         drop(renamed);
         self.keywords = kwmap;
-        // 3. Our index: one modseq for the whole commit (raised per mail by min_modseq).
-        let base_modseq = self.header.highest_modseq + 1;
+        // 3. Our index: one modseq for the whole commit, or the import's (raised per mail by
+        // min_modseq).
+        let base_modseq = self.import_modseq.unwrap_or(self.header.highest_modseq + 1);
         let mut lines = String::new();
         let mut saved = Vec::with_capacity(placed.len());
         placed.sort_by_key(|(i, _)| *i);
@@ -1118,10 +1127,16 @@ impl Mailbox for MaildirMailbox {
         if let Some(a) = &mut self.appender {
             a.sync()?;
         }
+        self.import_modseq = None;
         self.load()
     }
 
+    fn begin_import(&mut self) {
+        self.import_modseq = Some(self.header.highest_modseq + 1);
+    }
+
     fn sync_point(&mut self) -> StoreResult<()> {
+        self.import_modseq = None;
         if self.dirs_dirty {
             fsutil::fsync_dir(&self.dir.join("cur"))?;
             fsutil::fsync_dir(&self.dir.join("new"))?;
