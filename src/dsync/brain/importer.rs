@@ -237,10 +237,10 @@ impl Importer {
         remote: RemoteBox,
     ) -> Result<Self, ImportError> {
         let status = mb.status();
-        // Everything this import changes shares one modseq, raised per mail to the remote's
-        // modseq, as in Dovecot's single import transaction: the mailbox then ends at the
-        // remote's HIGHESTMODSEQ instead of running ahead of it (see `Mailbox::begin_import`).
-        mb.begin_import();
+        // Everything this import changes shares one modseq, the larger of ours and the
+        // remote's HIGHESTMODSEQ (raised per mail to the remote's modseq): the mailbox then
+        // never runs ahead of the remote (see `Mailbox::begin_import`).
+        mb.begin_import(status.highest_modseq.max(remote.highest_modseq));
         let stateful = last.uid != 0 || last.modseq != 0;
         let mut imp = Self {
             opts,

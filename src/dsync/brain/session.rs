@@ -83,10 +83,6 @@ pub(crate) struct SlaveConfig {
 /// The escape character we announce for mailbox names (doveadm forces `%` for dsync).
 const ESCAPE_CHAR: char = '%';
 
-/// How far our HIGHESTMODSEQ jumps after a sync that imported changes (see `exchange`): more
-/// changes than any master makes between two syncs, small enough that a u64 never runs out.
-const MODSEQ_JUMP: u64 = 1 << 32;
-
 struct Slave<'a, S: MailStore, I: Ibc> {
     store: &'a mut S,
     ibc: &'a mut I,
@@ -696,17 +692,9 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
         }
         // (Reaching here, the import succeeded and deleted nothing: see `failed` above.)
         if !state.changes_during_sync && self.failed.is_none() && !self.require_full_resync {
-            // Both sides now hold the same mails: remember where our modseqs stood.
-            let mut hms = mb.status().highest_modseq;
-            if hms > local.highest_modseq.max(remote.highest_modseq) {
-                // Importing moved our HIGHESTMODSEQ past anything the master saw. The master
-                // ends at a value of its own, maybe just below ours; a few changes of its own
-                // could then bring its counters back to exactly ours, and it would skip the
-                // mailbox. A jump far ahead rules that out; the next sync, which has nothing
-                // to transfer, brings the master up to it.
-                hms = hms.saturating_add(MODSEQ_JUMP);
-                mb.update(&MailboxUpdate { min_highest_modseq: Some(hms), ..Default::default() })?;
-            }
+            // Both sides now hold the same mails: remember where our modseqs stood. (The
+            // import kept ours at or below the master's, see `Mailbox::begin_import`.)
+            let hms = mb.status().highest_modseq;
             mb.update(&MailboxUpdate { replicated_modseq: Some(hms), ..Default::default() })?;
         }
         Ok(())
