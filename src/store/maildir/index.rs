@@ -286,24 +286,51 @@ pub(crate) fn header_line(h: &Header) -> String {
     )
 }
 
-/// Renders a mail line.
-pub(crate) fn mail_line(m: &IndexedMail) -> String {
-    let mut s = String::with_capacity(m.file.len() + 40);
-    s.push_str("m ");
-    s.push_str(&m.uid.to_string());
-    s.push(' ');
-    s.push_str(&m.modseq.to_string());
-    s.push_str(if m.in_new { " n " } else { " c " });
-    match &m.guid_ext {
-        Some(g) => {
-            s.push('G');
-            s.push_str(g);
+/// A mail as an index line describes it, borrowed from wherever the mail is kept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MailLine<'a> {
+    pub(crate) uid: u32,
+    pub(crate) modseq: Modseq,
+    pub(crate) in_new: bool,
+    pub(crate) guid_ext: Option<&'a str>,
+    pub(crate) file: &'a str,
+}
+
+#[cfg(test)]
+impl IndexedMail {
+    /// This mail as a [`MailLine`].
+    pub(crate) fn line(&self) -> MailLine<'_> {
+        MailLine {
+            uid: self.uid,
+            modseq: self.modseq,
+            in_new: self.in_new,
+            guid_ext: self.guid_ext.as_deref(),
+            file: &self.file,
         }
-        None => s.push('-'),
     }
-    s.push(' ');
-    s.push_str(&m.file);
-    s.push('\n');
+}
+
+/// Appends a mail line to `out`.
+pub(crate) fn push_mail_line(out: &mut String, m: &MailLine<'_>) {
+    use std::fmt::Write as _;
+    let _ = write!(out, "m {} {}", m.uid, m.modseq);
+    out.push_str(if m.in_new { " n " } else { " c " });
+    match m.guid_ext {
+        Some(g) => {
+            out.push('G');
+            out.push_str(g);
+        }
+        None => out.push('-'),
+    }
+    out.push(' ');
+    out.push_str(m.file);
+    out.push('\n');
+}
+
+/// Renders a mail line.
+pub(crate) fn mail_line(m: &MailLine<'_>) -> String {
+    let mut s = String::with_capacity(m.file.len() + 40);
+    push_mail_line(&mut s, m);
     s
 }
 
@@ -323,7 +350,7 @@ pub(crate) fn write_snapshot(
     dir: &Path,
     header: &Header,
     stamps: Option<&Stamps>,
-    mails: &mut dyn Iterator<Item = IndexedMail>,
+    mails: &mut dyn Iterator<Item = MailLine<'_>>,
     log: &mut VecDeque<LogEntry>,
     messages: usize,
 ) -> StoreResult<Modseq> {
@@ -350,7 +377,7 @@ pub(crate) fn write_snapshot(
         ));
     }
     for m in mails {
-        data.push_str(&mail_line(&m));
+        push_mail_line(&mut data, &m);
     }
     data.push_str("-- log\n");
     for e in log.iter() {
@@ -421,7 +448,7 @@ mod tests {
             log_floor: 1,
             first_recent_uid: 1,
         };
-        let mails = vec![
+        let mails = [
             IndexedMail { uid: 1, modseq: 2, in_new: false, guid_ext: None, file: "a,S=1:2,S".into() },
             IndexedMail { uid: 2, modseq: 5, in_new: true, guid_ext: Some("g2".into()), file: "b".into() },
         ];
@@ -433,17 +460,12 @@ mod tests {
             kw_added: 0,
             kw_removed: 0,
         }]);
-        write_snapshot(dir.path(), &h, Some(&Stamps::default()), &mut mails.into_iter(), &mut log, 2).unwrap();
+        write_snapshot(dir.path(), &h, Some(&Stamps::default()), &mut mails.iter().map(IndexedMail::line), &mut log, 2)
+            .unwrap();
         let mut ap = Appender::open(dir.path()).unwrap();
         ap.append(&log_line(&LogEntry::Expunge { modseq: 6, uid: 2, guid: Guid128([2; 16]) })).unwrap();
-        ap.append(&mail_line(&IndexedMail {
-            uid: 3,
-            modseq: 7,
-            in_new: false,
-            guid_ext: None,
-            file: "c with space:2,".into(),
-        }))
-        .unwrap();
+        ap.append(&mail_line(&MailLine { uid: 3, modseq: 7, in_new: false, guid_ext: None, file: "c with space:2," }))
+            .unwrap();
         let mut h2 = h;
         h2.highest_modseq = 7;
         ap.append(&header_line(&h2)).unwrap();

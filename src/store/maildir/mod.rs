@@ -16,6 +16,7 @@
 //! With `LAYOUT=fs` children are nested directories (`Archive/2024/`) and the separator is `/`.
 
 mod dotlock;
+mod fasthash;
 mod filename;
 mod fsutil;
 mod index;

@@ -144,7 +144,8 @@ impl Uidlist {
             return Err(corrupt(1, "next UID is missing or 0"));
         }
         let mut last_uid = 0u32;
-        let mut seen = std::collections::HashSet::new();
+        let mut seen: super::fasthash::FastSet<&str> = Default::default();
+        seen.reserve(complete.len() / 48);
         for (i, line) in lines.enumerate() {
             let lineno = i + 2;
             if line.is_empty() {
