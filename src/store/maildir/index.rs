@@ -256,6 +256,30 @@ impl Index {
     }
 }
 
+/// The header an index ends with (appends add a header line after every change, and the last
+/// one wins), without parsing the rest. `None` when there is no index, or it is damaged at
+/// either end (no magic line, a torn last line, no header line).
+pub(crate) fn read_last_header(dir: &Path) -> StoreResult<Option<Header>> {
+    let Some(data) = fsutil::read_optional(&dir.join(NAME))? else {
+        return Ok(None);
+    };
+    let magic_ok = data.strip_prefix(MAGIC.as_bytes()).is_some_and(|rest| rest.first() == Some(&b'\n'));
+    if !magic_ok || data.last() != Some(&b'\n') {
+        return Ok(None);
+    }
+    let mut end = data.len() - 1; // the LF that ends the current line
+    loop {
+        let start = data[..end].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        if let Some(rest) = data[start..end].strip_prefix(b"H ") {
+            return Ok(std::str::from_utf8(rest).ok().and_then(parse_header));
+        }
+        if start == 0 {
+            return Ok(None);
+        }
+        end = start - 1;
+    }
+}
+
 fn parse_header(rest: &str) -> Option<Header> {
     let mut h = Header::default();
     for t in rest.split(' ') {
@@ -477,6 +501,26 @@ mod tests {
         assert_eq!(idx.log.len(), 2);
         assert_eq!(idx.appended, 3);
         assert!(!idx.torn);
+    }
+
+    #[test]
+    fn last_header() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_last_header(dir.path()).unwrap(), None);
+        let p = dir.path().join(NAME);
+        std::fs::write(&p, "mailreplica-index 1\nH V1 G- N1 M1 F1 R1\nm 1 1 c - f\n-- log\n-- end\n").unwrap();
+        assert_eq!(read_last_header(dir.path()).unwrap().unwrap().highest_modseq, 1);
+        std::fs::write(
+            &p,
+            "mailreplica-index 1\nH V1 G- N1 M1 F1 R1\n-- log\n-- end\nm 2 2 n - g\nH V1 G- N3 M2 F1 R1\n",
+        )
+        .unwrap();
+        let h = read_last_header(dir.path()).unwrap().unwrap();
+        assert_eq!((h.next_uid, h.highest_modseq), (3, 2));
+        std::fs::write(&p, "mailreplica-index 1\nH V1 G- N1 M1 F1 R1\nm 2 2 n - g").unwrap();
+        assert_eq!(read_last_header(dir.path()).unwrap(), None, "torn");
+        std::fs::write(&p, "something else\nH V1 G- N1 M1 F1 R1\n").unwrap();
+        assert_eq!(read_last_header(dir.path()).unwrap(), None, "no magic");
     }
 
     #[test]

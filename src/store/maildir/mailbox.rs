@@ -106,6 +106,9 @@ pub struct MaildirMailbox {
     appended: usize,
     pending: Vec<Pending>,
     dirs_dirty: bool,
+    /// Opened for appending only ([`MaildirAppender`]): `mails` and `log` hold only what this
+    /// handle saved, the header is the index's latest.
+    partial: bool,
 }
 
 fn is_fresh(s: Option<Stamp>) -> bool {
@@ -199,6 +202,23 @@ fn match_records(list: &Uidlist, by_base: &FastMap<&str, usize>) -> (Vec<Option<
 impl MaildirMailbox {
     /// Opens the mailbox stored in `dir`.
     pub(crate) fn open(ctx: Arc<Ctx>, name: MailboxName, dir: PathBuf) -> StoreResult<Self> {
+        let mut mb = Self::open_unloaded(ctx, name, dir)?;
+        mb.load()?;
+        Ok(mb)
+    }
+
+    /// Opens the mailbox stored in `dir` for appending only: without a scan when our index
+    /// and the uidlist agree on the mailbox's identity (else like [`MaildirMailbox::open`]).
+    pub(crate) fn open_for_append(ctx: Arc<Ctx>, name: MailboxName, dir: PathBuf) -> StoreResult<Self> {
+        let mut mb = Self::open_unloaded(ctx, name, dir)?;
+        if !mb.load_header_only()? {
+            mb.load()?;
+        }
+        Ok(mb)
+    }
+
+    /// Checks the directory, creates a missing new/ or tmp/ and takes the flock.
+    fn open_unloaded(ctx: Arc<Ctx>, name: MailboxName, dir: PathBuf) -> StoreResult<Self> {
         let cur = dir.join("cur");
         let meta = match fs::metadata(&cur) {
             Ok(m) if m.is_dir() => m,
@@ -220,7 +240,7 @@ impl MaildirMailbox {
         let lock = Flock::lock(dirf, FlockArg::LockExclusive)
             .map_err(|(_, e)| StoreError::io("flock", &dir, io::Error::from(e)))?;
         let file_mode = meta.permissions().mode() & 0o666;
-        let mut mb = Self {
+        let mb = Self {
             name,
             dir,
             ctx,
@@ -237,9 +257,31 @@ impl MaildirMailbox {
             appended: 0,
             pending: Vec::new(),
             dirs_dirty: false,
+            partial: false,
         };
-        mb.load()?;
         Ok(mb)
+    }
+
+    /// The partial load of [`MaildirMailbox::open_for_append`]: the latest header of our index
+    /// and the identity in the uidlist's header, nothing else. Returns false (and loads
+    /// nothing) when they are missing, damaged or disagree; then a full load must follow.
+    fn load_header_only(&mut self) -> StoreResult<bool> {
+        let Some(header) = index::read_last_header(&self.dir)? else {
+            return Ok(false);
+        };
+        let Some(list) = Uidlist::read_header(&self.dir)? else {
+            return Ok(false);
+        };
+        if list.version != 3 || list.uid_validity != header.uid_validity || list.guid != header.guid {
+            return Ok(false);
+        }
+        self.keywords = KeywordMap::read(&self.dir)?;
+        self.uid_validity = header.uid_validity;
+        self.guid = header.guid.unwrap_or_default();
+        self.next_uid = header.next_uid;
+        self.header = header;
+        self.partial = true;
+        Ok(true)
     }
 
     /// The mailbox directory.
@@ -775,6 +817,9 @@ impl MaildirMailbox {
 
     /// Compacts the index if many lines were appended since the last rewrite.
     fn maybe_compact(&mut self) -> StoreResult<()> {
+        if self.partial {
+            return Ok(()); // knows too little to write a snapshot; the next full open will
+        }
         if self.appended > 1000 && self.appended > self.mails.len() / 4 {
             self.write_snapshot(None)?;
         }
@@ -897,6 +942,12 @@ impl Mailbox for MaildirMailbox {
     fn save(&mut self, request: SaveRequest, body: &mut dyn Read) -> StoreResult<()> {
         for k in &request.keywords {
             Keyword::new(k.as_str())?;
+        }
+        if self.partial && (request.guid.is_some() || !request.keywords.is_empty()) {
+            // Keeping a GUID must know every base name in use, and new keyword letters must
+            // know every letter in use: both need the full picture.
+            self.load()?;
+            self.partial = false;
         }
         let (tmp, file, size, vsize) = self.write_tmp(body)?;
         if let Some(t) = request.received {
@@ -1164,5 +1215,41 @@ impl Mailbox for MaildirMailbox {
             a.sync()?;
         }
         Ok(())
+    }
+}
+
+/// A mailbox opened only to add mails, as a delivery does: opening it costs the same for ten
+/// mails or a million, because it neither scans the directories nor reads our whole index
+/// (Dovecot's own saves likewise sync only the uidlist). Mails already there, and changes
+/// others made, are picked up by the next full open, exactly as after any other writer.
+///
+/// Saving and committing are [`Mailbox::save`] and [`Mailbox::commit`] of a full handle, with
+/// the same durability; a request that keeps a GUID or sets keywords first loads the mailbox.
+#[derive(Debug)]
+pub struct MaildirAppender(MaildirMailbox);
+
+impl MaildirAppender {
+    pub(crate) fn new(mb: MaildirMailbox) -> Self {
+        Self(mb)
+    }
+
+    /// Stages a mail (see [`Mailbox::save`]).
+    pub fn save(&mut self, request: SaveRequest, body: &mut dyn Read) -> StoreResult<()> {
+        self.0.save(request, body)
+    }
+
+    /// Makes the staged mails visible and durable (see [`Mailbox::commit`]).
+    pub fn commit(&mut self) -> StoreResult<Vec<SavedMail>> {
+        self.0.commit()
+    }
+
+    /// Makes everything durable (see [`Mailbox::sync_point`]).
+    pub fn sync_point(&mut self) -> StoreResult<()> {
+        self.0.sync_point()
+    }
+
+    /// True if the mailbox was opened without a scan.
+    pub fn is_partial(&self) -> bool {
+        self.0.partial
     }
 }
