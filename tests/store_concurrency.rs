@@ -103,8 +103,13 @@ fn concurrent_writers_lose_nothing() {
             n
         }));
     }
-    for w in writers {
-        for out in w.join().unwrap() {
+    // Join every thread before looking at any result: a panic propagated while other threads
+    // still hold the user would skip its cleanup.
+    let written: Vec<_> = writers.into_iter().map(thread::JoinHandle::join).collect();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let read: Vec<_> = readers.into_iter().map(thread::JoinHandle::join).collect();
+    for w in written {
+        for out in w.unwrap_or_else(|p| std::panic::resume_unwind(p)) {
             assert!(out.success(), "a save failed: {}", out.describe());
             assert!(
                 !out.stderr.contains("Error") && !out.stderr.contains("Warning") && !out.stderr.contains("WARN"),
@@ -113,9 +118,8 @@ fn concurrent_writers_lose_nothing() {
             );
         }
     }
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    for r in readers {
-        assert!(r.join().unwrap() > 0, "a reader never ran");
+    for r in read {
+        assert!(r.unwrap_or_else(|p| std::panic::resume_unwind(p)) > 0, "a reader never ran");
     }
 
     let total = 1 + (OURS + DOVECOT) * EACH;
