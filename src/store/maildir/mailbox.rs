@@ -5,7 +5,8 @@
 //! either trusts the index snapshot (when `dovecot-uidlist`, `new/`, `cur/` and
 //! `dovecot-keywords` are unchanged since it was written) or scans the Maildir, gives files
 //! without a UID their UIDs the way Dovecot would, and turns every difference from the index
-//! into a change with a new modseq.
+//! into a change with a new modseq. A handle opened only to add mails ([`MaildirAppender`])
+//! reads just our index's latest header and the uidlist's header instead.
 //!
 //! Saving follows the durability order of the Maildir spec and Dovecot: write and fdatasync
 //! the file in `tmp/`; take `dovecot-uidlist.lock`; rename into `new/` or `cur/` (never
