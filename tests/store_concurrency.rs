@@ -39,7 +39,10 @@ impl UidHistory {
 }
 
 fn uid_guid(u: &TestUser, tool: Tool) -> Vec<Vec<String>> {
-    let out = u.run(tool, &["-f", "tab", "fetch", "uid guid", "mailbox", "INBOX", "all"]).ok();
+    // Waiting out a dead process's lock takes two seconds; anything near a minute is a stall
+    // (an empty lock file would cost Dovecot its two-minute stale timeout).
+    let cmd = u.cmd(tool, &["-f", "tab", "fetch", "uid guid", "mailbox", "INBOX", "all"]);
+    let out = Proc::spawn(cmd, None).wait_timeout(Duration::from_secs(30)).ok();
     if tool == Tool::Dovecot {
         common::assert_quiet_dovecot(&out);
     }
@@ -100,8 +103,13 @@ fn concurrent_writers_lose_nothing() {
             n
         }));
     }
-    for w in writers {
-        for out in w.join().unwrap() {
+    // Join every thread before looking at any result: a panic propagated while other threads
+    // still hold the user would skip its cleanup.
+    let written: Vec<_> = writers.into_iter().map(thread::JoinHandle::join).collect();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let read: Vec<_> = readers.into_iter().map(thread::JoinHandle::join).collect();
+    for w in written {
+        for out in w.unwrap_or_else(|p| std::panic::resume_unwind(p)) {
             assert!(out.success(), "a save failed: {}", out.describe());
             assert!(
                 !out.stderr.contains("Error") && !out.stderr.contains("Warning") && !out.stderr.contains("WARN"),
@@ -110,9 +118,8 @@ fn concurrent_writers_lose_nothing() {
             );
         }
     }
-    done.store(true, std::sync::atomic::Ordering::Relaxed);
-    for r in readers {
-        assert!(r.join().unwrap() > 0, "a reader never ran");
+    for r in read {
+        assert!(r.unwrap_or_else(|p| std::panic::resume_unwind(p)) > 0, "a reader never ran");
     }
 
     let total = 1 + (OURS + DOVECOT) * EACH;
@@ -171,7 +178,11 @@ fn sigkill_during_save_loses_nothing_acknowledged() {
         acked.push(marker);
     }
     took.sort();
-    let span = took[1].as_micros() as u64 * 3 / 2 + 1;
+    // Kill after a delay drawn from [0, span); span adapts so that about half the saves are
+    // killed, which spreads the kills over a save's whole life even when the disk's speed
+    // changes during the test.
+    let calibrated = took[1].as_micros() as u64 * 3 / 2 + 1;
+    let mut span = calibrated;
 
     let mut killed = 0;
     for i in 0..ITERATIONS {
@@ -183,9 +194,18 @@ fn sigkill_during_save_loses_nothing_acknowledged() {
         let finished_before_kill = p.finished();
         p.kill();
         let out = p.wait();
+        // A lock the killed process left behind must say whose it is, or every later writer
+        // (Dovecot included) waits two minutes before taking it over.
+        if let Ok(content) = fs::read_to_string(u.maildir().join("dovecot-uidlist.lock")) {
+            assert!(content.contains(':'), "#{i}: a lock without its holder: {content:?} (seed {seed})");
+        }
         if out.success() {
             acked.push(marker);
+            span = (span * 4 / 5).max(100);
         } else {
+            // (Capped: a save that waits out a dead process's lock is slow for a reason that
+            // says nothing about how long saves take.)
+            span = (span * 6 / 5 + 1).min(calibrated * 2);
             assert!(!finished_before_kill, "a save failed by itself: {}", out.describe());
             assert_eq!(out.signal, Some(9), "{}", out.describe());
             killed += 1;
@@ -196,7 +216,8 @@ fn sigkill_during_save_loses_nothing_acknowledged() {
             1 => {
                 let marker = format!("dovecot-{i}");
                 let m = common::mail(&marker);
-                u.save(Tool::Dovecot, "INBOX", &m);
+                let out = Proc::spawn(u.doveadm_cmd(&["save"]), Some(m.clone())).wait_timeout(Duration::from_secs(30));
+                assert!(out.success(), "{}", out.describe());
                 mails.insert(marker.clone(), m);
                 acked.push(marker);
             }

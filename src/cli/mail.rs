@@ -242,7 +242,8 @@ pub(super) fn expunge(s: &Session, search: &[String]) -> Result<(), Failure> {
 pub(super) fn save(s: &Session, mailbox: &str) -> Result<(), Failure> {
     let mut store = s.store()?;
     let name = parse_name(&store, mailbox)?;
-    let mut mb = store.open(&name)?;
+    // A delivery: no need to look at the mails already there.
+    let mut mb = store.open_appender(&name)?;
     let stdin = io::stdin();
     let mut input = stdin.lock();
     mb.save(SaveRequest::default(), &mut input)?;

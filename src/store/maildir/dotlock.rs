@@ -1,15 +1,19 @@
 //! Dovecot's dotlock protocol (`lib/file-dotlock.c`), used for `dovecot-uidlist.lock`,
 //! `dovecot-keywords.lock` and `subscriptions.lock`.
 //!
-//! A lock is a file created with `O_EXCL` that holds `<pid>:<hostname>`. A waiter overrides
-//! it when the holder is a dead process on this host (checked once the lock is older than
-//! 2 s), or when neither the lock nor the file it protects has changed for the stale timeout.
-//! Unlocking removes the file only if it is still ours (same inode).
+//! A lock is a file that holds `<pid>:<hostname>`. We create it the way Dovecot does with
+//! `dotlock_use_excl = no`: the content goes into a temporary file first, which is then
+//! hard-linked to the lock's name, so that a lock never exists without its content (see
+//! [`create_lock`]). A waiter overrides it when the holder is a dead process on this host
+//! (checked once the lock is older than 2 s), or when neither the lock nor the file it protects
+//! has changed for the stale timeout. Unlocking removes the file only if it is still ours
+//! (same inode).
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::sleep;
 #[cfg(test)]
 use std::time::SystemTime;
@@ -53,15 +57,8 @@ impl Dotlock {
         let mut seen: Option<(Option<Stamp>, Option<Stamp>)> = None;
         let mut unchanged_since = Instant::now();
         loop {
-            match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
-                Ok(mut f) => {
-                    let meta = f.metadata().map_err(|e| StoreError::io("fstat", &path, e))?;
-                    let lock = Self { path: path.clone(), dev: meta.dev(), ino: meta.ino(), released: false };
-                    f.write_all(content.as_bytes()).map_err(|e| StoreError::io("write", &path, e))?;
-                    return Ok(lock);
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(StoreError::io("open", &path, e)),
+            if let Some((dev, ino)) = create_lock(&path, &content, hostname)? {
+                return Ok(Self { path, dev, ino, released: false });
             }
             // Someone holds it. Is the holder dead, or the lock stale?
             let lock_stamp = Stamp::read(&path)?;
@@ -130,6 +127,55 @@ impl Drop for Dotlock {
     }
 }
 
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Creates the lock file `path` holding `content`, atomically: `Ok(Some((dev, ino)))` if we
+/// now hold it, `Ok(None)` if it already exists.
+///
+/// The content is written to a temporary file first, which is then hard-linked to the lock's
+/// name (`link` fails with `EEXIST` when the lock is taken). Creating the lock with `O_EXCL`
+/// and then writing into it leaves an empty lock when the process dies in between, or when the
+/// machine loses power before the content reaches the disk; nobody can tell whose an empty
+/// lock is, so Dovecot and we both wait out the 2-minute stale timeout before taking it over.
+/// The temporary file lives in the mailbox's `tmp/` (Dovecot deletes anything stale there),
+/// or next to the lock under a dot name if there is no `tmp/` or it is on another file system.
+fn create_lock(path: &Path, content: &str, hostname: &str) -> StoreResult<Option<(u64, u64)>> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let temp_name = format!(".dotlock.{}.{n}.{}", std::process::id(), hostname.replace('/', "_"));
+    let tmp_dir = dir.join("tmp");
+    let mut candidates = vec![dir.join(&temp_name)];
+    if fs::symlink_metadata(&tmp_dir).is_ok_and(|m| m.is_dir()) {
+        candidates.insert(0, tmp_dir.join(&temp_name));
+    }
+    for temp in &candidates {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(temp)
+            .map_err(|e| StoreError::io("open", temp, e))?;
+        let written = f.write_all(content.as_bytes()).and_then(|()| f.metadata());
+        drop(f);
+        let meta = match written {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = fs::remove_file(temp);
+                return Err(StoreError::io("write", temp, e));
+            }
+        };
+        let linked = fs::hard_link(temp, path);
+        let _ = fs::remove_file(temp);
+        match linked {
+            Ok(()) => return Ok(Some((meta.dev(), meta.ino()))),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::CrossesDevices => continue,
+            Err(e) => return Err(StoreError::io("link", path, e)),
+        }
+    }
+    Err(StoreError::io("link", path, io::Error::from(io::ErrorKind::CrossesDevices)))
+}
+
 /// True if the lock names a process on this host that no longer exists, and is old enough
 /// that it cannot be one still being written.
 fn holder_is_dead(path: &Path, hostname: &str) -> bool {
@@ -185,6 +231,24 @@ mod tests {
         a.release().unwrap();
         assert!(!dir.path().join("dovecot-uidlist.lock").exists());
         let _b = Dotlock::acquire(&p, "h", Duration::ZERO).unwrap();
+    }
+
+    #[test]
+    fn lock_is_never_empty_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("tmp")).unwrap();
+        let p = dir.path().join("dovecot-uidlist");
+        let a = Dotlock::acquire(&p, "h", Duration::ZERO).unwrap();
+        let meta = fs::metadata(a.path()).unwrap();
+        assert_eq!(meta.nlink(), 1, "the temporary name must be gone");
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!((meta.dev(), meta.ino()), (a.dev, a.ino));
+        a.release().unwrap();
+        // Without tmp/, the temporary file goes next to the lock and is removed as well.
+        let other = tempfile::tempdir().unwrap();
+        let b = Dotlock::acquire(&other.path().join("subscriptions"), "h", Duration::ZERO).unwrap();
+        assert_eq!(fs::read_dir(other.path()).unwrap().count(), 1);
+        b.release().unwrap();
     }
 
     #[test]

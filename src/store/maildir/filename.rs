@@ -15,8 +15,14 @@ use crate::store::Flags;
 pub(crate) type KeywordMask = u32;
 
 /// The base name: everything up to the first `:`.
+#[inline]
 pub(crate) fn base(name: &str) -> &str {
-    name.split_once(':').map_or(name, |(b, _)| b)
+    // A plain byte search: this runs several times per mail on every scan, and names are
+    // short, where `split_once`'s general searcher costs more than the search itself.
+    match name.bytes().position(|b| b == b':') {
+        Some(i) => &name[..i],
+        None => name,
+    }
 }
 
 /// Flags and keyword letters from a file name, with Dovecot's reading rules: the info after
@@ -43,7 +49,7 @@ pub(crate) fn parse_flags(name: &str) -> (Flags, KeywordMask) {
 
 /// The flag letters of the `:2,` info, if there is one.
 fn info_flags(name: &str) -> Option<&str> {
-    let (_, info) = name.rsplit_once(':')?;
+    let info = &name[name.bytes().rposition(|b| b == b':')? + 1..];
     let letters = info.strip_prefix("2,")?;
     Some(letters.split_once(',').map_or(letters, |(f, _)| f))
 }

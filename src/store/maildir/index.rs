@@ -258,6 +258,30 @@ impl Index {
     }
 }
 
+/// The header an index ends with (appends add a header line after every change, and the last
+/// one wins), without parsing the rest. `None` when there is no index, or it is damaged at
+/// either end (no magic line, a torn last line, no header line).
+pub(crate) fn read_last_header(dir: &Path) -> StoreResult<Option<Header>> {
+    let Some(data) = fsutil::read_optional(&dir.join(NAME))? else {
+        return Ok(None);
+    };
+    let magic_ok = data.strip_prefix(MAGIC.as_bytes()).is_some_and(|rest| rest.first() == Some(&b'\n'));
+    if !magic_ok || data.last() != Some(&b'\n') {
+        return Ok(None);
+    }
+    let mut end = data.len() - 1; // the LF that ends the current line
+    loop {
+        let start = data[..end].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        if let Some(rest) = data[start..end].strip_prefix(b"H ") {
+            return Ok(std::str::from_utf8(rest).ok().and_then(parse_header));
+        }
+        if start == 0 {
+            return Ok(None);
+        }
+        end = start - 1;
+    }
+}
+
 fn parse_header(rest: &str) -> Option<Header> {
     let mut h = Header::default();
     for t in rest.split(' ') {
@@ -290,24 +314,51 @@ pub(crate) fn header_line(h: &Header) -> String {
     )
 }
 
-/// Renders a mail line.
-pub(crate) fn mail_line(m: &IndexedMail) -> String {
-    let mut s = String::with_capacity(m.file.len() + 40);
-    s.push_str("m ");
-    s.push_str(&m.uid.to_string());
-    s.push(' ');
-    s.push_str(&m.modseq.to_string());
-    s.push_str(if m.in_new { " n " } else { " c " });
-    match &m.guid_ext {
-        Some(g) => {
-            s.push('G');
-            s.push_str(g);
+/// A mail as an index line describes it, borrowed from wherever the mail is kept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MailLine<'a> {
+    pub(crate) uid: u32,
+    pub(crate) modseq: Modseq,
+    pub(crate) in_new: bool,
+    pub(crate) guid_ext: Option<&'a str>,
+    pub(crate) file: &'a str,
+}
+
+#[cfg(test)]
+impl IndexedMail {
+    /// This mail as a [`MailLine`].
+    pub(crate) fn line(&self) -> MailLine<'_> {
+        MailLine {
+            uid: self.uid,
+            modseq: self.modseq,
+            in_new: self.in_new,
+            guid_ext: self.guid_ext.as_deref(),
+            file: &self.file,
         }
-        None => s.push('-'),
     }
-    s.push(' ');
-    s.push_str(&m.file);
-    s.push('\n');
+}
+
+/// Appends a mail line to `out`.
+pub(crate) fn push_mail_line(out: &mut String, m: &MailLine<'_>) {
+    use std::fmt::Write as _;
+    let _ = write!(out, "m {} {}", m.uid, m.modseq);
+    out.push_str(if m.in_new { " n " } else { " c " });
+    match m.guid_ext {
+        Some(g) => {
+            out.push('G');
+            out.push_str(g);
+        }
+        None => out.push('-'),
+    }
+    out.push(' ');
+    out.push_str(m.file);
+    out.push('\n');
+}
+
+/// Renders a mail line.
+pub(crate) fn mail_line(m: &MailLine<'_>) -> String {
+    let mut s = String::with_capacity(m.file.len() + 40);
+    push_mail_line(&mut s, m);
     s
 }
 
@@ -327,7 +378,7 @@ pub(crate) fn write_snapshot(
     dir: &Path,
     header: &Header,
     stamps: Option<&Stamps>,
-    mails: &mut dyn Iterator<Item = IndexedMail>,
+    mails: &mut dyn Iterator<Item = MailLine<'_>>,
     log: &mut VecDeque<LogEntry>,
     messages: usize,
 ) -> StoreResult<Modseq> {
@@ -354,7 +405,7 @@ pub(crate) fn write_snapshot(
         ));
     }
     for m in mails {
-        data.push_str(&mail_line(&m));
+        push_mail_line(&mut data, &m);
     }
     data.push_str("-- log\n");
     for e in log.iter() {
@@ -426,7 +477,7 @@ mod tests {
             first_recent_uid: 1,
             replicated_modseq: 4,
         };
-        let mails = vec![
+        let mails = [
             IndexedMail { uid: 1, modseq: 2, in_new: false, guid_ext: None, file: "a,S=1:2,S".into() },
             IndexedMail { uid: 2, modseq: 5, in_new: true, guid_ext: Some("g2".into()), file: "b".into() },
         ];
@@ -438,17 +489,12 @@ mod tests {
             kw_added: 0,
             kw_removed: 0,
         }]);
-        write_snapshot(dir.path(), &h, Some(&Stamps::default()), &mut mails.into_iter(), &mut log, 2).unwrap();
+        write_snapshot(dir.path(), &h, Some(&Stamps::default()), &mut mails.iter().map(IndexedMail::line), &mut log, 2)
+            .unwrap();
         let mut ap = Appender::open(dir.path()).unwrap();
         ap.append(&log_line(&LogEntry::Expunge { modseq: 6, uid: 2, guid: Guid128([2; 16]) })).unwrap();
-        ap.append(&mail_line(&IndexedMail {
-            uid: 3,
-            modseq: 7,
-            in_new: false,
-            guid_ext: None,
-            file: "c with space:2,".into(),
-        }))
-        .unwrap();
+        ap.append(&mail_line(&MailLine { uid: 3, modseq: 7, in_new: false, guid_ext: None, file: "c with space:2," }))
+            .unwrap();
         let mut h2 = h;
         h2.highest_modseq = 7;
         ap.append(&header_line(&h2)).unwrap();
@@ -460,6 +506,26 @@ mod tests {
         assert_eq!(idx.log.len(), 2);
         assert_eq!(idx.appended, 3);
         assert!(!idx.torn);
+    }
+
+    #[test]
+    fn last_header() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_last_header(dir.path()).unwrap(), None);
+        let p = dir.path().join(NAME);
+        std::fs::write(&p, "mailreplica-index 1\nH V1 G- N1 M1 F1 R1\nm 1 1 c - f\n-- log\n-- end\n").unwrap();
+        assert_eq!(read_last_header(dir.path()).unwrap().unwrap().highest_modseq, 1);
+        std::fs::write(
+            &p,
+            "mailreplica-index 1\nH V1 G- N1 M1 F1 R1\n-- log\n-- end\nm 2 2 n - g\nH V1 G- N3 M2 F1 R1\n",
+        )
+        .unwrap();
+        let h = read_last_header(dir.path()).unwrap().unwrap();
+        assert_eq!((h.next_uid, h.highest_modseq), (3, 2));
+        std::fs::write(&p, "mailreplica-index 1\nH V1 G- N1 M1 F1 R1\nm 2 2 n - g").unwrap();
+        assert_eq!(read_last_header(dir.path()).unwrap(), None, "torn");
+        std::fs::write(&p, "something else\nH V1 G- N1 M1 F1 R1\n").unwrap();
+        assert_eq!(read_last_header(dir.path()).unwrap(), None, "no magic");
     }
 
     #[test]

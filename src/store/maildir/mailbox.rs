@@ -5,14 +5,15 @@
 //! either trusts the index snapshot (when `dovecot-uidlist`, `new/`, `cur/` and
 //! `dovecot-keywords` are unchanged since it was written) or scans the Maildir, gives files
 //! without a UID their UIDs the way Dovecot would, and turns every difference from the index
-//! into a change with a new modseq.
+//! into a change with a new modseq. A handle opened only to add mails ([`MaildirAppender`])
+//! reads just our index's latest header and the uidlist's header instead.
 //!
 //! Saving follows the durability order of the Maildir spec and Dovecot: write and fdatasync
 //! the file in `tmp/`; take `dovecot-uidlist.lock`; rename into `new/` or `cur/` (never
 //! replacing an existing name); fsync those directories once per batch; append the UIDs to the
 //! uidlist and fdatasync it; unlock; then note the change in our index.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -22,9 +23,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{AT_FDCWD, Flock, FlockArg, RenameFlags, renameat2};
 
+use super::fasthash::{FastMap, FastSet};
 use super::filename::{self, KeywordMask};
 use super::fsutil::{self, Stamp};
-use super::index::{self, Header, Index, IndexedMail, LogEntry, Stamps};
+use super::index::{self, Header, Index, IndexedMail, LogEntry, MailLine, Stamps};
 use super::keywords::KeywordMap;
 use super::uidlist::{self, Record, Uidlist};
 use super::{Ctx, dotlock::Dotlock, uidvalidity};
@@ -56,13 +58,13 @@ impl Mail {
         Self { uid: m.uid, modseq: m.modseq, in_new: m.in_new, guid_ext: m.guid_ext, file: m.file, flags, kw }
     }
 
-    fn to_indexed(&self) -> IndexedMail {
-        IndexedMail {
+    fn line(&self) -> MailLine<'_> {
+        MailLine {
             uid: self.uid,
             modseq: self.modseq,
             in_new: self.in_new,
-            guid_ext: self.guid_ext.clone(),
-            file: self.file.clone(),
+            guid_ext: self.guid_ext.as_deref(),
+            file: &self.file,
         }
     }
 
@@ -109,6 +111,9 @@ pub struct MaildirMailbox {
     dirs_dirty: bool,
     /// The one modseq of an import in progress ([`Mailbox::begin_import`]).
     import_modseq: Option<Modseq>,
+    /// Opened for appending only ([`MaildirAppender`]): `mails` and `log` hold only what this
+    /// handle saved, the header is the index's latest.
+    partial: bool,
 }
 
 fn is_fresh(s: Option<Stamp>) -> bool {
@@ -116,41 +121,109 @@ fn is_fresh(s: Option<Stamp>) -> bool {
     s.is_some_and(|s| now - s.mtime_ns < FRESH.as_nanos() as i128)
 }
 
-/// Files found in `new/` and `cur/`, by base name.
-type DirScan = HashMap<String, (bool, String)>;
+/// The files found in `new/` and `cur/`: one `String` per file, taken over from the directory
+/// entry without copying.
+#[derive(Debug, Default)]
+struct DirScan {
+    /// (file name, in `new/`).
+    files: Vec<(String, bool)>,
+}
 
-fn scan_dirs(dir: &Path) -> StoreResult<DirScan> {
-    let mut out = HashMap::new();
-    for (sub, in_new) in [("new", true), ("cur", false)] {
-        let d = dir.join(sub);
-        let rd = match fs::read_dir(&d) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && in_new => continue,
-            Err(e) => return Err(StoreError::io("opendir", &d, e)),
-        };
-        for e in rd {
-            let e = e.ctx("readdir", &d)?;
-            let name = e.file_name();
-            let Some(name) = name.to_str() else {
-                tracing::warn!(dir = %d.display(), "skipping a file whose name is not UTF-8");
-                continue;
+impl DirScan {
+    fn read(dir: &Path) -> StoreResult<Self> {
+        let mut files = Vec::new();
+        for (sub, in_new) in [("new", true), ("cur", false)] {
+            let d = dir.join(sub);
+            let rd = match fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && in_new => continue,
+                Err(e) => return Err(StoreError::io("opendir", &d, e)),
             };
-            if name.starts_with('.') {
-                continue;
-            }
-            let base = filename::base(name).to_owned();
-            // A file seen in both (moved new -> cur during our scan): cur wins.
-            if in_new || !out.contains_key(&base) || out.get(&base).is_some_and(|(n, _)| *n) {
-                out.insert(base, (in_new, name.to_owned()));
+            for e in rd {
+                let e = e.ctx("readdir", &d)?;
+                let Ok(name) = e.file_name().into_string() else {
+                    tracing::warn!(dir = %d.display(), "skipping a file whose name is not UTF-8");
+                    continue;
+                };
+                if name.starts_with('.') {
+                    continue;
+                }
+                files.push((name, in_new));
             }
         }
+        Ok(Self { files })
     }
-    Ok(out)
+
+    /// Base name → index into `files`. A file seen in both directories (moved from new/ to
+    /// cur/ while we read them) counts where cur/ has it.
+    fn by_base(&self) -> FastMap<&str, usize> {
+        let mut map: FastMap<&str, usize> = FastMap::default();
+        map.reserve(self.files.len());
+        for (i, (name, in_new)) in self.files.iter().enumerate() {
+            let base = filename::base(name);
+            match map.entry(base) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(i);
+                }
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    if !*in_new {
+                        o.insert(i);
+                    }
+                }
+            }
+        }
+        map
+    }
+
+    /// The file with base name `base`, preferring cur/.
+    fn find(&self, base: &str) -> Option<&(String, bool)> {
+        let mut hits = self.files.iter().filter(|(n, _)| filename::base(n) == base);
+        let first = hits.next()?;
+        Some(if first.1 { hits.next().unwrap_or(first) } else { first })
+    }
+}
+
+/// Reads the uidlist and the two directories, the directories on a second thread: on a large
+/// mailbox both take tens of milliseconds, and the readdir mostly waits for the kernel.
+fn read_uidlist_and_dirs(dir: &Path) -> StoreResult<(Option<Uidlist>, DirScan)> {
+    std::thread::scope(|s| {
+        let scan = s.spawn(|| DirScan::read(dir));
+        let list = Uidlist::read(dir);
+        let scan = scan.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        Ok((list?, scan?))
+    })
+}
+
+/// For each uidlist record, the index of its file in the scan, if it has one; and whether the
+/// directories hold files the uidlist does not list.
+fn match_records(list: &Uidlist, by_base: &FastMap<&str, usize>) -> (Vec<Option<usize>>, bool) {
+    let matched: Vec<Option<usize>> = list.records.iter().map(|r| by_base.get(r.base.as_str()).copied()).collect();
+    // Record base names are unique (the parser refuses duplicates), so every match is a
+    // distinct file: fewer matches than files means unlisted files.
+    let found = matched.iter().filter(|m| m.is_some()).count();
+    (matched, found < by_base.len())
 }
 
 impl MaildirMailbox {
     /// Opens the mailbox stored in `dir`.
     pub(crate) fn open(ctx: Arc<Ctx>, name: MailboxName, dir: PathBuf) -> StoreResult<Self> {
+        let mut mb = Self::open_unloaded(ctx, name, dir)?;
+        mb.load()?;
+        Ok(mb)
+    }
+
+    /// Opens the mailbox stored in `dir` for appending only: without a scan when our index
+    /// and the uidlist agree on the mailbox's identity (else like [`MaildirMailbox::open`]).
+    pub(crate) fn open_for_append(ctx: Arc<Ctx>, name: MailboxName, dir: PathBuf) -> StoreResult<Self> {
+        let mut mb = Self::open_unloaded(ctx, name, dir)?;
+        if !mb.load_header_only()? {
+            mb.load()?;
+        }
+        Ok(mb)
+    }
+
+    /// Checks the directory, creates a missing new/ or tmp/ and takes the flock.
+    fn open_unloaded(ctx: Arc<Ctx>, name: MailboxName, dir: PathBuf) -> StoreResult<Self> {
         let cur = dir.join("cur");
         let meta = match fs::metadata(&cur) {
             Ok(m) if m.is_dir() => m,
@@ -172,7 +245,7 @@ impl MaildirMailbox {
         let lock = Flock::lock(dirf, FlockArg::LockExclusive)
             .map_err(|(_, e)| StoreError::io("flock", &dir, io::Error::from(e)))?;
         let file_mode = meta.permissions().mode() & 0o666;
-        let mut mb = Self {
+        let mb = Self {
             name,
             dir,
             ctx,
@@ -190,9 +263,31 @@ impl MaildirMailbox {
             pending: Vec::new(),
             dirs_dirty: false,
             import_modseq: None,
+            partial: false,
         };
-        mb.load()?;
         Ok(mb)
+    }
+
+    /// The partial load of [`MaildirMailbox::open_for_append`]: the latest header of our index
+    /// and the identity in the uidlist's header, nothing else. Returns false (and loads
+    /// nothing) when they are missing, damaged or disagree; then a full load must follow.
+    fn load_header_only(&mut self) -> StoreResult<bool> {
+        let Some(header) = index::read_last_header(&self.dir)? else {
+            return Ok(false);
+        };
+        let Some(list) = Uidlist::read_header(&self.dir)? else {
+            return Ok(false);
+        };
+        if list.version != 3 || list.uid_validity != header.uid_validity || list.guid != header.guid {
+            return Ok(false);
+        }
+        self.keywords = KeywordMap::read(&self.dir)?;
+        self.uid_validity = header.uid_validity;
+        self.guid = header.guid.unwrap_or_default();
+        self.next_uid = header.next_uid;
+        self.header = header;
+        self.partial = true;
+        Ok(true)
     }
 
     /// The mailbox directory.
@@ -214,26 +309,28 @@ impl MaildirMailbox {
         self.appender = None;
         let stamps = self.current_stamps()?;
         let old = Index::read(&self.dir)?;
-        if let Some(old) = &old {
-            let valid = old.stamps == Some(stamps)
+        let valid = old.as_ref().is_some_and(|old| {
+            old.stamps == Some(stamps)
                 && !old.torn
                 && old.header.uid_validity != 0
                 && old.header.guid.is_some()
-                && stamps.uidlist.is_some();
-            if valid {
+                && stamps.uidlist.is_some()
+        });
+        match old {
+            Some(old) if valid => {
                 self.keywords = KeywordMap::read(&self.dir)?;
                 self.header = old.header;
                 self.uid_validity = old.header.uid_validity;
                 self.guid = old.header.guid.unwrap_or_default();
                 self.next_uid = old.header.next_uid;
-                self.mails = old.mails.iter().cloned().map(Mail::from_indexed).collect();
-                self.log = old.log.clone();
+                self.mails = old.mails.into_iter().map(Mail::from_indexed).collect();
+                self.log = old.log;
                 self.appended = old.appended;
                 self.warn_unnamed_keywords();
-                return Ok(());
+                Ok(())
             }
+            old => self.full_scan(old, stamps),
         }
-        self.full_scan(old, stamps)
     }
 
     fn warn_unnamed_keywords(&self) {
@@ -251,25 +348,26 @@ impl MaildirMailbox {
 
     fn full_scan(&mut self, old: Option<Index>, stamps_before: Stamps) -> StoreResult<()> {
         let mut stamps = stamps_before;
-        let mut list = Uidlist::read(&self.dir)?;
-        let mut files = scan_dirs(&self.dir)?;
+        let (mut list, mut scan) = read_uidlist_and_dirs(&self.dir)?;
+        let mut matched = None;
         let needs_lock = match &list {
             None => true,
             Some(l) => {
-                let known: std::collections::HashSet<&str> = l.records.iter().map(|r| r.base.as_str()).collect();
-                l.guid.is_none() || l.version != 3 || files.keys().any(|b| !known.contains(b.as_str()))
+                let (m, unlisted) = match_records(l, &scan.by_base());
+                matched = Some(m);
+                l.guid.is_none() || l.version != 3 || unlisted
             }
         };
         if needs_lock {
             let lock = Dotlock::acquire(&self.dir.join(uidlist::NAME), &self.ctx.hostname, self.ctx.lock_wait)?;
             stamps.new = Stamp::read(&self.dir.join("new"))?;
             stamps.cur = Stamp::read(&self.dir.join("cur"))?;
-            list = Uidlist::read(&self.dir)?;
-            files = scan_dirs(&self.dir)?;
-            let l = self.fix_uidlist(list.take(), &files, old.as_ref())?;
+            (list, scan) = read_uidlist_and_dirs(&self.dir)?;
+            let l = self.fix_uidlist(list.take(), &scan.by_base(), old.as_ref())?;
             stamps.uidlist = l.stamp;
             list = Some(l);
             lock.release()?;
+            matched = None;
         }
         let list = list.ok_or_else(|| StoreError::corrupt(self.dir.join(uidlist::NAME), None, "missing"))?;
         self.keywords = KeywordMap::read(&self.dir)?;
@@ -279,9 +377,12 @@ impl MaildirMailbox {
         self.next_uid = list.next_uid();
 
         // Files listed in the uidlist, in UID order.
+        let matched = matched.unwrap_or_else(|| match_records(&list, &scan.by_base()).0);
+        let mut files = scan.files;
         let mut current: Vec<Mail> = Vec::with_capacity(list.records.len());
-        for r in list.records {
-            if let Some((in_new, file)) = files.remove(&r.base) {
+        for (r, m) in list.records.into_iter().zip(matched) {
+            if let Some(i) = m {
+                let (file, in_new) = std::mem::take(&mut files[i]);
                 let (flags, kw) = filename::parse_flags(&file);
                 current.push(Mail { uid: r.uid, modseq: 0, in_new, guid_ext: r.guid, file, flags, kw });
             }
@@ -383,7 +484,12 @@ impl MaildirMailbox {
 
     /// Under the uidlist lock: creates a missing uidlist, adds a missing mailbox GUID, and
     /// gives UIDs to files that have none, in Dovecot's order.
-    fn fix_uidlist(&self, list: Option<Uidlist>, files: &DirScan, old: Option<&Index>) -> StoreResult<Uidlist> {
+    fn fix_uidlist(
+        &self,
+        list: Option<Uidlist>,
+        files: &FastMap<&str, usize>,
+        old: Option<&Index>,
+    ) -> StoreResult<Uidlist> {
         let (mut list, mut rewrite) = match list {
             Some(l) => {
                 let rw = l.version != 3;
@@ -414,8 +520,8 @@ impl MaildirMailbox {
             });
             rewrite = true;
         }
-        let known: std::collections::HashSet<&str> = list.records.iter().map(|r| r.base.as_str()).collect();
-        let mut missing: Vec<&str> = files.keys().map(String::as_str).filter(|b| !known.contains(b)).collect();
+        let known: FastSet<&str> = list.records.iter().map(|r| r.base.as_str()).collect();
+        let mut missing: Vec<&str> = files.keys().copied().filter(|b| !known.contains(b)).collect();
         missing.sort_by(|a, b| filename::sort_cmp(a, b));
         let new: Vec<Record> = (list.next_uid()..)
             .zip(missing)
@@ -423,7 +529,7 @@ impl MaildirMailbox {
             .collect();
         if rewrite {
             list.records.extend(new);
-            list.rewrite(&self.dir, |r| files.contains_key(&r.base))?;
+            list.rewrite(&self.dir, |r| files.contains_key(r.base.as_str()))?;
         } else {
             list.append(&self.dir, new)?;
         }
@@ -432,9 +538,8 @@ impl MaildirMailbox {
 
     fn write_snapshot(&mut self, stamps: Option<Stamps>) -> StoreResult<()> {
         let n = self.mails.len();
-        let mails = self.mails.iter().map(Mail::to_indexed);
-        let floor =
-            index::write_snapshot(&self.dir, &self.header, stamps.as_ref(), &mut mails.into_iter(), &mut self.log, n)?;
+        let mut mails = self.mails.iter().map(Mail::line);
+        let floor = index::write_snapshot(&self.dir, &self.header, stamps.as_ref(), &mut mails, &mut self.log, n)?;
         self.header.log_floor = floor;
         self.appended = 0;
         self.appender = None;
@@ -464,9 +569,9 @@ impl MaildirMailbox {
     /// up again by base name. Returns false if it is gone.
     fn relocate(&mut self, idx: usize) -> StoreResult<bool> {
         let base = filename::base(&self.mails[idx].file).to_owned();
-        let files = scan_dirs(&self.dir)?;
-        match files.get(&base) {
-            Some((in_new, file)) => {
+        let scan = DirScan::read(&self.dir)?;
+        match scan.find(&base) {
+            Some((file, in_new)) => {
                 let m = &mut self.mails[idx];
                 m.in_new = *in_new;
                 m.file.clone_from(file);
@@ -691,7 +796,7 @@ impl MaildirMailbox {
             let p = &pending[i];
             m.modseq = base_modseq.max(p.min_modseq);
             self.header.highest_modseq = self.header.highest_modseq.max(m.modseq);
-            lines.push_str(&index::mail_line(&m.to_indexed()));
+            lines.push_str(&index::mail_line(&m.line()));
             saved.push(SavedMail {
                 requested: p.requested,
                 uid: Uid::new(m.uid).unwrap_or(Uid::MIN),
@@ -739,6 +844,9 @@ impl MaildirMailbox {
 
     /// Compacts the index if many lines were appended since the last rewrite.
     fn maybe_compact(&mut self) -> StoreResult<()> {
+        if self.partial {
+            return Ok(()); // knows too little to write a snapshot; the next full open will
+        }
         if self.appended > 1000 && self.appended > self.mails.len() / 4 {
             self.write_snapshot(None)?;
         }
@@ -863,6 +971,12 @@ impl Mailbox for MaildirMailbox {
         for k in &request.keywords {
             Keyword::new(k.as_str())?;
         }
+        if self.partial && (request.guid.is_some() || !request.keywords.is_empty()) {
+            // Keeping a GUID must know every base name in use, and new keyword letters must
+            // know every letter in use: both need the full picture.
+            self.load()?;
+            self.partial = false;
+        }
         let (tmp, file, size, vsize) = self.write_tmp(body)?;
         if let Some(t) = request.received {
             let when = UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
@@ -941,7 +1055,7 @@ impl Mailbox for MaildirMailbox {
                 if min_modseq > m.modseq {
                     let modseq = self.next_modseq(min_modseq);
                     self.mails[idx].modseq = modseq;
-                    let mut lines = index::mail_line(&self.mails[idx].to_indexed());
+                    let mut lines = index::mail_line(&self.mails[idx].line());
                     lines.push_str(&index::header_line(&self.header));
                     self.append_index(&lines)?;
                 }
@@ -969,7 +1083,7 @@ impl Mailbox for MaildirMailbox {
                         kw_removed: okw & !nkw,
                     };
                     let mut lines = index::log_line(&entry);
-                    lines.push_str(&index::mail_line(&m.to_indexed()));
+                    lines.push_str(&index::mail_line(&m.line()));
                     lines.push_str(&index::header_line(&self.header));
                     self.log.push_back(entry);
                     self.dirs_dirty = true;
@@ -1146,5 +1260,41 @@ impl Mailbox for MaildirMailbox {
             a.sync()?;
         }
         Ok(())
+    }
+}
+
+/// A mailbox opened only to add mails, as a delivery does: opening it costs the same for ten
+/// mails or a million, because it neither scans the directories nor reads our whole index
+/// (Dovecot's own saves likewise sync only the uidlist). Mails already there, and changes
+/// others made, are picked up by the next full open, exactly as after any other writer.
+///
+/// Saving and committing are [`Mailbox::save`] and [`Mailbox::commit`] of a full handle, with
+/// the same durability; a request that keeps a GUID or sets keywords first loads the mailbox.
+#[derive(Debug)]
+pub struct MaildirAppender(MaildirMailbox);
+
+impl MaildirAppender {
+    pub(crate) fn new(mb: MaildirMailbox) -> Self {
+        Self(mb)
+    }
+
+    /// Stages a mail (see [`Mailbox::save`]).
+    pub fn save(&mut self, request: SaveRequest, body: &mut dyn Read) -> StoreResult<()> {
+        self.0.save(request, body)
+    }
+
+    /// Makes the staged mails visible and durable (see [`Mailbox::commit`]).
+    pub fn commit(&mut self) -> StoreResult<Vec<SavedMail>> {
+        self.0.commit()
+    }
+
+    /// Makes everything durable (see [`Mailbox::sync_point`]).
+    pub fn sync_point(&mut self) -> StoreResult<()> {
+        self.0.sync_point()
+    }
+
+    /// True if the mailbox was opened without a scan.
+    pub fn is_partial(&self) -> bool {
+        self.0.partial
     }
 }

@@ -16,6 +16,7 @@
 //! With `LAYOUT=fs` children are nested directories (`Archive/2024/`) and the separator is `/`.
 
 mod dotlock;
+mod fasthash;
 mod filename;
 mod fsutil;
 mod index;
@@ -34,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub use mailbox::MaildirMailbox;
+pub use mailbox::{MaildirAppender, MaildirMailbox};
 use subscriptions::NameCodec;
 
 use crate::store::error::{IoContext, StoreResult};
@@ -353,6 +354,15 @@ impl Maildir {
         let mb = MaildirMailbox::open(self.ctx.clone(), name.clone(), dir.to_path_buf())?;
         let s = crate::store::Mailbox::status(&mb);
         Ok((s.guid, s.uid_validity, s.uid_next))
+    }
+}
+
+impl Maildir {
+    /// Opens a mailbox to add mails to it, as cheaply as the files allow (see
+    /// [`MaildirAppender`]).
+    pub fn open_appender(&mut self, name: &MailboxName) -> StoreResult<MaildirAppender> {
+        let dir = self.mailbox_dir(name)?;
+        MaildirMailbox::open_for_append(self.ctx.clone(), name.clone(), dir).map(MaildirAppender::new)
     }
 }
 

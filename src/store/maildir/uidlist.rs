@@ -89,6 +89,29 @@ impl Uidlist {
         Ok(Some(list))
     }
 
+    /// Reads only the header line of `<dir>/dovecot-uidlist` (the returned list has no
+    /// records); `None` if the file does not exist or is empty.
+    pub(crate) fn read_header(dir: &Path) -> StoreResult<Option<Self>> {
+        use std::io::Read as _;
+        let path = dir.join(NAME);
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("open", &path, e)),
+        };
+        let mut buf = Vec::with_capacity(512);
+        let mut chunk = [0u8; 512];
+        while !buf.contains(&b'\n') {
+            let n = f.read(&mut chunk).ctx("read", &path)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let end = buf.iter().position(|&b| b == b'\n').map_or(0, |p| p + 1);
+        Self::parse(&buf[..end], &path).map(Some)
+    }
+
     /// Parses the contents of a uidlist file.
     pub(crate) fn parse(data: &[u8], path: &Path) -> StoreResult<Self> {
         let corrupt = |line: usize, why: &str| StoreError::corrupt(path, Some(line), why.to_owned());
@@ -144,7 +167,8 @@ impl Uidlist {
             return Err(corrupt(1, "next UID is missing or 0"));
         }
         let mut last_uid = 0u32;
-        let mut seen = std::collections::HashSet::new();
+        let mut seen: super::fasthash::FastSet<&str> = Default::default();
+        seen.reserve(complete.len() / 48);
         for (i, line) in lines.enumerate() {
             let lineno = i + 2;
             if line.is_empty() {
