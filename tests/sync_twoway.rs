@@ -135,12 +135,38 @@ impl<'a> Pair<'a> {
         args.extend_from_slice(extra);
         args.push(&cmd);
         let out = self.u.doveadm(&args);
+        if self.kind == Slave::Ours {
+            assert_master_content(&out);
+        }
         // doveadm always prints the new state, empty when the next sync must be a full one
         // (after a failure, or when the slave asked for a full resync).
         if self.mode == Mode::Stateful {
             let new = out.text().trim().to_owned();
             assert!(!new.contains('\n'), "odd state printed: {}", out.describe());
             *self.state.borrow_mut() = new;
+        }
+        out
+    }
+
+    /// `doveadm sync` whose slave command runs behind `tests/.../inject.sh`: just before the
+    /// first mail change record reaches the slave, `inject` (a shell script) runs.
+    fn sync_injecting(&self, inject: &Path) -> Output {
+        let wrapper = self.u.tmp().join("inject.sh");
+        if !wrapper.exists() {
+            fs::write(&wrapper, INJECT_SH).expect("write inject.sh");
+            fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let loc = format!("mail_location=maildir:~/{}", self.master);
+        let cmd = format!("{} {} {}", wrapper.display(), inject.display(), self.slave_command());
+        let state = self.state.borrow().clone();
+        let mut args = vec!["-o", &loc, "sync"];
+        if self.mode == Mode::Stateful {
+            args.extend(["-s", &state]);
+        }
+        args.push(&cmd);
+        let out = self.u.doveadm(&args);
+        if self.mode == Mode::Stateful {
+            *self.state.borrow_mut() = out.text().trim().to_owned();
         }
         out
     }
@@ -170,6 +196,18 @@ impl<'a> Pair<'a> {
 
     /// Creates a mailbox with a fixed GUID and UIDVALIDITY (INBOX always exists: it only
     /// gets them).
+    /// Like [`Pair::deliver`], with a received date (the file's mtime) and `pad` bytes of
+    /// extra body.
+    fn deliver_dated(&self, side: Side, mailbox: &str, name: &str, received: i64, pad: usize) {
+        let path = self.mailbox_dir(side, mailbox).join("new").join(name);
+        let mut text = mail(name);
+        text.extend(std::iter::repeat_n(b'x', pad));
+        text.push(b'\n');
+        self.u.write_file(&path, &text);
+        let when = std::time::UNIX_EPOCH + std::time::Duration::from_secs(received as u64);
+        fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(when)).expect("set mtime");
+    }
+
     fn create(&self, side: Side, mailbox: &str, guid: &str, uidvalidity: u32) {
         let v = uidvalidity.to_string();
         if mailbox == "INBOX" {
@@ -281,6 +319,11 @@ struct Runs {
     u: TestUser,
     mode: Mode,
     states: [RefCell<String>; 2],
+    /// Extra `doveadm sync` options for every sync of the scenario (e.g. `-1`).
+    sync_args: Vec<&'static str>,
+    /// Dovecot's own pair cannot do the second sync of a scenario (its master panics);
+    /// only ours is checked then.
+    dovecot_second_sync_broken: bool,
 }
 
 impl Runs {
@@ -299,7 +342,7 @@ impl Runs {
                 u.chown(&d.join(sub));
             }
         }
-        Self { u, mode, states: Default::default() }
+        Self { u, mode, states: Default::default(), sync_args: Vec::new(), dovecot_second_sync_broken: false }
     }
 
     fn pairs(&self) -> [Pair<'_>; 2] {
@@ -335,7 +378,9 @@ impl Runs {
         assert!(runs_m <= runs_d, "{what}: our run needed {runs_m} syncs to succeed, Dovecot's own pair {runs_d}");
         let dm = d.view(Side::Master);
         let ds = d.view(Side::Slave);
-        if self.mode == Mode::Stateful {
+        // (A one-way sync leaves the slave's own changes on the slave alone, and filters leave
+        // the mails they exclude where they are.)
+        if self.mode == Mode::Stateful && self.sync_args.is_empty() {
             assert_views_equal_labeled(
                 &dm,
                 &ds,
@@ -361,7 +406,7 @@ impl Runs {
             if self.mode == Mode::Stateful {
                 p.touch_master_mailboxes();
             }
-            let out = p.sync_with(&[]);
+            let out = p.sync_with(&self.sync_args);
             match out.code {
                 Some(0) => return attempt,
                 Some(2 | 75) => last = Some(out),
@@ -379,15 +424,35 @@ impl Runs {
     fn assert_second_sync_is_noop(&self, what: &str) {
         let mut counts = Vec::new();
         for p in self.pairs() {
+            if p.kind == Slave::Dovecot && self.dovecot_second_sync_broken {
+                counts.push(usize::MAX);
+                continue;
+            }
             let before = (p.mail_files(Side::Master), p.mail_files(Side::Slave));
             let vm = p.view(Side::Master);
             let vs = p.view(Side::Slave);
             counts.push(self.sync_until_done(&p, &format!("{what}, second sync")));
             let after = (p.mail_files(Side::Master), p.mail_files(Side::Slave));
-            assert_eq!(before.0, after.0, "{what}: {:?} run: second sync changed master files", p.kind);
-            assert_eq!(before.1, after.1, "{what}: {:?} run: second sync changed slave files", p.kind);
-            assert_views_equal_labeled(&vm, &p.view(Side::Master), &format!("{what}: second sync changed the master"));
-            assert_views_equal_labeled(&vs, &p.view(Side::Slave), &format!("{what}: second sync changed the slave"));
+            if self.sync_args.iter().any(|a| ["-I", "-O", "-t"].contains(a)) {
+                // With a filter, each side gives a mail it keeps to itself a new UID on every
+                // sync when the other side's UIDNEXT has passed it (the importer's rule, in
+                // Dovecot's pair alike). No mail comes or goes.
+                assert_eq!(all_guids(&vm), all_guids(&p.view(Side::Master)), "{what}: the master lost or gained mails");
+                assert_eq!(all_guids(&vs), all_guids(&p.view(Side::Slave)), "{what}: the slave lost or gained mails");
+            } else {
+                assert_eq!(before.0, after.0, "{what}: {:?} run: second sync changed master files", p.kind);
+                assert_eq!(before.1, after.1, "{what}: {:?} run: second sync changed slave files", p.kind);
+                assert_views_equal_labeled(
+                    &vm,
+                    &p.view(Side::Master),
+                    &format!("{what}: second sync changed the master"),
+                );
+                assert_views_equal_labeled(
+                    &vs,
+                    &p.view(Side::Slave),
+                    &format!("{what}: second sync changed the slave"),
+                );
+            }
         }
         assert!(counts[1] <= counts[0], "{what}: our second sync needed {} runs, Dovecot's {}", counts[1], counts[0]);
     }
@@ -399,6 +464,21 @@ impl Runs {
         let ours = m.view(Side::Slave);
         let as_dovecot = Pair { kind: Slave::Dovecot, ..m }.view(Side::Slave);
         assert_views_equal_labeled(&as_dovecot, &ours, "our slave: doveadm's view vs ours");
+    }
+}
+
+/// The Dovecot master of a run with our slave must never log an error about its own
+/// storage (say, "Transaction log modseq tracking is corrupted") or panic: whatever we send
+/// must be something it handles as from its own slave.
+#[track_caller]
+fn assert_master_content(out: &Output) {
+    // (Lines from our slave itself, passed on by doveadm, start with "mailreplica:".)
+    for line in out.stderr.lines().filter(|l| !l.starts_with("mailreplica:")) {
+        let bad = ["Panic:", "Fatal:"].iter().any(|b| line.contains(b))
+            || (line.contains("Error:")
+                && !line.contains("Remote command returned error")
+                && !line.contains("Remote dsync failed"));
+        assert!(!bad, "the Dovecot master complained: {line}\n{}", out.describe());
     }
 }
 
@@ -469,6 +549,9 @@ scenario!(expunged_on_one_side_flagged_on_the_other);
 scenario!(renamed_on_one_side_deleted_on_the_other);
 scenario!(subtree_deleted_and_subscriptions_changed);
 scenario!(uidvalidity_changed_on_one_side);
+scenario!(one_way_sync_keeps_the_slaves_own_changes);
+scenario!(changes_during_the_sync);
+scenario!(filters_by_date_size_and_flag);
 
 fn initial_sync_into_an_empty_slave(mode: Mode) {
     let r = seeded(mode);
@@ -564,6 +647,206 @@ fn subtree_deleted_and_subscriptions_changed(mode: Mode) {
     r.sync_and_compare("subtree deleted");
 }
 
+fn one_way_sync_keeps_the_slaves_own_changes(mode: Mode) {
+    // `doveadm sync -1`: the master's changes go to the slave, the slave's own changes stay
+    // where they are and nothing comes back.
+    let mut r = seeded(mode);
+    r.sync_args = vec!["-1"];
+    r.both(|p| {
+        p.deliver(Side::Master, "INBOX", "1700000900.M1P1.master");
+        p.flags(Side::Master, "add", "\\Seen", "INBOX", IN1);
+        p.deliver(Side::Slave, "INBOX", "1700000900.M2P1.slave");
+        // A second one, so that the two INBOXes' counters differ (with equal counters
+        // Dovecot's master would skip INBOX; see `one_new_mail_on_each_side`).
+        p.deliver(Side::Slave, "INBOX", "1700000900.M3P1.slave");
+        p.flags(Side::Slave, "add", "\\Flagged", "INBOX", IN2);
+        p.expunge(Side::Slave, "Work", WK1);
+        p.create(Side::Slave, "OnlyHere", &mguid(12), 12000);
+    });
+    r.sync_and_compare("one-way sync");
+}
+
+/// Passes the master's stream to the slave command; just before the first mail change record
+/// (`Cs`, `Cf`, `Ce`: the mailbox exchange has begun) reaches the slave, runs the script given
+/// as the first argument. doveadm hands its own settings to command destinations in the
+/// environment (`DOVECONF_ENV`); a Dovecot slave behind this script must read its `-c` file
+/// instead. Our stdout is closed once the slave has it, so that the master sees the slave's
+/// end.
+const INJECT_SH: &str = r#"#!/bin/sh
+inject=$1; shift
+unset DOVECONF_ENV
+dir=$(mktemp -d) || exit 1
+mkfifo "$dir/in" || exit 1
+"$@" < "$dir/in" &
+child=$!
+exec 1>/dev/null
+exec 3>"$dir/in"
+done=0
+while IFS= read -r line; do
+    if [ $done = 0 ]; then
+        case "$line" in
+            Cs"	"*|Cf"	"*|Ce"	"*) sh "$inject" >/dev/null 2>&1 </dev/null; done=1 ;;
+        esac
+    fi
+    printf '%s\n' "$line" >&3 || break
+done
+exec 3>&-
+wait $child
+status=$?
+rm -rf "$dir"
+exit $status
+"#;
+
+fn filters_by_date_size_and_flag(mode: Mode) {
+    // doveadm sync -I (maximum size), -O (flag): mails outside stay where they are, on both
+    // sides. Each option gets its own round. (`-t` is `sync_since_with_our_slave`.)
+    let mut r = seeded(mode);
+    let rounds: [(&[&'static str], &str); 2] = [(&["-I", "2k"], "i"), (&["-O", "\\Flagged"], "o")];
+    for (args, tag) in rounds {
+        r.sync_args = args.to_vec();
+        r.both(|p| {
+            for (side, who) in [(Side::Master, "m"), (Side::Slave, "s")] {
+                let old = format!("1700002000.M1P1.{tag}{who}old");
+                let new = format!("1700002000.M2P1.{tag}{who}new");
+                let big = format!("1700002000.M3P1.{tag}{who}big");
+                p.deliver_dated(side, "INBOX", &old, 1_500_000_000, 0);
+                p.deliver_dated(side, "INBOX", &new, 1_700_000_000, 0);
+                p.deliver_dated(side, "INBOX", &big, 1_700_000_000, 5000);
+                p.flags(side, "add", "\\Flagged", "INBOX", &new);
+            }
+            // One more on the slave, so that the counters differ (see
+            // `one_new_mail_on_each_side`).
+            p.deliver_dated(Side::Slave, "INBOX", &format!("1700002000.M4P1.{tag}sextra"), 1_700_000_000, 0);
+        });
+        r.sync_and_compare(&format!("sync {}", args.join(" ")));
+    }
+}
+
+#[test]
+fn sync_since_with_our_slave() {
+    // `doveadm sync -t`: Dovecot 2.3.19 cannot be the reference here, its master panics
+    // against its own slave ("assertion failed: (change->received_timestamp > 0)" in
+    // dsync_mailbox_import_want_change) once mails it keeps to itself are involved. With our
+    // slave: mails received before the time stay on their side, later ones are synced, and
+    // the master never lacks a received date from us.
+    let r = seeded(Mode::Stateless);
+    let [_, m] = r.pairs();
+    for (side, who) in [(Side::Master, "m"), (Side::Slave, "s")] {
+        m.deliver_dated(side, "INBOX", &format!("1700003000.M1P1.{who}old"), 1_500_000_000, 0);
+        m.deliver_dated(side, "INBOX", &format!("1700003000.M2P1.{who}new"), 1_700_000_000, 0);
+    }
+    m.deliver_dated(Side::Slave, "Work", "1700003000.M3P1.snew", 1_700_000_000, 0);
+    for round in 1..=2 {
+        let out = m.sync_with(&["-t", "1600000000"]);
+        assert!(out.success(), "round {round}: {}", out.describe());
+        let (vm, vs) = (all_guids(&m.view(Side::Master)), all_guids(&m.view(Side::Slave)));
+        for g in ["1700003000.M2P1.mnew", "1700003000.M2P1.snew", "1700003000.M3P1.snew", "1700003000.M1P1.mold"] {
+            assert!(vm.contains(g), "round {round}: master lacks {g}");
+        }
+        for g in ["1700003000.M2P1.mnew", "1700003000.M2P1.snew", "1700003000.M3P1.snew", "1700003000.M1P1.sold"] {
+            assert!(vs.contains(g), "round {round}: slave lacks {g}");
+        }
+        assert!(!vm.contains("1700003000.M1P1.sold"), "round {round}: the slave's old mail reached the master");
+        assert!(!vs.contains("1700003000.M1P1.mold"), "round {round}: the master's old mail reached the slave");
+    }
+}
+
+#[test]
+fn repeated_stateful_syncs_leave_the_master_sound() {
+    // The replicator's pattern: sync with the state of the last sync, again and again. After
+    // an initial sync that imported mail on both sides, later syncs must settle to skipping
+    // everything, and the Dovecot master must never find its own transaction log odd (a
+    // HIGHESTMODSEQ raised far past its own changes makes it report "modseq tracking is
+    // corrupted").
+    let r = seeded(Mode::Stateful);
+    let [_, m] = r.pairs();
+    m.deliver(Side::Master, "INBOX", "1700004000.M1P1.master");
+    m.deliver(Side::Slave, "Work", "1700004000.M2P1.slave");
+    m.touch_master_mailboxes();
+    m.sync();
+    let mut files = (m.mail_files(Side::Master), m.mail_files(Side::Slave));
+    for round in 1..=4 {
+        m.sync();
+        let now = (m.mail_files(Side::Master), m.mail_files(Side::Slave));
+        assert_eq!(files, now, "stateful sync {round} after the last change changed files");
+        files = now;
+    }
+    m.deliver(Side::Master, "Work", "1700004000.M3P1.master");
+    m.sync();
+    assert!(all_guids(&m.view(Side::Slave)).contains("1700004000.M3P1.master"));
+}
+
+#[test]
+fn sync_until_is_refused_like_dovecot() {
+    // Dovecot 2.3.19's master sends `-e`'s time as the `-t` one (0 when there is none); its
+    // own slave refuses such a handshake, and so do we: a sync that cannot honour the
+    // option must not run without it.
+    let r = seeded(Mode::Stateless);
+    for p in r.pairs() {
+        let before = (p.mail_files(Side::Master), p.mail_files(Side::Slave));
+        let out = p.sync_with(&["-e", "1600000000"]);
+        assert!(!out.success(), "{:?} run: a sync with -e succeeded: {}", p.kind, out.describe());
+        assert_eq!(before, (p.mail_files(Side::Master), p.mail_files(Side::Slave)), "a refused sync changed mails");
+    }
+}
+
+const INJECTED: &str = "1700001000.M3P1.injected";
+
+fn mail_text(name: &str) -> Vec<u8> {
+    mail(name)
+}
+
+fn changes_during_the_sync(mode: Mode) {
+    // A delivery to the slave (by Dovecot, as an MDA there would) while the slave imports
+    // the master's new mails takes the UID the master's mail should get. Dovecot reports
+    // that with exit code 2; the next sync repairs it; nothing is lost.
+    let r = seeded(mode);
+    let mut codes = Vec::new();
+    for p in r.pairs() {
+        p.deliver(Side::Master, "INBOX", "1700001000.M1P1.master");
+        p.deliver(Side::Master, "INBOX", "1700001000.M2P1.master");
+        // The delivery: a file with a fixed name (so the same GUID in both runs) that Dovecot
+        // then gives a UID at once, as its LDA would.
+        let mail = r.u.tmp().join("injected.eml");
+        fs::write(&mail, mail_text(INJECTED)).expect("write mail");
+        let script = r.u.tmp().join(format!("inject-{}.sh", p.slave));
+        fs::write(
+            &script,
+            format!(
+                "cp {mail} {dir}/new/{INJECTED} && {doveadm} -c {conf} -o mail_location=maildir:~/{slave} mailbox status uidnext INBOX\n",
+                mail = mail.display(),
+                dir = p.dir(Side::Slave).display(),
+                doveadm = require_doveadm().display(),
+                conf = r.u.dovecot_conf().display(),
+                slave = p.slave,
+            ),
+        )
+        .expect("write inject script");
+        if mode == Mode::Stateful {
+            p.touch_master_mailboxes();
+        }
+        let out = p.sync_injecting(&script);
+        codes.push(out.code);
+        assert!(
+            out.code == Some(2) && out.stderr.contains("desync"),
+            "{:?} run: a change during the sync must be reported with exit code 2: {}",
+            p.kind,
+            out.describe()
+        );
+    }
+    assert_eq!(codes[0], codes[1]);
+    // Dovecot's own pair repairs this with duplicates of the mail delivered during the sync
+    // (three copies under two GUIDs in our runs of 2.3.19); ours must not.
+    let [_, m] = r.pairs();
+    let v = assert_ours_converges(
+        &m,
+        &[IN1, IN2, IN3, "1700001000.M1P1.master", "1700001000.M2P1.master", INJECTED],
+        "the sync after a change during the sync",
+    );
+    let inbox: Vec<&str> = v.mails_of("INBOX").iter().map(|m| m[1].as_str()).collect();
+    assert_eq!(inbox.len(), 6, "3 seeded, 2 from the master, 1 delivered during the sync: {inbox:?}");
+}
+
 fn uidvalidity_changed_on_one_side(mode: Mode) {
     let r = seeded(mode);
     r.both(|p| {
@@ -646,6 +929,12 @@ fn assert_ours_converges(p: &Pair<'_>, must_have: &[&str], what: &str) -> View {
         }
         let (vm, vs) = (p.view(Side::Master), p.view(Side::Slave));
         if out.success() && vm == vs {
+            for (mbox, mails) in &vm.mails {
+                let mut seen = BTreeSet::new();
+                for m in mails {
+                    assert!(seen.insert(&m[1]), "{what}: {} is twice in {mbox}: {mails:#?}", m[1]);
+                }
+            }
             for side in [&vm, &vs] {
                 let all: BTreeSet<&str> = side.mails.values().flatten().map(|m| m[1].as_str()).collect();
                 for g in must_have {

@@ -543,8 +543,8 @@ impl Mailbox for MemoryMailbox {
         Ok(())
     }
 
-    fn begin_import(&mut self) {
-        self.import_modseq = self.with(|mb| Ok(mb.highest_modseq + 1)).ok();
+    fn begin_import(&mut self, at: Modseq) {
+        self.import_modseq = self.with(|mb| Ok(at.max(mb.highest_modseq))).ok();
     }
 
     fn sync_point(&mut self) -> StoreResult<()> {
@@ -589,7 +589,7 @@ mod tests {
         }
         mb.commit().unwrap();
         let start = mb.status().highest_modseq;
-        mb.begin_import();
+        mb.begin_import(start + 1);
         // A peer's changes, in UID order, with the peer's modseqs out of order.
         mb.change_flags(Uid::new(1).unwrap(), FlagOp::Add, Flags::SEEN, &[], start + 40).unwrap();
         mb.change_flags(Uid::new(2).unwrap(), FlagOp::Add, Flags::SEEN, &[], start + 30).unwrap();

@@ -338,16 +338,20 @@ pub trait Mailbox {
     /// Picks up changes made by other writers since the handle was opened.
     fn refresh(&mut self) -> StoreResult<()>;
 
-    /// Starts importing a peer's changes, as one transaction (Dovecot's importer commits its
-    /// changes in one mailbox transaction): until the next [`Mailbox::sync_point`] every
-    /// change made through this handle gets the same modseq, one above the HIGHESTMODSEQ of
-    /// now, raised per mail to the `min_modseq` asked for (the peer's modseq of that mail).
+    /// Starts importing a peer's changes, as one transaction: until the next
+    /// [`Mailbox::sync_point`] every change made through this handle gets the modseq `at`
+    /// (at least the current HIGHESTMODSEQ; raised per mail to the `min_modseq` asked for,
+    /// the peer's modseq of that mail), instead of one new modseq per change.
     ///
-    /// So an import of a peer's changes ends at the peer's HIGHESTMODSEQ rather than one step
-    /// above it per change. That matters: a replica whose HIGHESTMODSEQ ran ahead of its
-    /// master's could later show exactly the numbers of a master that did change, and the
-    /// master would skip the mailbox as unchanged (dsync's `CHANGED` mode) and lose the change.
-    fn begin_import(&mut self) {}
+    /// The importer passes the larger of our HIGHESTMODSEQ and the peer's, so that an import
+    /// never carries our HIGHESTMODSEQ past both: afterwards the peer's is at least ours. A
+    /// replica that ran ahead of its master could later show exactly the numbers of a master
+    /// that did change, and the master would skip the mailbox as unchanged (dsync's `CHANGED`
+    /// mode) and lose the change; and raising a Dovecot master far past its own changes makes
+    /// it distrust its transaction log ("modseq tracking is corrupted").
+    fn begin_import(&mut self, at: Modseq) {
+        let _ = at;
+    }
 
     /// Makes everything this handle has reported durable.
     fn sync_point(&mut self) -> StoreResult<()>;

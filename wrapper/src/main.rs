@@ -16,7 +16,7 @@
 //! D  the user             home opened O_NOFOLLOW, owner/mode checked, fchdir · per-user flock
 //!                         · Maildir settings · env HOME/USER/LOGNAME · auth log closed
 //!  ▼
-//! serve::run              dsync on the same fd 0 / fd 1 (the missing piece: see serve.rs)
+//! serve::run              dsync in-process on the same fd 0 / fd 1 (mailreplica::dsync::server)
 //! ```
 //!
 //! Every refusal takes one path ([`refuse`]): exit 126, the single stderr line

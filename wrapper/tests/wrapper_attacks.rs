@@ -3,16 +3,19 @@
 //!
 //! Every refused case: exit 126, exactly `mailreplica-wrapper: access denied` on stderr,
 //! nothing on stdout, at least one second, no file of any user touched, and the reason code in
-//! the auth log line of that very pid.
+//! the auth log line of that very pid. Every accepted case is served for real: the process
+//! answers as a dsync slave (`VERSION\tdsync\t3\t5`, its headers and handshake), and a scripted
+//! master session sent after the username runs to a clean end (`F`, `X`, exit 0).
 
 mod wrapper_common;
 
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use mailreplica::dsync::wire::{Event, Record};
 use wrapper_common::*;
 
 fn policy_for(users: &[&str]) -> String {
@@ -27,11 +30,42 @@ fn line(name: &str) -> Vec<u8> {
     format!("{name}\n").into_bytes()
 }
 
-/// Runs a session that should be accepted, with nothing after the username; returns the run.
-fn served(sb: &Sandbox, name: &str) -> Run {
-    let r = run(&sb.args("mx1"), &sshd_env(), &line(name));
-    assert_eq!(r.status().code(), Some(69), "expected the interim serve step; stderr: {}", r.stderr());
+/// Asserts a whole, clean dsync session: exit 0, the slave's side of it on stdout, and
+/// nothing on stderr.
+fn assert_served(r: &Run) {
+    assert_eq!(r.status().code(), Some(0), "the served session failed; stderr: {}", r.stderr());
+    assert_full_server_session(&r.out.stdout);
+    assert_eq!(r.stderr(), "", "stderr of a clean session");
+}
+
+/// Runs a session that should be accepted: the username and, in the same write, a whole
+/// master session (no mailboxes); the served process must answer as a dsync slave and end
+/// cleanly.
+fn served_with(args: &[String], env: &[(String, String)], name: &str) -> Run {
+    let mut input = line(name);
+    input.extend_from_slice(&MasterSession::new(0, 0).all());
+    let r = run(args, env, &input);
+    assert_served(&r);
     r
+}
+
+fn served(sb: &Sandbox, name: &str) -> Run {
+    served_with(&sb.args("mx1"), &sshd_env(), name)
+}
+
+/// How long a served process may take to answer (the machine is shared and loaded).
+const ANSWER: Duration = Duration::from_secs(20);
+
+/// The served process has sent its greeting and handshake (so its reader and writer threads
+/// run).
+fn is_handshake(e: &Event) -> bool {
+    matches!(e, Event::Record(Record::Handshake(_)))
+}
+
+/// The served process has sent its deletion log, the last record of its tree, which it only
+/// sends after it parsed the master's handshake.
+fn is_tree_sent(e: &Event) -> bool {
+    matches!(e, Event::Record(Record::MailboxDeletes(_)))
 }
 
 // Rows 1 and 2: root by name and by a uid-0 alias, even though both are allow-listed.
@@ -111,8 +145,7 @@ fn not_allowed_for_this_peer_and_nonexistent() {
     assert_refused(&sb, &r, "not-allowed");
     assert_eq!(before, snapshot(&sb.dir.join("home")));
     // While the user allowed for mx2 is served through mx2.
-    let r = run(&sb.args("mx2"), &sshd_env(), &line(&b.name));
-    assert_eq!(r.status().code(), Some(69), "{}", r.stderr());
+    served_with(&sb.args("mx2"), &sshd_env(), &b.name);
 }
 
 // Rows 7-10, 12, 13, 15, 17: grammar refusals before any lookup.
@@ -248,8 +281,7 @@ fn poisoned_environment_is_refused() {
     // A harmless locale passes.
     let mut env = sshd_env();
     env.push(("LANG".into(), "C.UTF-8".into()));
-    let r = run(&sb.args("mx1"), &env, &line(&u.name));
-    assert_eq!(r.status().code(), Some(69), "{}", r.stderr());
+    served_with(&sb.args("mx1"), &env, &u.name);
 }
 
 // Row 18: SSH_ORIGINAL_COMMAND is ignored (no shell, no options from it) and logged escaped.
@@ -263,8 +295,7 @@ fn original_command_is_ignored_and_logged_escaped() {
     // Within the 64 bytes the log shows: an escape sequence, a newline, a command substitution.
     let cmd = format!("\x1b[2Jx;\n$(touch {}) --peer mx2; touch {}", marker.display(), marker.display());
     env.push(("SSH_ORIGINAL_COMMAND".into(), cmd.clone()));
-    let r = run(&sb.args("mx1"), &env, &line(&u.name));
-    assert_eq!(r.status().code(), Some(69), "{}", r.stderr());
+    let r = served_with(&sb.args("mx1"), &env, &u.name);
     assert!(!marker.exists());
     let l = sb.log_line(r.pid).expect("log");
     assert!(l.contains(" peer=mx1 "), "{l}");
@@ -360,7 +391,9 @@ fn untrusted_policy_is_refused() {
 // Inside the served process: ids on all four fields, only the allowed groups (the user's own
 // supplementary group is dropped, the policy's extra group kept), no capabilities in any set,
 // NoNewPrivs, umask 077, no core dumps, cwd = home, only the expected descriptors, for every
-// thread; and the wrapper's own proof (setuid(0) etc. failing) in the auth log.
+// thread (the dsync server's reader and writer threads included, checked while the server
+// waits for the master's greeting); and the wrapper's own proof (setuid(0) etc. failing) in
+// the auth log.
 #[test]
 fn served_process_is_fully_unprivileged() {
     let sb = Sandbox::new();
@@ -374,16 +407,19 @@ fn served_process_is_fully_unprivileged() {
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).expect("chmod");
     let leaked = fs::File::open(&secret).expect("open");
     nix::fcntl::fcntl(&leaked, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())).expect("clear CLOEXEC");
-    let mut child = spawn(&sb.args("mx1"), &sshd_env());
+    let mut live = Live::from_child(spawn(&sb.args("mx1"), &sshd_env()));
     drop(leaked);
-    let pid = child.id();
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(&line(&u.name)).expect("write name");
+    let pid = live.pid;
+    live.send(line(&u.name));
     let accept = sb.wait_accept(pid);
     for proof in ["setuid(0)=EPERM", "seteuid(0)=EPERM", "setgid(0)=EPERM", "setegid(0)=EPERM", "setgroups([0])=EPERM"]
     {
         assert!(accept.contains(proof), "{proof} missing: {accept}");
     }
+    // The server answers at once with its greeting and handshake, then waits for the master's.
+    live.wait_event("the server's handshake", ANSWER, is_handshake);
+    assert!(live.out.starts_with(VERSION_LINE), "{}", live.out.escape_ascii());
+    assert_server_threads(pid);
     assert_dropped(pid, u.uid, u.gid, &[u.gid, extra.gid]);
     let limits = fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
     let core = limits.lines().find(|l| l.starts_with("Max core file size")).expect("core line");
@@ -395,56 +431,98 @@ fn served_process_is_fully_unprivileged() {
         assert_ne!(t, secret, "the leaked root-only fd survived");
         targets.push((e.file_name().to_string_lossy().into_owned(), t));
     }
-    assert!(targets.len() <= 5, "unexpected descriptors: {targets:?}"); // 0-2, lock, home
-    assert!(targets.iter().any(|(_, t)| t.ends_with(format!("{}.lock", u.name))), "{targets:?}");
+    // 0-2, the server's duplicates of 0 and 1, the home, the lock; nothing else.
+    let lock = sb.dir.join("locks").join(format!("{}.lock", u.name));
+    let std_pipes: Vec<_> =
+        targets.iter().filter(|(fd, _)| ["0", "1", "2"].contains(&fd.as_str())).map(|(_, t)| t.clone()).collect();
+    for (fd, t) in &targets {
+        assert!(
+            std_pipes.contains(t) || *t == lock || *t == u.home,
+            "fd {fd} -> {t:?}: neither a pipe to the peer, the user's lock, nor the home; all: {targets:?}"
+        );
+    }
+    assert!(targets.iter().any(|(_, t)| *t == lock), "{targets:?}");
     assert!(!targets.iter().any(|(_, t)| *t == sb.auth_log()), "the auth log must be closed: {targets:?}");
-    drop(stdin);
-    let out = child.wait_with_output().expect("wait");
-    assert_eq!(out.status.code(), Some(69));
-    assert!(out.stdout.is_empty());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("dsync server is not available yet; read 0 bytes"), "{err}");
+    // Control for `bytes_after_the_newline_reach_the_server`: without the master's greeting
+    // the server sends no tree.
+    live.collect_for(Duration::from_millis(500));
+    assert!(!decode_server_output(&live.out).iter().any(is_tree_sent), "tree sent before the master's handshake");
+    live.send(MasterSession::new(0, 0).all());
+    let (status, out, err) = live.finish(ANSWER);
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert_full_server_session(&out);
+    assert_eq!(err, "");
 }
 
-// The wrapper never reads past the username's LF: the bytes sent in the same write reach the
-// serve step, all of them.
+// The wrapper never reads past the username's LF: a master greeting sent in the same write as
+// the username reaches the server intact, which proves it by answering with its mailbox tree
+// (sent only after it parsed the master's handshake); whole sessions of a few KiB and of about
+// 1 MiB after the username run to a clean end and create exactly the mailboxes they announce.
+// As a control, the same stream missing its first byte is rejected by the server.
 #[test]
 fn bytes_after_the_newline_reach_the_server() {
     let sb = Sandbox::new();
     let u = TestUser::new(&sb);
     sb.write_policy(&policy_for(&[&u.name]));
-    for tail in [b"XYZ".to_vec(), vec![b'Z'; 4000], (0..=255u8).cycle().take(3 << 20).collect()] {
+    let maildir = u.home.join("Maildir");
+
+    // The greeting and handshake only, in the username's write; the rest once the server
+    // has answered with its tree.
+    let session = MasterSession::new(3, 0);
+    let mut live = Live::from_child(spawn(&sb.args("mx1"), &sshd_env()));
+    let mut first = line(&u.name);
+    first.extend_from_slice(&session.greeting);
+    live.send(first);
+    live.wait_event("the server's tree (after the master's handshake)", ANSWER, is_tree_sent);
+    live.send(session.rest.clone());
+    let (status, out, err) = live.finish(ANSWER);
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert_full_server_session(&out);
+    session.assert_created_in(&maildir, u.uid);
+
+    // Whole sessions in the username's write: ~4 KiB (50 mailboxes), ~1 MiB (a deletion log
+    // of 22 000 entries: one line just under the decoder's 1 MiB line limit).
+    for (boxes, deletions, min_len) in [(50, 0, 4 << 10), (20, 22_000, 900 << 10)] {
+        let session = MasterSession::new(boxes, deletions);
         let mut input = line(&u.name);
-        input.extend_from_slice(&tail);
+        input.extend_from_slice(&session.all());
+        assert!(input.len() >= min_len, "{} bytes", input.len());
         let r = run(&sb.args("mx1"), &sshd_env(), &input);
-        assert_eq!(r.status().code(), Some(69), "{}", r.stderr());
-        let want = format!("read {} bytes after the username line", tail.len());
-        assert!(r.stderr().contains(&want), "want {want:?}: {}", r.stderr());
+        assert_served(&r);
+        session.assert_created_in(&maildir, u.uid);
     }
+
+    // Control: one byte short, the stream is not dsync any more, and the server says so.
+    let mut input = line(&u.name);
+    input.extend_from_slice(&MasterSession::new(0, 0).all()[1..]);
+    let r = run(&sb.args("mx1"), &sshd_env(), &input);
+    assert_eq!(r.status().code(), Some(75), "{}", r.stderr());
+    assert!(r.stderr().contains("invalid input from the remote"), "{}", r.stderr());
 }
 
 // Row 27: two sessions of one user never run at once: the second waits `lock_wait_secs`, then
-// is refused; once the first ends, a new one is served.
+// is refused; the first one, still waiting for its master, then completes; once it ends, a new
+// one is served.
 #[test]
 fn one_session_per_user() {
     let sb = Sandbox::new();
     let u = TestUser::new(&sb);
     let v = TestUser::new(&sb);
     sb.write_policy(&policy_for(&[&u.name, &v.name]));
-    let mut first = spawn(&sb.args("mx1"), &sshd_env());
-    let mut first_in = first.stdin.take().expect("stdin");
-    first_in.write_all(&line(&u.name)).expect("write");
-    sb.wait_accept(first.id());
+    let mut first = Live::from_child(spawn(&sb.args("mx1"), &sshd_env()));
+    first.send(line(&u.name));
+    sb.wait_accept(first.pid);
+    first.wait_event("the server's handshake", ANSWER, is_handshake);
     let start = Instant::now();
     let r = run(&sb.args("mx1"), &sshd_env(), &line(&u.name));
     assert_refused(&sb, &r, "lock-busy");
     assert!(start.elapsed() >= Duration::from_secs(2), "waited {:?}", start.elapsed());
     // Another user is not blocked.
     served(&sb, &v.name);
-    drop(first_in);
-    let mut err = String::new();
-    first.stderr.take().expect("stderr").read_to_string(&mut err).expect("read");
-    assert_eq!(first.wait().expect("wait").code(), Some(69), "{err}");
+    first.send(MasterSession::new(1, 0).all());
+    let (status, out, err) = first.finish(ANSWER);
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert_full_server_session(&out);
     served(&sb, &u.name);
 }
 
@@ -458,6 +536,12 @@ fn virtual_users_from_a_trusted_passwd_file() {
     fs::create_dir(&vhome).expect("mkdir");
     chown(&vhome, vmail.uid, vmail.gid);
     fs::set_permissions(&vhome, fs::Permissions::from_mode(0o700)).expect("chmod");
+    // The virtual users' mail root, owned by the vmail user. The store creates the Maildir
+    // itself but not missing parents (Dovecot would), so the domain directory exists already.
+    let vroot = sb.dir.join("vmail");
+    fs::create_dir_all(vroot.join("example.com")).expect("mkdir");
+    chown(&vroot, vmail.uid, vmail.gid);
+    chown(&vroot.join("example.com"), vmail.uid, vmail.gid);
     let users = sb.dir.join("users");
     fs::write(
         &users,
@@ -472,18 +556,25 @@ fn virtual_users_from_a_trusted_passwd_file() {
     fs::set_permissions(&users, fs::Permissions::from_mode(0o640)).expect("chmod");
     sb.write_policy(&format!(
         "[peer.mx1]\nallow_users = [\"alice@example.com\", \"root@example.com\"]\n\
-         mail_location = \"maildir:/var/vmail/%d/%n\"\nuserdb = \"passwd-file:{}\"\n",
+         mail_location = \"maildir:{}/%d/%n\"\nuserdb = \"passwd-file:{}\"\n",
+        vroot.display(),
         users.display()
     ));
-    let mut child = spawn(&sb.args("mx1"), &sshd_env());
-    let pid = child.id();
-    let mut stdin = child.stdin.take().expect("stdin");
-    stdin.write_all(b"alice@example.com\n").expect("write");
+    let mut live = Live::from_child(spawn(&sb.args("mx1"), &sshd_env()));
+    let pid = live.pid;
+    live.send(b"alice@example.com\n".to_vec());
     let accept = sb.wait_accept(pid);
-    assert!(accept.contains("maildir=\"/var/vmail/example.com/alice\""), "{accept}");
+    let maildir = vroot.join("example.com").join("alice");
+    assert!(accept.contains(&format!("maildir=\"{}\"", maildir.display())), "{accept}");
+    live.wait_event("the server's handshake", ANSWER, is_handshake);
+    assert_server_threads(pid);
     assert_dropped(pid, vmail.uid, vmail.gid, &[vmail.gid]);
-    drop(stdin);
-    assert_eq!(child.wait().expect("wait").code(), Some(69));
+    let session = MasterSession::new(1, 0);
+    live.send(session.all());
+    let (status, out, err) = live.finish(ANSWER);
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert_full_server_session(&out);
+    session.assert_created_in(&maildir, vmail.uid);
     let r = run(&sb.args("mx1"), &sshd_env(), b"root@example.com\n");
     assert_refused(&sb, &r, "forbidden-uid");
     let r = run(&sb.args("mx1"), &sshd_env(), b"Alice@example.com\n");

@@ -1,6 +1,6 @@
 //! `deploy/`: the install script installs a root-owned 0755 binary and rejects a policy that
-//! others could change or the wrapper cannot parse; the example policy and the sshd snippet
-//! are valid as shipped.
+//! others could change or the wrapper cannot parse; the example policy, the sshd snippet and
+//! the sending side's Dovecot snippet are valid as shipped.
 
 mod wrapper_common;
 
@@ -93,4 +93,28 @@ fn sshd_snippet_is_valid() {
     {
         assert!(eff.lines().any(|l| l == want), "{want} missing:\n{eff}");
     }
+}
+
+/// The sending side's snippet is valid Dovecot configuration as shipped (the e2e test runs its
+/// `dsync_remote_cmd` for real, pointed at the test's key and port).
+#[test]
+fn sender_snippet_is_valid_dovecot_config() {
+    require_dovecot();
+    let sb = Sandbox::new();
+    let conf = sb.dir.join("dovecot.conf");
+    let snippet = fs::read_to_string(deploy("dovecot-sender.conf.example")).expect("snippet");
+    fs::write(&conf, format!("ssl = no\nprotocols =\n{snippet}")).expect("write");
+    let out = Command::new("doveconf")
+        .arg("-c")
+        .arg(&conf)
+        .args(["-h", "dsync_remote_cmd"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+        .stdin(Stdio::null())
+        .output()
+        .expect("doveconf");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let value = String::from_utf8_lossy(&out.stdout);
+    assert!(value.starts_with("ssh -i /root/.ssh/mailreplica_ed25519 "), "{value}");
+    assert!(value.trim_end().ends_with("-l%{login} %{host} doveadm dsync-server -u%u -U"), "{value}");
 }

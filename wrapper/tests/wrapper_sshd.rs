@@ -1,7 +1,7 @@
 //! End to end through a real OpenSSH sshd on 127.0.0.1 (WRAPPER-SECURITY §5.3): root's
 //! `authorized_keys` carries `restrict,command="mailreplica-wrapper --peer …"`, `ssh
-//! root@127.0.0.1` reaches the wrapper, which drops to the user. (Full dsync through it comes
-//! with the in-process server.)
+//! root@127.0.0.1` reaches the wrapper, which drops to the user and serves dsync on the SSH
+//! channel. (Real Dovecot as the sender through this path: `wrapper_e2e.rs`.)
 
 mod wrapper_common;
 
@@ -9,7 +9,11 @@ use std::io::{Read, Write};
 use std::process::Stdio;
 use std::time::Duration;
 
+use mailreplica::dsync::wire::{Event, Record};
 use wrapper_common::*;
+
+/// How long the served process may take to answer through ssh on a loaded machine.
+const ANSWER: Duration = Duration::from_secs(30);
 
 fn command_line(sb: &Sandbox, peer: &str) -> String {
     format!("{WRAPPER} {}", sb.args(peer).join(" "))
@@ -33,35 +37,31 @@ fn forced_command_reaches_the_wrapper_which_drops_to_the_user() {
     let (sb, alice, _bob, keys) = setup();
     let ak = format!("restrict,command=\"{}\" {}\n", command_line(&sb, "mx1"), keys.client_pub(0));
     let sshd = Sshd::start(&keys, "a", &ak, "");
-    let child = sshd
-        .ssh(&keys.clients[0])
-        .arg("root@127.0.0.1")
-        .arg("whatever the peer asks; rm -rf /")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ssh");
-    let mut ssh = KillOnDrop(child);
-    let mut stdin = ssh.0.stdin.take().expect("stdin");
-    // The name and the first protocol bytes in one write, as doveadm does.
-    stdin.write_all(format!("{}\nVERSION\tdsync\t3\t5\n", alice.name).as_bytes()).expect("write");
+    let mut cmd = sshd.ssh(&keys.clients[0]);
+    cmd.arg("root@127.0.0.1").arg("whatever the peer asks; rm -rf /");
+    let mut live = Live::start(cmd);
+    // The name and the master's greeting and handshake in one write, as doveadm does.
+    let session = MasterSession::new(2, 0);
+    let mut first = format!("{}\n", alice.name).into_bytes();
+    first.extend_from_slice(&session.greeting);
+    live.send(first);
     let accept = wait_log_line(&sb, &[": accept ", &format!("user=\"{}\"", alice.name)]);
     let pid = log_pid(&accept);
     assert!(accept.contains(&format!(" 127.0.0.1 {}\"", sshd.port)), "SSH_CONNECTION logged: {accept}");
     assert!(accept.contains("cmd=\"whatever the peer asks; rm -rf /\""), "{accept}");
-    // The served process, seen from outside while it waits for the rest of the stream.
+    // Through the SSH channel: the server's greeting, then its tree, which it sends only
+    // after it parsed the master's handshake that followed the username.
+    live.wait_event("the server's tree", ANSWER, |e| matches!(e, Event::Record(Record::MailboxDeletes(_))));
+    assert!(live.out.starts_with(VERSION_LINE), "{}", live.out.escape_ascii());
+    // The served process, seen from outside while it waits for the rest of the stream: every
+    // thread (main, dsync-read, dsync-write).
+    assert_server_threads(pid);
     assert_dropped(pid, alice.uid, alice.gid, &[alice.gid]);
-    stdin.write_all(b"more").expect("write more");
-    drop(stdin);
-    let mut err = String::new();
-    ssh.0.stderr.take().expect("stderr").read_to_string(&mut err).expect("read stderr");
-    let mut out = Vec::new();
-    ssh.0.stdout.take().expect("stdout").read_to_end(&mut out).expect("read stdout");
-    let status = ssh.0.wait().expect("wait");
-    assert_eq!(status.code(), Some(69), "{err}");
-    assert!(out.is_empty());
-    assert!(err.contains("not available yet; read 22 bytes after the username line"), "{err}");
+    live.send(session.rest.clone());
+    let (status, out, err) = live.finish(ANSWER);
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert_full_server_session(&out);
+    session.assert_created_in(&alice.home.join("Maildir"), alice.uid);
     let log = sshd.log_text();
     assert!(log.contains("Root login accepted for forced command"), "{log}");
 }
@@ -170,27 +170,25 @@ fn environment_option_is_ignored_by_sshd_and_refused_by_the_wrapper() {
         keys.client_pub(1)
     );
     let run_once = |sshd: &Sshd| {
-        let mut child = sshd
-            .ssh(&keys.clients[1])
-            .arg("root@127.0.0.1")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ssh");
-        child.stdin.take().expect("stdin").write_all(format!("{}\n", alice.name).as_bytes()).expect("write");
-        child.wait_with_output().expect("wait")
+        let mut cmd = sshd.ssh(&keys.clients[1]);
+        cmd.arg("root@127.0.0.1");
+        let live = Live::start(cmd);
+        let mut input = format!("{}\n", alice.name).into_bytes();
+        input.extend_from_slice(&MasterSession::new(0, 0).all());
+        live.send(input);
+        live.finish(ANSWER)
     };
     // As deployed (PermitUserEnvironment no): sshd drops the variable; the session is served.
     let sshd = Sshd::start(&keys, "d", &ak, "");
-    let out = run_once(&sshd);
-    assert_eq!(out.status.code(), Some(69), "{}", String::from_utf8_lossy(&out.stderr));
+    let (status, out, err) = run_once(&sshd);
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert_full_server_session(&out);
     drop(sshd);
     // A misconfigured sshd passes it on: the wrapper refuses.
     let sshd = Sshd::start(&keys, "e", &ak, "PermitUserEnvironment yes");
-    let out = run_once(&sshd);
-    assert_eq!(out.status.code(), Some(126));
-    assert_eq!(String::from_utf8_lossy(&out.stderr), DENIED);
-    assert!(out.stdout.is_empty());
+    let (status, out, err) = run_once(&sshd);
+    assert_eq!(status.code(), Some(126));
+    assert_eq!(err, DENIED);
+    assert!(out.is_empty());
     wait_log_line(&sb, &[": deny ", " reason=poisoned-env ", "LD_PRELOAD"]);
 }

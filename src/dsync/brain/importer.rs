@@ -30,6 +30,82 @@ pub(crate) struct ImportOptions {
     pub(crate) want_mail_requests: bool,
     pub(crate) mails_use_guid128: bool,
     pub(crate) commit_msgs_interval: usize,
+    /// Which of the remote's mails we want at all (doveadm's `-t`, `-e`, `-I`, `-O`).
+    pub(crate) filter: MailFilter,
+}
+
+/// The master's restrictions on which mails a sync moves: received within
+/// `since..=until` (0: unbounded), at most `max_size` bytes (virtual size; 0: any), and
+/// having (or with `flag_unwanted`, not having) a flag or keyword. Mails outside are left
+/// alone on both sides, never deleted.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct MailFilter {
+    pub(crate) since: i64,
+    pub(crate) until: i64,
+    pub(crate) max_size: u64,
+    pub(crate) flag: Option<Flags>,
+    pub(crate) keyword: Option<String>,
+    pub(crate) flag_unwanted: bool,
+}
+
+impl MailFilter {
+    /// From the handshake's `sync_since_timestamp`, `sync_until_timestamp`, `sync_max_size`
+    /// and `sync_flags` (`\\Flag`, `keyword`, either with a leading `-` for "without").
+    pub(crate) fn new(since: i64, until: i64, max_size: u64, sync_flag: Option<&str>) -> Self {
+        let mut f = Self { since, until, max_size, ..Default::default() };
+        if let Some(mut s) = sync_flag.filter(|s| !s.is_empty()) {
+            if let Some(rest) = s.strip_prefix('-') {
+                f.flag_unwanted = true;
+                s = rest;
+            }
+            if s.starts_with('\\') {
+                // An unknown system flag matches nothing, as in Dovecot (flag 0 = no filter).
+                f.flag = Flags::from_name(s).filter(|x| !x.is_empty());
+            } else {
+                f.keyword = Some(s.to_owned());
+            }
+        }
+        f
+    }
+
+    /// True when the remote sends received dates with its changes (we need them).
+    pub(crate) fn needs_timestamps(&self) -> bool {
+        self.since > 0 || self.until > 0
+    }
+
+    /// `dsync_mailbox_import_want_change`: whether a mail the remote has and we lack is
+    /// one this sync moves at all.
+    fn wants(&self, change: &MailChange) -> Result<bool, ImportError> {
+        if self.needs_timestamps() && change.received_timestamp <= 0 {
+            return Err(ImportError::Protocol(format!("UID {}: no received date, but -t/-e is in use", change.uid)));
+        }
+        if self.since > 0 && change.received_timestamp < self.since {
+            return Ok(false);
+        }
+        if self.until > 0 && change.received_timestamp > self.until {
+            return Ok(false);
+        }
+        // (A size of 0 travels as no size at all.)
+        if self.max_size > 0 && change.virtual_size.unwrap_or(0) > self.max_size {
+            return Ok(false);
+        }
+        if let Some(flag) = self.flag {
+            let have = change.final_flags & flag.bits() != 0;
+            if have == self.flag_unwanted {
+                return Ok(false);
+            }
+        }
+        if let Some(kw) = &self.keyword {
+            let have = change
+                .keyword_changes
+                .iter()
+                .any(|(op, k)| matches!(op, KwOp::Final | KwOp::AddAndFinal) && k.eq_ignore_ascii_case(kw));
+            if have == self.flag_unwanted {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// The remote mailbox's numbers that the importer needs.
@@ -161,10 +237,10 @@ impl Importer {
         remote: RemoteBox,
     ) -> Result<Self, ImportError> {
         let status = mb.status();
-        // Everything this import changes shares one modseq, raised per mail to the remote's
-        // modseq, as in Dovecot's single import transaction: the mailbox then ends at the
-        // remote's HIGHESTMODSEQ instead of running ahead of it (see `Mailbox::begin_import`).
-        mb.begin_import();
+        // Everything this import changes shares one modseq, the larger of ours and the
+        // remote's HIGHESTMODSEQ (raised per mail to the remote's modseq): the mailbox then
+        // never runs ahead of the remote (see `Mailbox::begin_import`).
+        mb.begin_import(status.highest_modseq.max(remote.highest_modseq));
         let stateful = last.uid != 0 || last.modseq != 0;
         let mut imp = Self {
             opts,
@@ -597,6 +673,9 @@ impl Importer {
             // Already verified to match: apply flag changes.
             return self.flag_change(mb, change);
         }
+        if !self.opts.filter.wants(change)? {
+            return Ok(());
+        }
         if self.last_common_uid_found {
             self.save(mb, change);
         } else {
@@ -691,22 +770,24 @@ impl Importer {
     }
 
     /// `dsync_mailbox_find_common_uid`.
-    fn find_common_uid<M: Mailbox>(&mut self, mb: &mut M, change: &MailChange) {
+    fn find_common_uid<M: Mailbox>(&mut self, mb: &mut M, change: &MailChange) -> Result<(), ImportError> {
         if !self.next_mail(change.uid) {
             if change.kind == ChangeType::Expunge {
-                return;
+                return Ok(());
             }
-            if self.local_uid_next <= change.uid {
+            if !self.opts.filter.wants(change)? {
+                // Not a mail this sync moves.
+            } else if self.local_uid_next <= change.uid {
                 self.common_uid_found(mb);
             } else if self.opts.revert_local_changes {
                 self.revert_missing(change);
             } else if !self.find_common_expunged_uid(mb, change) {
                 self.common_uid_found(mb);
             }
-            return;
+            return Ok(());
         }
         if change.guid.is_none() {
-            return;
+            return Ok(());
         }
         if self.cur_mail().is_some_and(|c| c.uid.get() == change.uid) {
             match self.match_msg(change) {
@@ -715,13 +796,18 @@ impl Importer {
                 Some(false) if !self.opts.revert_local_changes => self.common_uid_found(mb),
                 Some(false) => self.revert_existing_uid(change.uid, "GUIDs don't match"),
             }
-            return;
+            return Ok(());
+        }
+        // The mail exists remotely, but not here.
+        if change.kind != ChangeType::Expunge && !self.opts.filter.wants(change)? {
+            return Ok(());
         }
         if self.opts.revert_local_changes && change.kind != ChangeType::Expunge {
             self.revert_missing(change);
         } else {
             let _ = self.find_common_expunged_uid(mb, change);
         }
+        Ok(())
     }
 
     /// Imports one `C` record.
@@ -740,7 +826,7 @@ impl Importer {
             return Ok(());
         }
         if !self.last_common_uid_found {
-            self.find_common_uid(mb, change);
+            self.find_common_uid(mb, change)?;
         }
         if self.failed.is_some() || self.require_full_resync {
             return Ok(());

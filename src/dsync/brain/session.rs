@@ -20,9 +20,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::exporter::Exporter;
+use super::exporter::{ExportOptions, Exporter};
 use super::ibc::{Ibc, IbcError, Incoming, Settings, SyncKind};
-use super::importer::{ImportError, ImportOptions, Importer, LastCommon, RemoteBox};
+use super::importer::{ImportError, ImportOptions, Importer, LastCommon, MailFilter, RemoteBox};
 use super::tree::{Delete, DeleteKind, Existence, NodeData, Tree};
 use super::tree_sync::{SyncType, TreeChange, sync_trees};
 use super::types::{DsyncMailbox, MailboxState};
@@ -82,10 +82,6 @@ pub(crate) struct SlaveConfig {
 
 /// The escape character we announce for mailbox names (doveadm forces `%` for dsync).
 const ESCAPE_CHAR: char = '%';
-
-/// How far our HIGHESTMODSEQ jumps after a sync that imported changes (see `exchange`): more
-/// changes than any master makes between two syncs, small enough that a u64 never runs out.
-const MODSEQ_JUMP: u64 = 1 << 32;
 
 struct Slave<'a, S: MailStore, I: Ibc> {
     store: &'a mut S,
@@ -514,8 +510,16 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
         let backup_send = self.settings.backup_send;
         let backup_recv = self.settings.backup_recv;
         let mail_requests = self.settings.send_mail_requests;
+        let s = &self.settings;
+        let filter =
+            MailFilter::new(s.sync_since_timestamp, s.sync_until_timestamp, s.sync_max_size, s.sync_flags.as_deref());
+        let export_opts = ExportOptions {
+            auto_export: !mail_requests,
+            timestamps: filter.needs_timestamps(),
+            virtual_sizes: filter.max_size > 0,
+        };
         let mut exporter =
-            if backup_recv { None } else { Some(Exporter::new(&*mb, last.uid, last.modseq, !mail_requests)) };
+            if backup_recv { None } else { Some(Exporter::new(&mut *mb, last.uid, last.modseq, export_opts)?) };
         let mut importer = if backup_send {
             None
         } else {
@@ -531,6 +535,7 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
                 want_mail_requests: mail_requests,
                 mails_use_guid128: remote.have_only_guid128,
                 commit_msgs_interval: self.settings.import_commit_msgs_interval.max(1) as usize,
+                filter,
             };
             let rb = RemoteBox {
                 uid_next: remote.uid_next,
@@ -687,17 +692,9 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
         }
         // (Reaching here, the import succeeded and deleted nothing: see `failed` above.)
         if !state.changes_during_sync && self.failed.is_none() && !self.require_full_resync {
-            // Both sides now hold the same mails: remember where our modseqs stood.
-            let mut hms = mb.status().highest_modseq;
-            if hms > local.highest_modseq.max(remote.highest_modseq) {
-                // Importing moved our HIGHESTMODSEQ past anything the master saw. The master
-                // ends at a value of its own, maybe just below ours; a few changes of its own
-                // could then bring its counters back to exactly ours, and it would skip the
-                // mailbox. A jump far ahead rules that out; the next sync, which has nothing
-                // to transfer, brings the master up to it.
-                hms = hms.saturating_add(MODSEQ_JUMP);
-                mb.update(&MailboxUpdate { min_highest_modseq: Some(hms), ..Default::default() })?;
-            }
+            // Both sides now hold the same mails: remember where our modseqs stood. (The
+            // import kept ours at or below the master's, see `Mailbox::begin_import`.)
+            let hms = mb.status().highest_modseq;
             mb.update(&MailboxUpdate { replicated_modseq: Some(hms), ..Default::default() })?;
         }
         Ok(())

@@ -1131,8 +1131,8 @@ impl Mailbox for MaildirMailbox {
         self.load()
     }
 
-    fn begin_import(&mut self) {
-        self.import_modseq = Some(self.header.highest_modseq + 1);
+    fn begin_import(&mut self, at: Modseq) {
+        self.import_modseq = Some(at.max(self.header.highest_modseq));
     }
 
     fn sync_point(&mut self) -> StoreResult<()> {

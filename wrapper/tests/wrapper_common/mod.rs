@@ -1,6 +1,8 @@
 //! Helpers for the wrapper's root-only integration tests: a root-owned sandbox directory, real
 //! users made by `useradd` (serialized with an flock, deleted on drop, stale ones from killed
-//! runs swept), and running the wrapper binary with a clean environment and captured output.
+//! runs swept), running the wrapper binary with a clean environment and captured output, a
+//! scripted dsync master ([`MasterSession`], built with the project's own wire encoder) and a
+//! live view of a served process's output ([`Live`]).
 //!
 //! Kept inside the wrapper's tests for now; `tests/common/mod.rs` is being written in a
 //! parallel branch and this can move there once both are merged.
@@ -11,9 +13,16 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use mailreplica::dsync::wire::{
+    Decoder, Deletion, Encoder, Event, Existence, Guid128, Handshake, HierarchySep, MailboxDeletes, MailboxNode,
+    MailboxPath, Record, SyncType, Text,
+};
 
 /// The wrapper binary: Cargo's path for integration tests; the release build for the example
 /// benchmark, which includes this module too.
@@ -46,6 +55,42 @@ fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a shadow tool (useradd, groupadd) under our lock, retrying while /etc/passwd or
+/// /etc/group is locked by someone our lock does not cover (another project's tests, a package
+/// manager): the tools exit with 1 or 10 then instead of waiting.
+fn passwd_tool_ok(cmd: &mut Command) -> String {
+    for attempt in 0u64..40 {
+        let out = {
+            let _l = passwd_lock();
+            cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+        };
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+        let busy = matches!(out.status.code(), Some(1) | Some(10));
+        assert!(busy && attempt < 39, "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_millis(50 * (attempt + 1).min(10)));
+    }
+    unreachable!("the loop returns or panics")
+}
+
+/// The same for clean-up (userdel, groupdel): retried while the databases are locked, any
+/// other outcome accepted (e.g. already gone).
+fn passwd_tool_cleanup(args: &[&str]) {
+    for attempt in 0u64..40 {
+        let out = {
+            let _l = passwd_lock();
+            Command::new(args[0]).args(&args[1..]).stdin(Stdio::null()).output()
+        };
+        match out {
+            Ok(o) if matches!(o.status.code(), Some(1) | Some(10)) => {
+                std::thread::sleep(Duration::from_millis(50 * (attempt + 1).min(10)));
+            }
+            _ => return,
+        }
+    }
 }
 
 /// Holds the useradd lock: shadow's tools fail rather than wait when another one has
@@ -215,10 +260,7 @@ impl TestUser {
             cmd.args(["-G", &spec.groups.join(",")]);
         }
         cmd.arg("-M").arg(&name);
-        {
-            let _l = passwd_lock();
-            run_ok(&mut cmd);
-        }
+        passwd_tool_ok(&mut cmd);
         let ent = run_ok(Command::new("getent").args(["passwd", &name]));
         let f: Vec<&str> = ent.trim().split(':').collect();
         let (uid, gid) = (f[2].parse().expect("uid"), f[3].parse().expect("gid"));
@@ -234,12 +276,11 @@ impl TestUser {
 
 impl Drop for TestUser {
     fn drop(&mut self) {
-        let _l = passwd_lock();
         // -f: userdel refuses a uid-0 alias otherwise (uid 0 "is logged in"). Without -r it
         // removes no files.
-        let _ = Command::new("userdel").arg("-f").arg(&self.name).stdin(Stdio::null()).output();
+        passwd_tool_cleanup(&["userdel", "-f", &self.name]);
         // `useradd -U` made a group of the same name; userdel removes it unless shared.
-        let _ = Command::new("groupdel").arg(&self.name).stdin(Stdio::null()).output();
+        passwd_tool_cleanup(&["groupdel", &self.name]);
     }
 }
 
@@ -252,10 +293,7 @@ pub struct TestGroup {
 impl TestGroup {
     pub fn new() -> Self {
         let name = format!("mrw{}", unique());
-        {
-            let _l = passwd_lock();
-            run_ok(Command::new("groupadd").arg(&name));
-        }
+        passwd_tool_ok(Command::new("groupadd").arg(&name));
         let ent = run_ok(Command::new("getent").args(["group", &name]));
         let gid = ent.trim().split(':').nth(2).expect("gid field").parse().expect("gid");
         Self { name, gid }
@@ -264,8 +302,7 @@ impl TestGroup {
 
 impl Drop for TestGroup {
     fn drop(&mut self) {
-        let _l = passwd_lock();
-        let _ = Command::new("groupdel").arg(&self.name).stdin(Stdio::null()).output();
+        passwd_tool_cleanup(&["groupdel", &self.name]);
     }
 }
 
@@ -562,4 +599,491 @@ pub fn wait_log_line(sb: &Sandbox, needles: &[&str]) -> String {
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("no log line with {needles:?}; log:\n{}", sb.log_text());
+}
+
+// ------------------------------------------------------------------------------------------
+// The dsync side of a served session
+
+/// The first line a dsync 3.5 peer sends (Dovecot 2.3.19 and our server alike).
+pub const VERSION_LINE: &[u8] = b"VERSION\tdsync\t3\t5\n";
+
+/// One mailbox a [`MasterSession`] announces.
+#[derive(Clone, Debug)]
+pub struct MasterBox {
+    pub name: String,
+    /// 32 lower-case hex digits.
+    pub guid: String,
+    pub uid_validity: u32,
+}
+
+/// What a dsync master (`doveadm sync` on the sending host) sends in a whole session whose
+/// mailboxes hold no mails: the VERSION line and header block, its handshake `H` (a two-way
+/// "changed" sync, as `doveadm sync` sends it), its mailbox tree (`N` records for new, empty
+/// mailboxes, then `.`), its deletion log (`D`, optionally padded with deletions of mailboxes
+/// nobody has, to make the stream long), and an empty mailbox list (`.`). A slave answers with
+/// its own greeting and handshake at once, its tree and `D` only after it parsed the master's
+/// `H`, creates the announced mailboxes with exactly these GUIDs and UIDVALIDITYs, and ends
+/// with `F` and `X`. Built with `mailreplica::dsync::wire::Encoder`, whose output is pinned
+/// byte for byte against captured Dovecot sessions.
+pub struct MasterSession {
+    /// VERSION line, the 11 header lines, `.` and the `H` line.
+    pub greeting: Vec<u8>,
+    /// Everything after the handshake.
+    pub rest: Vec<u8>,
+    pub boxes: Vec<MasterBox>,
+}
+
+impl MasterSession {
+    /// `boxes` new mailboxes (names unique to this session) and `deletions` padding entries.
+    pub fn new(boxes: usize, deletions: usize) -> Self {
+        let tag = unique();
+        let t = |s: &str| Text::try_from(s).expect("text");
+        let mut enc = Encoder::new();
+        let mut greeting = Vec::new();
+        enc.greeting(&mut greeting);
+        let hello = Handshake {
+            hostname: t("mx1"),
+            sync_type: Some(SyncType::Changed),
+            send_mail_requests: true,
+            import_commit_msgs_interval: std::num::NonZeroU32::new(100),
+            hashed_headers: Some(vec![t("Date"), t("Message-ID")]),
+            alt_char: std::num::NonZeroU8::new(b'_'),
+            ..Default::default()
+        };
+        enc.record(&Record::from(hello), &mut greeting).expect("encode H");
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let boxes: Vec<MasterBox> = (0..boxes)
+            .map(|i| MasterBox {
+                name: format!("Box{tag}n{i}"),
+                guid: format!("{:08x}{:08x}{:016x}", std::process::id(), n, i + 1),
+                uid_validity: 1_700_000_000 + i as u32,
+            })
+            .collect();
+        let mut rest = Vec::new();
+        for b in &boxes {
+            let node = MailboxNode {
+                name: MailboxPath::new(vec![t(&b.name)]).expect("path"),
+                existence: Existence::Exists,
+                mailbox_guid: Some(b.guid.parse::<Guid128>().expect("guid")),
+                uid_validity: b.uid_validity,
+                uid_next: 1,
+                last_renamed_or_created: 0,
+                subscribed: false,
+                last_subscription_change: 0,
+            };
+            enc.record(&Record::from(node), &mut rest).expect("encode N");
+        }
+        enc.end_of_list(&mut rest).expect("tree end");
+        let deletes = MailboxDeletes {
+            hierarchy_sep: HierarchySep::new(b'.').expect("sep"),
+            escape_char: None,
+            mailboxes: (0..deletions)
+                .map(|i| Deletion {
+                    // A prefix no GUID of `boxes` has: these name mailboxes that never existed.
+                    guid: format!("dead{:04x}{:024x}", n & 0xffff, i).parse::<Guid128>().expect("guid"),
+                    timestamp: 1_600_000_000 + i as i64,
+                })
+                .collect(),
+            dirs: Vec::new(),
+            unsubscribes: Vec::new(),
+        };
+        enc.record(&Record::from(deletes), &mut rest).expect("encode D");
+        enc.end_of_list(&mut rest).expect("mailbox list end");
+        Self { greeting, rest, boxes }
+    }
+
+    /// The whole stream.
+    pub fn all(&self) -> Vec<u8> {
+        let mut v = self.greeting.clone();
+        v.extend_from_slice(&self.rest);
+        v
+    }
+
+    /// Asserts that the served user's Maildir (`root`, Maildir++ layout) has every announced
+    /// mailbox with the announced GUID and UIDVALIDITY (the header of its `dovecot-uidlist`),
+    /// owned by `uid`.
+    pub fn assert_created_in(&self, root: &Path, uid: u32) {
+        for b in &self.boxes {
+            let list = root.join(format!(".{}", b.name)).join("dovecot-uidlist");
+            let text = fs::read_to_string(&list).unwrap_or_else(|e| panic!("{}: {e}", list.display()));
+            let header = text.lines().next().unwrap_or("");
+            let words: Vec<&str> = header.split(' ').collect();
+            assert!(words.contains(&format!("V{}", b.uid_validity).as_str()), "{}: {header}", list.display());
+            assert!(words.contains(&format!("G{}", b.guid).as_str()), "{}: {header}", list.display());
+            assert_eq!(fs::metadata(&list).expect("stat").uid(), uid, "{}", list.display());
+        }
+    }
+}
+
+/// Decodes everything a served process wrote on stdout. Panics on bytes that are not dsync.
+pub fn decode_server_output(out: &[u8]) -> Vec<Event> {
+    let mut dec = Decoder::new();
+    dec.feed(out);
+    dec.feed_eof();
+    let mut events = Vec::new();
+    loop {
+        match dec.next() {
+            Ok(Some(e)) => events.push(e),
+            Ok(None) => return events,
+            Err(e) => panic!("the served process wrote something that is not dsync ({e}): {}", out.escape_ascii()),
+        }
+    }
+}
+
+/// Asserts the slave's side of a whole, successful session: its greeting (protocol 3.5, all
+/// headers), handshake, tree, deletion log, a finish record without error, and `X`.
+pub fn assert_full_server_session(out: &[u8]) {
+    assert!(out.starts_with(VERSION_LINE), "the server's first line: {}", out.escape_ascii());
+    let events = decode_server_output(out);
+    let shown = || format!("{events:#?}");
+    assert_eq!(events.first(), Some(&Event::Greeting { minor: 5 }), "{}", shown());
+    assert!(matches!(events.get(1), Some(Event::Record(Record::Handshake(_)))), "{}", shown());
+    let tree_end = events.iter().position(|e| *e == Event::EndOfList).expect("the tree's end");
+    assert!(events[2..tree_end].iter().all(|e| matches!(e, Event::Record(Record::MailboxNode(_)))), "{}", shown());
+    let tail = &events[tree_end + 1..];
+    assert!(
+        matches!(
+            tail,
+            [Event::Record(Record::MailboxDeletes(_)), Event::Record(Record::Finish(f)), Event::Done]
+                if f.error.is_none() && f.mail_error == 0 && !f.require_full_resync
+        ),
+        "{}",
+        shown()
+    );
+}
+
+/// A running process whose stdin is fed from a thread (so that big writes never block the
+/// test) and whose stdout and stderr are collected by threads, so that a test can wait for
+/// what it has written so far. Killed and reaped on drop.
+pub struct Live {
+    pub pid: u32,
+    child: Option<Child>,
+    input: Option<Sender<Vec<u8>>>,
+    writer: Option<JoinHandle<()>>,
+    out_rx: Receiver<Vec<u8>>,
+    out_eof: bool,
+    err: Option<JoinHandle<Vec<u8>>>,
+    /// Everything read from stdout so far.
+    pub out: Vec<u8>,
+}
+
+impl Live {
+    /// Starts `cmd` with all three streams piped (overriding whatever `cmd` said).
+    pub fn start(mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        Self::from_child(child)
+    }
+
+    /// Takes over a child started with all three streams piped.
+    pub fn from_child(mut child: Child) -> Self {
+        let pid = child.id();
+        let mut stdin: ChildStdin = child.stdin.take().expect("piped stdin");
+        let (input, in_rx) = channel::<Vec<u8>>();
+        let writer = std::thread::spawn(move || {
+            while let Ok(buf) = in_rx.recv() {
+                // One write_all per buffer: the bytes of one `send` go out in the same write(2)
+                // as far as the pipe takes them. A process that stopped reading gives EPIPE.
+                if stdin.write_all(&buf).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let (out_tx, out_rx) = channel::<Vec<u8>>();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match std::io::Read::read(&mut stdout, &mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = out_tx.send(Vec::new());
+                        return;
+                    }
+                    Ok(n) => {
+                        if out_tx.send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let err = std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stderr, &mut v);
+            v
+        });
+        Self {
+            pid,
+            child: Some(child),
+            input: Some(input),
+            writer: Some(writer),
+            out_rx,
+            out_eof: false,
+            err: Some(err),
+            out: Vec::new(),
+        }
+    }
+
+    /// Queues `bytes` for the process's stdin, as one write.
+    pub fn send(&self, bytes: Vec<u8>) {
+        self.input.as_ref().expect("input still open").send(bytes).expect("writer thread");
+    }
+
+    /// Closes stdin once everything queued is written (the writer thread does it).
+    pub fn close_input(&mut self) {
+        self.input = None;
+    }
+
+    /// Waits until `done(stdout so far)` holds; panics after `timeout` or at EOF.
+    pub fn wait_out(&mut self, what: &str, timeout: Duration, done: impl Fn(&[u8]) -> bool) {
+        let until = Instant::now() + timeout;
+        while !done(&self.out) {
+            if self.out_eof {
+                let err = self.stderr_after_exit();
+                panic!("stdout ended before {what}: {}\nstderr: {err}", self.out.escape_ascii());
+            }
+            match self.out_rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(chunk) if chunk.is_empty() => self.out_eof = true,
+                Ok(chunk) => self.out.extend_from_slice(&chunk),
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("no {what} within {timeout:?}; stdout so far: {}", self.out.escape_ascii())
+                }
+                Err(RecvTimeoutError::Disconnected) => self.out_eof = true,
+            }
+        }
+    }
+
+    /// The process's stderr once it has exited (waiting up to 10 s), for failure messages.
+    fn stderr_after_exit(&mut self) -> String {
+        let until = Instant::now() + Duration::from_secs(10);
+        if let Some(c) = self.child.as_mut() {
+            while Instant::now() < until && c.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if c.try_wait().ok().flatten().is_none() {
+                return "(still running)".to_owned();
+            }
+        }
+        let err = self.err.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        String::from_utf8_lossy(&err).into_owned()
+    }
+
+    /// Collects whatever stdout brings during `dur`.
+    pub fn collect_for(&mut self, dur: Duration) {
+        let until = Instant::now() + dur;
+        while !self.out_eof {
+            match self.out_rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(chunk) if chunk.is_empty() => self.out_eof = true,
+                Ok(chunk) => self.out.extend_from_slice(&chunk),
+                Err(RecvTimeoutError::Timeout) => return,
+                Err(RecvTimeoutError::Disconnected) => self.out_eof = true,
+            }
+        }
+    }
+
+    /// Waits until the decoded stdout has an event matching `want`.
+    pub fn wait_event(&mut self, what: &str, timeout: Duration, want: impl Fn(&Event) -> bool) {
+        self.wait_out(what, timeout, |out| {
+            let mut dec = Decoder::new();
+            dec.feed(out);
+            let mut found = false;
+            while let Ok(Some(e)) = dec.next() {
+                found |= want(&e);
+            }
+            found
+        });
+    }
+
+    /// Closes stdin (if still open), waits up to `timeout` for the exit, collects all output.
+    pub fn finish(mut self, timeout: Duration) -> (ExitStatus, Vec<u8>, String) {
+        self.close_input();
+        let mut child = self.child.take().expect("child");
+        let until = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                break st;
+            }
+            if Instant::now() >= until {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("pid {} still running after {timeout:?}; stdout so far: {}", self.pid, self.out.escape_ascii());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        while !self.out_eof {
+            match self.out_rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(chunk) if chunk.is_empty() => self.out_eof = true,
+                Ok(chunk) => self.out.extend_from_slice(&chunk),
+                Err(_) => self.out_eof = true,
+            }
+        }
+        if let Some(w) = self.writer.take() {
+            w.join().expect("writer thread");
+        }
+        let err = self.err.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        (status, std::mem::take(&mut self.out), String::from_utf8_lossy(&err).into_owned())
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.input = None;
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The names (`comm`) of every thread of `pid`.
+pub fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .flatten()
+        .map(|e| fs::read_to_string(e.path().join("comm")).unwrap_or_default().trim().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Asserts that `pid` runs the dsync server's reader and writer threads besides its main one.
+pub fn assert_server_threads(pid: u32) {
+    let names = thread_names(pid);
+    assert!(
+        names.iter().any(|n| n == "dsync-read") && names.iter().any(|n| n == "dsync-write") && names.len() >= 3,
+        "threads of {pid}: {names:?}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// A sandboxed Dovecot daemon (the sending side of the upstream scenario)
+
+/// Panics unless Dovecot's `dovecot` and `doveadm` are installed.
+pub fn require_dovecot() {
+    for tool in ["/usr/sbin/dovecot", "/usr/bin/doveadm"] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} is missing: install Dovecot 2.3 (apt-get install -y dovecot-core dovecot-imapd; tests/run does)"
+        );
+    }
+}
+
+/// Our `mailreplica` binary, built next to the wrapper by `cargo build --release --workspace`
+/// (Cargo builds only the wrapper's own binary for its tests, so the workspace build must come
+/// first, as `tests/run` does).
+pub fn mailreplica_bin() -> PathBuf {
+    let p = Path::new(WRAPPER).with_file_name("mailreplica");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace; tests/run does)",
+        p.display()
+    );
+    p
+}
+
+/// A private Dovecot 2.3 daemon (master, auth, config, log, stats; no listeners) whose
+/// configuration, sockets, state and log live in the sandbox, so that `doveadm -c CONF -u USER`
+/// can look users up (system passwd). Its output goes to its own log file, never to the test's
+/// stdout/stderr. Stopped on drop (SIGTERM to the master, which stops its children; SIGKILL
+/// after 10 s).
+pub struct Dovecot {
+    pub conf: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Dovecot {
+    pub fn start(sb: &Sandbox, mail_location: &str) -> Self {
+        require_dovecot();
+        let dir = sb.dir.join("dovecot");
+        for d in [dir.clone(), dir.join("state")] {
+            fs::create_dir(&d).expect("mkdir dovecot dir");
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let conf = dir.join("dovecot.conf");
+        let log = dir.join("dovecot.log");
+        fs::write(
+            &conf,
+            format!(
+                "# a mailreplica-wrapper test's private Dovecot: nothing outside this directory\n\
+                 base_dir = {run}\nstate_dir = {state}\nlog_path = {log}\ninfo_log_path = {log}\n\
+                 protocols =\nlisten = 127.0.0.1\nssl = no\nmail_location = {mail_location}\nfirst_valid_uid = 1000\n\
+                 passdb {{\n  driver = passwd\n}}\nuserdb {{\n  driver = passwd\n}}\n\
+                 namespace inbox {{\n  inbox = yes\n}}\n\
+                 service anvil {{\n  chroot =\n}}\n\
+                 default_internal_user = dovecot\ndefault_login_user = dovenull\n",
+                run = dir.join("run").display(),
+                state = dir.join("state").display(),
+                log = log.display(),
+            ),
+        )
+        .expect("write dovecot.conf");
+        // What the master prints before its log is open (configuration errors) goes here too.
+        let early = File::create(&log).expect("dovecot log");
+        let child = Command::new("/usr/sbin/dovecot")
+            .arg("-F")
+            .arg("-c")
+            .arg(&conf)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+            .stdin(Stdio::null())
+            .stdout(early.try_clone().expect("dup log"))
+            .stderr(early)
+            .spawn()
+            .expect("start dovecot");
+        let mut me = Self { conf, log, child: Some(child) };
+        let socket = dir.join("run").join("auth-userdb");
+        let until = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if let Some(st) = me.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("dovecot exited ({st}) at start; log:\n{}", me.log_text());
+            }
+            assert!(Instant::now() < until, "dovecot did not start; log:\n{}", me.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        me
+    }
+
+    /// `doveadm -c CONF ARGS…` with a clean environment (not started).
+    pub fn doveadm(&self) -> Command {
+        let mut c = Command::new("/usr/bin/doveadm");
+        c.arg("-c")
+            .arg(&self.conf)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+            .env("TZ", "UTC")
+            .env("LANG", "C.UTF-8");
+        c
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Runs `cmd` to its end (stdin closed at once), killing it after `timeout`: (status, stdout
+/// as text, stderr).
+pub fn run_for(cmd: Command, timeout: Duration) -> (ExitStatus, String, String) {
+    let mut live = Live::start(cmd);
+    live.close_input();
+    let (status, out, err) = live.finish(timeout);
+    (status, String::from_utf8_lossy(&out).into_owned(), err)
 }

@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# Two-way sync benchmark: `doveadm sync -s STATE` (the replicator's way) against Dovecot's own
+# `doveadm dsync-server` and against `mailreplica dsync-server`, side by side on the same data.
+#
+#   sudo tests/bench/sync.sh                          100,000 mails in 50 mailboxes, 5 rounds
+#   sudo MAILS=10000 REPS=3 tests/bench/sync.sh       a quick look
+#
+# Phases (the two slaves alternate; the page cache is warm):
+#   initial    the first sync into an empty replica, once per slave
+#   nochange   a sync with the saved state and nothing changed, REPS times per slave
+#   changes    1% of the mails changed on each side (0.5% flag changes, 0.25% expunges and
+#              0.25% new mails on the master, the same on the replica: doveadm changes
+#              Dovecot's replica, mailreplica ours; new mails are delivered as files, as an
+#              MDA would), then one sync; REPS times, each from a copy of the settled pair.
+#              Every master mailbox's HIGHESTMODSEQ is raised first, so that the master syncs
+#              all of them (with a state it would skip those only the replica changed).
+# Reported: median wall time of the whole `doveadm sync` (master and slave), the ratio
+# ours/Dovecot's, the slave's CPU time and peak RSS (`/usr/bin/time` around the slave), and for
+# the no-change sync how many mail files each slave opened (strace; it must be none: only
+# indexes are read when nothing changed).
+#
+# After each phase both pairs are compared: every master equals its replica, and our pair
+# equals Dovecot's (UIDs, GUIDs, flags, mailbox GUIDs and UIDVALIDITY).
+#
+# Needs root (a throw-away user, removed at exit), doveadm, perl, strace and /usr/bin/time;
+# builds mailreplica with `cargo build --release` unless MAILREPLICA is set. Nothing outside
+# its temporary directory is touched. KEEP=1 keeps the directory.
+set -euo pipefail
+
+MAILS=${MAILS:-100000}
+BOXES=${BOXES:-50}
+REPS=${REPS:-5}
+MIN_SIZE=${MIN_SIZE:-1024}
+MAX_SIZE=${MAX_SIZE:-16384}
+cd "$(dirname "$0")/../.."
+
+die() { echo "sync.sh: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "run as root: it creates a throw-away user (sudo $0)"
+for t in doveadm perl strace /usr/bin/time useradd userdel runuser; do
+  command -v "$t" >/dev/null || die "$t is missing (apt-get install dovecot-core perl strace time)"
+done
+if [ -z "${MAILREPLICA:-}" ]; then
+  cargo build --release --bin mailreplica >&2
+  MAILREPLICA=$PWD/target/release/mailreplica
+fi
+DOVEADM=$(command -v doveadm)
+
+WORK=$(mktemp -d /var/tmp/mrsync.XXXXXX)
+USER_NAME=mrsync$$
+chmod 755 "$WORK"
+cleanup() {
+  userdel "$USER_NAME" 2>/dev/null || true
+  if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK" >&2; fi
+}
+trap cleanup EXIT
+useradd --no-create-home --home-dir "$WORK/home" --shell /usr/sbin/nologin --user-group "$USER_NAME"
+mkdir -p "$WORK/home" "$WORK/run" "$WORK/out"
+cp "$MAILREPLICA" "$WORK/mailreplica"
+chmod 755 "$WORK/mailreplica"
+chown "$USER_NAME:" "$WORK/home" "$WORK/run" "$WORK/out"
+chmod 700 "$WORK/home"
+cat >"$WORK/dovecot.conf" <<EOF
+protocols =
+ssl = no
+base_dir = $WORK/run
+log_path = /dev/stderr
+mail_location = maildir:~/A
+first_valid_uid = 100
+namespace inbox {
+  inbox = yes
+}
+EOF
+printf 'mail_location = "maildir:~/S"\nfirst_valid_uid = 100\n' >"$WORK/mailreplica.toml"
+chmod 644 "$WORK/dovecot.conf" "$WORK/mailreplica.toml"
+
+as_user() {
+  (cd "$WORK/home" && runuser -u "$USER_NAME" -- env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+    USER="$USER_NAME" HOME="$WORK/home" TZ=UTC LANG=C.UTF-8 "$@")
+}
+# doveadm on one of the Maildirs (A and B: Dovecot's pair, A2 and S: ours).
+dv_at() { local loc=$1; shift; as_user "$DOVEADM" -c "$WORK/dovecot.conf" -o "mail_location=maildir:~/$loc" "$@"; }
+mr_at() { local loc=$1; shift; as_user "$WORK/mailreplica" -c "$WORK/mailreplica.toml" -o "mail_location=maildir:~/$loc" "$@"; }
+median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+echo "generating $MAILS mails in $BOXES mailboxes..." >&2
+cp tests/bench/gen-maildir.pl "$WORK/gen-maildir.pl"
+as_user perl "$WORK/gen-maildir.pl" "$WORK/home/A" "$MAILS" "$BOXES" "$MIN_SIZE" "$MAX_SIZE"
+dv_at A -f tab mailbox status 'messages vsize' '*' >"$WORK/out/master-status.txt"
+as_user cp -a "$WORK/home/A" "$WORK/home/A2"
+total_mails=$(awk 'NR > 1 { n += $2 } END { print n }' "$WORK/out/master-status.txt")
+total_mib=$(du -sm "$WORK/home/A" | cut -f1)
+echo "master: $total_mails mails, $(($(wc -l <"$WORK/out/master-status.txt") - 1)) mailboxes, $total_mib MiB" >&2
+
+# The two pairs: master Maildir, replica Maildir, slave command (with /usr/bin/time around the
+# slave, and strace when STRACE is set).
+master_of() { [ "$1" = dovecot ] && echo A || echo A2; }
+replica_of() { [ "$1" = dovecot ] && echo B || echo S; }
+slave_cmd() {
+  local slave=$1 tag=$2 pre
+  pre="/usr/bin/time -f %M_%U_%S -o $WORK/out/$tag.rss"
+  [ -n "${STRACE:-}" ] && pre="$pre strace -f -qq -e trace=openat -o $WORK/out/$tag.strace"
+  case $slave in
+    dovecot) echo "$pre $DOVEADM -c $WORK/dovecot.conf -o mail_location=maildir:~/B dsync-server" ;;
+    ours) echo "$pre $WORK/mailreplica -c $WORK/mailreplica.toml -o mail_location=maildir:~/S dsync-server" ;;
+  esac
+}
+# One timed `doveadm sync -s STATE` of a pair; keeps the new state; prints "wall rss_user_sys".
+run_sync() {
+  local slave=$1 tag=$2 state wall
+  wall="$WORK/out/$tag.wall"
+  state=$(cat "$WORK/out/state-$slave" 2>/dev/null || true)
+  if ! as_user /usr/bin/time -f %e -o "$wall" "$DOVEADM" -c "$WORK/dovecot.conf" \
+    -o "mail_location=maildir:~/$(master_of "$slave")" sync -s "$state" "$(slave_cmd "$slave" "$tag")" \
+    >"$WORK/out/state-$slave.new" 2>"$WORK/out/$tag.log"; then
+    cat "$WORK/out/$tag.log" >&2
+    die "sync with $slave failed ($tag)"
+  fi
+  grep -q . "$WORK/out/$tag.log" && { echo "--- $tag logged:" >&2; head -20 "$WORK/out/$tag.log" >&2; }
+  mv "$WORK/out/state-$slave.new" "$WORK/out/state-$slave"
+  echo "$(cat "$wall") $(tail -1 "$WORK/out/$tag.rss")"
+}
+view() { dv_at "$1" -f tab fetch 'mailbox uid guid flags' all | sed -E 's/\\Recent ?//; s/ +$//' | sort; }
+status() { dv_at "$1" -f tab mailbox status 'messages uidnext uidvalidity guid' '*' | sort; }
+same_pairs() {
+  local what=$1
+  for loc in A B A2 S; do view "$loc" >"$WORK/out/view-$loc"; status "$loc" >"$WORK/out/status-$loc"; done
+  for p in "A B" "A2 S" "A A2"; do
+    set -- $p
+    diff "$WORK/out/view-$1" "$WORK/out/view-$2" >&2 || die "$what: $1 and $2 differ in UIDs, GUIDs or flags"
+    diff "$WORK/out/status-$1" "$WORK/out/status-$2" >&2 || die "$what: $1 and $2 differ in mailbox status"
+  done
+}
+
+declare -A wall rss cpu opens
+record() {
+  local key=$1 w=$2 x=$3 m cu cs
+  IFS=_ read -r m cu cs <<<"$x"
+  wall[$key]+="$w "
+  rss[$key]+="$m "
+  cpu[$key]+="$(awk -v u="$cu" -v s="$cs" 'BEGIN { print u + s }') "
+  echo "$key: ${w}s, slave CPU ${cu}s user ${cs}s sys, peak RSS $((m / 1024)) MiB" >&2
+}
+
+# 1. Initial sync into an empty replica.
+for s in dovecot ours; do
+  rm -f "$WORK/out/state-$s"
+  read -r w x < <(run_sync "$s" "initial-$s")
+  record "initial-$s" "$w" "$x"
+done
+# Settle: sync until the state no longer changes (both sides' HIGHESTMODSEQ meet).
+for s in dovecot ours; do
+  for i in 1 2 3 4 5; do
+    before=$(cat "$WORK/out/state-$s")
+    run_sync "$s" "settle-$s-$i" >/dev/null
+    [ "$before" = "$(cat "$WORK/out/state-$s")" ] && break
+  done
+done
+same_pairs "after the initial sync"
+
+# 2. Nothing changed.
+for ((r = 1; r <= REPS; r++)); do
+  order=(dovecot ours)
+  ((r % 2 == 0)) && order=(ours dovecot)
+  for s in "${order[@]}"; do
+    read -r w x < <(run_sync "$s" "nochange-$s-$r")
+    record "nochange-$s" "$w" "$x"
+  done
+done
+for s in dovecot ours; do
+  STRACE=1 run_sync "$s" "nochange-strace-$s" >/dev/null
+  # Mail files opened: regular files in cur/ or new/ (directory opens for listing excluded).
+  opens[$s]=$(grep -E 'openat\(.*/(cur|new)/[^"]+"' "$WORK/out/nochange-strace-$s.strace" | grep -vc O_DIRECTORY || true)
+  echo "no-change sync: $s's slave opened ${opens[$s]} mail files" >&2
+done
+same_pairs "after the no-change syncs"
+
+# 3. 1% changed on each side.
+for loc in A B A2 S; do as_user cp -a "$WORK/home/$loc" "$WORK/home/$loc.base"; done
+for s in dovecot ours; do cp "$WORK/out/state-$s" "$WORK/out/state-$s.base"; done
+n=$((MAILS / 100))
+# Which mails change, by (mailbox, uid); the same on both pairs, whose UIDs are equal.
+mapfile -t rows < <(dv_at A -f tab fetch 'mailbox uid' all | tail -n +2 | awk 'NR % 89 == 5')
+mapfile -t srows < <(dv_at B -f tab fetch 'mailbox uid' all | tail -n +2 | awk 'NR % 89 == 47')
+change_side() {
+  # change_side TOOL LOC ROWS-ARRAY-NAME TAG: flags on half, expunges on a quarter, new mails
+  # for the last quarter.
+  local tool=$1 loc=$2 tag=$4 i box uid
+  local -n list=$3
+  local nflag=$((n / 2)) nexp=$((n / 4)) nnew=$((n - n / 2 - n / 4))
+  declare -A flag_uids exp_uids
+  for ((i = 0; i < nflag + nexp && i < ${#list[@]}; i++)); do
+    read -r box uid <<<"${list[$i]}"
+    if ((i < nflag)); then flag_uids[$box]+="${flag_uids[$box]:+,}$uid"; else exp_uids[$box]+="${exp_uids[$box]:+,}$uid"; fi
+  done
+  for box in "${!flag_uids[@]}"; do "$tool" "$loc" flags add '\Flagged $Forwarded' mailbox "$box" uid "${flag_uids[$box]}"; done
+  for box in "${!exp_uids[@]}"; do "$tool" "$loc" expunge mailbox "$box" uid "${exp_uids[$box]}"; done
+  for ((i = 0; i < nnew; i++)); do
+    local f="$WORK/home/$loc/new/1800000000.M${i}P1.$tag"
+    printf 'Subject: new %s %d\nMessage-ID: <%s%d@bench>\n\n%s\n' "$tag" "$i" "$tag" "$i" "$(head -c 4000 /dev/zero | tr '\0' x)" >"$f"
+    chown "$USER_NAME:" "$f"
+  done
+}
+for ((r = 1; r <= REPS; r++)); do
+  for loc in A B A2 S; do rm -rf "$WORK/home/$loc"; as_user cp -a "$WORK/home/$loc.base" "$WORK/home/$loc"; done
+  for s in dovecot ours; do cp "$WORK/out/state-$s.base" "$WORK/out/state-$s"; done
+  change_side dv_at A rows master
+  change_side dv_at A2 rows master
+  change_side dv_at B srows replica
+  change_side mr_at S srows replica
+  # With a state the master syncs only the mailboxes it changed itself; raising every master
+  # mailbox's HIGHESTMODSEQ makes it sync all of them, so that both runs do the same work and
+  # the replicas' own changes are part of it.
+  for m in A A2; do
+    dv_at "$m" -f tab mailbox status highestmodseq '*' | tail -n +2 | while IFS=$'\t' read -r box hms; do
+      dv_at "$m" mailbox update --min-highest-modseq $((hms + 1)) "$box"
+    done
+  done
+  order=(dovecot ours)
+  ((r % 2 == 0)) && order=(ours dovecot)
+  for s in "${order[@]}"; do
+    read -r w x < <(run_sync "$s" "changes-$s-$r")
+    record "changes-$s" "$w" "$x"
+  done
+done
+same_pairs "after the 1% changes"
+
+echo
+echo "$(date -u +%F), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); $total_mails mails, $total_mib MiB, $(($(wc -l <"$WORK/out/master-status.txt") - 1)) mailboxes; median of $REPS (initial: one run)"
+echo
+echo "| doveadm sync -s STATE | with doveadm dsync-server | with mailreplica dsync-server | ratio (ours / Dovecot's) | slave CPU: Dovecot's / ours | slave peak RSS: Dovecot's / ours |"
+echo "|---|---:|---:|---:|---:|---:|"
+for phase in initial nochange changes; do
+  med() { tr ' ' '\n' <<<"$1" | grep . | median; }
+  d=$(med "${wall[$phase-dovecot]}")
+  o=$(med "${wall[$phase-ours]}")
+  dc=$(med "${cpu[$phase-dovecot]}")
+  oc=$(med "${cpu[$phase-ours]}")
+  dr=$(tr ' ' '\n' <<<"${rss[$phase-dovecot]}" | grep . | sort -n | tail -1)
+  or=$(tr ' ' '\n' <<<"${rss[$phase-ours]}" | grep . | sort -n | tail -1)
+  awk -v p="$phase" -v d="$d" -v o="$o" -v dc="$dc" -v oc="$oc" -v dr="$dr" -v or="$or" \
+    'BEGIN { printf "| %s | %.3f s | %.3f s | %.2f | %.2f s / %.2f s | %.1f MiB / %.1f MiB |\n", p, d, o, o / d, dc, oc, dr / 1024, or / 1024 }'
+done
+echo
+echo "Mail files opened by the slave during a no-change sync: Dovecot's ${opens[dovecot]}, ours ${opens[ours]}."
