@@ -8,15 +8,19 @@
 # Phases, each run REPS times per slave (the two slaves alternate, the page cache is warm):
 #   full         backup into an empty Maildir
 #   incremental  backup after 1% of the mails changed on the master (flags of 0.6%, 0.2%
-#                expunged, 0.2% new), into a copy of the replica the full run made
-# Reported: median wall time of the whole `doveadm backup` (master and slave), the ratio
-# ours/Dovecot's, and the slave process's CPU time (median) and peak RSS (maximum), from a
-# `/usr/bin/time` wrapped around the slave command doveadm starts.
+#                expunged, 0.2% new), into the replica the full run of the round made
+# Reported: median (and minimum) wall time of the whole `doveadm backup` (master and slave),
+# the ratio ours/Dovecot's, and the slave process's CPU time (median) and peak RSS (maximum),
+# from a `/usr/bin/time` wrapped around the slave command doveadm starts. On a shared machine
+# the disk is the noisy part (both slaves fsync every mail): the minimum and the CPU time are
+# the steadier figures.
 #
 # Needs root (it creates a throw-away user, removed at exit), Dovecot's doveadm, perl and
 # /usr/bin/time; builds mailreplica with `cargo build --release` unless MAILREPLICA is set.
 # Nothing outside its temporary directory is touched (doveadm runs with its own sandbox
-# config, no daemon). Set KEEP=1 to keep the directory.
+# config, no daemon). Set KEEP=1 to keep the directory, and PROFILE_OURS to a command prefix
+# for our slave to profile it (e.g. PROFILE_OURS="strace -c -f -o /var/tmp/ours.strace"; no
+# spaces inside words: doveadm splits the slave command on spaces).
 set -euo pipefail
 
 MAILS=${MAILS:-10000}
@@ -135,7 +139,7 @@ slave_cmd() {
   local slave=$1 dest=$2 rss=$3
   case $slave in
     dovecot) echo "/usr/bin/time -f %M_%U_%S -o $rss $DOVEADM -c $WORK/dovecot.conf -o mail_location=maildir:~/$dest dsync-server" ;;
-    ours) echo "/usr/bin/time -f %M_%U_%S -o $rss $WORK/mailreplica -c $WORK/mailreplica.toml -o mail_location=maildir:~/$dest" ;;
+    ours) echo "/usr/bin/time -f %M_%U_%S -o $rss ${PROFILE_OURS:+$PROFILE_OURS }$WORK/mailreplica -c $WORK/mailreplica.toml -o mail_location=maildir:~/$dest" ;;
   esac
 }
 warm() { find "$WORK/home" -type f -exec cat {} + >/dev/null; }
@@ -159,48 +163,62 @@ same_replicas() {
   b=$(dv -o "mail_location=maildir:~/$2" -f tab mailbox status 'messages uidnext uidvalidity guid' '*' | sort)
   [ "$a" = "$m" ] || die "Dovecot's replica $1 differs from the master"
   [ "$b" = "$m" ] || die "our replica $2 differs from the master"
-  dv -o "mail_location=maildir:~/$1" -f tab fetch 'mailbox uid guid flags' all | sed -E 's/\\Recent ?//; s/ +$//' | sort >"$WORK/out/a"
-  dv -o "mail_location=maildir:~/$2" -f tab fetch 'mailbox uid guid flags' all | sed -E 's/\\Recent ?//; s/ +$//' | sort >"$WORK/out/b"
+  # Flags without \Recent, keywords sorted (Dovecot prints them in the order its index
+  # learned them).
+  local norm='chomp; my @f = split /\t/, $_, -1; $f[3] = join " ", sort grep { $_ ne "\\Recent" } split / /, $f[3]; print join("\t", @f), "\n"'
+  dv -o "mail_location=maildir:~/$1" -f tab fetch 'mailbox uid guid flags' all | perl -ne "$norm" | sort >"$WORK/out/a"
+  dv -o "mail_location=maildir:~/$2" -f tab fetch 'mailbox uid guid flags' all | perl -ne "$norm" | sort >"$WORK/out/b"
   diff "$WORK/out/a" "$WORK/out/b" >&2 || die "the replicas $1 and $2 differ in UIDs, GUIDs or flags"
 }
 
-declare -A wall rss cpu
-for phase in full incremental; do
-  if [ "$phase" = incremental ]; then
-    # Keep the replicas of the full run, then change 1% of the master.
-    for s in dovecot ours; do as_user cp -a "$WORK/home/$s-full" "$WORK/home/$s-base"; done
-    echo "changing 1% of the master..." >&2
-    n=$((MAILS / 100)); nflag=$((n * 6 / 10)); nexp=$((n * 2 / 10)); nnew=$((n - nflag - nexp))
-    mapfile -t rows < <(dv -f tab fetch 'mailbox uid' all | tail -n +2 | awk 'NR % 97 == 1')
-    for ((i = 0; i < nflag + nexp && i < ${#rows[@]}; i++)); do
-      read -r box uid <<<"${rows[$i]}"
-      if ((i < nflag)); then
-        dv flags add '\Flagged $Forwarded' mailbox "$box" uid "$uid"
-      else
-        dv expunge mailbox "$box" uid "$uid"
-      fi
-    done
-    for ((i = 0; i < nnew; i++)); do
-      printf 'Subject: new %d\nMessage-ID: <new%d@bench>\n\n%s\n' "$i" "$i" "$(head -c 20000 /dev/zero | tr '\0' x)" |
-        dv save -m INBOX
-    done
-  fi
-  for ((r = 1; r <= REPS; r++)); do
-    order=(dovecot ours)
-    ((r % 2 == 0)) && order=(ours dovecot)
-    for s in "${order[@]}"; do
-      dest=$s-$phase
-      rm -rf "$WORK/home/$dest"
-      [ "$phase" = incremental ] && as_user cp -a "$WORK/home/$s-base" "$WORK/home/$dest"
-      read -r w x < <(run_backup "$s" "$dest" "$phase-$s-$r")
-      IFS=_ read -r m cu cs <<<"$x"
-      wall[$phase-$s]+="$w "
-      rss[$phase-$s]+="$m "
-      cpu[$phase-$s]+="$(awk -v u="$cu" -v s="$cs" 'BEGIN { print u + s }') "
-      echo "$phase round $r $s: ${w}s, slave CPU ${cu}s user ${cs}s sys, peak RSS $((m / 1024)) MiB" >&2
-    done
+# 1% of the master changes (round $1 picks other mails than earlier rounds): flags on 0.6%,
+# 0.2% expunged, 0.2% new (20 KiB each, into INBOX).
+change_master() {
+  local round=$1 n nflag nexp nnew i box uid
+  n=$((MAILS / 100)); nflag=$((n * 6 / 10)); nexp=$((n * 2 / 10)); nnew=$((n - nflag - nexp))
+  mapfile -t rows < <(dv -f tab fetch 'mailbox uid' all | tail -n +2 | awk -v r="$round" 'NR % 97 == r')
+  for ((i = 0; i < nflag + nexp && i < ${#rows[@]}; i++)); do
+    read -r box uid <<<"${rows[$i]}"
+    if ((i < nflag)); then
+      dv flags add '\Flagged $Forwarded' mailbox "$box" uid "$uid"
+    else
+      dv expunge mailbox "$box" uid "$uid"
+    fi
   done
-  same_replicas "dovecot-$phase" "ours-$phase"
+  for ((i = 0; i < nnew; i++)); do
+    printf 'Subject: new %d.%d\nMessage-ID: <new%d.%d@bench>\n\n%s\n' "$round" "$i" "$round" "$i" \
+      "$(head -c 20000 /dev/zero | tr '\0' x)" | dv save -m INBOX
+  done
+}
+
+# Each round: a full backup into an empty Maildir with each slave, 1% of the master changed,
+# then an incremental backup into the replica each slave just made (as a replica lives: its
+# own files, not a copy).
+declare -A wall rss cpu
+record() {
+  local phase=$1 s=$2 r=$3 w x m cu cs
+  read -r w x < <(run_backup "$s" "$s-replica" "$phase-$s-$r")
+  IFS=_ read -r m cu cs <<<"$x"
+  wall[$phase-$s]+="$w "
+  rss[$phase-$s]+="$m "
+  cpu[$phase-$s]+="$(awk -v u="$cu" -v s="$cs" 'BEGIN { print u + s }') "
+  echo "$phase round $r $s: ${w}s, slave CPU ${cu}s user ${cs}s sys, peak RSS $((m / 1024)) MiB" >&2
+}
+for ((r = 1; r <= REPS; r++)); do
+  order=(dovecot ours)
+  ((r % 2 == 0)) && order=(ours dovecot)
+  for s in "${order[@]}"; do
+    rm -rf "$WORK/home/$s-replica"
+    record full "$s" "$r"
+  done
+  # (The replicas are checked after the incremental run only: doveadm reading our replica
+  # here would make the incremental run start from a Maildir Dovecot just rewrote files of.)
+  echo "changing 1% of the master..." >&2
+  change_master "$r"
+  for s in "${order[@]}"; do
+    record incremental "$s" "$r"
+  done
+  same_replicas dovecot-replica ours-replica
 done
 
 echo
@@ -210,12 +228,16 @@ echo "| phase | doveadm dsync-server | mailreplica dsync-server | ratio (ours / 
 echo "|---|---:|---:|---:|---:|---:|"
 for phase in full incremental; do
   med() { tr ' ' '\n' <<<"$1" | grep . | median; }
+  low() { tr ' ' '\n' <<<"$1" | grep . | sort -n | head -1; }
   d=$(med "${wall[$phase-dovecot]}")
   o=$(med "${wall[$phase-ours]}")
+  dl=$(low "${wall[$phase-dovecot]}")
+  ol=$(low "${wall[$phase-ours]}")
   dc=$(med "${cpu[$phase-dovecot]}")
   oc=$(med "${cpu[$phase-ours]}")
   dr=$(tr ' ' '\n' <<<"${rss[$phase-dovecot]}" | grep . | sort -n | tail -1)
   or=$(tr ' ' '\n' <<<"${rss[$phase-ours]}" | grep . | sort -n | tail -1)
-  awk -v p="$phase" -v d="$d" -v o="$o" -v dc="$dc" -v oc="$oc" -v dr="$dr" -v or="$or" \
-    'BEGIN { printf "| %s | %.2f s | %.2f s | %.2f | %.2f s / %.2f s | %.1f MiB / %.1f MiB |\n", p, d, o, o / d, dc, oc, dr / 1024, or / 1024 }'
+  awk -v p="$phase" -v d="$d" -v o="$o" -v dl="$dl" -v ol="$ol" -v dc="$dc" -v oc="$oc" -v dr="$dr" -v or="$or" \
+    'BEGIN { printf "| %s | %.2f s (min %.2f) | %.2f s (min %.2f) | %.2f (min/min %.2f) | %.2f s / %.2f s | %.1f MiB / %.1f MiB |\n",
+             p, d, dl, o, ol, o / d, ol / dl, dc, oc, dr / 1024, or / 1024 }'
 done

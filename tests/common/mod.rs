@@ -7,7 +7,10 @@
 //!     ├─ u.doveadm(&[...]) / u.dv_ok()     doveadm -c <tmp>/dovecot.conf ..., run as the user
 //!     ├─ u.mr(&[...])      / u.mr_ok()     mailreplica -c <tmp>/mailreplica.toml -u USER ...
 //!     ├─ u.view(Tool::X)                   mailboxes, subscriptions, status, uid/guid/flags
-//!     └─ u.assert_same_view()              both tools agree (panics with a diff otherwise)
+//!     ├─ u.view_at(Tool::X, Some(loc))     the same of another Maildir (`-o mail_location=`)
+//!     ├─ u.assert_same_view()              both tools agree (panics with a diff otherwise)
+//!     └─ u.dsync(master, args, Slave, loc) doveadm backup/sync into Dovecot's or our
+//!                                          dsync-server, raw log decoded (see [`dsync`])
 //!   drop(u)                                userdel, tempdir removed (also when the test failed)
 //! ```
 //!
