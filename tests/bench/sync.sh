@@ -33,58 +33,14 @@ REPS=${REPS:-5}
 MIN_SIZE=${MIN_SIZE:-1024}
 MAX_SIZE=${MAX_SIZE:-16384}
 cd "$(dirname "$0")/../.."
+. tests/bench/lib.sh
+bench_setup sync.sh mrsync 'maildir:~/A' strace
 
-die() { echo "sync.sh: $*" >&2; exit 1; }
-[ "$(id -u)" = 0 ] || die "run as root: it creates a throw-away user (sudo $0)"
-for t in doveadm perl strace /usr/bin/time useradd userdel runuser; do
-  command -v "$t" >/dev/null || die "$t is missing (apt-get install dovecot-core perl strace time)"
-done
-if [ -z "${MAILREPLICA:-}" ]; then
-  cargo build --release --bin mailreplica >&2
-  MAILREPLICA=$PWD/target/release/mailreplica
-fi
-DOVEADM=$(command -v doveadm)
-
-WORK=$(mktemp -d /var/tmp/mrsync.XXXXXX)
-USER_NAME=mrsync$$
-chmod 755 "$WORK"
-cleanup() {
-  userdel "$USER_NAME" 2>/dev/null || true
-  if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK" >&2; fi
-}
-trap cleanup EXIT
-useradd --no-create-home --home-dir "$WORK/home" --shell /usr/sbin/nologin --user-group "$USER_NAME"
-mkdir -p "$WORK/home" "$WORK/run" "$WORK/out"
-cp "$MAILREPLICA" "$WORK/mailreplica"
-chmod 755 "$WORK/mailreplica"
-chown "$USER_NAME:" "$WORK/home" "$WORK/run" "$WORK/out"
-chmod 700 "$WORK/home"
-cat >"$WORK/dovecot.conf" <<EOF
-protocols =
-ssl = no
-base_dir = $WORK/run
-log_path = /dev/stderr
-mail_location = maildir:~/A
-first_valid_uid = 100
-namespace inbox {
-  inbox = yes
-}
-EOF
-printf 'mail_location = "maildir:~/S"\nfirst_valid_uid = 100\n' >"$WORK/mailreplica.toml"
-chmod 644 "$WORK/dovecot.conf" "$WORK/mailreplica.toml"
-
-as_user() {
-  (cd "$WORK/home" && runuser -u "$USER_NAME" -- env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-    USER="$USER_NAME" HOME="$WORK/home" TZ=UTC LANG=C.UTF-8 "$@")
-}
 # doveadm on one of the Maildirs (A and B: Dovecot's pair, A2 and S: ours).
 dv_at() { local loc=$1; shift; as_user "$DOVEADM" -c "$WORK/dovecot.conf" -o "mail_location=maildir:~/$loc" "$@"; }
 mr_at() { local loc=$1; shift; as_user "$WORK/mailreplica" -c "$WORK/mailreplica.toml" -o "mail_location=maildir:~/$loc" "$@"; }
-median() { sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-echo "generating $MAILS mails in $BOXES mailboxes..." >&2
-cp tests/bench/gen-maildir.pl "$WORK/gen-maildir.pl"
-as_user perl "$WORK/gen-maildir.pl" "$WORK/home/A" "$MAILS" "$BOXES" "$MIN_SIZE" "$MAX_SIZE"
+generate "$WORK/home/A" "$MAILS" "$BOXES" "$MIN_SIZE" "$MAX_SIZE"
 dv_at A -f tab mailbox status 'messages vsize' '*' >"$WORK/out/master-status.txt"
 as_user cp -a "$WORK/home/A" "$WORK/home/A2"
 total_mails=$(awk 'NR > 1 { n += $2 } END { print n }' "$WORK/out/master-status.txt")
@@ -135,22 +91,20 @@ same_pairs() {
   done
 }
 
-declare -A wall rss cpu opens
-record() {
-  local key=$1 w=$2 x=$3 m cu cs
-  IFS=_ read -r m cu cs <<<"$x"
-  wall[$key]+="$w "
-  rss[$key]+="$m "
-  cpu[$key]+="$(awk -v u="$cu" -v s="$cs" 'BEGIN { print u + s }') "
-  echo "$key: ${w}s, slave CPU ${cu}s user ${cs}s sys, peak RSS $((m / 1024)) MiB" >&2
+declare -A opens
+# One timed sync of each pair for round R of PHASE; which pair goes first alternates.
+timed_round() {
+  local phase=$1 r=$2 s w x order=(dovecot ours)
+  ((r % 2 == 0)) && order=(ours dovecot)
+  for s in "${order[@]}"; do
+    read -r w x < <(run_sync "$s" "$phase-$s-$r")
+    bench_record "$phase-$s" "$w" "$x"
+  done
 }
 
 # 1. Initial sync into an empty replica.
-for s in dovecot ours; do
-  rm -f "$WORK/out/state-$s"
-  read -r w x < <(run_sync "$s" "initial-$s")
-  record "initial-$s" "$w" "$x"
-done
+rm -f "$WORK/out/state-dovecot" "$WORK/out/state-ours"
+timed_round initial 1
 # Settle: sync until the state no longer changes (both sides' HIGHESTMODSEQ meet).
 for s in dovecot ours; do
   for i in 1 2 3 4 5 6; do
@@ -164,12 +118,7 @@ same_pairs "after the initial sync"
 
 # 2. Nothing changed.
 for ((r = 1; r <= REPS; r++)); do
-  order=(dovecot ours)
-  ((r % 2 == 0)) && order=(ours dovecot)
-  for s in "${order[@]}"; do
-    read -r w x < <(run_sync "$s" "nochange-$s-$r")
-    record "nochange-$s" "$w" "$x"
-  done
+  timed_round nochange "$r"
 done
 for s in dovecot ours; do
   STRACE=1 run_sync "$s" "nochange-strace-$s" >/dev/null
@@ -220,30 +169,13 @@ for ((r = 1; r <= REPS; r++)); do
       dv_at "$m" mailbox update --min-highest-modseq $((hms + 1)) "$box"
     done
   done
-  order=(dovecot ours)
-  ((r % 2 == 0)) && order=(ours dovecot)
-  for s in "${order[@]}"; do
-    read -r w x < <(run_sync "$s" "changes-$s-$r")
-    record "changes-$s" "$w" "$x"
-  done
+  timed_round changes "$r"
 done
 same_pairs "after the 1% changes"
 
 echo
 echo "$(date -u +%F), $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); $total_mails mails, $total_mib MiB, $(($(wc -l <"$WORK/out/master-status.txt") - 1)) mailboxes; median of $REPS (initial: one run)"
 echo
-echo "| doveadm sync -s STATE | with doveadm dsync-server | with mailreplica dsync-server | ratio (ours / Dovecot's) | slave CPU: Dovecot's / ours | slave peak RSS: Dovecot's / ours |"
-echo "|---|---:|---:|---:|---:|---:|"
-for phase in initial nochange changes; do
-  med() { tr ' ' '\n' <<<"$1" | grep . | median; }
-  d=$(med "${wall[$phase-dovecot]}")
-  o=$(med "${wall[$phase-ours]}")
-  dc=$(med "${cpu[$phase-dovecot]}")
-  oc=$(med "${cpu[$phase-ours]}")
-  dr=$(tr ' ' '\n' <<<"${rss[$phase-dovecot]}" | grep . | sort -n | tail -1)
-  or=$(tr ' ' '\n' <<<"${rss[$phase-ours]}" | grep . | sort -n | tail -1)
-  awk -v p="$phase" -v d="$d" -v o="$o" -v dc="$dc" -v oc="$oc" -v dr="$dr" -v or="$or" \
-    'BEGIN { printf "| %s | %.3f s | %.3f s | %.2f | %.2f s / %.2f s | %.1f MiB / %.1f MiB |\n", p, d, o, o / d, dc, oc, dr / 1024, or / 1024 }'
-done
+bench_table "doveadm sync -s STATE" initial nochange changes
 echo
 echo "Mail files opened by the slave during a no-change sync: Dovecot's ${opens[dovecot]}, ours ${opens[ours]}."
