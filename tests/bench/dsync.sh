@@ -57,7 +57,7 @@ run_backup() {
   local slave=$1 dest=$2 tag=$3
   local rss="$WORK/out/$tag.rss" wall="$WORK/out/$tag.wall"
   warm
-  if ! as_user /usr/bin/time -f %e -o "$wall" "$DOVEADM" -c "$WORK/dovecot.conf" backup \
+  if ! wall_clock "$wall" as_user "$DOVEADM" -c "$WORK/dovecot.conf" backup \
     "$(slave_cmd "$slave" "$dest" "$rss")" 2>"$WORK/out/$tag.log"; then
     cat "$WORK/out/$tag.log" >&2
     die "backup into $slave failed ($tag)"

@@ -8,6 +8,8 @@
 #       Sets WORK, USER_NAME, DOVEADM and MAILREPLICA (built with `cargo build --release`
 #       unless set), removes the user and (unless KEEP is set) the directory at exit.
 #   as_user CMD...       runs CMD as the user, in its home, with a clean environment
+#   wall_clock FILE CMD...  runs CMD, writes its wall time in seconds (to the millisecond) to
+#                        FILE, returns its exit code (/usr/bin/time's %e has 10 ms steps)
 #   generate ROOT MAILS BOXES [MIN MAX]     writes a Maildir (tests/bench/gen-maildir.pl)
 #   median               the median of the numbers on stdin
 #   bench_record KEY WALL RSS_USER_SYS      keeps one timed run (KEY: PHASE-SLAVE)
@@ -65,6 +67,16 @@ bench_cleanup() {
 as_user() {
   (cd "$WORK/home" && runuser -u "$USER_NAME" -- env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin \
     USER="$USER_NAME" HOME="$WORK/home" TZ=UTC LANG=C.UTF-8 "$@")
+}
+
+wall_clock() {
+  local file=$1 t0 t1 rc=0
+  shift
+  t0=$(date +%s%N)
+  "$@" || rc=$?
+  t1=$(date +%s%N)
+  awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", (b - a) / 1e9 }' >"$file"
+  return $rc
 }
 
 generate() {

@@ -66,7 +66,7 @@ run_sync() {
   wall="$WORK/out/$tag.wall"
   state=$(cat "$WORK/out/state-$slave" 2>/dev/null || true)
   local rc=0
-  as_user /usr/bin/time -f %e -o "$wall" "$DOVEADM" -c "$WORK/dovecot.conf" \
+  wall_clock "$wall" as_user "$DOVEADM" -c "$WORK/dovecot.conf" \
     -o "mail_location=maildir:~/$(master_of "$slave")" sync -s "$state" "$(slave_cmd "$slave" "$tag")" \
     >"$WORK/out/state-$slave.new" 2>"$WORK/out/$tag.log" || rc=$?
   # Exit 2 ("run again", with an empty state: the next sync is a full one) is allowed only
