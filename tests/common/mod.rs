@@ -378,7 +378,7 @@ impl TestUser {
         fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).expect("chmod tempdir");
         let home = tmp.path().join("home");
         let home_s = home.to_str().expect("UTF-8 temp path");
-        let mut out = passwd_tool(&[
+        let useradd = [
             "useradd",
             "--no-create-home",
             "--home-dir",
@@ -387,20 +387,12 @@ impl TestUser {
             "/usr/sbin/nologin",
             "--user-group",
             &name,
-        ]);
+        ];
+        let mut out = passwd_tool(&useradd);
         if out.code == Some(9) {
             // Left over from an earlier run that was killed with this very pid: take it back.
             passwd_tool(&["userdel", "--force", &name]);
-            out = passwd_tool(&[
-                "useradd",
-                "--no-create-home",
-                "--home-dir",
-                home_s,
-                "--shell",
-                "/usr/sbin/nologin",
-                "--user-group",
-                &name,
-            ]);
+            out = passwd_tool(&useradd);
         }
         assert!(out.success(), "useradd failed: {}", out.describe());
         let user = nix::unistd::User::from_name(&name).expect("getpwnam").expect("the new user exists");

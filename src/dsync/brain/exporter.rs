@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
-use crate::store::{Change, MailRecord, Mailbox, StoreError, Uid};
+use crate::store::{Change, MailRecord, Mailbox, StoreError, Uid, UnixTime};
 
 /// An `M` record to send: the header, and the UID of our mail whose body follows (`None`: all
 /// instances were expunged meanwhile, no body).
@@ -19,6 +19,25 @@ use crate::store::{Change, MailRecord, Mailbox, StoreError, Uid};
 pub(crate) struct OutMail {
     pub(crate) header: MailHeader,
     pub(crate) body_uid: Option<Uid>,
+}
+
+impl OutMail {
+    /// A mail sent with its body, asked for by GUID (`uid` 0) or by UID (`guid` empty), as
+    /// the peer asked; the received date doubles as the saved date, as our store keeps one.
+    fn with_body(guid: String, uid: u32, body: Uid, received: UnixTime) -> Self {
+        Self {
+            header: MailHeader {
+                guid,
+                uid,
+                pop3_uidl: String::new(),
+                pop3_order: 0,
+                received_date: received,
+                saved_date: received,
+                has_body: true,
+            },
+            body_uid: Some(body),
+        }
+    }
 }
 
 /// What the exporter adds to its save records, and whether it sends mails unasked.
@@ -203,21 +222,7 @@ impl Exporter {
                 found = map.get(g).copied();
             }
             match found {
-                Some(uid) => {
-                    let received = mb.received_date(uid)?;
-                    out.push(OutMail {
-                        header: MailHeader {
-                            guid: g.clone(),
-                            uid: 0,
-                            pop3_uidl: String::new(),
-                            pop3_order: 0,
-                            received_date: received,
-                            saved_date: received,
-                            has_body: true,
-                        },
-                        body_uid: Some(uid),
-                    });
-                }
+                Some(uid) => out.push(OutMail::with_body(g.clone(), 0, uid, mb.received_date(uid)?)),
                 None => {
                     out.push(OutMail { header: MailHeader { guid: g.clone(), ..Default::default() }, body_uid: None })
                 }
@@ -228,19 +233,7 @@ impl Exporter {
             if mb.mail(uid).is_none() {
                 continue;
             }
-            let received = mb.received_date(uid)?;
-            out.push(OutMail {
-                header: MailHeader {
-                    guid: String::new(),
-                    uid: u,
-                    pop3_uidl: String::new(),
-                    pop3_order: 0,
-                    received_date: received,
-                    saved_date: received,
-                    has_body: true,
-                },
-                body_uid: Some(uid),
-            });
+            out.push(OutMail::with_body(String::new(), u, uid, mb.received_date(uid)?));
         }
         Ok(out)
     }
