@@ -346,10 +346,10 @@ impl Maildir {
     /// Reads the identity of a mailbox from its uidlist header, creating the uidlist (by
     /// opening the mailbox) when there is none yet.
     fn identity(&self, name: &MailboxName, dir: &Path) -> StoreResult<(Guid128, u32, u32)> {
-        if let Ok(Some(l)) = uidlist::Uidlist::read(dir)
+        if let Ok(Some((l, next_uid))) = uidlist::Uidlist::read_identity(dir)
             && let Some(g) = l.guid
         {
-            return Ok((g, l.uid_validity, l.next_uid()));
+            return Ok((g, l.uid_validity, next_uid));
         }
         let mb = MaildirMailbox::open(self.ctx.clone(), name.clone(), dir.to_path_buf())?;
         let s = crate::store::Mailbox::status(&mb);

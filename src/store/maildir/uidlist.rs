@@ -112,6 +112,53 @@ impl Uidlist {
         Self::parse(&buf[..end], &path).map(Some)
     }
 
+    /// The header and the effective next UID, reading only the first line and the file's
+    /// tail: listing the mailboxes (every sync does) needs no more, and parsing every record
+    /// of every mailbox for it grows with the account. Small files, and a tail without one
+    /// whole record line, are read and parsed whole. `None` if the file does not exist.
+    pub(crate) fn read_identity(dir: &Path) -> StoreResult<Option<(Self, u32)>> {
+        use std::os::unix::fs::FileExt as _;
+        const TAIL: u64 = 4096;
+        let path = dir.join(NAME);
+        let f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("open", &path, e)),
+        };
+        let len = f.metadata().ctx("stat", &path)?.len();
+        let whole = |dir: &Path| -> StoreResult<Option<(Self, u32)>> {
+            Ok(Self::read(dir)?.map(|l| {
+                let next = l.next_uid();
+                (l, next)
+            }))
+        };
+        if len <= 2 * TAIL {
+            return whole(dir);
+        }
+        let mut head = vec![0u8; TAIL as usize];
+        let n = f.read_at(&mut head, 0).ctx("read", &path)?;
+        let Some(end) = head[..n].iter().position(|&b| b == b'\n') else {
+            return whole(dir);
+        };
+        let list = Self::parse(&head[..=end], &path)?;
+        let mut tail = vec![0u8; TAIL as usize];
+        f.read_exact_at(&mut tail, len - TAIL).ctx("read", &path)?;
+        // The last complete line, which must start inside the tail.
+        let last_uid = tail.iter().rposition(|&b| b == b'\n').and_then(|last_lf| {
+            let start = tail[..last_lf].iter().rposition(|&b| b == b'\n')? + 1;
+            let line = &tail[start..last_lf];
+            let digits = line.iter().position(|&b| b == b' ')?;
+            std::str::from_utf8(&line[..digits]).ok()?.parse::<u32>().ok().filter(|&u| u != 0 && u != u32::MAX)
+        });
+        match last_uid {
+            Some(uid) => {
+                let next = list.header_next_uid.max(uid + 1);
+                Ok(Some((list, next)))
+            }
+            None => whole(dir),
+        }
+    }
+
     /// Parses the contents of a uidlist file.
     pub(crate) fn parse(data: &[u8], path: &Path) -> StoreResult<Self> {
         let corrupt = |line: usize, why: &str| StoreError::corrupt(path, Some(line), why.to_owned());
@@ -329,6 +376,29 @@ mod tests {
         assert_eq!(l.records[1].other_exts, "S10");
         assert_eq!(l.records[1].base, "other");
         assert_eq!(Uidlist::record_line(&l.records[1]), "3 Gdeadbeef S10 :other\n");
+    }
+
+    #[test]
+    fn identity_from_head_and_tail_matches_a_full_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let header = "3 V1700000000 N5 G42d01a2e9bb20a6b6454000083ecc375\n";
+        let records: String =
+            (1..=3000u32).map(|u| format!("{} W{} :1700000000.M{u}P1.host,S=100\n", u * 2, u + 7)).collect();
+        for (what, tail) in [
+            ("stale N", String::new()),
+            ("a torn last line", "6002 :partial".to_owned()),
+            ("N ahead of the records", String::new()),
+        ] {
+            let header =
+                if what == "N ahead of the records" { header.replace("N5", "N9000") } else { header.to_owned() };
+            std::fs::write(dir.path().join(NAME), format!("{header}{records}{tail}")).unwrap();
+            let full = Uidlist::read(dir.path()).unwrap().unwrap();
+            let (l, next) = Uidlist::read_identity(dir.path()).unwrap().unwrap();
+            assert_eq!(next, full.next_uid(), "{what}");
+            assert_eq!((l.guid, l.uid_validity), (full.guid, full.uid_validity), "{what}");
+            assert!(l.records.is_empty(), "{what}: the records were parsed");
+        }
+        assert!(Uidlist::read_identity(&dir.path().join("missing")).unwrap().is_none());
     }
 
     #[test]
