@@ -500,3 +500,23 @@ fn a_subscription_follows_a_rename_made_on_the_other_side() {
     assert_eq!(va.subscriptions, vb.subscriptions, "{}", diff(&va, &vb));
     assert_eq!(va.subscriptions, BTreeSet::from(["Renamed".to_owned()]));
 }
+
+#[test]
+fn a_special_use_selection_is_refused_and_nothing_changes() {
+    // `-x '\Trash'` means "leave out the mailbox with the \Trash flag": this store keeps no
+    // special-use flags, so syncing while ignoring it would send what was meant to stay.
+    let mut a = MemoryStore::new();
+    let mut b = MemoryStore::new();
+    a.create_mailbox(&name("Trash"), None, None).unwrap();
+    deliver(&mut a, "Trash", b"Subject: deleted\n\nx\n");
+    deliver(&mut a, "INBOX", b"Subject: kept\n\nx\n");
+    let before = view(&mut b);
+    for (exclude, mailbox) in [(vec!["\\Trash".to_owned()], None), (vec![], Some("\\Trash".to_owned()))] {
+        let mut opts = two_way();
+        opts.exclude = exclude;
+        opts.mailbox = mailbox;
+        let e = sync_stores(&mut a, &mut b, &opts, TIMEOUT).expect_err("a special-use selection must be refused");
+        assert!(e.to_string().contains("special use"), "{e}");
+        assert_eq!(view(&mut b), before, "the refused sync changed the other side");
+    }
+}

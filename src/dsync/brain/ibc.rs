@@ -118,7 +118,7 @@ pub(crate) enum IbcError {
     #[error("{0}")]
     Io(#[from] std::io::Error),
     /// The peer's bytes are not valid dsync.
-    #[error("{0}")]
+    #[error("invalid input from the remote: {0}")]
     Wire(#[from] WireError),
     /// The peer's records break the protocol's structure.
     #[error("invalid input from the remote: {0}")]

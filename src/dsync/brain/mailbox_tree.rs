@@ -204,9 +204,7 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                 }
                 Some(found) => match self.store.delete_mailbox(&found) {
                     Ok(()) => self.forget_names(),
-                    Err(e) if conflict(&e) => {
-                        self.set_changes_during_sync(format!("deleting {}: {e}", name.join("/")))
-                    }
+                    Err(e) if conflict(&e) => self.set_changes_during_sync(format!("deleting {}: {e}", name.join("/"))),
                     Err(e) => return Err(e.into()),
                 },
             },
@@ -293,15 +291,21 @@ pub(crate) fn fill_local_tree<S: MailStore>(
             infos.len()
         )));
     }
+    // A special-use name (`\\Trash`) selects mailboxes by a flag this store does not keep:
+    // refused openly rather than syncing what was meant to be left out.
+    if let Some(x) = settings.sync_box.iter().chain(&settings.exclude_mailboxes).find(|x| x.starts_with('\\')) {
+        return Err(BrainError::Unsupported(format!(
+            "mailboxes chosen by special use ({x}) are not supported here; name the mailbox instead"
+        )));
+    }
     let wanted = |i: &MailboxInfo| -> bool {
         let vname = i.name.join(sep);
         if let Some(b) = &settings.sync_box
-            && !b.starts_with('\\')
             && !crate::userdb::wildcard_match(b, &vname)
         {
             return false;
         }
-        !settings.exclude_mailboxes.iter().any(|x| !x.starts_with('\\') && crate::userdb::wildcard_match(x, &vname))
+        !settings.exclude_mailboxes.iter().any(|x| crate::userdb::wildcard_match(x, &vname))
     };
     for i in &infos {
         if !wanted(i) {

@@ -57,7 +57,10 @@ type Mail = IndexedMail;
 #[derive(Debug)]
 struct Pending {
     tmp: PathBuf,
-    file: File,
+    /// The written file, still to be fsynced; `None` once synced, and for hard links to a
+    /// file that is already durable (or whose own pending entry syncs it). Never more than
+    /// [`MAX_UNSYNCED`] are held, so a large batch does not run out of descriptors.
+    file: Option<File>,
     /// Base name with size fields.
     base: String,
     /// The GUID to record in the uidlist when it is not the base name.
@@ -69,6 +72,10 @@ struct Pending {
     /// For a staged move: the UID the mail leaves at commit.
     move_from: Option<Uid>,
 }
+
+/// How many written files may wait for their fsync at once: enough to batch the syncs (the
+/// writeback of each was started when it was written), few enough for any descriptor limit.
+const MAX_UNSYNCED: usize = 128;
 
 /// The status counters, kept up to date by every change so that `status()` is O(1).
 #[derive(Debug, Clone, Copy, Default)]
@@ -140,6 +147,8 @@ pub struct MaildirMailbox {
     appender: Option<index::Appender>,
     appended: usize,
     pending: Vec<Pending>,
+    /// How many entries of `pending` still hold a file to fsync.
+    unsynced: usize,
     dirs_dirty: bool,
     /// An import is in progress ([`Mailbox::begin_import`]): its flag changes are not logged.
     importing: bool,
@@ -292,6 +301,7 @@ impl MaildirMailbox {
             appender: None,
             appended: 0,
             pending: Vec::new(),
+            unsynced: 0,
             dirs_dirty: false,
             importing: false,
             import_modseq: None,
@@ -914,7 +924,32 @@ impl MaildirMailbox {
         }
     }
 
+    /// fdatasyncs every written file still held and lets its descriptor go.
+    fn sync_pending(&mut self) -> StoreResult<()> {
+        for p in &mut self.pending {
+            if let Some(f) = p.file.take() {
+                f.sync_data().ctx("fdatasync", &p.tmp)?;
+            }
+        }
+        self.unsynced = 0;
+        Ok(())
+    }
+
+    /// Queues a staged mail; syncs the held files when too many wait.
+    fn push_pending(&mut self, p: Pending) -> StoreResult<()> {
+        let held = p.file.is_some();
+        self.pending.push(p);
+        if held {
+            self.unsynced += 1;
+            if self.unsynced >= MAX_UNSYNCED {
+                self.sync_pending()?;
+            }
+        }
+        Ok(())
+    }
+
     fn discard_pending(&mut self) {
+        self.unsynced = 0;
         for p in self.pending.drain(..) {
             let _ = fs::remove_file(&p.tmp);
         }
@@ -922,9 +957,7 @@ impl MaildirMailbox {
 
     fn commit_inner(&mut self) -> StoreResult<Vec<SavedMail>> {
         // 1. Data durable in tmp/ (writeback was started when each file was written).
-        for p in &self.pending {
-            p.file.sync_data().ctx("fdatasync", &p.tmp)?;
-        }
+        self.sync_pending()?;
         // 2. Under the uidlist lock: keywords, UIDs, names, renames. Everything that can be
         // refused (a keyword over the limit, no UID left) is decided before the first rename.
         let (lock, mut list) = self.lock_uidlist(false)?;
@@ -1412,9 +1445,9 @@ impl Mailbox for MaildirMailbox {
         if let Some(h) = &mut self.base_hashes {
             h.insert(base_hash(&base));
         }
-        self.pending.push(Pending {
+        self.push_pending(Pending {
             tmp,
-            file,
+            file: Some(file),
             base,
             guid_ext,
             requested: request.uid,
@@ -1422,8 +1455,7 @@ impl Mailbox for MaildirMailbox {
             keywords: request.keywords,
             min_modseq: request.min_modseq,
             move_from: None,
-        });
-        Ok(())
+        })
     }
 
     fn commit(&mut self) -> StoreResult<Vec<SavedMail>> {
@@ -1453,16 +1485,10 @@ impl Mailbox for MaildirMailbox {
         let src = last.tmp.clone();
         let tmp = self.dir.join("tmp").join(self.ctx.names.next());
         fs::hard_link(&src, &tmp).ctx("link", &tmp)?;
-        let file = match File::open(&tmp) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(StoreError::io("open", tmp, e));
-            }
-        };
-        self.pending.push(Pending {
+        // No descriptor: the data is the last save's, synced through its own entry.
+        self.push_pending(Pending {
             tmp,
-            file,
+            file: None,
             base: format!("{}{}", self.ctx.names.next(), sizes),
             guid_ext: Some(guid),
             requested: request.uid,
@@ -1470,8 +1496,7 @@ impl Mailbox for MaildirMailbox {
             keywords: request.keywords,
             min_modseq: request.min_modseq,
             move_from: None,
-        });
-        Ok(())
+        })
     }
 
     fn change_flags(
@@ -1564,10 +1589,11 @@ impl Mailbox for MaildirMailbox {
                     (FlagOp::Remove, true) => (Flags::NONE, flags),
                     (FlagOp::Replace, true) => (flags, Flags::ALL_STORED & !flags),
                 };
-                let (kw_added, kw_removed, x_added, x_removed): (_, _, Box<[u16]>, Box<[u16]>) = match (op, kw_changed) {
+                let (kw_added, kw_removed, x_added, x_removed): (_, _, Box<[u16]>, Box<[u16]>) = match (op, kw_changed)
+                {
                     (_, false) => (0, 0, Box::default(), Box::default()),
-                    (FlagOp::Add, true) => (mask, 0, ids.clone().into_boxed_slice(), Box::default()),
-                    (FlagOp::Remove, true) => (0, mask, Box::default(), ids.clone().into_boxed_slice()),
+                    (FlagOp::Add, true) => (mask, 0, ids.into_boxed_slice(), Box::default()),
+                    (FlagOp::Remove, true) => (0, mask, Box::default(), ids.into_boxed_slice()),
                     (FlagOp::Replace, true) => (
                         nkw,
                         okw & !nkw,
@@ -1667,19 +1693,14 @@ impl Mailbox for MaildirMailbox {
         if !linked {
             return Err(StoreError::MailNotFound(from.get()));
         }
-        let file = match File::open(&tmp) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(StoreError::io("open", tmp, e));
-            }
-        };
+        // No descriptor: the linked mail is already durable, and the link itself becomes so
+        // with the directory fsyncs of the commit.
         let m = &self.mails[idx];
         let old_base = filename::base(&m.file);
         let sizes = old_base.find(",S=").map(|i| old_base[i..].to_owned()).unwrap_or_default();
-        self.pending.push(Pending {
+        self.push_pending(Pending {
             tmp,
-            file,
+            file: None,
             base: format!("{}{}", self.ctx.names.next(), sizes),
             guid_ext: Some(m.guid().to_owned()),
             requested: Some(to),
@@ -1687,8 +1708,7 @@ impl Mailbox for MaildirMailbox {
             keywords: self.keywords_of(m),
             min_modseq: 0,
             move_from: Some(from),
-        });
-        Ok(())
+        })
     }
 
     fn update(&mut self, update: &MailboxUpdate) -> StoreResult<()> {
