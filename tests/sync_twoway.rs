@@ -91,7 +91,7 @@ impl<'a> Pair<'a> {
 
     fn tool(&self, side: Side) -> Tool {
         match (side, self.kind) {
-            (Side::Slave, Slave::Ours) => Tool::Ours,
+            (Side::Slave, Slave::Ours) if !our_master() => Tool::Ours,
             _ => Tool::Dovecot,
         }
     }
@@ -112,13 +112,7 @@ impl<'a> Pair<'a> {
     /// The slave command doveadm starts (it runs as the user, with the user's environment).
     fn slave_command(&self) -> String {
         match self.kind {
-            Slave::Dovecot => format!(
-                "{} -c {} -o mail_location=maildir:~/{} dsync-server",
-                require_doveadm().display(),
-                self.u.dovecot_conf().display(),
-                self.slave
-            ),
-            Slave::Ours => format!(
+            Slave::Ours if !our_master() => format!(
                 "{}{} -c {} -o mail_location=maildir:~/{} dsync-server",
                 // MAILREPLICA_TEST_SLAVE_LOG=debug: our slave's log (in doveadm's stderr).
                 std::env::var("MAILREPLICA_TEST_SLAVE_LOG")
@@ -126,6 +120,12 @@ impl<'a> Pair<'a> {
                     .unwrap_or_default(),
                 MAILREPLICA,
                 self.u.our_conf().display(),
+                self.slave
+            ),
+            _ => format!(
+                "{} -c {} -o mail_location=maildir:~/{} dsync-server",
+                require_doveadm().display(),
+                self.u.dovecot_conf().display(),
                 self.slave
             ),
         }
@@ -151,6 +151,18 @@ impl<'a> Pair<'a> {
             args.extend(["-s", &state]);
         }
         args.extend_from_slice(extra);
+        if self.kind == Slave::Ours && our_master() {
+            // Our master, Dovecot's slave: the same command line, with `mailreplica -u USER`
+            // in place of doveadm on the master's side.
+            args.push(&cmd);
+            let out = self.u.mr(&args);
+            if self.mode == Mode::Stateful {
+                let new = out.text().trim().to_owned();
+                assert!(!new.contains('\n'), "odd state printed: {}", out.describe());
+                *self.state.borrow_mut() = new;
+            }
+            return out;
+        }
         // MAILREPLICA_TEST_RAWLOG=DIR keeps a raw log of every sync there (doveadm -r).
         let rawlog = std::env::var("MAILREPLICA_TEST_RAWLOG").ok().map(|dir| {
             static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -188,7 +200,7 @@ impl<'a> Pair<'a> {
             args.extend(["-s", &state]);
         }
         args.push(&cmd);
-        let out = self.u.doveadm(&args);
+        let out = if self.kind == Slave::Ours && our_master() { self.u.mr(&args) } else { self.u.doveadm(&args) };
         if self.mode == Mode::Stateful {
             *self.state.borrow_mut() = out.text().trim().to_owned();
         }
@@ -597,6 +609,14 @@ impl Runs {
 /// storage (say, "Transaction log modseq tracking is corrupted") or panic: whatever we send
 /// must be something it handles as from its own slave.
 #[track_caller]
+/// `MAILREPLICA_TEST_OUR_MASTER=1`: "our" pair is our master (`mailreplica sync`) with
+/// Dovecot's `dsync-server` as the slave, instead of Dovecot's master with our slave. The
+/// test `every_scenario_with_our_master` runs this whole file so.
+fn our_master() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MAILREPLICA_TEST_OUR_MASTER").is_some_and(|v| v == "1"))
+}
+
 fn assert_master_content(out: &Output) {
     if let Some(line) = master_complaints(out).first() {
         panic!("the Dovecot master complained: {line}\n{}", out.describe());
