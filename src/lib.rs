@@ -1,20 +1,25 @@
 //! mailreplica: replicate Dovecot Maildirs user by user over Dovecot's own dsync protocol.
 //!
 //! ```text
-//!   CLI / daemons (main.rs, cli/, wrapper/)
+//!   binaries: mailreplica (main.rs, cli/) · mailreplica-wrapper (wrapper/)     not in here
+//!        │
+//!   dsync (server, brain, wire) ── copy ── privdrop ── logging
 //!        │
 //!   config ── userdb
 //!        │
 //!   store (MailStore trait) ── store::maildir (Dovecot-compatible files) ── store::memory
 //! ```
 //!
-//! The library is layered: the store knows files and nothing of any protocol; the CLI knows
-//! everything below it. See `README.md` for what runs today and `BENCHMARKS.md` for figures.
+//! The library is layered: the store knows files and nothing of any protocol; the binaries
+//! above it own everything about the command line (arguments, output formats, exit codes and
+//! error reports), and the library returns typed errors. See `README.md` for what runs today and
+//! `BENCHMARKS.md` for figures.
 #![deny(unsafe_code)]
 
-pub mod cli;
 pub mod config;
+pub mod copy;
 pub mod dsync;
+pub mod logging;
 pub mod privdrop;
 pub mod store;
 pub mod sys;

@@ -1,6 +1,10 @@
-//! The `mailreplica` binary: a thin shell over the library's command line.
+//! The `mailreplica` binary: the command line (doveadm's spelling, output formats and exit
+//! codes) over the `mailreplica` library. Everything about the command line lives here, in
+//! `cli/`, and nowhere in the library.
 #![forbid(unsafe_code)]
 
+mod cli;
+
 fn main() -> std::process::ExitCode {
-    mailreplica::cli::main()
+    cli::main()
 }

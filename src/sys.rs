@@ -1,6 +1,8 @@
 //! The crate's only `unsafe`: thin wrappers over libc calls that `nix` does not offer.
 //!
 //! Each function keeps its `unsafe` block to the call itself and states why the call is sound.
+//! The capability calls act on the calling thread only and are `pub(crate)`: they are steps of
+//! [`crate::privdrop`], which runs them in its fixed order, and nothing else may.
 #![allow(unsafe_code)]
 
 use std::ffi::CStr;
@@ -109,6 +111,31 @@ pub fn format_local_time(t: i64) -> String {
         tm.tm_min,
         tm.tm_sec
     )
+}
+
+/// Clears this thread's ambient capability set (`PR_CAP_AMBIENT_CLEAR_ALL`).
+pub(crate) fn clear_ambient_caps() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    let rc = unsafe {
+        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0 as libc::c_ulong, 0, 0)
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Drops capability `cap` (a number, so that capabilities newer than the `caps` crate are
+/// dropped too) from this thread's bounding set (`PR_CAPBSET_DROP`; needs CAP_SETPCAP, so it
+/// must run while still root).
+pub(crate) fn drop_bounding_cap(cap: u32) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0 as libc::c_ulong, 0, 0) };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Whether capability `cap` is still in this thread's bounding set (`PR_CAPBSET_READ`).
+pub(crate) fn bounding_cap_present(cap: u32) -> io::Result<bool> {
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    let rc = unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0 as libc::c_ulong, 0, 0) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc == 1) }
 }
 
 #[cfg(test)]

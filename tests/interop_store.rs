@@ -333,6 +333,35 @@ fn modseqs_track_dovecot_changes() {
     assert_eq!(&last[1..5], &after[1..]);
 }
 
+#[test]
+fn a_maildir_without_our_index_starts_at_dovecots_modseqs() {
+    // A Maildir we did not create, or whose index is gone: modseqs restart where a fresh
+    // Dovecot index starts them, not far above (dsync would carry them to the peer).
+    let u = TestUser::new();
+    for i in 0..5 {
+        u.save(Tool::Dovecot, "INBOX", &common::mail(&format!("m{i}")));
+    }
+    u.dv_ok(&["mailbox", "create", "Empty"]);
+    u.dv_ok(&["flags", "add", "\\Seen", "mailbox", "INBOX", "uid", "1:3"]);
+    for f in ["dovecot.index", "dovecot.index.log", "dovecot.index.cache"] {
+        let _ = fs::remove_file(u.maildir().join(f));
+    }
+    let status = |tool, mb: &str| u.ok(tool, &["-f", "tab", "mailbox", "status", "highestmodseq", mb]);
+    for mb in ["INBOX", "Empty"] {
+        assert_eq!(status(Tool::Ours, mb), status(Tool::Dovecot, mb), "{mb}");
+    }
+    assert_eq!(highest(&u), 2);
+    let dv = u.dv_ok(&["-f", "tab", "fetch", "uid modseq", "mailbox", "INBOX", "all"]);
+    let ours = u.mr_ok(&["-f", "tab", "fetch", "uid modseq", "mailbox", "INBOX", "all"]);
+    assert_eq!(ours, dv);
+    // Losing our index again later starts over the same way.
+    u.mr_ok(&["flags", "add", "\\Flagged", "mailbox", "INBOX", "uid", "4"]);
+    assert_eq!(highest(&u), 3);
+    fs::remove_file(u.maildir().join("mailreplica-index")).unwrap();
+    assert_eq!(highest(&u), 2);
+    u.assert_same_view();
+}
+
 // ------------------------------------------------------------------------------------------
 // Mailbox operations done alternately by both tools
 

@@ -1,17 +1,38 @@
 //! Our writer and Dovecot's at the same time, and our writer killed at random points: nothing
 //! acknowledged is lost, no partial mail becomes visible, no UID is ever reused or given out
-//! twice, and both tools agree afterwards. Every test runs as root with its own throw-away user
-//! (see `common`).
+//! twice, and both tools agree afterwards. What killed writers leave in `tmp/` is cleaned up,
+//! and a mailbox deleted while Dovecot delivers into it loses no delivered mail. Every test
+//! runs as root with its own throw-away user (see `common`).
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{Output, Proc, Rng, TestUser, Tool, read_uidlist};
+
+/// Names in `dir` that our writer makes (`<secs>.M<usecs>P<pid>Q<n>.<host>`), with their pid.
+fn our_tmp_files(dir: &Path) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        let name = e.file_name().into_string().unwrap();
+        let Some((_, rest)) = name.split_once(".M") else { continue };
+        let Some((_, rest)) = rest.split_once('P') else { continue };
+        let Some((pid, rest)) = rest.split_once('Q') else { continue };
+        if rest.contains('.')
+            && let Ok(pid) = pid.parse()
+        {
+            out.push((name.clone(), pid));
+        }
+    }
+    out
+}
 
 /// Every (UID → GUID) pair seen so far; a UID seen again with another GUID is a reused UID.
 #[derive(Default)]
@@ -262,10 +283,287 @@ fn sigkill_during_save_loses_nothing_acknowledged() {
     let max = records.last().map_or(0, |r| r.0);
     let status = &u.status_all(Tool::Ours)["INBOX"];
     assert!(status[1].parse::<u32>().unwrap() > max, "uidnext {} <= last UID {max} ({header})", status[1]);
-    // New saves after all this still work for both.
+    // New saves after all this still work for both; ours first clears tmp/ of every file the
+    // killed writers left (none of them is alive now).
+    let left = our_tmp_files(&u.maildir().join("tmp"));
     u.save(Tool::Ours, "INBOX", &common::mail("after ours"));
+    assert_eq!(our_tmp_files(&u.maildir().join("tmp")), [], "{} files were left before", left.len());
+    eprintln!("{} files of killed writers were in tmp/ before the last save", left.len());
     u.save(Tool::Dovecot, "INBOX", &common::mail("after dovecot"));
     history.record("ours after the end", &uid_guid(&u, Tool::Ours));
     history.record("dovecot after the end", &uid_guid(&u, Tool::Dovecot));
     eprintln!("{killed} of {ITERATIONS} saves killed, {} mails acknowledged", acked.len());
+}
+
+/// A `mailreplica save` that has written the start of a mail into `tmp/` and waits for the rest.
+struct StalledSave {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl StalledSave {
+    /// Starts `mailreplica save -m MAILBOX`, feeds it `head` and waits until its file is in
+    /// `tmp_dir`. Returns it and the name of that file.
+    fn start(u: &TestUser, mailbox: &str, head: &[u8], tmp_dir: &Path) -> (Self, String) {
+        let mut cmd: Command = u.mr_cmd(&["save", "-m", mailbox]);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("start mailreplica save");
+        let stdin = child.stdin.take();
+        // From here on, Drop kills and reaps it, also if the test fails.
+        let mut me = Self { child, stdin };
+        let w = me.stdin.as_mut().expect("piped");
+        w.write_all(head).unwrap();
+        w.flush().unwrap();
+        let pid = me.pid();
+        let start = Instant::now();
+        loop {
+            if let Some((name, _)) = our_tmp_files(tmp_dir).into_iter().find(|(_, p)| *p == pid) {
+                return (me, name);
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "the save never created its file in tmp/");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Sends the rest and waits for success.
+    fn finish(mut self, rest: &[u8]) {
+        let mut stdin = self.stdin.take().unwrap();
+        stdin.write_all(rest).unwrap();
+        drop(stdin);
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the stalled save failed: {status}");
+    }
+}
+
+impl Drop for StalledSave {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn tmp_is_cleared_of_dead_writers_files_only() {
+    let u = TestUser::new();
+    u.save(Tool::Ours, "INBOX", &common::mail("first"));
+    u.mr_ok(&["mailbox", "create", "Other"]);
+    let tmp = u.maildir().join("tmp");
+    let mut rng = Rng::new(Rng::seed_from_time());
+    let body = big_mail("stalled", 200_000, &mut rng);
+    let (head, rest) = body.split_at(1000);
+    // A writer killed in the middle of a mail leaves its file behind; the next writer removes
+    // it before writing its own.
+    let (w, first) = StalledSave::start(&u, "INBOX", head, &tmp);
+    w.kill();
+    assert!(tmp.join(&first).exists());
+    let (w, second) = StalledSave::start(&u, "INBOX", head, &tmp);
+    assert!(!tmp.join(&first).exists(), "{first} of a dead writer is still there");
+    w.kill();
+    assert!(tmp.join(&second).exists());
+    // A live writer of ours (saving into another mailbox, so that it does not hold INBOX's
+    // lock) with a file of its name in INBOX's tmp/, and a young file of someone else.
+    let (live, _) = StalledSave::start(&u, "Other", head, &u.maildir().join(".Other/tmp"));
+    let host = second.split_once('Q').unwrap().1.split_once('.').unwrap().1.to_owned();
+    let live_name = format!("1700000000.M1P{}Q0.{host}", live.pid());
+    let young = "1700000000.M1P1.dovecot-host".to_owned();
+    for n in [&live_name, &young] {
+        u.write_file(&tmp.join(n), b"partial");
+    }
+    // A read does not clean; the next write does.
+    u.mr_ok(&["fetch", "uid", "mailbox", "INBOX", "all"]);
+    assert!(tmp.join(&second).exists());
+    u.save(Tool::Ours, "INBOX", &common::mail("second"));
+    assert!(!tmp.join(&second).exists(), "{second} of a dead writer is still there");
+    assert!(tmp.join(&live_name).exists(), "a live writer's file was removed");
+    assert!(tmp.join(&young).exists(), "a young foreign file was removed");
+    live.finish(rest);
+    assert_eq!(u.mails(Tool::Ours, "Other").len(), 1);
+    assert_eq!(u.mails(Tool::Ours, "INBOX").len(), 2);
+    u.assert_same_view();
+}
+
+/// A loop-mounted ext4 image, unmounted on drop (before the test user's directory goes).
+struct LoopMount {
+    image: PathBuf,
+    dir: PathBuf,
+}
+
+impl LoopMount {
+    fn new(image: PathBuf, dir: PathBuf) -> Self {
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+            assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(Command::new("truncate").args(["-s", "32M"]).arg(&image));
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&image));
+        fs::create_dir_all(&dir).unwrap();
+        let m = Self { image, dir };
+        m.mount();
+        m
+    }
+
+    fn mount(&self) {
+        let out = Command::new("mount").args(["-o", "loop"]).arg(&self.image).arg(&self.dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "mount -o loop failed (the test needs loop devices and ext4): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn umount(&self) {
+        let out = Command::new("umount").arg(&self.dir).output().unwrap();
+        assert!(out.status.success(), "umount: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Sets the ctime of `path` (relative to the file system's root), which only the kernel's
+    /// clock can set otherwise. The file system must be unmounted.
+    fn set_ctime(&self, path: &str, ctime: SystemTime) {
+        let secs = ctime.duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let stamp = Command::new("date").args(["-u", "-d", &format!("@{secs}"), "+%Y%m%d%H%M%S"]).output().unwrap();
+        let stamp = String::from_utf8(stamp.stdout).unwrap();
+        let req = format!("set_inode_field {path} ctime {}", stamp.trim());
+        let out = Command::new("debugfs").args(["-w", "-R", &req]).arg(&self.image).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && !err.contains(": "), "debugfs {req}: {err}");
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).output();
+    }
+}
+
+#[test]
+fn tmp_files_older_than_36_hours_are_removed_as_dovecot_does() {
+    assert!(common::which_tool("debugfs"), "debugfs (package e2fsprogs) is needed to age a file's ctime");
+    let u = TestUser::new();
+    let m = LoopMount::new(u.tmp().join("maildir.img"), u.maildir());
+    u.chown(&u.maildir());
+    u.save(Tool::Ours, "INBOX", &common::mail("first"));
+    let tmp = u.maildir().join("tmp");
+    for n in ["old-foreign", "young-foreign"] {
+        u.write_file(&tmp.join(n), b"left behind");
+    }
+    m.umount();
+    let now = SystemTime::now();
+    m.set_ctime("/tmp/old-foreign", now - Duration::from_secs(37 * 3600));
+    m.set_ctime("/tmp/young-foreign", now - Duration::from_secs(3600));
+    m.mount();
+    u.save(Tool::Ours, "INBOX", &common::mail("second"));
+    assert!(!tmp.join("old-foreign").exists(), "a file of 37 hours is still there");
+    assert!(tmp.join("young-foreign").exists(), "a file of one hour was removed");
+    assert_eq!(u.mails(Tool::Ours, "INBOX").len(), 2);
+    u.assert_same_view();
+}
+
+/// What one `doveadm save` of the delete test did.
+struct Delivery {
+    marker: String,
+    pid: u32,
+    out: Output,
+}
+
+#[test]
+fn delete_never_loses_a_concurrent_delivery() {
+    const ROUNDS: usize = 6;
+    const SAVERS: usize = 4;
+    const FILLER: usize = 5000;
+    let u = Arc::new(TestUser::new());
+    let mut refused = 0;
+    for round in 0..ROUNDS {
+        u.mr_ok(&["mailbox", "create", "Box"]);
+        u.save(Tool::Dovecot, "Box", &common::mail(&format!("r{round} seed")));
+        // Thousands of mails in cur/, so that looking at the mailbox takes a while and
+        // deliveries into new/ can land between our look and the move (a refusal).
+        let cur = u.maildir().join(".Box/cur");
+        for i in 0..FILLER {
+            u.write_file(&cur.join(format!("1600000000.M{i}P1.filler:2,S")), b"Subject: filler\n\nx\n");
+        }
+        u.mr_ok(&["fetch", "uid", "mailbox", "Box", "1"]);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let savers: Vec<_> = (0..SAVERS)
+            .map(|t| {
+                let (u, stop) = (Arc::clone(&u), Arc::clone(&stop));
+                thread::spawn(move || {
+                    let mut done = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let marker = format!("r{round} t{t} #{i}");
+                        let p = Proc::spawn(u.doveadm_cmd(&["save", "-m", "Box"]), Some(common::mail(&marker)));
+                        let pid = p.pid() as u32;
+                        done.push(Delivery { marker, pid, out: p.wait() });
+                        i += 1;
+                    }
+                    done
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(150 + 40 * round as u64));
+        let mut cmd = u.mr_cmd(&["mailbox", "delete", "Box"]);
+        cmd.env("MAILREPLICA_LOG", "mailreplica::store::maildir::delete=trace");
+        let del = Proc::spawn(cmd, None).wait();
+        thread::sleep(Duration::from_millis(100));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let deliveries: Vec<Delivery> =
+            savers.into_iter().flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect();
+        let ok: Vec<&Delivery> = deliveries.iter().filter(|d| d.out.success()).collect();
+        for d in &deliveries {
+            // The old failure: our deletion pulled the lock file from under a save.
+            for bad in ["dotlock", "overridden"] {
+                assert!(!d.out.stderr.contains(bad), "round {round}: a save lost its lock: {}", d.out.describe());
+            }
+        }
+        assert!(ok.len() > SAVERS, "round {round}: too few deliveries succeeded to test anything");
+        if del.success() {
+            // Every delivery that succeeded was seen, and deleted, by the deletion: its file
+            // (Dovecot names it `<secs>.M<usecs>P<pid>.<host>`) is in the deletion's list.
+            let deleted: HashSet<u32> = del
+                .stderr
+                .lines()
+                .filter_map(|l| l.split_once(" mail=")?.1.split_once(".M")?.1.split_once('P')?.1.split_once('.'))
+                .filter_map(|(pid, _)| pid.parse().ok())
+                .collect();
+            for d in &ok {
+                assert!(
+                    deleted.contains(&d.pid),
+                    "round {round}: delivery {:?} (pid {}) succeeded, but was not among the mails the deletion saw\n{}",
+                    d.marker,
+                    d.pid,
+                    del.describe()
+                );
+            }
+            assert!(!u.mailbox_list(Tool::Dovecot).contains(&"Box".to_owned()), "round {round}");
+            assert!(!u.maildir().join(".Box").exists(), "round {round}");
+        } else {
+            refused += 1;
+            assert_eq!(del.code, Some(75), "round {round}: {}", del.describe());
+            assert!(
+                del.stderr.contains("new mails were added to mailbox Box during deletion"),
+                "round {round}: {}",
+                del.describe()
+            );
+            // Kept whole: every delivery that succeeded is there, and both tools agree.
+            let text = u.ok(Tool::Ours, &["-f", "tab", "fetch", "text", "mailbox", "Box", "all"]);
+            let subjects: HashSet<&str> = text.lines().filter_map(|l| l.strip_prefix("Subject: ")).collect();
+            for d in &ok {
+                assert!(subjects.contains(d.marker.as_str()), "round {round}: {} is lost", d.marker);
+            }
+            u.assert_same_view();
+            u.mr_ok(&["mailbox", "delete", "Box"]);
+        }
+        assert!(!u.maildir().join("..DOVECOT-TRASHED").exists(), "round {round}: trash left behind");
+    }
+    eprintln!("{refused} of {ROUNDS} deletions were refused because mails arrived");
 }

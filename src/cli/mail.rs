@@ -7,11 +7,11 @@ use anyhow::{Context, anyhow};
 use super::output::{Cell, Column, Format, Printer};
 use super::search::{Query, mailbox_match};
 use super::{Failure, FlagsCommand, MailboxCommand, Session, exit};
-use crate::store::maildir::Maildir;
-use crate::store::{
+use mailreplica::store::maildir::Maildir;
+use mailreplica::store::{
     FlagOp, Flags, Guid128, Keyword, MailRecord, MailStore, Mailbox, MailboxInfo, MailboxKind, MailboxName, SaveRequest,
 };
-use crate::userdb::wildcard_match;
+use mailreplica::userdb::wildcard_match;
 
 fn parse_name(store: &Maildir, s: &str) -> Result<MailboxName, Failure> {
     Ok(MailboxName::parse(s, store.hierarchy_separator())?)
@@ -121,8 +121,8 @@ pub(super) fn fetch(s: &Session, format: Option<Format>, fields: &str, search: &
                     "mailbox-guid" => Cell::Text(mailbox_guid.to_string()),
                     "size.physical" => Cell::Text(mb.physical_size(m.uid)?.to_string()),
                     "size.virtual" => Cell::Text(mb.virtual_size(m.uid)?.to_string()),
-                    "date.received" => Cell::Text(crate::sys::format_local_time(mb.received_date(m.uid)?)),
-                    "date.saved" => Cell::Text(crate::sys::format_local_time(mb.saved_date(m.uid)?)),
+                    "date.received" => Cell::Text(mailreplica::sys::format_local_time(mb.received_date(m.uid)?)),
+                    "date.saved" => Cell::Text(mailreplica::sys::format_local_time(mb.saved_date(m.uid)?)),
                     "text" | "hdr" | "body" => {
                         let mut data = Vec::new();
                         mb.open_body(m.uid)?
@@ -348,9 +348,9 @@ pub(super) fn mailbox(s: &Session, format: Option<Format>, cmd: &MailboxCommand)
                 Some(g) if names.len() > 1 => {
                     return Err(Failure::new(exit::USAGE, anyhow!("-g {g} needs exactly one mailbox")));
                 }
-                Some(g) => {
-                    Some(g.parse().map_err(|e: crate::store::types::BadGuid| Failure::new(exit::USAGE, e.into()))?)
-                }
+                Some(g) => Some(
+                    g.parse().map_err(|e: mailreplica::store::types::BadGuid| Failure::new(exit::USAGE, e.into()))?,
+                ),
                 None => None,
             };
             for n in names {
@@ -404,9 +404,9 @@ pub(super) fn mailbox(s: &Session, format: Option<Format>, cmd: &MailboxCommand)
             name,
         } => {
             let guid: Option<Guid128> = match mailbox_guid {
-                Some(g) => {
-                    Some(g.parse().map_err(|e: crate::store::types::BadGuid| Failure::new(exit::USAGE, e.into()))?)
-                }
+                Some(g) => Some(
+                    g.parse().map_err(|e: mailreplica::store::types::BadGuid| Failure::new(exit::USAGE, e.into()))?,
+                ),
                 None => None,
             };
             if *uid_validity == Some(0) {
@@ -414,13 +414,15 @@ pub(super) fn mailbox(s: &Session, format: Option<Format>, cmd: &MailboxCommand)
             }
             let name = parse_name(&store, name)?;
             let mut mb = store.open(&name)?;
-            mb.update(&crate::store::MailboxUpdate {
+            mb.update(&mailreplica::store::MailboxUpdate {
                 uid_validity: *uid_validity,
                 guid,
                 min_next_uid: *min_next_uid,
                 min_first_recent_uid: *min_first_recent_uid,
                 min_highest_modseq: *min_highest_modseq,
                 replicated_modseq: None,
+                peer_modseq: None,
+                clear_history_lost: false,
             })?;
         }
         MailboxCommand::Subscribe { names } | MailboxCommand::Unsubscribe { names } => {

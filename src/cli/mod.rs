@@ -1,15 +1,18 @@
 //! The `mailreplica` command line: doveadm's spelling, options and output formats, so that an
 //! admin's runbooks and diffs against doveadm keep working.
 //!
+//! This is the binary's own code, not the library's: argument parsing, output formats, exit
+//! codes and `anyhow` end here; everything it acts on is `mailreplica::…`.
+//!
 //! Parsing is two-stage: clap turns argv into [`Cli`] without side effects; [`Session`] then
 //! reads the configuration, looks the user up, drops root privileges for `-u USER`, and only
 //! after that opens the mail store.
 
-pub mod output;
+mod output;
 
-mod backup;
 mod mail;
 mod search;
+mod sync;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,63 +20,65 @@ use std::process::ExitCode;
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand};
 
-use crate::config::Config;
-use crate::store::StoreError;
-use crate::store::maildir::{Maildir, MaildirSettings};
-use crate::userdb::UserdbError;
-pub use output::Format;
+use mailreplica::config::Config;
+use mailreplica::copy::CopyError;
+use mailreplica::privdrop::{self, Target};
+use mailreplica::store::StoreError;
+use mailreplica::store::maildir::{Maildir, MaildirSettings};
+use mailreplica::userdb::UserdbError;
+pub(crate) use output::Format;
 
 /// Exit codes, as doveadm uses them (sysexits.h).
-pub mod exit {
+pub(crate) mod exit {
     /// Success.
-    pub const OK: u8 = 0;
+    pub(crate) const OK: u8 = 0;
     /// Bad command line.
-    pub const USAGE: u8 = 64;
+    pub(crate) const USAGE: u8 = 64;
     /// Bad data, or the operation is not possible (doveadm's NOTPOSSIBLE).
-    pub const DATAERR: u8 = 65;
+    pub(crate) const DATAERR: u8 = 65;
     /// No such user.
-    pub const NOUSER: u8 = 67;
+    pub(crate) const NOUSER: u8 = 67;
     /// A mailbox or mail was not found (doveadm's NOTFOUND).
-    pub const NOTFOUND: u8 = 68;
+    pub(crate) const NOTFOUND: u8 = 68;
     /// Configuration error.
-    pub const CONFIG: u8 = 78;
+    pub(crate) const CONFIG: u8 = 78;
     /// Temporary failure: I/O, locks, damaged files.
-    pub const TEMPFAIL: u8 = 75;
+    pub(crate) const TEMPFAIL: u8 = 75;
     /// Permission denied.
-    pub const NOPERM: u8 = 77;
+    pub(crate) const NOPERM: u8 = 77;
 }
 
 /// `mailreplica`: replicate Dovecot Maildirs with Dovecot's dsync protocol, and inspect them
 /// with doveadm's mail commands.
 #[derive(Debug, Parser)]
 #[command(name = "mailreplica", version, about, max_term_width = 100)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Configuration file [default: /etc/mailreplica/mailreplica.toml if it exists].
     #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Override a setting (repeatable).
     #[arg(short = 'o', global = true, value_name = "KEY=VALUE")]
-    pub overrides: Vec<String>,
+    pub(crate) overrides: Vec<String>,
     /// Act on this user's mail; as root, drop to the user first.
     #[arg(short = 'u', long = "user", global = true, value_name = "USER")]
-    pub user: Option<String>,
+    pub(crate) user: Option<String>,
     /// Output format.
     #[arg(short = 'f', long = "format", global = true, value_enum, value_name = "FORMAT")]
-    pub format: Option<Format>,
+    pub(crate) format: Option<Format>,
     /// Debug logging (to stderr).
     #[arg(short = 'D', global = true)]
-    pub debug: bool,
+    pub(crate) debug: bool,
     /// Verbose logging (to stderr).
     #[arg(short = 'v', global = true)]
-    pub verbose: bool,
+    pub(crate) verbose: bool,
     /// The command.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// Commands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Mailbox management.
     Mailbox {
         /// Sub-command.
@@ -128,17 +133,15 @@ pub enum Command {
         #[arg(hide = true, allow_hyphen_values = true, trailing_var_arg = true)]
         extra: Vec<String>,
     },
-    /// Make DEST an exact copy of this user's mail (store-level copy; the dsync engine that
-    /// replaces it is not built yet).
-    Backup {
-        /// Destination: `maildir:PATH[:LAYOUT=…]`.
-        dest: String,
-    },
+    /// Make the destination an exact copy of this user's mail (`-R`: the other way round).
+    Backup(sync::SyncArgs),
+    /// Two-way sync with the destination: both sides' changes go both ways.
+    Sync(sync::SyncArgs),
 }
 
 /// `mailbox` sub-commands.
 #[derive(Debug, Subcommand)]
-pub enum MailboxCommand {
+pub(crate) enum MailboxCommand {
     /// List mailboxes.
     List {
         /// Only subscribed mailboxes.
@@ -226,7 +229,7 @@ pub enum MailboxCommand {
 
 /// `flags` sub-commands.
 #[derive(Debug, Subcommand)]
-pub enum FlagsCommand {
+pub(crate) enum FlagsCommand {
     /// Add flags.
     Add {
         /// Space-separated flags and keywords, e.g. `\Seen $Junk`.
@@ -255,11 +258,11 @@ pub enum FlagsCommand {
 
 /// A failure with the exit code it maps to.
 #[derive(Debug)]
-pub struct Failure {
+pub(crate) struct Failure {
     /// Exit code.
-    pub code: u8,
+    pub(crate) code: u8,
     /// What went wrong.
-    pub error: anyhow::Error,
+    pub(crate) error: anyhow::Error,
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
@@ -271,35 +274,41 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
 
 impl Failure {
     /// A failure with an explicit code.
-    pub fn new(code: u8, error: anyhow::Error) -> Self {
+    pub(crate) fn new(code: u8, error: anyhow::Error) -> Self {
         Self { code, error }
+    }
+
+    /// An exit code that needs no error message (its reason was logged already).
+    pub(crate) fn quiet(code: u8) -> Self {
+        Self { code, error: anyhow!(QuietExit) }
     }
 }
 
+/// The marker of [`Failure::quiet`].
+#[derive(Debug, thiserror::Error)]
+#[error("(reported above)")]
+pub(crate) struct QuietExit;
+
 /// Maps an error to doveadm's exit code by what it is, walking the cause chain.
-pub fn classify(e: &anyhow::Error) -> u8 {
+pub(crate) fn classify(e: &anyhow::Error) -> u8 {
     for cause in e.chain() {
         if let Some(s) = cause.downcast_ref::<StoreError>() {
-            return match s {
-                StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => exit::NOPERM,
-                StoreError::MailboxNotFound(_) | StoreError::MailNotFound(_) => exit::NOTFOUND,
-                // doveadm: an invalid mailbox name is a usage error.
-                StoreError::BadName(_) => exit::USAGE,
-                StoreError::MailboxExists(_)
-                | StoreError::NotPossible(_)
-                | StoreError::BadKeyword(_)
-                | StoreError::BadGuid(_)
-                | StoreError::Limit(_) => exit::DATAERR,
+            return store_code(s);
+        }
+        // A copy's store errors are its own variant (transparent: same text, same code).
+        if let Some(c) = cause.downcast_ref::<CopyError>() {
+            return match c {
+                CopyError::Store(s) => store_code(s),
                 _ => exit::TEMPFAIL,
             };
         }
-        if cause.downcast_ref::<crate::store::types::BadMailboxName>().is_some() {
+        if cause.downcast_ref::<mailreplica::store::types::BadMailboxName>().is_some() {
             return exit::USAGE;
         }
-        if cause.downcast_ref::<crate::store::types::BadKeyword>().is_some() {
+        if cause.downcast_ref::<mailreplica::store::types::BadKeyword>().is_some() {
             return exit::DATAERR;
         }
-        if cause.downcast_ref::<crate::config::ConfigError>().is_some() {
+        if cause.downcast_ref::<mailreplica::config::ConfigError>().is_some() {
             return exit::CONFIG;
         }
         if cause.downcast_ref::<UserdbError>().is_some() {
@@ -314,22 +323,38 @@ pub fn classify(e: &anyhow::Error) -> u8 {
     exit::TEMPFAIL
 }
 
+/// doveadm's exit code for a store error.
+fn store_code(s: &StoreError) -> u8 {
+    match s {
+        StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => exit::NOPERM,
+        StoreError::MailboxNotFound(_) | StoreError::MailNotFound(_) => exit::NOTFOUND,
+        // doveadm: an invalid mailbox name is a usage error.
+        StoreError::BadName(_) => exit::USAGE,
+        StoreError::MailboxExists(_)
+        | StoreError::NotPossible(_)
+        | StoreError::BadKeyword(_)
+        | StoreError::BadGuid(_)
+        | StoreError::Limit(_) => exit::DATAERR,
+        _ => exit::TEMPFAIL,
+    }
+}
+
 /// Who we act for, with the configuration that applies.
 #[derive(Debug)]
-pub struct Session {
+pub(crate) struct Session {
     /// Effective configuration.
-    pub config: Config,
+    pub(crate) config: Config,
     /// User name.
-    pub user: String,
+    pub(crate) user: String,
     /// Home directory.
-    pub home: PathBuf,
+    pub(crate) home: PathBuf,
     /// The user's own `mail` setting from the userdb, if any.
-    pub userdb_mail: Option<String>,
+    pub(crate) userdb_mail: Option<String>,
 }
 
 impl Session {
     /// Reads the configuration and becomes the mail user (dropping root for `-u USER`).
-    pub fn establish(cli: &Cli) -> Result<Self, Failure> {
+    pub(crate) fn establish(cli: &Cli) -> Result<Self, Failure> {
         let config = Config::load(cli.config.as_deref(), &cli.overrides)?;
         let euid = nix::unistd::geteuid().as_raw();
         match &cli.user {
@@ -338,7 +363,7 @@ impl Session {
                     .userdb
                     .lookup(name)?
                     .ok_or_else(|| Failure::new(exit::NOUSER, anyhow!("user {name} doesn't exist")))?;
-                if !config.uid_allowed(entry.uid) || crate::privdrop::forbidden_id(entry.uid) {
+                if !config.uid_allowed(entry.uid) || privdrop::forbidden_id(entry.uid) {
                     return Err(Failure::new(
                         exit::NOPERM,
                         anyhow!(
@@ -349,12 +374,16 @@ impl Session {
                         ),
                     ));
                 }
-                if crate::privdrop::forbidden_id(entry.gid) {
+                if privdrop::forbidden_id(entry.gid) {
                     return Err(Failure::new(exit::NOPERM, anyhow!("user {name} has primary gid {}", entry.gid)));
                 }
                 if euid == 0 {
-                    crate::privdrop::drop_to(entry.uid, entry.gid, &[])
+                    // The wrapper's drop, with the user's primary group only: root's groups
+                    // must not survive, and the userdb names no others.
+                    let me = Target::new(entry.uid, entry.gid, &[])
+                        .and_then(|target| privdrop::drop_to(&target))
                         .with_context(|| format!("dropping privileges to {name}"))?;
+                    tracing::debug!("dropped privileges for good: {}", me.evidence());
                 } else if euid != entry.uid {
                     return Err(Failure::new(exit::NOPERM, anyhow!("-u {name}: only root can act for another user")));
                 }
@@ -384,9 +413,9 @@ impl Session {
     }
 
     /// Settings of a Maildir location (the configured one when `location` is `None`).
-    pub fn maildir_settings(&self, location: Option<&str>) -> Result<MaildirSettings, Failure> {
+    pub(crate) fn maildir_settings(&self, location: Option<&str>) -> Result<MaildirSettings, Failure> {
         let loc = match location.or(self.userdb_mail.as_deref()) {
-            Some(s) => crate::config::MailLocation::parse(s).map_err(|e| Failure::new(exit::CONFIG, e.into()))?,
+            Some(s) => mailreplica::config::MailLocation::parse(s).map_err(|e| Failure::new(exit::CONFIG, e.into()))?,
             None => self.config.mail_location.clone(),
         };
         let hostname = self.config.hostname.clone().unwrap_or_else(hostname);
@@ -395,7 +424,7 @@ impl Session {
     }
 
     /// Opens the user's mail store.
-    pub fn store(&self) -> Result<Maildir, Failure> {
+    pub(crate) fn store(&self) -> Result<Maildir, Failure> {
         let settings = self.maildir_settings(None)?;
         if !self.home.is_dir() {
             return Err(Failure::new(
@@ -419,25 +448,11 @@ fn init_logging(cli: &Cli) {
     } else {
         "warn"
     };
-    init_stderr_logging(default);
-}
-
-/// Logs to stderr at `level` (`MAILREPLICA_LOG` overrides it); stdout stays free for output
-/// and protocols.
-pub fn init_stderr_logging(level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("MAILREPLICA_LOG").unwrap_or_else(|_| EnvFilter::new(level));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .without_time()
-        .try_init();
+    mailreplica::logging::init_stderr(default);
 }
 
 /// Runs a parsed command line.
-pub fn run(cli: Cli) -> Result<(), Failure> {
+pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
     init_logging(&cli);
     if matches!(cli.command, Command::DsyncServer { .. }) && cli.user.is_none() && nix::unistd::geteuid().is_root() {
         return Err(Failure::new(
@@ -453,7 +468,8 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Flags { command } => mail::flags(&session, command),
         Command::Expunge { search } => mail::expunge(&session, search),
         Command::User { masks } => mail::user(&session, cli.format, masks),
-        Command::Backup { dest } => backup::run(&session, dest),
+        Command::Backup(a) => sync::run(&session, sync::Mode::Backup, a),
+        Command::Sync(a) => sync::run(&session, sync::Mode::Sync, a),
         Command::DsyncServer { timeout, extra, .. } => dsync_server(&session, *timeout, extra),
     }
 }
@@ -466,7 +482,7 @@ fn dsync_server(session: &Session, timeout: u64, extra: &[String]) -> Result<(),
     let mut store = session.store()?;
     let hostname = session.config.hostname.clone().unwrap_or_else(hostname);
     let outcome =
-        crate::dsync::server::serve_stdio(&mut store, &hostname, std::time::Duration::from_secs(timeout.max(1)))
+        mailreplica::dsync::server::serve_stdio(&mut store, &hostname, std::time::Duration::from_secs(timeout.max(1)))
             .with_context(|| format!("dsync-server for {}", session.user))?;
     if let Some(f) = outcome.failed {
         return Err(Failure::new(exit::TEMPFAIL, anyhow!("dsync failed: {f}")));
@@ -477,7 +493,7 @@ fn dsync_server(session: &Session, timeout: u64, extra: &[String]) -> Result<(),
 /// An error and its causes on one line, `outer: inner: …`, leaving out a cause whose text
 /// the line already ends with (an I/O error that names its OS error would otherwise print it
 /// twice).
-pub fn error_text(e: &anyhow::Error) -> String {
+pub(crate) fn error_text(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let s = cause.to_string();
@@ -492,7 +508,7 @@ pub fn error_text(e: &anyhow::Error) -> String {
 }
 
 /// The process entry point: parse, run, report, exit.
-pub fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -510,6 +526,9 @@ pub fn main() -> ExitCode {
             });
             if broken_pipe {
                 return ExitCode::SUCCESS;
+            }
+            if f.error.downcast_ref::<QuietExit>().is_some() {
+                return ExitCode::from(f.code);
             }
             eprintln!("mailreplica: Error: {}", error_text(&f.error));
             ExitCode::from(f.code)

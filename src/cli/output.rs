@@ -9,7 +9,7 @@ use std::io::{self, Write};
 
 /// An output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// `key=value` pairs on one line.
     Flow,
     /// `key: value` lines, records separated by a form feed.
@@ -24,28 +24,28 @@ pub enum Format {
 
 /// A column.
 #[derive(Debug, Clone)]
-pub struct Column {
+pub(crate) struct Column {
     /// Key (JSON) and title (other formats).
-    pub title: String,
+    pub(crate) title: String,
     /// Print the value without its title in `flow`/`pager` (like doveadm's mailbox column).
-    pub hide_title: bool,
+    pub(crate) hide_title: bool,
 }
 
 impl Column {
     /// A column with a visible title.
-    pub fn new(title: impl Into<String>) -> Self {
+    pub(crate) fn new(title: impl Into<String>) -> Self {
         Self { title: title.into(), hide_title: false }
     }
 
     /// A column whose title is hidden in `flow` and `pager`.
-    pub fn hidden(title: impl Into<String>) -> Self {
+    pub(crate) fn hidden(title: impl Into<String>) -> Self {
         Self { title: title.into(), hide_title: true }
     }
 }
 
 /// One value.
 #[derive(Debug, Clone)]
-pub enum Cell {
+pub(crate) enum Cell {
     /// A short value.
     Text(String),
     /// A mail's contents.
@@ -53,7 +53,7 @@ pub enum Cell {
 }
 
 /// Writes rows in one of the formats.
-pub struct Printer<W: Write> {
+pub(crate) struct Printer<W: Write> {
     format: Format,
     columns: Vec<Column>,
     out: W,
@@ -65,12 +65,12 @@ pub struct Printer<W: Write> {
 
 impl<W: Write> Printer<W> {
     /// A printer for `columns`.
-    pub fn new(format: Format, columns: Vec<Column>, out: W) -> Self {
+    pub(crate) fn new(format: Format, columns: Vec<Column>, out: W) -> Self {
         Self { format, columns, out, rows: 0, table: Vec::new(), first_page: true }
     }
 
     /// Prints one row (one value per column).
-    pub fn row(&mut self, cells: &[Cell]) -> io::Result<()> {
+    pub(crate) fn row(&mut self, cells: &[Cell]) -> io::Result<()> {
         debug_assert_eq!(cells.len(), self.columns.len());
         let first = self.rows == 0;
         self.rows += 1;
@@ -183,7 +183,7 @@ impl<W: Write> Printer<W> {
     }
 
     /// Ends the output (prints buffered tables, closes JSON arrays) and flushes.
-    pub fn finish(mut self) -> io::Result<()> {
+    pub(crate) fn finish(mut self) -> io::Result<()> {
         match self.format {
             Format::Tab if self.rows == 0 => self.write_tab_header()?,
             Format::Json => self.out.write_all(if self.rows == 0 { b"[]" } else { b"]" })?,

@@ -5,7 +5,7 @@
 
 use anyhow::{Result, anyhow, bail};
 
-use crate::store::{Flags, Guid128, Keyword, MailRecord};
+use mailreplica::store::{Flags, Guid128, Keyword, MailRecord};
 
 /// A set like `1:5,7,10:*`; `*` is the largest value present.
 #[derive(Debug, Clone, PartialEq, Eq)]

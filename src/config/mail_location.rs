@@ -82,6 +82,7 @@ impl MailLocation {
         s.utf8 = self.utf8;
         s.hostname = hostname.to_owned();
         s.lock_wait = lock_wait;
+        s.home = Some(home.to_path_buf());
         Ok(s)
     }
 }

@@ -4,14 +4,20 @@
 //! ```text
 //!   bytes ─► io (reader/writer threads) ─► stream (codec ⇄ records) ─► brain ─► store
 //!                                            └─ wire (pure codec)
+//!   brain ◄─► pipe (in-process records, no codec) ◄─► brain       (both ends in one process)
 //! ```
 //!
 //! The codec knows no I/O, the brain knows records and the `MailStore` trait but no sockets or
-//! files; `stream` and `io` are the only places where bytes meet threads.
+//! files; `stream`, `io` and `pipe` are the only places where records meet threads.
 
 pub mod brain;
 mod convert;
 mod io;
+pub mod master;
+mod pipe;
 pub mod server;
 mod stream;
 pub mod wire;
+
+#[cfg(test)]
+mod hostile_tests;

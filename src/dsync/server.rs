@@ -1,21 +1,27 @@
-//! `dsync-server`: the slave end of a dsync session on a pair of byte streams.
+//! Running a dsync session over a pair of byte streams, in either role.
 //!
-//! This is what `doveadm sync|backup` starts on the remote side (over SSH, or as a local
-//! command), and what `mailreplica-wrapper` runs in-process after dropping privileges. Our
-//! VERSION line and headers go out at once, without waiting for the master; logs go to stderr
-//! only, since stdout is the protocol.
+//! * [`serve`]: the slave end (`dsync-server`): what `doveadm sync|backup` starts on the remote
+//!   side (over SSH, or as a local command), and what `mailreplica-wrapper` runs in-process
+//!   after dropping privileges. Our VERSION line and headers go out at once, without waiting
+//!   for the master; logs go to stderr only, since stdout is the protocol.
+//! * [`run_master`]: the master end, against any slave (Dovecot's `doveadm dsync-server` or
+//!   ours) behind the streams.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use super::brain::session::{BrainError, Outcome, SlaveConfig, run_slave};
-use super::io::ByteIo;
+use super::brain::ibc::Ibc;
+use super::brain::limits::Limits;
+use super::brain::session::{BrainError, Outcome, Role, SlaveConfig, run};
+use super::io::ThreadedIo;
 use super::stream::WireIbc;
 use crate::store::MailStore;
 
-/// What a server session achieved.
+pub use super::brain::session::{FailureKind, SyncStats};
+
+/// What a session achieved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerOutcome {
     /// Why the session reported failure to the master, if it did.
@@ -24,41 +30,65 @@ pub struct ServerOutcome {
     pub changes_during_sync: Option<String>,
     /// The master was told to forget its saved state.
     pub require_full_resync: bool,
+    /// What moved.
+    pub stats: SyncStats,
 }
 
-/// Why a session ended badly.
+/// Why a session ended badly, and what kind of failure it was.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ServerError(String);
+#[error("{message}")]
+pub struct SessionError {
+    /// Retryable, peer misbehaved, timed out, …
+    pub kind: FailureKind,
+    /// Dovecot's `mail_error` code for it.
+    pub mail_error: u32,
+    /// What happened, for people.
+    pub message: String,
+}
+
+impl SessionError {
+    fn new(e: &BrainError) -> Self {
+        Self { kind: e.kind(), mail_error: e.mail_error(), message: e.to_string() }
+    }
+}
 
 fn outcome(o: Outcome) -> ServerOutcome {
     ServerOutcome {
         failed: o.failed,
         changes_during_sync: o.changes_during_sync,
         require_full_resync: o.require_full_resync,
+        stats: o.stats,
     }
 }
 
-/// Serves one session on `input`/`output`.
+/// Serves one slave session on `input`/`output`. `timeout` bounds a stall in either
+/// direction (`dsync-server -T`).
 pub fn serve<S, R, W>(
     store: &mut S,
     input: R,
     output: W,
     hostname: &str,
     timeout: Duration,
-) -> Result<ServerOutcome, ServerError>
+) -> Result<ServerOutcome, SessionError>
 where
     S: MailStore,
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    let io = ByteIo::start(input, output, timeout);
+    let io = ThreadedIo::start(input, output, timeout).map_err(|e| SessionError {
+        kind: FailureKind::Permanent,
+        mail_error: 1,
+        message: format!("starting the I/O threads: {e}"),
+    })?;
     let mut ibc = WireIbc::start(io);
-    let cfg = SlaveConfig { hostname: hostname.to_owned() };
-    let result = run_slave(store, &mut ibc, &cfg);
-    match result {
+    let role = Role::Slave(SlaveConfig { hostname: hostname.to_owned() });
+    match run(store, &mut ibc, role, Limits::default()) {
         Ok(o) => {
-            ibc.finish().map_err(|e| ServerError(format!("finishing the session: {e}")))?;
+            ibc.finish().map_err(|e| SessionError {
+                kind: FailureKind::Connection,
+                mail_error: 1,
+                message: format!("finishing the session: {e}"),
+            })?;
             if let Some(c) = &o.changes_during_sync {
                 tracing::info!("changes during sync: {c}");
             }
@@ -66,28 +96,52 @@ where
         }
         Err(e) => {
             // Tell the master we are closing, so that it reports our error rather than a
-            // broken stream; then close.
-            let _ = super::brain::ibc::Ibc::send_done(&mut ibc);
+            // broken stream; then close, without waiting long for a peer that stopped reading.
+            let _ = ibc.send_done();
             let _ = ibc.finish();
-            Err(ServerError(describe(&e)))
+            Err(SessionError::new(&e))
         }
     }
 }
 
-fn describe(e: &BrainError) -> String {
-    e.to_string()
-}
-
-/// Serves one session on this process's stdin and stdout.
+/// Serves one slave session on this process's stdin and stdout.
 pub fn serve_stdio<S: MailStore>(
     store: &mut S,
     hostname: &str,
     timeout: Duration,
-) -> Result<ServerOutcome, ServerError> {
+) -> Result<ServerOutcome, SessionError> {
     let dup = |fd: std::os::fd::BorrowedFd<'_>, what: &str| {
-        fd.try_clone_to_owned().map(File::from).map_err(|e| ServerError(format!("duplicating {what}: {e}")))
+        fd.try_clone_to_owned().map(File::from).map_err(|e| SessionError {
+            kind: FailureKind::Permanent,
+            mail_error: 1,
+            message: format!("duplicating {what}: {e}"),
+        })
     };
     let input = dup(std::io::stdin().as_fd(), "stdin")?;
     let output = dup(std::io::stdout().as_fd(), "stdout")?;
     serve(store, input, output, hostname, timeout)
+}
+
+/// Runs a session on input that is all there from the start, throwing the output away (after
+/// `keep_output` bytes): for fuzzing and for tests of what a brain does with a given stream.
+/// Waiting for more input than there is ends the session with an error, never a hang.
+#[doc(hidden)]
+pub fn run_on_fixed_input<S: MailStore>(
+    store: &mut S,
+    input: &[u8],
+    master: bool,
+    keep_output: usize,
+) -> (Result<(), SessionError>, Vec<u8>) {
+    let mut io = super::io::MemoryIo::new(input, 4096);
+    io.keep_output = keep_output;
+    let mut ibc = WireIbc::start(io);
+    let role = if master {
+        Role::Master(Box::new(super::brain::session::MasterConfig::new("fuzz")))
+    } else {
+        Role::Slave(SlaveConfig { hostname: "fuzz".to_owned() })
+    };
+    let result = run(store, &mut ibc, role, Limits::default()).map(|_| ()).map_err(|e| SessionError::new(&e));
+    let _ = ibc.finish();
+    let out = ibc.into_transport().output;
+    (result, out)
 }

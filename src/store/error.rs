@@ -61,9 +61,17 @@ pub enum StoreError {
         /// How long we waited.
         secs: u64,
     },
-    /// A store limit was reached (e.g. 26 keywords in a Maildir).
+    /// A store limit was reached (e.g. 1024 distinct keywords in a mailbox, or no UID left
+    /// below 4294967295). Nothing was changed.
     #[error("{0}")]
     Limit(String),
+    /// A mailbox (or INBOX being cleared) received mails while it was being deleted, from a
+    /// writer that does not wait for our lock (a Dovecot delivery). The deletion was refused
+    /// and those mails, and the mailbox's identity, were kept: Dovecot's "New mails were added
+    /// to mailbox during deletion". Whoever asked for the deletion decides again at its next
+    /// look (a sync engine treats it as a conflict, as Dovecot's dsync does).
+    #[error("new mails were added to mailbox {0} during deletion; it was kept")]
+    ChangedDuringDelete(String),
 }
 
 impl StoreError {
@@ -72,9 +80,35 @@ impl StoreError {
         Self::Io { op, path: path.into(), source }
     }
 
+    /// A save would need a UID above [`crate::store::MAX_UID`].
+    pub(crate) fn uid_space_exhausted(mailbox: &str, uid: u32) -> Self {
+        Self::Limit(format!(
+            "mailbox {mailbox}: UID space exhausted: a mail would get UID {uid}, above {}, the highest UID a \
+             mailbox can hold; nothing was saved",
+            crate::store::MAX_UID
+        ))
+    }
+
+    /// UIDNEXT cannot be raised to `next`.
+    pub(crate) fn next_uid_too_high(mailbox: &str, next: u32) -> Self {
+        Self::NotPossible(format!(
+            "mailbox {mailbox}: cannot raise UIDNEXT to {next}: no mail could ever get that UID (the highest is \
+             {}); nothing was changed",
+            crate::store::MAX_UID
+        ))
+    }
+
     /// A format error in a file.
     pub fn corrupt(path: impl Into<PathBuf>, line: Option<usize>, reason: impl Into<String>) -> Self {
         Self::Corrupt { path: path.into(), line, reason: reason.into() }
+    }
+
+    /// True if another writer changed the mailbox tree or a mailbox under us in a way that
+    /// makes the request moot or premature: the mailbox already exists, is already gone, or
+    /// received mails while being deleted. Nothing is broken; the next look decides again.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Self::MailboxExists(_) | Self::MailboxNotFound(_) | Self::ChangedDuringDelete(_))
+            || self.is_not_found()
     }
 
     /// True if the error means "this does not exist" (a vanished file, a missing mailbox).

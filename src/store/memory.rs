@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{
-    Change, FlagOp, Flags, Guid128, Keyword, ListChange, ListChangeKind, MailGuid, MailRecord, MailStore, Mailbox,
-    MailboxInfo, MailboxKind, MailboxName, MailboxStatus, MailboxUpdate, Modseq, SaveRequest, SavedMail, StoreError,
-    StoreResult, Uid, UnixTime,
+    Change, FlagOp, Flags, Guid128, Keyword, ListChange, ListChangeKind, MAX_MAILBOX_KEYWORDS, MAX_UID, MailGuid,
+    MailRecord, MailStore, Mailbox, MailboxInfo, MailboxKind, MailboxName, MailboxStatus, MailboxUpdate, Modseq,
+    SaveRequest, SavedMail, StoreError, StoreResult, Uid, UnixTime,
 };
 
 #[derive(Debug, Clone)]
@@ -36,7 +36,12 @@ struct MemMailbox {
     first_recent_uid: u32,
     highest_modseq: Modseq,
     replicated_modseq: Modseq,
+    peer_modseq: Modseq,
     log_floor: Modseq,
+    history_lost: bool,
+    /// Every keyword ever used in the mailbox, lowercased (the Maildir store's table never
+    /// shrinks either), for the [`MAX_MAILBOX_KEYWORDS`] bound.
+    keywords_used: std::collections::BTreeSet<String>,
     mails: BTreeMap<Uid, MemMail>,
     log: VecDeque<Change>,
 }
@@ -82,6 +87,43 @@ impl MemoryStore {
     pub fn message_count(&self, name: &MailboxName) -> Option<usize> {
         lock(&self.data).mailboxes.get(name).map(|m| m.mails.len())
     }
+
+    /// Does to a mailbox what losing the Maildir store's index does (for tests of the sync
+    /// engine): modseqs restart low (every mail at 2, HIGHESTMODSEQ 2, or 1 when empty), the
+    /// change log is gone and [`MailboxStatus::history_lost`] is set. Returns false if there
+    /// is no such mailbox.
+    pub fn lose_history(&self, name: &MailboxName) -> bool {
+        let mut d = lock(&self.data);
+        let Some(mb) = d.mailboxes.get_mut(name) else {
+            return false;
+        };
+        let base = if mb.mails.is_empty() { 1 } else { 2 };
+        for m in mb.mails.values_mut() {
+            m.modseq = base;
+        }
+        mb.highest_modseq = base;
+        mb.log_floor = base;
+        mb.log.clear();
+        mb.replicated_modseq = 0;
+        mb.history_lost = true;
+        true
+    }
+}
+
+/// Records `keywords` as used in `mb`, refusing more than [`MAX_MAILBOX_KEYWORDS`] distinct ones.
+fn use_keywords(mb: &mut MemMailbox, keywords: &[Keyword]) -> StoreResult<()> {
+    for k in keywords {
+        let key = k.as_str().to_ascii_lowercase();
+        if !mb.keywords_used.contains(&key) {
+            if mb.keywords_used.len() >= MAX_MAILBOX_KEYWORDS {
+                return Err(StoreError::Limit(format!(
+                    "cannot add keyword {k}: a mailbox holds at most {MAX_MAILBOX_KEYWORDS} distinct keywords"
+                )));
+            }
+            mb.keywords_used.insert(key);
+        }
+    }
+    Ok(())
 }
 
 fn new_mailbox(guid: Guid128, uid_validity: u32) -> MemMailbox {
@@ -92,7 +134,10 @@ fn new_mailbox(guid: Guid128, uid_validity: u32) -> MemMailbox {
         first_recent_uid: 1,
         highest_modseq: 1,
         replicated_modseq: 0,
+        peer_modseq: 0,
         log_floor: 1,
+        history_lost: false,
+        keywords_used: std::collections::BTreeSet::new(),
         mails: BTreeMap::new(),
         log: VecDeque::new(),
     }
@@ -100,6 +145,11 @@ fn new_mailbox(guid: Guid128, uid_validity: u32) -> MemMailbox {
 
 impl MailStore for MemoryStore {
     type Mailbox = MemoryMailbox;
+
+    fn lock_sync(&mut self, _timeout: std::time::Duration) -> StoreResult<Box<dyn std::any::Any>> {
+        // One process, one store: nothing else can sync it meanwhile.
+        Ok(Box::new(()))
+    }
 
     fn hierarchy_separator(&self) -> char {
         '/'
@@ -161,7 +211,7 @@ impl MailStore for MemoryStore {
         let uv = match uid_validity {
             Some(v) if v != 0 => v,
             _ => {
-                d.next_uid_validity += 1;
+                d.next_uid_validity = d.next_uid_validity.wrapping_add(1).max(1);
                 d.next_uid_validity
             }
         };
@@ -239,6 +289,18 @@ impl MailStore for MemoryStore {
         Ok(())
     }
 
+    fn forget_subscription(&mut self, name: &MailboxName) -> StoreResult<()> {
+        let mut d = lock(&self.data);
+        d.subscriptions.remove(name);
+        let t = now();
+        d.changes.push(ListChange {
+            kind: ListChangeKind::Unsubscribe,
+            guid: Guid128::sha128(name.join('/').as_bytes()),
+            time: t,
+        });
+        Ok(())
+    }
+
     fn open(&mut self, name: &MailboxName) -> StoreResult<MemoryMailbox> {
         let d = lock(&self.data);
         let mb = d.mailboxes.get(name).ok_or_else(|| StoreError::MailboxNotFound(name.join('/')))?;
@@ -247,6 +309,7 @@ impl MailStore for MemoryStore {
             name: name.clone(),
             guid: mb.guid,
             pending: Vec::new(),
+            importing: false,
             import_modseq: None,
         })
     }
@@ -260,7 +323,9 @@ pub struct MemoryMailbox {
     guid: Guid128,
     /// Staged saves: request, body, and the UID the mail moves away from (for moves).
     pending: Vec<(SaveRequest, Vec<u8>, Option<Uid>)>,
-    /// The one modseq of an import in progress ([`Mailbox::begin_import`]).
+    /// An import is in progress ([`Mailbox::begin_import`]).
+    importing: bool,
+    /// The import's one modseq, if it asked for one.
     import_modseq: Option<Modseq>,
 }
 
@@ -294,8 +359,8 @@ fn record(m: &MemMail) -> MailRecord {
 
 /// The modseq of a change: one above HIGHESTMODSEQ (or the import's one modseq), raised to
 /// `min`.
-fn bump(mb: &mut MemMailbox, import: Option<Modseq>, min: Modseq) -> Modseq {
-    let modseq = import.unwrap_or(mb.highest_modseq + 1).max(min);
+fn bump(mb: &mut MemMailbox, one: Option<Modseq>, min: Modseq) -> Modseq {
+    let modseq = one.unwrap_or(mb.highest_modseq.saturating_add(1)).max(min);
     mb.highest_modseq = mb.highest_modseq.max(modseq);
     modseq
 }
@@ -316,6 +381,8 @@ impl Mailbox for MemoryMailbox {
             first_recent_uid: mb.first_recent_uid,
             highest_modseq: mb.highest_modseq,
             replicated_modseq: mb.replicated_modseq,
+            peer_modseq: mb.peer_modseq,
+            history_lost: mb.history_lost,
         })
         .unwrap_or(MailboxStatus {
             guid: self.guid,
@@ -327,6 +394,8 @@ impl Mailbox for MemoryMailbox {
             first_recent_uid: 0,
             highest_modseq: 0,
             replicated_modseq: 0,
+            peer_modseq: 0,
+            history_lost: false,
         })
     }
 
@@ -340,7 +409,7 @@ impl Mailbox for MemoryMailbox {
 
     fn changes_since(&self, since: Modseq) -> Option<Vec<Change>> {
         self.read(|mb| {
-            if since != 0 && since < mb.log_floor {
+            if since != 0 && (since < mb.log_floor || mb.history_lost) {
                 None
             } else {
                 Some(mb.log.iter().filter(|c| c.modseq() > since).cloned().collect())
@@ -383,24 +452,61 @@ impl Mailbox for MemoryMailbox {
         Ok(())
     }
 
+    fn save_copy_of_last(&mut self, mut request: SaveRequest) -> StoreResult<()> {
+        let (last, data, _) = self
+            .pending
+            .iter()
+            .rev()
+            .find(|p| p.2.is_none())
+            .ok_or_else(|| StoreError::NotPossible("no staged mail to copy".to_owned()))?;
+        if request.guid.is_none() {
+            request.guid.clone_from(&last.guid);
+        }
+        if request.received.is_none() {
+            request.received = last.received;
+        }
+        let data = data.clone();
+        self.pending.push((request, data, None));
+        Ok(())
+    }
+
     fn commit(&mut self) -> StoreResult<Vec<SavedMail>> {
         let pending = std::mem::take(&mut self.pending);
-        let import = self.import_modseq;
+        let import = self.importing;
+        let one = self.import_modseq;
+        let name = self.name.join('/');
         self.with(|mb| {
-            let base = import.unwrap_or(mb.highest_modseq + 1);
+            // One modseq for the whole commit, or during an import one per mail, as Dovecot's
+            // importer gives them.
+            let base = one.unwrap_or(mb.highest_modseq.saturating_add(1));
+            let per_mail = import && one.is_none();
             let mut out = Vec::new();
             // UIDs are assigned in ascending order of the UIDs asked for, as the Maildir does.
             let mut order: Vec<usize> = (0..pending.len()).collect();
             order.sort_by_key(|&i| pending[i].0.uid.map_or(u64::MAX, |u| u64::from(u.get())));
+            // Every UID and keyword is checked before anything is saved, as in the Maildir.
+            let mut uids = vec![Uid::MIN; pending.len()];
+            let mut next = mb.uid_next;
+            for &i in &order {
+                let uid = match pending[i].0.uid {
+                    Some(u) if u.get() >= next => u.get(),
+                    _ => next,
+                };
+                if uid == 0 || uid > MAX_UID {
+                    return Err(StoreError::uid_space_exhausted(&name, uid));
+                }
+                uids[i] = Uid::new(uid).unwrap_or(Uid::MIN);
+                next = uid + 1;
+            }
+            let all_kw: Vec<Keyword> = pending.iter().flat_map(|p| p.0.keywords.iter().cloned()).collect();
+            use_keywords(mb, &all_kw)?;
             let mut results = vec![None; pending.len()];
             for i in order {
                 let (req, body, from) = pending[i].clone();
-                let uid = match req.uid {
-                    Some(u) if u.get() >= mb.uid_next => u,
-                    _ => Uid::new(mb.uid_next).ok_or_else(|| StoreError::Limit("UIDs exhausted".to_owned()))?,
-                };
+                let uid = uids[i];
                 mb.uid_next = uid.get() + 1;
-                let modseq = base.max(req.min_modseq);
+                let own = if per_mail { mb.highest_modseq.saturating_add(1) } else { base };
+                let modseq = own.max(req.min_modseq);
                 mb.highest_modseq = mb.highest_modseq.max(modseq);
                 let guid = match req.guid {
                     Some(g) => g,
@@ -426,7 +532,7 @@ impl Mailbox for MemoryMailbox {
                 if let Some(from) = from
                     && let Some(m) = mb.mails.remove(&from)
                 {
-                    let modseq = bump(mb, import, 0);
+                    let modseq = bump(mb, one, 0);
                     mb.log.push_back(Change::Expunge { uid: from, modseq, guid: m.guid.guid128() });
                 }
             }
@@ -443,8 +549,13 @@ impl Mailbox for MemoryMailbox {
         keywords: &[Keyword],
         min_modseq: Modseq,
     ) -> StoreResult<()> {
-        let import = self.import_modseq;
+        let import = self.importing;
+        let one = self.import_modseq;
         self.with(|mb| {
+            if op != FlagOp::Remove {
+                mb.mails.get(&uid).ok_or(StoreError::MailNotFound(uid.get()))?;
+                use_keywords(mb, keywords)?;
+            }
             let m = mb.mails.get(&uid).ok_or(StoreError::MailNotFound(uid.get()))?;
             let (of, okw) = (m.flags, m.keywords.clone());
             let flags = flags.stored();
@@ -457,22 +568,44 @@ impl Mailbox for MemoryMailbox {
             nkw.dedup();
             if nf == of && nkw == okw {
                 if min_modseq > m.modseq {
-                    let modseq = bump(mb, import, min_modseq);
+                    // Only the modseq is raised, to exactly the value asked for.
+                    let modseq = one.unwrap_or(min_modseq).max(min_modseq);
+                    mb.highest_modseq = mb.highest_modseq.max(modseq);
                     if let Some(m) = mb.mails.get_mut(&uid) {
                         m.modseq = modseq;
                     }
                 }
                 return Ok(());
             }
-            let modseq = bump(mb, import, min_modseq);
-            mb.log.push_back(Change::Flags {
-                uid,
-                modseq,
-                added: nf & !of,
-                removed: of & !nf,
-                keywords_added: nkw.iter().filter(|k| !okw.contains(k)).cloned().collect(),
-                keywords_removed: okw.iter().filter(|k| !nkw.contains(k)).cloned().collect(),
-            });
+            let modseq = bump(mb, one, min_modseq);
+            // An import's own changes are not logged: they came from the peer and must not be
+            // taken for ours (Dovecot's log scan skips its sync transactions). A user's command
+            // is logged as Dovecot's index logs it: flags and keywords each as asked, where that
+            // part changed anything (see the Maildir store).
+            if !import {
+                let (added, removed) = match (op, nf != of) {
+                    (_, false) => (Flags::NONE, Flags::NONE),
+                    (FlagOp::Add, true) => (flags, Flags::NONE),
+                    (FlagOp::Remove, true) => (Flags::NONE, flags),
+                    (FlagOp::Replace, true) => (flags, Flags::ALL_STORED & !flags),
+                };
+                let (kw_added, kw_removed) = match (op, nkw != okw) {
+                    (_, false) => (Vec::new(), Vec::new()),
+                    (FlagOp::Add, true) => (keywords.to_vec(), Vec::new()),
+                    (FlagOp::Remove, true) => (Vec::new(), keywords.to_vec()),
+                    (FlagOp::Replace, true) => {
+                        (nkw.clone(), okw.iter().filter(|k| !nkw.contains(k)).cloned().collect())
+                    }
+                };
+                mb.log.push_back(Change::Flags {
+                    uid,
+                    modseq,
+                    added,
+                    removed,
+                    keywords_added: kw_added,
+                    keywords_removed: kw_removed,
+                });
+            }
             if let Some(m) = mb.mails.get_mut(&uid) {
                 m.flags = nf;
                 m.keywords = nkw;
@@ -483,11 +616,11 @@ impl Mailbox for MemoryMailbox {
     }
 
     fn expunge(&mut self, uids: &[Uid]) -> StoreResult<()> {
-        let import = self.import_modseq;
+        let one = self.import_modseq;
         self.with(|mb| {
             for uid in uids {
                 if let Some(m) = mb.mails.remove(uid) {
-                    let modseq = bump(mb, import, 0);
+                    let modseq = bump(mb, one, 0);
                     mb.log.push_back(Change::Expunge { uid: *uid, modseq, guid: m.guid.guid128() });
                 }
             }
@@ -513,6 +646,11 @@ impl Mailbox for MemoryMailbox {
     }
 
     fn update(&mut self, update: &MailboxUpdate) -> StoreResult<()> {
+        if let Some(n) = update.min_next_uid
+            && n > MAX_UID
+        {
+            return Err(StoreError::next_uid_too_high(&self.name.join('/'), n));
+        }
         let new_guid = self.with(|mb| {
             if let Some(v) = update.uid_validity {
                 mb.uid_validity = v;
@@ -529,8 +667,14 @@ impl Mailbox for MemoryMailbox {
             if let Some(m) = update.min_highest_modseq {
                 mb.highest_modseq = mb.highest_modseq.max(m);
             }
+            if let Some(m) = update.peer_modseq {
+                mb.peer_modseq = m;
+            }
             if let Some(m) = update.replicated_modseq {
                 mb.replicated_modseq = m;
+            }
+            if update.clear_history_lost {
+                mb.history_lost = false;
             }
             Ok(mb.guid)
         })?;
@@ -539,15 +683,18 @@ impl Mailbox for MemoryMailbox {
     }
 
     fn refresh(&mut self) -> StoreResult<()> {
+        self.importing = false;
         self.import_modseq = None;
         Ok(())
     }
 
-    fn begin_import(&mut self, at: Modseq) {
-        self.import_modseq = self.with(|mb| Ok(at.max(mb.highest_modseq))).ok();
+    fn begin_import(&mut self, one_modseq: Option<Modseq>) {
+        self.importing = true;
+        self.import_modseq = one_modseq.and_then(|m| self.with(|mb| Ok(m.max(mb.highest_modseq))).ok());
     }
 
     fn sync_point(&mut self) -> StoreResult<()> {
+        self.importing = false;
         self.import_modseq = None;
         Ok(())
     }
@@ -581,7 +728,52 @@ mod tests {
     }
 
     #[test]
-    fn an_import_is_one_transaction() {
+    fn lost_history_refuses_incremental_export_until_cleared() {
+        let mut s = MemoryStore::new();
+        let inbox = MailboxName::inbox();
+        let mut mb = s.open(&inbox).unwrap();
+        for _ in 0..3 {
+            mb.save(SaveRequest::default(), &mut &b"x\n"[..]).unwrap();
+        }
+        mb.commit().unwrap();
+        mb.change_flags(Uid::new(1).unwrap(), FlagOp::Add, Flags::SEEN, &[], 0).unwrap();
+        let before = mb.status().highest_modseq;
+        assert!(s.lose_history(&inbox));
+        let st = mb.status();
+        assert!(st.history_lost);
+        assert_eq!(st.highest_modseq, 2);
+        assert!(mb.mails().iter().all(|m| m.modseq == 2));
+        for since in [1, 2, before, 100] {
+            assert!(mb.changes_since(since).is_none(), "{since}");
+        }
+        assert_eq!(mb.changes_since(0), Some(vec![]));
+        mb.update(&MailboxUpdate { clear_history_lost: true, ..Default::default() }).unwrap();
+        assert!(!mb.status().history_lost);
+        assert_eq!(mb.changes_since(2), Some(vec![]));
+    }
+
+    #[test]
+    fn uid_limit_and_keyword_limit() {
+        let mut s = MemoryStore::new();
+        let mut mb = s.open(&MailboxName::inbox()).unwrap();
+        let err = mb.update(&MailboxUpdate { min_next_uid: Some(u32::MAX), ..Default::default() });
+        assert!(matches!(err, Err(StoreError::NotPossible(_))));
+        assert_eq!(mb.status().uid_next, 1);
+        mb.update(&MailboxUpdate { min_next_uid: Some(MAX_UID), ..Default::default() }).unwrap();
+        mb.save(SaveRequest::default(), &mut &b"x\n"[..]).unwrap();
+        assert_eq!(mb.commit().unwrap()[0].uid.get(), MAX_UID);
+        mb.save(SaveRequest::default(), &mut &b"y\n"[..]).unwrap();
+        assert!(matches!(mb.commit(), Err(StoreError::Limit(_))));
+        assert_eq!(mb.mails().len(), 1);
+        let kws: Vec<Keyword> = (0..MAX_MAILBOX_KEYWORDS).map(|i| Keyword::new(&format!("k{i}")).unwrap()).collect();
+        mb.change_flags(Uid::new(MAX_UID).unwrap(), FlagOp::Add, Flags::NONE, &kws, 0).unwrap();
+        let more = [Keyword::new("K5").unwrap(), Keyword::new("new").unwrap()];
+        let err = mb.change_flags(Uid::new(MAX_UID).unwrap(), FlagOp::Add, Flags::NONE, &more, 0);
+        assert!(matches!(err, Err(StoreError::Limit(_))));
+    }
+
+    #[test]
+    fn an_import_numbers_changes_as_dovecot_does_and_logs_only_expunges() {
         let mut s = MemoryStore::new();
         let mut mb = s.open(&MailboxName::inbox()).unwrap();
         for u in [1, 2, 3] {
@@ -589,22 +781,26 @@ mod tests {
         }
         mb.commit().unwrap();
         let start = mb.status().highest_modseq;
-        mb.begin_import(start + 1);
-        // A peer's changes, in UID order, with the peer's modseqs out of order.
+        mb.begin_import(None);
+        // A peer's changes, in UID order, with the peer's modseqs out of order: each change
+        // takes the next modseq, raised to the peer's.
         mb.change_flags(Uid::new(1).unwrap(), FlagOp::Add, Flags::SEEN, &[], start + 40).unwrap();
         mb.change_flags(Uid::new(2).unwrap(), FlagOp::Add, Flags::SEEN, &[], start + 30).unwrap();
         mb.expunge(&[Uid::new(3).unwrap()]).unwrap();
         mb.save(SaveRequest { uid: Uid::new(4), min_modseq: start + 20, ..Default::default() }, &mut &b"y\n"[..])
             .unwrap();
         mb.commit().unwrap();
-        // The import ends at the highest modseq it was given, not one step above it per change.
-        assert_eq!(mb.status().highest_modseq, start + 40);
+        assert_eq!(mb.mail(Uid::new(1).unwrap()).unwrap().modseq, start + 40);
+        assert_eq!(mb.mail(Uid::new(2).unwrap()).unwrap().modseq, start + 41);
+        assert_eq!(mb.mail(Uid::new(4).unwrap()).unwrap().modseq, start + 43);
+        assert_eq!(mb.status().highest_modseq, start + 43);
+        // Only the expunge is in the change log: the import's flag changes came from the peer.
         let modseqs: Vec<Modseq> = mb.changes_since(start).unwrap().iter().map(Change::modseq).collect();
-        assert_eq!(modseqs, [start + 40, start + 30, start + 1]);
-        assert_eq!(mb.mail(Uid::new(4).unwrap()).unwrap().modseq, start + 20);
-        // After it, changes are numbered one by one again.
+        assert_eq!(modseqs, [start + 42]);
+        // After it, a user's change is logged again.
         mb.sync_point().unwrap();
         mb.change_flags(Uid::new(2).unwrap(), FlagOp::Add, Flags::FLAGGED, &[], 0).unwrap();
-        assert_eq!(mb.status().highest_modseq, start + 41);
+        assert_eq!(mb.status().highest_modseq, start + 44);
+        assert_eq!(mb.changes_since(start + 42).unwrap().len(), 1);
     }
 }

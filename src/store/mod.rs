@@ -28,6 +28,16 @@ use std::io::Read;
 pub use error::{StoreError, StoreResult};
 pub use types::{Flags, Guid128, Keyword, MailGuid, MailboxName, Modseq, Uid, UnixTime};
 
+/// The highest UID a mailbox can hold. Dovecot refuses UID 4294967295 (2^32-1) in a uidlist
+/// ("UID too high") and never assigns it, so no store does either: a save that would need it
+/// fails with [`StoreError::Limit`], and UIDNEXT can be raised to at most this value.
+pub const MAX_UID: u32 = u32::MAX - 1;
+
+/// The most distinct keywords one mailbox may use. Dovecot's Maildir names 26 of them in file
+/// names; the rest live in its index, and in ours (see the Maildir store). The bound keeps a
+/// mailbox's keyword table, and each mail's list, small.
+pub const MAX_MAILBOX_KEYWORDS: usize = 1024;
+
 /// What kind of node a name in the mailbox tree is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MailboxKind {
@@ -111,6 +121,17 @@ pub struct MailboxStatus {
     /// unknown). A higher HIGHESTMODSEQ means local changes since, even when every counter
     /// happens to equal the peer's.
     pub replicated_modseq: Modseq,
+    /// The peer's HIGHESTMODSEQ of this mailbox when it last had exactly this content (0:
+    /// unknown). If the peer now shows another value while every counter equals ours, it
+    /// changed since, even though the numbers happen to meet.
+    pub peer_modseq: Modseq,
+    /// The mailbox's change history before some point is lost (its modseq index was rebuilt
+    /// from the mails, as for a Maildir we did not create or whose index was deleted), and its
+    /// modseqs restarted low, as Dovecot's own do. A peer's saved state from before that point
+    /// cannot be trusted: the next sync must be a full one. While set,
+    /// [`Mailbox::changes_since`] answers `None` for any modseq but 0. It stays set until
+    /// cleared with [`MailboxUpdate::clear_history_lost`], after a successful full sync.
+    pub history_lost: bool,
 }
 
 /// One mail as the store lists it.
@@ -122,7 +143,8 @@ pub struct MailRecord {
     pub guid: MailGuid,
     /// System flags (never `\Recent`).
     pub flags: Flags,
-    /// Keywords, in the order the store keeps them.
+    /// Keywords, each once, in the order the store keeps them (Maildir: those named in
+    /// `dovecot-keywords` in its letter order, then any others in the order they were added).
     pub keywords: Vec<Keyword>,
     /// Modseq of the last change.
     pub modseq: Modseq,
@@ -183,7 +205,7 @@ pub enum FlagOp {
 #[derive(Debug, Clone, Default)]
 pub struct SaveRequest {
     /// The UID wanted; the store uses it if it is still free (at least UIDNEXT), else the next
-    /// free one. `None` = the next free one.
+    /// free one. `None` = the next free one. A UID above [`MAX_UID`] is refused at commit.
     pub uid: Option<Uid>,
     /// The GUID to keep; `None` lets the store choose (for Maildir: the new file's name).
     pub guid: Option<MailGuid>,
@@ -215,7 +237,8 @@ pub struct MailboxUpdate {
     pub uid_validity: Option<u32>,
     /// New mailbox GUID.
     pub guid: Option<Guid128>,
-    /// Raise UIDNEXT to at least this.
+    /// Raise UIDNEXT to at least this; values above [`MAX_UID`] are refused
+    /// ([`StoreError::NotPossible`], nothing changed), since no mail could ever get that UID.
     pub min_next_uid: Option<u32>,
     /// Raise the first recent UID to at least this.
     pub min_first_recent_uid: Option<u32>,
@@ -223,6 +246,11 @@ pub struct MailboxUpdate {
     pub min_highest_modseq: Option<Modseq>,
     /// Record [`MailboxStatus::replicated_modseq`].
     pub replicated_modseq: Option<Modseq>,
+    /// Record [`MailboxStatus::peer_modseq`].
+    pub peer_modseq: Option<Modseq>,
+    /// Clear [`MailboxStatus::history_lost`]: a full sync has succeeded since the history was
+    /// lost, so states saved from now on are good.
+    pub clear_history_lost: bool,
 }
 
 /// A mailbox backend: the mailbox tree and handles to single mailboxes.
@@ -249,11 +277,19 @@ pub trait MailStore {
     ) -> StoreResult<()>;
 
     /// Deletes a mailbox and its mails (not its children) and records the deletion.
+    ///
+    /// It deletes only mails it saw when it checked the mailbox under the mailbox's write lock
+    /// (for Maildir: `dovecot-uidlist.lock`, waiting for it as any writer does). A mail that
+    /// arrives after that check from a writer that does not wait for the lock (a Dovecot
+    /// delivery) makes it refuse with [`StoreError::ChangedDuringDelete`], keeping the
+    /// mailbox, its identity and every mail.
     fn delete_mailbox(&mut self, name: &MailboxName) -> StoreResult<()>;
 
     /// Empties INBOX and forgets its identity (GUID, UIDVALIDITY, UIDs): what deleting it means
     /// for a replica, since INBOX itself can never be deleted. The next `create_mailbox` of
-    /// INBOX gives it a new identity.
+    /// INBOX gives it a new identity. Like [`MailStore::delete_mailbox`] it removes only the
+    /// mails it saw under the lock; if others arrive meanwhile it keeps them and INBOX's
+    /// identity and fails with [`StoreError::ChangedDuringDelete`].
     fn clear_inbox(&mut self) -> StoreResult<()>;
 
     /// Renames a mailbox and its children and records the rename.
@@ -262,8 +298,17 @@ pub trait MailStore {
     /// Subscribes or unsubscribes a name and records the change.
     fn set_subscribed(&mut self, name: &MailboxName, subscribed: bool) -> StoreResult<()>;
 
+    /// Unsubscribes a name and records an unsubscription even if it was not subscribed here:
+    /// a peer that still has it subscribed then learns that it should not be.
+    fn forget_subscription(&mut self, name: &MailboxName) -> StoreResult<()>;
+
     /// Opens a mailbox by name.
     fn open(&mut self, name: &MailboxName) -> StoreResult<Self::Mailbox>;
+
+    /// Takes the user's sync lock, which a dsync session takes for its whole length when the
+    /// master asks for it (`doveadm sync -l`), waiting up to `timeout`. Dropping the returned
+    /// guard releases it.
+    fn lock_sync(&mut self, timeout: std::time::Duration) -> StoreResult<Box<dyn std::any::Any>>;
 }
 
 /// An open mailbox.
@@ -284,7 +329,9 @@ pub trait Mailbox {
     fn mail(&self, uid: Uid) -> Option<MailRecord>;
 
     /// Changes with a modseq above `since`, in modseq order, or `None` if the log no longer
-    /// reaches back that far (the caller must then fall back to a full comparison).
+    /// reaches back that far (the caller must then fall back to a full comparison): `since`
+    /// is below the log's floor, or [`MailboxStatus::history_lost`] is set (then `since` may
+    /// be a modseq from before the loss, which the log cannot tell apart).
     /// `since == 0` returns whatever the log still holds.
     fn changes_since(&self, since: Modseq) -> Option<Vec<Change>>;
 
@@ -309,8 +356,15 @@ pub trait Mailbox {
     /// Stages a mail; it becomes visible (with its UID) at [`Mailbox::commit`].
     fn save(&mut self, request: SaveRequest, body: &mut dyn Read) -> StoreResult<()>;
 
-    /// Makes staged mails visible and durable, in the order they were staged.
+    /// Makes staged mails visible and durable, in the order they were staged. Fails with
+    /// [`StoreError::Limit`] and saves nothing if a mail would need a UID above [`MAX_UID`].
     fn commit(&mut self) -> StoreResult<Vec<SavedMail>>;
+
+    /// Stages another copy of the mail staged last by [`Mailbox::save`], with its own UID,
+    /// flags and keywords (the GUID is kept unless `request` names one). This is how one
+    /// received body becomes several mails without ever being held in memory; a Maildir
+    /// hard-links the staged file.
+    fn save_copy_of_last(&mut self, request: SaveRequest) -> StoreResult<()>;
 
     /// Changes flags and keywords of one mail. `min_modseq` raises the mail's modseq to at
     /// least that value (for replicas that keep the peer's modseq).
@@ -338,19 +392,23 @@ pub trait Mailbox {
     /// Picks up changes made by other writers since the handle was opened.
     fn refresh(&mut self) -> StoreResult<()>;
 
-    /// Starts importing a peer's changes, as one transaction: until the next
-    /// [`Mailbox::sync_point`] every change made through this handle gets the modseq `at`
-    /// (at least the current HIGHESTMODSEQ; raised per mail to the `min_modseq` asked for,
-    /// the peer's modseq of that mail), instead of one new modseq per change.
+    /// Starts importing a peer's changes; it lasts until the next [`Mailbox::sync_point`].
     ///
-    /// The importer passes the larger of our HIGHESTMODSEQ and the peer's, so that an import
-    /// never carries our HIGHESTMODSEQ past both: afterwards the peer's is at least ours. A
-    /// replica that ran ahead of its master could later show exactly the numbers of a master
-    /// that did change, and the master would skip the mailbox as unchanged (dsync's `CHANGED`
-    /// mode) and lose the change; and raising a Dovecot master far past its own changes makes
-    /// it distrust its transaction log ("modseq tracking is corrupted").
-    fn begin_import(&mut self, at: Modseq) {
-        let _ = at;
+    /// The import's flag changes are not recorded in [`Mailbox::changes_since`]: they came from
+    /// the peer, and taking them for ours would send them back and let them win conflicts
+    /// they should not (Dovecot's log scan skips its sync transactions the same way).
+    /// Expunges are recorded.
+    ///
+    /// Modseqs: with `one_modseq: None`, changes are numbered as Dovecot's importer numbers
+    /// them: every flag change and every saved mail gets a modseq of its own, raised to the
+    /// `min_modseq` asked for (the peer's modseq of that mail); later two-way flag conflicts
+    /// are decided by comparing these with the peer's, so they must grow as Dovecot's do.
+    /// With `Some(at)`, every change gets `at` (at least the current HIGHESTMODSEQ; raised per
+    /// mail to its `min_modseq`): a backup destination passes the larger of its and the
+    /// source's HIGHESTMODSEQ, so that it never runs ahead of its source and a repeated backup
+    /// finds every counter equal and skips the mailbox.
+    fn begin_import(&mut self, one_modseq: Option<Modseq>) {
+        let _ = one_modseq;
     }
 
     /// Makes everything this handle has reported durable.

@@ -92,6 +92,11 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// True if `name` is an executable on the PATH (or in the sbin directories).
+pub fn which_tool(name: &str) -> bool {
+    which(name).is_some()
+}
+
 /// Both of [`require_root`] and [`require_doveadm`]: what nearly every interop test starts with.
 pub fn require_root_and_doveadm() -> PathBuf {
     require_root();
@@ -801,10 +806,17 @@ impl View {
 /// Panics with a readable diff unless the two views are equal.
 #[track_caller]
 pub fn assert_views_equal(dovecot: &View, ours: &View) {
-    if dovecot == ours {
-        return;
+    if let Some(diff) = views_diff(dovecot, ours) {
+        panic!("Dovecot and mailreplica disagree:\n{diff}");
     }
-    let mut msg = String::from("Dovecot and mailreplica disagree:\n");
+}
+
+/// A readable diff of two views (labelled `Dovecot` and `ours`), `None` if they are equal.
+pub fn views_diff(dovecot: &View, ours: &View) -> Option<String> {
+    if dovecot == ours {
+        return None;
+    }
+    let mut msg = String::new();
     if dovecot.mailboxes != ours.mailboxes {
         let _ =
             writeln!(msg, "mailbox list: Dovecot {:?}\n              ours    {:?}", dovecot.mailboxes, ours.mailboxes);
@@ -828,7 +840,7 @@ pub fn assert_views_equal(dovecot: &View, ours: &View) {
             let _ = writeln!(msg, "mails of {n} [uid guid flags]:\n  Dovecot {a:#?}\n  ours    {b:#?}");
         }
     }
-    panic!("{msg}");
+    Some(msg)
 }
 
 /// Flags as printed, made comparable: without `\Recent` (a session property the two tools

@@ -5,9 +5,10 @@
 
 use std::path::PathBuf;
 
+use mailreplica::privdrop::forbidden_id;
 use mailreplica::userdb::{PasswdFile, UserEntry, Userdb};
 
-use crate::policy::{PeerRule, forbidden_id};
+use crate::policy::PeerRule;
 use crate::refusal::{Reason, Refusal};
 use crate::username::Username;
 

@@ -6,12 +6,12 @@
 
 use std::os::fd::OwnedFd;
 
+use mailreplica::privdrop::Unprivileged;
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, open};
 use nix::sys::stat::{Mode, SFlag, fstat, lstat};
 
 use crate::authz::Account;
-use crate::demote::Unprivileged;
 use crate::refusal::{Reason, Refusal};
 
 /// Opens, checks and enters the home of `acct`. Requires the drop (`Unprivileged`).

@@ -15,11 +15,11 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use mailreplica::privdrop::Unprivileged;
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg, OFlag, open, openat};
 use nix::sys::stat::{Mode, SFlag, fstat};
 
-use crate::demote::Unprivileged;
 use crate::refusal::{Reason, Refusal};
 use crate::username::Username;
 

@@ -13,6 +13,7 @@
 //!                         · groups · lock file opened in the root-owned lock dir
 //! C  the drop             caps (ambient, inheritable, bounding) · setgroups · setresgid
 //!                         · setresuid · no_new_privs · proven (setuid(0) fails, Cap* 0, NNP 1)
+//!                         = mailreplica::privdrop, the drop `mailreplica -u USER` makes as root
 //! D  the user             home opened O_NOFOLLOW, owner/mode checked, fchdir · per-user flock
 //!                         · Maildir settings · env HOME/USER/LOGNAME · auth log closed
 //!  ▼
@@ -24,7 +25,7 @@
 //! and the real reason, escaped, in the auth log. Design and threat model:
 //! `shared/security/WRAPPER-SECURITY.md`; this file follows its §2 order.
 //!
-//! The only `unsafe` code is in `sys.rs`.
+//! The only `unsafe` code is in `sys.rs`, and the library's `sys` for the drop's capability calls.
 #![deny(unsafe_code)]
 
 mod args;
@@ -225,7 +226,7 @@ fn serve_session(ctx: &mut Ctx, policy: &Policy) -> Result<ExitCode, Refusal> {
     let lock_fd = lock::prepare(&policy.lock_dir, &name)?;
 
     // C: the drop.
-    let (me, proof) = demote::drop_to(&acct)?;
+    let me = demote::drop_to(&acct)?;
 
     // D: the user.
     let home = home::enter(&acct, &me)?;
@@ -242,7 +243,7 @@ fn serve_session(ctx: &mut Ctx, policy: &Policy) -> Result<ExitCode, Refusal> {
     nix::unistd::alarm::cancel();
     let maildir = escape(settings.root.as_os_str().as_encoded_bytes(), 200);
     let spent = ctx.start.elapsed().as_micros();
-    ctx.log(Severity::Notice, "accept", &format!("{proof} maildir=\"{maildir}\" pre_serve_us={spent}"));
+    ctx.log(Severity::Notice, "accept", &format!("{} maildir=\"{maildir}\" pre_serve_us={spent}", me.evidence()));
     // The served process must not be able to write to the root-only log file.
     ctx.log = None;
 
@@ -264,18 +265,18 @@ fn check_one(ctx: &mut Ctx, policy: &Policy, user: &[u8]) -> Result<ExitCode, Re
     let name = Username::parse(user, grammar(rule))
         .ok_or_else(|| Refusal::new(Reason::BadName, format!("{} bytes, not a valid name", user.len())))?;
     let acct = authz::decide(rule, &name)?;
-    let (me, proof) = demote::drop_to(&acct)?;
+    let me = demote::drop_to(&acct)?;
     let _home = home::enter(&acct, &me)?;
     let defaults = MaildirSettings::new(&acct.home);
     let settings = rule
         .mail_location
         .expand(name.as_str(), &acct.home, &defaults.hostname, defaults.lock_wait)
         .map_err(|e| Refusal::new(Reason::MailLocation, e.to_string()))?;
-    ctx.log(Severity::Notice, "check-allow", &proof);
+    ctx.log(Severity::Notice, "check-allow", me.evidence());
     println!("peer {} user \"{}\": allow", ctx.peer, name.as_str());
     println!("  home {} (owner and mode ok)", acct.home.display());
     println!("  maildir {}", settings.root.display());
-    println!("  drop verified: {proof}");
+    println!("  drop verified: {}", me.evidence());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mailreplica::config::MailLocation;
+use mailreplica::privdrop::forbidden_id;
 use mailreplica::userdb::Userdb;
 use serde::Deserialize;
 
@@ -103,12 +104,6 @@ pub(crate) enum LoadError {
     Untrusted(String),
     /// Not valid TOML, unknown keys, or bad values.
     Invalid(String),
-}
-
-/// True for ids that must never be a drop target: root, and -1 / 16-bit -1, which `set*id`
-/// treat as "leave unchanged" (sudo CVE-2019-14287).
-pub(crate) fn forbidden_id(id: u32) -> bool {
-    id == 0 || id == u32::MAX || id == 0xffff
 }
 
 impl Policy {

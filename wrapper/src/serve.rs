@@ -16,10 +16,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use mailreplica::privdrop::Unprivileged;
 use mailreplica::store::maildir::{Maildir, MaildirSettings};
 use nix::fcntl::Flock;
-
-use crate::demote::Unprivileged;
 
 /// Exit status of a session that failed after it was accepted (sysexits `EX_TEMPFAIL`).
 pub(crate) const EXIT_TEMPFAIL: u8 = 75;
@@ -74,7 +73,7 @@ pub(crate) fn run(session: Session) -> ExitCode {
     };
     let hostname = session.settings.hostname.clone();
     // Warnings of the server go to stderr, which reaches the peer's doveadm log.
-    mailreplica::cli::init_stderr_logging("warn");
+    mailreplica::logging::init_stderr("warn");
     match mailreplica::dsync::server::serve(&mut store, input, output, &hostname, IO_TIMEOUT) {
         Ok(o) if o.failed.is_none() => ExitCode::SUCCESS,
         Ok(o) => fail(&format!("dsync failed: {}", o.failed.unwrap_or_default())),

@@ -1,5 +1,6 @@
-//! The wrapper's only `unsafe` code: thin wrappers over libc calls that `nix` and `caps` do not
-//! offer in a safe form. Everything else in the crate is `#![deny(unsafe_code)]`.
+//! The wrapper's only `unsafe` code: thin wrappers over libc calls that `nix` does not offer in
+//! a safe form. Everything else in the crate is `#![deny(unsafe_code)]`; the capability calls
+//! of the drop are the library's (`mailreplica::privdrop`, its `sys` module).
 //!
 //! Each function keeps its `unsafe` block to the call itself and says why the call is sound.
 //! Most of these are only sound while the process has one thread; the wrapper calls them in
@@ -107,29 +108,4 @@ pub(crate) fn clear_env() {
 pub(crate) fn set_env(key: &str, value: impl AsRef<OsStr>) {
     // SAFETY: the process has one thread; keys are fixed ASCII names from this crate.
     unsafe { std::env::set_var(key, value) };
-}
-
-/// Clears the ambient capability set (`PR_CAP_AMBIENT_CLEAR_ALL`).
-pub(crate) fn clear_ambient_caps() -> io::Result<()> {
-    // SAFETY: prctl with integer arguments only; no memory is passed.
-    let rc = unsafe {
-        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0 as libc::c_ulong, 0, 0)
-    };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
-
-/// Drops capability `cap` (a number, so that capabilities newer than the `caps` crate are
-/// dropped too) from this thread's bounding set (`PR_CAPBSET_DROP`; needs CAP_SETPCAP, so it
-/// must run while still root).
-pub(crate) fn drop_bounding_cap(cap: u32) -> io::Result<()> {
-    // SAFETY: prctl with integer arguments only; no memory is passed.
-    let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0 as libc::c_ulong, 0, 0) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
-
-/// Whether capability `cap` is still in this thread's bounding set (`PR_CAPBSET_READ`).
-pub(crate) fn bounding_cap_present(cap: u32) -> io::Result<bool> {
-    // SAFETY: prctl with integer arguments only; no memory is passed.
-    let rc = unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0 as libc::c_ulong, 0, 0) };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc == 1) }
 }

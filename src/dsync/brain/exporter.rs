@@ -178,6 +178,11 @@ impl Exporter {
         c
     }
 
+    /// True while [`Exporter::next_change`] has more to give.
+    pub(crate) fn has_more_changes(&self) -> bool {
+        self.idx < self.changes.len()
+    }
+
     /// Notes an `R` record from the other side.
     pub(crate) fn want_mail(&mut self, req: &MailRequest) -> Result<(), StoreError> {
         match req.guid.as_deref().filter(|g| !g.is_empty()) {

@@ -15,8 +15,11 @@
 //! whole mailbox and fails this run, so the next run recreates it.
 
 use std::collections::{BTreeSet, HashMap};
+use std::hash::Hash;
 use std::io::Read;
+use std::rc::Rc;
 
+use super::limits::MAX_UID;
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
 use crate::store::{
     Change, FlagOp, Flags, Guid128, Keyword, MailGuid, MailRecord, Mailbox, MailboxUpdate, SaveRequest, StoreError, Uid,
@@ -30,6 +33,8 @@ pub(crate) struct ImportOptions {
     pub(crate) want_mail_requests: bool,
     pub(crate) mails_use_guid128: bool,
     pub(crate) commit_msgs_interval: usize,
+    /// The most mails one mailbox may hold after the import (a peer-controlled count).
+    pub(crate) max_mails: usize,
     /// Which of the remote's mails we want at all (doveadm's `-t`, `-e`, `-I`, `-O`).
     pub(crate) filter: MailFilter,
 }
@@ -148,6 +153,9 @@ pub(crate) enum ImportError {
     /// The remote did something the protocol does not allow.
     #[error("{0}")]
     Protocol(String),
+    /// The remote's data exceeds one of our limits.
+    #[error("{0}")]
+    Limit(String),
     /// The import failed for a reason already logged (e.g. the mailbox had to be deleted).
     #[error("{0}")]
     Failed(String),
@@ -165,7 +173,7 @@ struct LocalChange {
 struct NewMail {
     next: Option<usize>,
     link: Option<usize>,
-    guid: String,
+    guid: Rc<str>,
     change: Option<MailChange>,
     final_uid: u32,
     local_uid: u32,
@@ -195,9 +203,10 @@ pub(crate) struct Importer {
     maybe_expunge_uids: BTreeSet<u32>,
     maybe_saves: Vec<MailChange>,
     newmails: Vec<NewMail>,
-    /// Insertion order of keys matters for nothing but determinism of requests.
-    import_guids: Vec<(String, usize)>,
-    import_uids: Vec<(u32, usize)>,
+    /// New mails not yet saved, grouped by GUID (or, without GUIDs, by remote UID): the
+    /// first instance of each group. Insertion order keeps requests deterministic.
+    import_guids: Ordered<Rc<str>>,
+    import_uids: Ordered<u32>,
     wanted_uids: Vec<u32>,
     saved_uids: Vec<u32>,
     highest_wanted_uid: u32,
@@ -218,6 +227,54 @@ pub(crate) struct Importer {
     pending_wanted: Vec<u32>,
     /// UIDs our own mails moved to during this import (old → new).
     moved: HashMap<u32, u32>,
+    /// Where committed saves and moves ended up (wanted UID → UID the store gave).
+    committed: HashMap<u32, u32>,
+}
+
+/// A map that remembers the order its keys were first inserted in.
+#[derive(Debug)]
+struct Ordered<K> {
+    order: Vec<K>,
+    map: HashMap<K, usize>,
+}
+
+impl<K: Hash + Eq + Clone> Ordered<K> {
+    fn new() -> Self {
+        Self { order: Vec::new(), map: HashMap::new() }
+    }
+
+    fn get<Q>(&self, k: &Q) -> Option<usize>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.map.get(k).copied()
+    }
+
+    fn insert(&mut self, k: K, v: usize) {
+        if self.map.insert(k.clone(), v).is_none() {
+            self.order.push(k);
+        }
+    }
+
+    fn remove<Q>(&mut self, k: &Q) -> Option<usize>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.map.remove(k)
+    }
+
+    /// The entries still present, in insertion order.
+    fn values(&self) -> Vec<usize> {
+        self.order.iter().filter_map(|k| self.map.get(k).copied()).collect()
+    }
+
+    /// Removes and returns every entry, in insertion order.
+    fn take_all(&mut self) -> Vec<(K, usize)> {
+        let map = std::mem::take(&mut self.map);
+        std::mem::take(&mut self.order).into_iter().filter_map(|k| map.get(&k).map(|&v| (k, v))).collect()
+    }
 }
 
 fn recent_stripped(f: u8) -> u8 {
@@ -237,10 +294,11 @@ impl Importer {
         remote: RemoteBox,
     ) -> Result<Self, ImportError> {
         let status = mb.status();
-        // Everything this import changes shares one modseq, the larger of ours and the
-        // remote's HIGHESTMODSEQ (raised per mail to the remote's modseq): the mailbox then
-        // never runs ahead of the remote (see `Mailbox::begin_import`).
-        mb.begin_import(status.highest_modseq.max(remote.highest_modseq));
+        // Not taken for our own changes later, and numbered as Dovecot's importer numbers them
+        // in a two-way sync; a backup destination stays at its source's modseqs, so that a
+        // repeated backup finds nothing to do (see `Mailbox::begin_import`).
+        let one_modseq = opts.revert_local_changes.then(|| status.highest_modseq.max(remote.highest_modseq));
+        mb.begin_import(one_modseq);
         let stateful = last.uid != 0 || last.modseq != 0;
         let mut imp = Self {
             opts,
@@ -259,8 +317,8 @@ impl Importer {
             maybe_expunge_uids: BTreeSet::new(),
             maybe_saves: Vec::new(),
             newmails: Vec::new(),
-            import_guids: Vec::new(),
-            import_uids: Vec::new(),
+            import_guids: Ordered::new(),
+            import_uids: Ordered::new(),
             wanted_uids: Vec::new(),
             saved_uids: Vec::new(),
             highest_wanted_uid: 0,
@@ -277,7 +335,15 @@ impl Importer {
             saves_since_commit: 0,
             pending_wanted: Vec::new(),
             moved: HashMap::new(),
+            committed: HashMap::new(),
         };
+        if imp.local.len() > imp.opts.max_mails {
+            return Err(ImportError::Limit(format!(
+                "the mailbox holds {} mails, more than the limit of {}",
+                imp.local.len(),
+                imp.opts.max_mails
+            )));
+        }
         imp.search_init();
         if stateful {
             if imp.local_uid_next <= last.uid {
@@ -363,22 +429,16 @@ impl Importer {
     }
 
     fn revert_existing_uid(&mut self, uid: u32, reason: &str) {
-        tracing::warn!("deleting mailbox: UID={uid} already exists locally for a different mail: {reason}");
+        tracing::warn!("UID={uid} already exists locally for a different mail: {reason}");
         self.delete_mailbox = true;
-        self.fail(format!(
-            "UID {uid} conflicts ({reason}); the mailbox was deleted and will be recreated by the next sync"
-        ));
+        self.fail(format!("UID {uid} conflicts ({reason}); the mailbox must be copied anew, which the next sync does"));
     }
 
     fn revert_missing(&mut self, change: &MailChange) {
-        tracing::warn!(
-            "deleting mailbox: UID={} GUID={} is missing locally",
-            change.uid,
-            change.guid.as_deref().unwrap_or("")
-        );
+        tracing::warn!("UID={} GUID={} is missing locally", change.uid, change.guid.as_deref().unwrap_or(""));
         self.delete_mailbox = true;
         self.fail(format!(
-            "UID {} is missing locally; the mailbox was deleted and will be recreated by the next sync",
+            "UID {} is missing locally; the mailbox must be copied anew, which the next sync does",
             change.uid
         ));
     }
@@ -392,12 +452,12 @@ impl Importer {
     /// `newmail_link`: groups instances by GUID (or by remote UID without GUIDs) and links a
     /// local instance with a remote one.
     fn link_newmail(&mut self, idx: usize, remote_uid: u32) {
-        let guid = self.newmails[idx].guid.clone();
+        let guid = Rc::clone(&self.newmails[idx].guid);
         let first = if !guid.is_empty() {
-            match self.import_guids.iter().find(|(g, _)| *g == guid) {
-                Some(&(_, f)) => f,
+            match self.import_guids.get(&*guid) {
+                Some(f) => f,
                 None => {
-                    self.import_guids.push((guid, idx));
+                    self.import_guids.insert(guid, idx);
                     return;
                 }
             }
@@ -405,10 +465,10 @@ impl Importer {
             if remote_uid == 0 {
                 return;
             }
-            match self.import_uids.iter().find(|(u, _)| *u == remote_uid) {
-                Some(&(_, f)) => f,
+            match self.import_uids.get(&remote_uid) {
+                Some(f) => f,
                 None => {
-                    self.import_uids.push((remote_uid, idx));
+                    self.import_uids.insert(remote_uid, idx);
                     return;
                 }
             }
@@ -470,7 +530,7 @@ impl Importer {
                 let nm = NewMail {
                     next: None,
                     link: None,
-                    guid: c.guid.as_str().to_owned(),
+                    guid: Rc::from(c.guid.as_str()),
                     change: None,
                     final_uid: c.uid.get(),
                     local_uid: c.uid.get(),
@@ -492,7 +552,7 @@ impl Importer {
                 let nm = NewMail {
                     next: None,
                     link: None,
-                    guid: s.guid.clone().unwrap_or_default(),
+                    guid: Rc::from(s.guid.as_deref().unwrap_or_default()),
                     change: Some(s.clone()),
                     final_uid: s.uid,
                     local_uid: 0,
@@ -510,7 +570,7 @@ impl Importer {
                 let nm = NewMail {
                     next: None,
                     link: None,
-                    guid: s.guid.clone().unwrap_or_default(),
+                    guid: Rc::from(s.guid.as_deref().unwrap_or_default()),
                     change: Some(s.clone()),
                     final_uid: c.uid.get(),
                     local_uid: c.uid.get(),
@@ -561,7 +621,7 @@ impl Importer {
     fn current_record<M: Mailbox>(&self, mb: &M, uid: u32) -> Option<MailRecord> {
         if self.expunges.contains(&uid) {
             // Expunged in this import but, as in Dovecot's open transaction, still readable.
-            return self.local.iter().find(|m| m.uid.get() == uid).cloned();
+            return self.local.binary_search_by_key(&uid, |m| m.uid.get()).ok().map(|i| self.local[i].clone());
         }
         Uid::new(uid).and_then(|u| mb.mail(u))
     }
@@ -657,7 +717,7 @@ impl Importer {
             merge_keywords(&rec.keywords, &local.keywords, &change.keyword_changes, prefer_remote, &mut remote_changed);
         let mut new_modseq = change.modseq;
         if remote_changed && new_modseq <= self.remote.highest_modseq {
-            new_modseq = self.remote.highest_modseq + 1;
+            new_modseq = self.remote.highest_modseq.saturating_add(1);
         }
         let kws: Vec<Keyword> = new_kws.iter().filter_map(|k| Keyword::new(k).ok()).collect();
         let changed = new_flags != local_final || kw_names(&rec.keywords) != new_kws;
@@ -710,7 +770,7 @@ impl Importer {
     }
 
     fn rewind_search(&mut self) {
-        if self.cur_mail().is_some_and(|c| c.uid.get() <= self.last_common_uid + 1) {
+        if self.cur_mail().is_some_and(|c| c.uid.get() <= self.last_common_uid.saturating_add(1)) {
             return;
         }
         self.search_init();
@@ -867,9 +927,9 @@ impl Importer {
         }
     }
 
-    /// `dsync_mailbox_import_assign_new_uids`.
-    fn assign_new_uids(&mut self) {
-        let mut common_uid_next = self.local_uid_next.max(self.remote.uid_next);
+    /// `dsync_mailbox_import_assign_new_uids`. Fails when the UID space is used up.
+    fn assign_new_uids(&mut self) -> Result<(), ImportError> {
+        let mut common_uid_next = self.local_uid_next.max(self.remote.uid_next).max(1);
         for i in 0..self.newmails.len() {
             if self.newmails[i].skip {
                 continue;
@@ -880,6 +940,11 @@ impl Importer {
                 self.newmails[l].final_uid
             } else {
                 let u = common_uid_next;
+                if u > MAX_UID {
+                    return Err(ImportError::Limit(format!(
+                        "no UID left for new mails (the highest UID is {MAX_UID})"
+                    )));
+                }
                 common_uid_next += 1;
                 u
             };
@@ -895,6 +960,7 @@ impl Importer {
         let mut order: Vec<usize> = (0..self.newmails.len()).collect();
         order.sort_by_key(|&i| self.newmails[i].final_uid);
         self.order = order;
+        Ok(())
     }
 
     /// Handles everything after the remote's change list ended: local mails above the common
@@ -907,11 +973,11 @@ impl Importer {
         if !self.last_common_uid_found {
             self.common_uid_found(mb);
         }
-        let _ = self.next_mail(self.last_common_uid + 1);
+        let _ = self.next_mail(self.last_common_uid.saturating_add(1));
         while self.cur.is_some() && self.failed.is_none() {
             let _ = self.try_save(mb, None);
         }
-        self.assign_new_uids();
+        self.assign_new_uids()?;
         if self.failed.is_none() {
             self.handle_local_mails(mb)?;
         }
@@ -932,22 +998,16 @@ impl Importer {
     }
 
     fn handle_local_mails<M: Mailbox>(&mut self, mb: &mut M) -> Result<(), ImportError> {
-        let guids = std::mem::take(&mut self.import_guids);
-        let mut keep = Vec::new();
-        for (g, first) in guids {
+        for (g, first) in self.import_guids.take_all() {
             if !self.handle_mail(mb, first)? {
-                keep.push((g, first));
+                self.import_guids.insert(g, first);
             }
         }
-        self.import_guids = keep;
-        let uids = std::mem::take(&mut self.import_uids);
-        let mut keep = Vec::new();
-        for (u, first) in uids {
+        for (u, first) in self.import_uids.take_all() {
             if !self.handle_mail(mb, first)? {
-                keep.push((u, first));
+                self.import_uids.insert(u, first);
             }
         }
-        self.import_uids = keep;
         Ok(())
     }
 
@@ -962,7 +1022,7 @@ impl Importer {
             if m.uid_in_local {
                 local_uids.insert(m.local_uid);
             } else if request.is_none() {
-                request = Some(((!m.guid.is_empty()).then(|| m.guid.clone()), m.remote_uid));
+                request = Some(((!m.guid.is_empty()).then(|| m.guid.to_string()), m.remote_uid));
             }
             if !m.skip {
                 wanted.insert(m.final_uid);
@@ -977,6 +1037,17 @@ impl Importer {
             self.requests.push(MailRequest { guid, uid });
         }
         Ok(false)
+    }
+
+    /// Where a local mail is now: at its old UID, or (moved by this import and committed
+    /// since) at the UID the store gave it.
+    fn local_now<M: Mailbox>(&self, mb: &M, uid: u32) -> Option<MailRecord> {
+        if let Some(r) = Uid::new(uid).and_then(|u| mb.mail(u)) {
+            return Some(r);
+        }
+        let wanted = self.moved.get(&uid)?;
+        let actual = self.committed.get(wanted)?;
+        Uid::new(*actual).and_then(|u| mb.mail(u))
     }
 
     /// `dsync_mailbox_import_try_local`: reuse local instances (moving them to the wanted
@@ -1039,30 +1110,14 @@ impl Importer {
         }
         // Copy a local instance to the remaining wanted UIDs.
         for &l in local_uids {
-            // A mail staged to move is still at its old UID unless a commit happened since;
-            // then it is found by its GUID.
-            let rec = match Uid::new(l).and_then(|u| mb.mail(u)) {
-                Some(r) => Some(r),
-                None if self.moved.contains_key(&l) => {
-                    let g = &self.newmails[first].guid;
-                    mb.mails().into_iter().find(|m| m.guid.as_str() == g)
-                }
-                None => None,
-            };
-            let Some(rec) = rec else { continue };
+            let Some(rec) = self.local_now(mb, l) else { continue };
             let uid = rec.uid.get();
-            let guid = self.newmails[first].guid.clone();
-            if !guid.is_empty() && rec.guid.as_str() != guid {
+            let guid = Rc::clone(&self.newmails[first].guid);
+            if !guid.is_empty() && rec.guid.as_str() != &*guid {
                 self.unexpected_state(format!("Unexpected GUID mismatch (3) for UID={uid}: {} != {guid}", rec.guid));
                 return Ok(false);
             }
             let received = mb.received_date(rec.uid).ok();
-            let body = {
-                let mut r = mb.open_body(rec.uid)?;
-                let mut v = Vec::new();
-                r.read_to_end(&mut v).map_err(|e| StoreError::io("read", "<local mail>", e))?;
-                v
-            };
             let header = MailHeader {
                 guid: rec.guid.as_str().to_owned(),
                 uid: 0,
@@ -1070,7 +1125,9 @@ impl Importer {
                 has_body: true,
                 ..Default::default()
             };
-            self.save_newmails(mb, &header, first, &mut &body[..], true)?;
+            // Streamed from the file: a large mail is never held in memory.
+            let mut body = mb.open_body(rec.uid)?;
+            self.save_newmails(mb, &header, first, &mut body)?;
             return Ok(true);
         }
         Ok(false)
@@ -1085,30 +1142,29 @@ impl Importer {
         r
     }
 
-    /// Saves every wanted instance of a mail from one body.
+    /// True while [`Importer::next_request`] has more to give.
+    pub(crate) fn has_more_requests(&self) -> bool {
+        self.request_idx < self.requests.len()
+    }
+
+    /// Saves every wanted instance of a mail from one body: the first from the stream, the
+    /// others as copies of that first one (the body is never held in memory).
     fn save_newmails<M: Mailbox>(
         &mut self,
         mb: &mut M,
         header: &MailHeader,
         first: usize,
         body: &mut dyn Read,
-        _remote: bool,
     ) -> Result<(), ImportError> {
         let targets: Vec<usize> = self.chain(first).into_iter().filter(|&i| !self.newmails[i].skip).collect();
         if targets.is_empty() {
             return Ok(());
         }
-        // One body for several instances: keep it so that each save can read it.
-        let mut buffered = None;
-        if targets.len() > 1 {
-            let mut v = Vec::new();
-            body.read_to_end(&mut v).map_err(|e| StoreError::io("read", "<mail stream>", e))?;
-            buffered = Some(v);
-        }
-        for i in targets {
-            let nm = self.newmails[i].clone();
-            let change = nm.change.clone().or_else(|| self.newmails[first].change.clone());
-            let (flags, keywords, modseq) = match &change {
+        let guid = if header.guid.is_empty() { None } else { MailGuid::new(&header.guid).ok() };
+        for (n, &i) in targets.iter().enumerate() {
+            let final_uid = self.newmails[i].final_uid;
+            let change = self.newmails[i].change.as_ref().or(self.newmails[first].change.as_ref());
+            let (flags, keywords, modseq) = match change {
                 Some(c) => (
                     Flags::from_bits_truncate(recent_stripped(c.final_flags)),
                     c.final_keywords().into_iter().filter_map(|k| Keyword::new(k).ok()).collect(),
@@ -1116,22 +1172,22 @@ impl Importer {
                 ),
                 None => (Flags::NONE, Vec::new(), 0),
             };
-            let guid = if header.guid.is_empty() { None } else { MailGuid::new(&header.guid).ok() };
             let req = SaveRequest {
-                uid: Uid::new(nm.final_uid),
-                guid,
+                uid: Uid::new(final_uid),
+                guid: guid.clone(),
                 flags,
                 keywords,
                 received: (header.received_date > 0).then_some(header.received_date),
                 min_modseq: modseq,
             };
-            match &buffered {
-                Some(v) => mb.save(req, &mut &v[..])?,
-                None => mb.save(req, body)?,
+            if n == 0 {
+                mb.save(req, body)?;
+            } else {
+                mb.save_copy_of_last(req)?;
             }
             self.newmails[i].saved = true;
-            self.pending_wanted.push(nm.final_uid);
-            self.highest_wanted_uid = self.highest_wanted_uid.max(nm.final_uid);
+            self.pending_wanted.push(final_uid);
+            self.highest_wanted_uid = self.highest_wanted_uid.max(final_uid);
             self.saves_since_commit += 1;
         }
         while self.first_unsaved_idx < self.order.len() && self.newmails[self.order[self.first_unsaved_idx]].saved {
@@ -1151,55 +1207,53 @@ impl Importer {
         for (s, w) in saved.iter().zip(wanted) {
             self.wanted_uids.push(w);
             self.saved_uids.push(s.uid.get());
+            self.committed.insert(w, s.uid.get());
         }
         self.saves_since_commit = 0;
         Ok(())
     }
 
-    /// Imports one `M` record and its body.
+    /// Imports one `M` record and its body. Returns false for a mail we did not ask for
+    /// (its body is skipped).
     pub(crate) fn import_mail<M: Mailbox>(
         &mut self,
         mb: &mut M,
         header: &MailHeader,
         body: Option<&mut dyn Read>,
-    ) -> Result<(), ImportError> {
+    ) -> Result<bool, ImportError> {
         if !self.new_uids_assigned {
             return Err(ImportError::Protocol("mail received before the change list ended".into()));
         }
         if self.failed.is_some() || self.require_full_resync {
-            if let Some(b) = body {
-                std::io::copy(b, &mut std::io::sink()).map_err(|e| StoreError::io("read", "<mail stream>", e))?;
-            }
-            return Ok(());
+            // The body is skipped by the connection.
+            return Ok(true);
         }
         let found = if !header.guid.is_empty() {
-            self.import_guids.iter().position(|(g, _)| *g == header.guid).map(|p| self.import_guids.remove(p).1)
+            self.import_guids.remove(header.guid.as_str())
         } else {
-            self.import_uids.iter().position(|(u, _)| *u == header.uid).map(|p| self.import_uids.remove(p).1)
+            self.import_uids.remove(&header.uid)
         };
         let Some(first) = found else {
             if self.opts.want_mail_requests {
                 tracing::error!("remote sent an unwanted mail body for GUID={} UID={}", header.guid, header.uid);
             }
-            if let Some(b) = body {
-                std::io::copy(b, &mut std::io::sink()).map_err(|e| StoreError::io("read", "<mail stream>", e))?;
-            }
-            return Ok(());
+            return Ok(false);
         };
         match body {
-            Some(b) if header.has_body => self.save_newmails(mb, header, first, b, true),
+            Some(b) if header.has_body => self.save_newmails(mb, header, first, b)?,
             _ => {
                 // Expunged on the remote meanwhile: nothing to save.
                 for i in self.chain(first) {
                     self.newmails[i].skip = true;
                 }
-                Ok(())
             }
         }
+        Ok(true)
     }
 
     /// Renumbers mails that ended up at UIDs we did not want because another writer saved
-    /// mails during the sync (`reassign_unwanted_uids`).
+    /// mails during the sync (`reassign_unwanted_uids`). Only mails that exist are looked at,
+    /// so a peer's huge UIDNEXT costs nothing.
     fn reassign_unwanted<M: Mailbox>(&mut self, mb: &mut M) -> Result<Option<String>, ImportError> {
         if self.wanted_uids.is_empty() || self.wanted_uids.len() != self.saved_uids.len() {
             return Ok(None);
@@ -1208,19 +1262,20 @@ impl Importer {
         if self.local_uid_next > highest_seen {
             return Ok(None);
         }
-        let mut unwanted: BTreeSet<u32> = (self.local_uid_next..=highest_seen).collect();
-        for (w, s) in self.wanted_uids.iter().zip(&self.saved_uids) {
-            if w == s {
-                unwanted.remove(s);
-            }
-        }
+        let kept: std::collections::HashSet<u32> =
+            self.wanted_uids.iter().zip(&self.saved_uids).filter(|(w, s)| w == s).map(|(_, s)| *s).collect();
+        let unwanted: Vec<Uid> = mb
+            .mails()
+            .into_iter()
+            .map(|m| m.uid)
+            .filter(|u| (self.local_uid_next..=highest_seen).contains(&u.get()) && !kept.contains(&u.get()))
+            .collect();
         let mut renumbered = 0;
-        for uid in unwanted.iter().copied() {
-            let Some(u) = Uid::new(uid) else { continue };
-            if mb.mail(u).is_none() {
-                continue;
-            }
+        for &u in &unwanted {
             let target = mb.status().uid_next;
+            if target > MAX_UID {
+                return Err(ImportError::Limit(format!("no UID left to renumber UID {u} to")));
+            }
             match mb.stage_move(u, Uid::new(target).unwrap_or(u)) {
                 Ok(()) => renumbered += 1,
                 Err(e) if e.is_not_found() => {}
@@ -1231,8 +1286,8 @@ impl Importer {
             return Ok(None);
         }
         mb.commit()?;
-        self.last_common_uid = self.local_uid_next - 1;
-        Ok(Some(format!("{} UIDs changed due to UID conflicts", unwanted.len())))
+        self.last_common_uid = self.local_uid_next.saturating_sub(1);
+        Ok(Some(format!("{renumbered} UIDs changed due to UID conflicts")))
     }
 
     /// Finishes the import: commits, updates the mailbox's numbers and reports the state.
@@ -1240,16 +1295,18 @@ impl Importer {
         if (!success || self.require_full_resync) && self.failed.is_none() {
             self.failed = Some("incomplete import".to_owned());
         }
-        if !self.new_uids_assigned && self.failed.is_none() {
-            self.assign_new_uids();
+        if !self.new_uids_assigned
+            && self.failed.is_none()
+            && let Err(e) = self.assign_new_uids()
+        {
+            self.fail(e.to_string());
         }
         if self.failed.is_none() {
-            let missing: Vec<String> = self
-                .import_guids
-                .iter()
-                .flat_map(|(_, f)| self.chain(*f))
-                .chain(self.import_uids.iter().flat_map(|(_, f)| self.chain(*f)))
+            let firsts = self.import_guids.values().into_iter().chain(self.import_uids.values());
+            let missing: Vec<String> = firsts
+                .flat_map(|f| self.chain(f))
                 .filter(|&i| !self.newmails[i].skip && !self.newmails[i].saved)
+                .take(20)
                 .map(|i| format!("GUID={} UID={}", self.newmails[i].guid, self.newmails[i].remote_uid))
                 .collect();
             if !missing.is_empty() {
@@ -1266,7 +1323,7 @@ impl Importer {
         if ok {
             let update = MailboxUpdate {
                 min_next_uid: Some(self.remote.uid_next),
-                min_first_recent_uid: Some((self.last_common_uid + 1).min(self.remote.first_recent_uid)),
+                min_first_recent_uid: Some(self.last_common_uid.saturating_add(1).min(self.remote.first_recent_uid)),
                 min_highest_modseq: Some(self.remote.highest_modseq),
                 ..Default::default()
             };

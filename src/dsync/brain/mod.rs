@@ -1,9 +1,21 @@
 //! The sync engine: one implementation for both roles (master and slave) and every mode
 //! (two-way, backup in either direction); role and mode are data.
+//!
+//! ```text
+//!   session     the top-level state machine: handshake, saved states, finish, both roles
+//!   mailbox_tree  our tree from the store, tree exchange, merge (tree_sync), apply
+//!   box_sync    choosing mailboxes, the per-mailbox exchange of changes, requests, mails
+//!   importer / exporter   one mailbox's import (merge, UIDs, saving) and export
+//!   ibc         the typed connection the brain talks through (wire stream or in-process)
+//!   limits      bounds on everything the peer controls
+//! ```
 
+pub(crate) mod box_sync;
 pub(crate) mod exporter;
 pub(crate) mod ibc;
 pub(crate) mod importer;
+pub(crate) mod limits;
+pub(crate) mod mailbox_tree;
 pub(crate) mod session;
 pub(crate) mod tree;
 pub(crate) mod tree_sync;

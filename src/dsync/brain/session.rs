@@ -1,56 +1,89 @@
-//! One dsync session, as the slave (the `dsync-server` end).
+//! One dsync session, in either role: the brain's top-level state machine.
 //!
 //! ```text
-//!  recv H ─► [state sync: recv S* .] ─► send N* . D ─► recv N* . D ─► merge trees, apply
-//!    ─► loop { recv B: reply B (lost / unchanged / sync) ─► per-mailbox exchange ─► S ⇄ S }
-//!    ─► recv . ─► send F, X
+//!  both:   send H ─► recv H ─► [master: send S* .  | slave: recv S* .]   (stateful syncs)
+//!  both:   send N* . D ─► recv N* . D ─► merge trees, apply our half      (mailbox_tree.rs)
+//!  master: for each mailbox: send B ─► recv B ─► exchange ─► S ⇄ S ; then send .
+//!  slave:  loop: recv B ─► reply B ─► exchange ─► S ⇄ S ; until recv .   (box_sync.rs)
+//!  slave:  send F, X                 master: recv F
 //! ```
 //!
-//! The per-mailbox exchange depends on the role the master's handshake gives us:
+//! One implementation serves both roles, as Dovecot's one brain with its `master_brain` flag:
+//! the role changes who sends the handshake's settings, who holds the saved state, who picks
+//! the mailboxes and who finishes; the tree exchange and the per-mailbox exchange are shared.
 //!
-//! | role | we send | we receive |
-//! |---|---|---|
-//! | two-way | `A* .`, `C* .`, `R* .`, `M* .`, `S` | `A* .`, `C* .`, `R* .`, `M* .`, `S` |
-//! | backup destination | `R* .`, `S` | `A* .`, `C* .`, `M* .`, `S` |
-//! | backup source | `A* .`, `C* .`, `M* .`, `S` | `R* .`, `S` |
-//!
-//! Everything we send goes through the connection's own writer, so sending never waits for
-//! the other side to read; the order below follows what each side sends only after receiving
-//! what, so neither side ever waits for the other in a circle.
+//! The machine is driven by [`Brain::step`], which does whatever can be done without waiting
+//! and reports whether it got anywhere; [`run`] waits on the connection when it did not.
+//! Sends never block (the connection queues them), bulk sends pause while the queue is full,
+//! and receiving is polled, so both directions interleave as in Dovecot and two of our brains
+//! never wait for each other in a circle.
 
 use std::collections::{HashMap, HashSet};
 
-use super::exporter::{ExportOptions, Exporter};
+use super::box_sync::BoxSync;
 use super::ibc::{Ibc, IbcError, Incoming, Settings, SyncKind};
-use super::importer::{ImportError, ImportOptions, Importer, LastCommon, MailFilter, RemoteBox};
-use super::tree::{Delete, DeleteKind, Existence, NodeData, Tree};
-use super::tree_sync::{SyncType, TreeChange, sync_trees};
-use super::types::{DsyncMailbox, MailboxState};
-use crate::store::{
-    Guid128, ListChangeKind, MailStore, Mailbox, MailboxInfo, MailboxKind, MailboxName, MailboxUpdate, StoreError,
-};
+use super::importer::ImportError;
+use super::limits::Limits;
+use super::tree::Tree;
+use super::types::MailboxState;
+use crate::store::{Guid128, MailStore, MailboxName, StoreError};
 
 /// Dovecot's `enum mail_error` values used in `F` records.
 pub(crate) mod mail_error {
     /// Temporary failure.
     pub(crate) const TEMP: u32 = 1;
+    /// Not possible (e.g. a limit).
+    pub(crate) const NOT_POSSIBLE: u32 = 3;
+    /// The peer sent invalid data.
+    pub(crate) const INVALID_DATA: u32 = 12;
+    /// A limit was reached.
+    pub(crate) const LIMIT: u32 = 13;
+}
+
+/// What kind of failure ended a session: what a caller (the replicator, an exit code) needs
+/// to decide whether and when to try again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Worth retrying soon: something changed under us, a lock was busy, a mailbox could not
+    /// be synced this time.
+    Temporary,
+    /// The connection broke or the peer closed early.
+    Connection,
+    /// Nothing moved in either direction for the stall timeout.
+    TimedOut,
+    /// The peer broke the protocol or one of our limits; retrying will not help until the
+    /// peer changes.
+    PeerMisbehaved,
+    /// The peer reported that its side failed.
+    RemoteFailed,
+    /// Our own side cannot do this (store error, unsupported request); needs an admin.
+    Permanent,
 }
 
 /// Why a session failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum BrainError {
-    /// The connection failed or the peer broke the protocol.
+    /// The connection failed or the peer's bytes were not dsync.
     #[error(transparent)]
     Ibc(#[from] IbcError),
-    /// The store failed.
+    /// Our store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The peer sent something out of order or inconsistent.
+    /// The peer sent records out of order or inconsistent ones.
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// A mailbox could not be synced; the session reported failure to the peer.
+    /// The peer exceeded one of our limits.
+    #[error("limit exceeded: {0}")]
+    Limit(String),
+    /// The peer asked for something this implementation does not do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A mailbox could not be synced; the session stopped (a slave closes with `X`).
     #[error("{0}")]
     Failed(String),
+    /// The peer reported failure (`F` with an error, or `X` instead of `F`).
+    #[error("remote dsync failed: {error}")]
+    RemoteFailed { error: String, mail_error: u32 },
 }
 
 impl From<ImportError> for BrainError {
@@ -58,20 +91,72 @@ impl From<ImportError> for BrainError {
         match e {
             ImportError::Store(s) => Self::Store(s),
             ImportError::Protocol(p) => Self::Protocol(p),
+            ImportError::Limit(l) => Self::Limit(l),
             ImportError::Failed(f) => Self::Failed(f),
         }
     }
 }
 
-/// How the session ended.
+impl BrainError {
+    /// The kind of failure.
+    pub(crate) fn kind(&self) -> FailureKind {
+        use std::io::ErrorKind;
+        match self {
+            Self::Ibc(IbcError::Io(e)) if e.kind() == ErrorKind::TimedOut => FailureKind::TimedOut,
+            Self::Ibc(IbcError::Io(_)) => FailureKind::Connection,
+            Self::Ibc(IbcError::Wire(w))
+                if !w.is_peer_fault() && matches!(w, crate::dsync::wire::WireError::Misuse(_)) =>
+            {
+                FailureKind::Permanent
+            }
+            Self::Ibc(IbcError::Wire(_) | IbcError::Protocol(_)) | Self::Protocol(_) | Self::Limit(_) => {
+                FailureKind::PeerMisbehaved
+            }
+            Self::Store(StoreError::LockTimeout { .. }) => FailureKind::Temporary,
+            Self::Store(_) | Self::Unsupported(_) => FailureKind::Permanent,
+            Self::Failed(_) => FailureKind::Temporary,
+            Self::RemoteFailed { .. } => FailureKind::RemoteFailed,
+        }
+    }
+
+    /// The `mail_error` code to report for this failure (Dovecot's `enum mail_error`).
+    pub(crate) fn mail_error(&self) -> u32 {
+        match self {
+            Self::Limit(_) => mail_error::LIMIT,
+            Self::Protocol(_) | Self::Ibc(IbcError::Wire(_) | IbcError::Protocol(_)) => mail_error::INVALID_DATA,
+            Self::Unsupported(_) => mail_error::NOT_POSSIBLE,
+            Self::RemoteFailed { mail_error, .. } if *mail_error != 0 => *mail_error,
+            _ => mail_error::TEMP,
+        }
+    }
+}
+
+/// Counters of what a session moved, for progress reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    /// Mailboxes whose mails were exchanged.
+    pub mailboxes_synced: u32,
+    /// Mailboxes looked at (synced or found unchanged).
+    pub mailboxes_seen: u32,
+    /// Mails received and saved.
+    pub mails_received: u64,
+    /// Mails sent.
+    pub mails_sent: u64,
+}
+
+/// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Outcome {
     /// Something changed while we synced; the next run will fix it.
     pub(crate) changes_during_sync: Option<String>,
-    /// The master must forget its saved state.
+    /// Our state must not be used for the next sync.
     pub(crate) require_full_resync: bool,
-    /// A mailbox failed (reported to the master in `F`).
+    /// A mailbox failed (a slave reports it in `F`; a master's sync failed).
     pub(crate) failed: Option<String>,
+    /// Master only: the per-mailbox states to save for the next stateful sync (empty when a
+    /// full resync is required).
+    pub(crate) states: Vec<MailboxState>,
+    pub(crate) stats: SyncStats,
 }
 
 /// The slave's fixed configuration.
@@ -80,67 +165,236 @@ pub(crate) struct SlaveConfig {
     pub(crate) hostname: String,
 }
 
-/// The escape character we announce for mailbox names (doveadm forces `%` for dsync).
-const ESCAPE_CHAR: char = '%';
+/// Which direction a backup goes, seen from the master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backup {
+    /// `backup`: the master is the source, the slave becomes a copy.
+    ToRemote,
+    /// `backup -R`: the slave is the source, the master becomes a copy.
+    FromRemote,
+}
 
-struct Slave<'a, S: MailStore, I: Ibc> {
-    store: &'a mut S,
-    ibc: &'a mut I,
-    settings: Settings,
-    sync_kind: SyncKind,
-    states: HashMap<Guid128, MailboxState>,
-    local_tree: Tree,
-    remote_tree: Tree,
-    alt_char: char,
-    changes_during_sync: Option<String>,
-    require_full_resync: bool,
-    failed: Option<String>,
-    boxes: Option<Vec<MailboxInfo>>,
+/// The master's configuration: what `mailreplica sync|backup` (or a test) asks for.
+#[derive(Debug, Clone)]
+pub(crate) struct MasterConfig {
+    pub(crate) hostname: String,
+    /// Full, Changed (no state), or State (with `states`).
+    pub(crate) sync_kind: SyncKind,
+    /// The saved per-mailbox states of a stateful sync.
+    pub(crate) states: Vec<MailboxState>,
+    pub(crate) backup: Option<Backup>,
+    /// `-1`: a backup that keeps the destination's own changes.
+    pub(crate) no_backup_overwrite: bool,
+    /// Only the mailbox list, no mails (`-m ''`).
+    pub(crate) no_mail_sync: bool,
+    pub(crate) sync_box: Option<String>,
+    pub(crate) sync_box_guid: Option<Guid128>,
+    pub(crate) exclude_mailboxes: Vec<String>,
+    pub(crate) sync_since_timestamp: i64,
+    pub(crate) sync_until_timestamp: i64,
+    pub(crate) sync_max_size: u64,
+    pub(crate) sync_flags: Option<String>,
+    /// `-l SECS`: lock the user's sync lock on the side that takes it.
+    pub(crate) lock_timeout: u32,
+    pub(crate) purge_remote: bool,
+    pub(crate) import_commit_msgs_interval: u32,
+    pub(crate) debug: bool,
+}
+
+impl MasterConfig {
+    /// A two-way sync of everything that changed, without a state (`doveadm sync`).
+    pub(crate) fn new(hostname: &str) -> Self {
+        Self {
+            hostname: hostname.to_owned(),
+            sync_kind: SyncKind::Changed,
+            states: Vec::new(),
+            backup: None,
+            no_backup_overwrite: false,
+            no_mail_sync: false,
+            sync_box: None,
+            sync_box_guid: None,
+            exclude_mailboxes: Vec::new(),
+            sync_since_timestamp: 0,
+            sync_until_timestamp: 0,
+            sync_max_size: 0,
+            sync_flags: None,
+            lock_timeout: 0,
+            purge_remote: false,
+            import_commit_msgs_interval: 100,
+            debug: false,
+        }
+    }
+}
+
+/// A session's role.
+#[derive(Debug, Clone)]
+pub(crate) enum Role {
+    Master(Box<MasterConfig>),
+    Slave(SlaveConfig),
+}
+
+/// The escape character we announce for mailbox names (doveadm forces `%` for dsync).
+pub(crate) const ESCAPE_CHAR: char = '%';
+
+/// The top-level states (`enum dsync_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum State {
+    RecvHandshake,
+    MasterSendLastCommon,
+    SlaveRecvLastCommon,
+    SendTree,
+    RecvTree,
+    RecvDeletes,
+    MasterSendMailbox,
+    SlaveRecvMailbox,
+    SyncMails,
+    Finish,
+    Done,
+}
+
+/// A session in progress.
+pub(super) struct Brain<'a, S: MailStore, I: Ibc> {
+    pub(super) store: &'a mut S,
+    pub(super) ibc: &'a mut I,
+    pub(super) master: bool,
+    pub(super) hostname: String,
+    /// The session's settings from our own point of view (backup flags as they apply to us).
+    pub(super) settings: Settings,
+    pub(super) sync_kind: SyncKind,
+    pub(super) limits: Limits,
+    pub(super) state: State,
+    /// Last-common states by mailbox GUID (the master's saved ones, as the slave received them).
+    pub(super) states: HashMap<Guid128, MailboxState>,
+    /// Master: the states still to send.
+    pub(super) states_to_send: Vec<MailboxState>,
+    pub(super) local_tree: Tree,
+    pub(super) remote_tree: Tree,
+    pub(super) alt_char: char,
+    /// Tree nodes still to send (depth-first order), once the tree was filled.
+    pub(super) tree_send: Option<(Vec<usize>, usize)>,
+    /// Master: local tree nodes still to consider for syncing.
+    pub(super) mailbox_iter: Option<(Vec<usize>, usize)>,
+    pub(super) cur: Option<BoxSync<S::Mailbox>>,
+    /// Final per-mailbox states of this session.
+    pub(super) remote_mailbox_states: Vec<MailboxState>,
+    pub(super) changes_during_sync: Option<String>,
+    pub(super) changes_during_remote_sync: bool,
+    pub(super) require_full_resync: bool,
+    pub(super) failed: Option<String>,
+    /// Mailbox names by GUID, listed once and kept up to date as we change the tree.
+    pub(super) guid_names: Option<HashMap<Guid128, MailboxName>>,
     /// Mailboxes (by their final GUID) that both sides created independently under one name:
     /// their contents have never been compared, so they must be synced in this session even
     /// if every counter happens to be equal.
-    merged_by_name: HashSet<Guid128>,
+    pub(super) merged_by_name: HashSet<Guid128>,
+    pub(super) stats: SyncStats,
+    /// Held for the whole session when the handshake asks for a lock (`-l`).
+    pub(super) sync_lock: Option<Box<dyn std::any::Any>>,
+    pub(super) finish_error: Option<(String, u32)>,
 }
 
-fn expect_end(what: &str, got: &Incoming) -> BrainError {
-    BrainError::Protocol(format!("expected {what}, got {}", got.what()))
+fn expect(what: &str, got: &Incoming) -> BrainError {
+    match got {
+        Incoming::Done => BrainError::RemoteFailed {
+            error: format!("the remote closed the session (expected {what})"),
+            mail_error: mail_error::TEMP,
+        },
+        _ => BrainError::Protocol(format!("expected {what}, got {}", got.what())),
+    }
 }
 
-/// Runs a slave session to its end.
-pub(crate) fn run_slave<S: MailStore, I: Ibc>(
+pub(super) fn unexpected(what: &str, got: &Incoming) -> BrainError {
+    expect(what, got)
+}
+
+/// Runs a session to its end over `ibc`.
+pub(crate) fn run<S: MailStore, I: Ibc>(
     store: &mut S,
     ibc: &mut I,
-    cfg: &SlaveConfig,
+    role: Role,
+    limits: Limits,
 ) -> Result<Outcome, BrainError> {
     let sep = store.hierarchy_separator();
-    ibc.send_handshake(&Settings { hostname: cfg.hostname.clone(), ..Default::default() })?;
-    ibc.flush()?;
-    let settings = match ibc.recv()? {
-        Incoming::Handshake(s) => s,
-        other => return Err(expect_end("a handshake", &other)),
+    let (master, hostname, settings, states_to_send) = match role {
+        Role::Master(cfg) => {
+            let settings = master_settings(&cfg);
+            let mut wire = settings.clone();
+            // The slave's view of the backup direction is the reverse of ours.
+            std::mem::swap(&mut wire.backup_send, &mut wire.backup_recv);
+            ibc.send_handshake(&wire)?;
+            (true, cfg.hostname.clone(), settings, cfg.states)
+        }
+        Role::Slave(cfg) => {
+            ibc.send_handshake(&Settings { hostname: cfg.hostname.clone(), ..Default::default() })?;
+            (false, cfg.hostname, Settings::default(), Vec::new())
+        }
     };
+    ibc.flush()?;
     let sync_kind = settings.sync_type.unwrap_or(SyncKind::Changed);
-    let alt_char = settings.alt_char.unwrap_or('_');
-    let mut slave = Slave {
+    let mut brain = Brain {
         store,
         ibc,
+        master,
+        hostname,
+        alt_char: settings.alt_char.unwrap_or('_'),
         settings,
         sync_kind,
-        states: HashMap::new(),
+        limits,
+        state: State::RecvHandshake,
+        states: states_to_send.iter().map(|s| (s.guid, *s)).collect(),
+        states_to_send,
         local_tree: Tree::new(sep),
         remote_tree: Tree::new(sep),
-        alt_char,
+        tree_send: None,
+        mailbox_iter: None,
+        cur: None,
+        remote_mailbox_states: Vec::new(),
         changes_during_sync: None,
+        changes_during_remote_sync: false,
         require_full_resync: false,
         failed: None,
-        boxes: None,
+        guid_names: None,
         merged_by_name: HashSet::new(),
+        stats: SyncStats::default(),
+        sync_lock: None,
+        finish_error: None,
     };
-    slave.run()
+    brain.run()
 }
 
-impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
-    fn set_changes_during_sync(&mut self, reason: String) {
+/// The settings a master sends (from its own point of view).
+fn master_settings(cfg: &MasterConfig) -> Settings {
+    Settings {
+        hostname: cfg.hostname.clone(),
+        sync_ns_prefixes: None,
+        sync_box: cfg.sync_box.clone(),
+        sync_box_guid: cfg.sync_box_guid,
+        sync_type: Some(cfg.sync_kind),
+        debug: cfg.debug,
+        sync_visible_namespaces: false,
+        exclude_mailboxes: cfg.exclude_mailboxes.clone(),
+        send_mail_requests: true,
+        backup_send: cfg.backup == Some(Backup::ToRemote),
+        backup_recv: cfg.backup == Some(Backup::FromRemote),
+        lock_timeout: cfg.lock_timeout,
+        no_mail_sync: cfg.no_mail_sync,
+        no_backup_overwrite: cfg.no_backup_overwrite,
+        purge_remote: cfg.purge_remote,
+        no_notify: false,
+        sync_since_timestamp: cfg.sync_since_timestamp,
+        sync_max_size: cfg.sync_max_size,
+        sync_flags: cfg.sync_flags.clone(),
+        sync_until_timestamp: cfg.sync_until_timestamp,
+        virtual_all_box: None,
+        empty_hdr_workaround: false,
+        import_commit_msgs_interval: cfg.import_commit_msgs_interval.max(1),
+        hashed_headers: vec!["Date".to_owned(), "Message-ID".to_owned()],
+        alt_char: Some('_'),
+    }
+}
+
+impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
+    pub(super) fn set_changes_during_sync(&mut self, reason: String) {
         tracing::debug!("change during sync: {reason}");
         if self.changes_during_sync.is_none() {
             self.changes_during_sync = Some(reason);
@@ -148,760 +402,205 @@ impl<S: MailStore, I: Ibc> Slave<'_, S, I> {
     }
 
     fn run(&mut self) -> Result<Outcome, BrainError> {
-        if self.settings.sync_ns_prefixes.as_ref().is_some_and(|p| p.iter().any(|x| !x.is_empty())) {
-            return Err(BrainError::Protocol("only the default namespace (prefix \"\") exists here".into()));
-        }
-        if self.sync_kind == SyncKind::State {
-            loop {
-                match self.ibc.recv()? {
-                    Incoming::MailboxState(s) => {
-                        self.states.insert(s.guid, s);
-                    }
-                    Incoming::EndOfList => break,
-                    other => return Err(expect_end("a mailbox state or its list end", &other)),
-                }
+        while self.state != State::Done {
+            if !self.step()? {
+                self.ibc.flush()?;
+                self.ibc.wait()?;
             }
         }
-        self.local_tree = fill_local_tree(self.store, &self.settings)?;
-        self.send_tree()?;
-        self.recv_tree()?;
-        self.apply_tree_changes()?;
-        loop {
-            match self.ibc.recv()? {
-                Incoming::Mailbox(b) => self.recv_mailbox(b)?,
-                Incoming::EndOfList => break,
-                Incoming::Finish { error, mail_error, require_full_resync } => {
-                    return Err(BrainError::Protocol(format!(
-                        "the master sent a finish record (error {error:?}, code {mail_error}, resync {require_full_resync}); only slaves send it"
-                    )));
-                }
-                other => return Err(expect_end("a mailbox or the end of the mailbox list", &other)),
-            }
-        }
-        let error = self.failed.as_ref().map(|_| "dsync failed");
-        let code = if self.failed.is_some() { mail_error::TEMP } else { 0 };
-        self.ibc.send_finish(error, code, self.require_full_resync)?;
-        self.ibc.send_done()?;
         self.ibc.flush()?;
+        if let Some((error, mail_error)) = self.finish_error.take() {
+            return Err(BrainError::RemoteFailed { error, mail_error });
+        }
+        let states = if self.master && !self.require_full_resync { self.new_states() } else { Vec::new() };
+        let changes = self.changes_during_sync.take().or_else(|| {
+            self.changes_during_remote_sync.then(|| "Remote notified that changes happened during sync".to_owned())
+        });
         Ok(Outcome {
-            changes_during_sync: self.changes_during_sync.take(),
+            changes_during_sync: changes,
             require_full_resync: self.require_full_resync,
             failed: self.failed.take(),
+            states,
+            stats: self.stats,
         })
     }
 
-    fn send_tree(&mut self) -> Result<(), BrainError> {
-        for id in self.local_tree.iter_dfs() {
-            let n = self.local_tree.node(id);
-            let data = NodeData {
-                guid: n.guid,
-                uid_validity: n.uid_validity,
-                uid_next: n.uid_next,
-                existence: n.existence,
-                last_renamed_or_created: n.last_renamed_or_created,
-                subscribed: n.subscribed,
-                last_subscription_change: n.last_subscription_change,
-            };
-            let parts = self.local_tree.parts(id);
-            self.ibc.send_node(&parts, &data)?;
+    /// Does what can be done now; false if nothing could (the caller then waits).
+    fn step(&mut self) -> Result<bool, BrainError> {
+        match self.state {
+            State::RecvHandshake => self.recv_handshake(),
+            State::MasterSendLastCommon => self.send_last_common(),
+            State::SlaveRecvLastCommon => self.recv_last_common(),
+            State::SendTree => self.send_tree(),
+            State::RecvTree => self.recv_tree(),
+            State::RecvDeletes => self.recv_deletes(),
+            State::MasterSendMailbox => self.master_send_mailbox(),
+            State::SlaveRecvMailbox => self.slave_recv_mailbox(),
+            State::SyncMails => self.sync_mails(),
+            State::Finish => self.finish(),
+            State::Done => Ok(false),
         }
-        self.ibc.send_end_of_list()?;
-        let sep = self.local_tree.sep;
-        let deletes = self.local_tree.deletes.clone();
-        self.ibc.send_deletes(sep, Some(ESCAPE_CHAR), &deletes)?;
-        self.ibc.flush()?;
-        Ok(())
     }
 
-    fn recv_tree(&mut self) -> Result<(), BrainError> {
-        let sep = self.local_tree.sep;
-        loop {
-            match self.ibc.recv()? {
-                Incoming::Node { parts, data } => {
-                    if parts.is_empty() {
-                        return Err(BrainError::Protocol("mailbox tree node without a name".into()));
-                    }
-                    let parts = fix_remote_parts(&parts, sep, self.alt_char);
-                    let id = self.remote_tree.get(&parts);
-                    self.remote_tree.node_mut(id).copy_data_from(&data);
-                }
-                Incoming::EndOfList => break,
-                other => return Err(expect_end("a mailbox tree node or its list end", &other)),
+    fn recv_handshake(&mut self) -> Result<bool, BrainError> {
+        let Some(inc) = self.ibc.try_recv()? else { return Ok(false) };
+        let remote = match inc {
+            Incoming::Handshake(s) => s,
+            other => return Err(expect("a handshake", &other)),
+        };
+        if !self.master {
+            if remote.sync_ns_prefixes.as_ref().is_some_and(|p| p.iter().any(|x| !x.is_empty())) {
+                return Err(BrainError::Unsupported("only the default namespace (prefix \"\") exists here".into()));
             }
-        }
-        if let Err((a, b)) = self.remote_tree.build_guid_hash() {
-            return Err(BrainError::Protocol(format!(
-                "remote sent duplicate mailbox GUID {} for mailboxes {} and {}",
-                self.remote_tree.node(a).guid,
-                self.remote_tree.full_name(a),
-                self.remote_tree.full_name(b)
-            )));
-        }
-        let (rsep, resc, rdeletes) = match self.ibc.recv()? {
-            Incoming::Deletes { sep, escape, deletes } => (sep, escape, deletes),
-            other => return Err(expect_end("the mailbox deletions", &other)),
-        };
-        // The remote's deletions, matched against our tree, marked in the remote tree.
-        self.local_tree.remote_sep = Some(rsep);
-        self.local_tree.remote_escape = resc;
-        for d in &rdeletes {
-            add_delete(&self.local_tree, &mut self.remote_tree, d);
-        }
-        // Our deletions, matched against the remote tree, marked in our tree.
-        let ours = self.local_tree.deletes.clone();
-        self.remote_tree.remote_sep = Some(self.local_tree.sep);
-        self.remote_tree.remote_escape = Some(ESCAPE_CHAR);
-        for d in &ours {
-            add_delete(&self.remote_tree, &mut self.local_tree, d);
-        }
-        Ok(())
-    }
-
-    fn tree_sync_type(&self) -> SyncType {
-        if self.settings.no_backup_overwrite {
-            SyncType::TwoWay
-        } else if self.settings.backup_send {
-            SyncType::PreserveLocal
-        } else if self.settings.backup_recv {
-            SyncType::PreserveRemote
+            self.sync_kind = remote.sync_type.unwrap_or(SyncKind::Changed);
+            self.alt_char = remote.alt_char.unwrap_or('_');
+            if remote.lock_timeout > 0 {
+                self.lock(&remote.hostname, remote.lock_timeout)?;
+            }
+            self.warn_ignored_settings(&remote);
+            self.settings = remote;
+            self.state = if self.sync_kind == SyncKind::State { State::SlaveRecvLastCommon } else { State::SendTree };
         } else {
-            SyncType::TwoWay
+            if self.settings.lock_timeout > 0 {
+                let t = self.settings.lock_timeout;
+                self.lock(&remote.hostname, t)?;
+            }
+            self.state = if self.sync_kind == SyncKind::State { State::MasterSendLastCommon } else { State::SendTree };
+        }
+        Ok(true)
+    }
+
+    /// Settings a peer may send that change nothing here: said once, so that an admin does
+    /// not believe they took effect.
+    fn warn_ignored_settings(&self, s: &Settings) {
+        if s.purge_remote {
+            tracing::warn!("the master asked for a purge (-P): a Maildir has nothing to purge");
+        }
+        if let Some(b) = &s.virtual_all_box {
+            tracing::warn!("the master named a virtual all-mails mailbox ({b}); it is not used here");
+        }
+        if s.sync_visible_namespaces {
+            tracing::warn!("the master asked for all visible namespaces (-N); only the default one exists here");
         }
     }
 
-    fn apply_tree_changes(&mut self) -> Result<(), BrainError> {
-        let ty = self.tree_sync_type();
-        let changes = sync_trees(&mut self.local_tree, &mut self.remote_tree, ty)
-            .map_err(|e| BrainError::Failed(e.to_string()))?;
-        if self.settings.backup_send {
-            // The backup source never changes its mailboxes.
-            return Ok(());
+    /// Takes the user's sync lock if this side is the one that takes it (Dovecot's
+    /// `dsync_brain_lock`: the side whose hostname sorts lower; on a tie, the master).
+    fn lock(&mut self, remote_hostname: &str, timeout_secs: u32) -> Result<(), BrainError> {
+        match remote_hostname.cmp(self.hostname.as_str()) {
+            std::cmp::Ordering::Less => return Ok(()),
+            std::cmp::Ordering::Equal if !self.master => return Ok(()),
+            _ => {}
         }
-        for change in changes {
-            tracing::debug!(?change, "mailbox tree change");
-            self.apply_tree_change(&change)?;
-        }
-        self.boxes = None;
+        let lock = self.store.lock_sync(std::time::Duration::from_secs(u64::from(timeout_secs)))?;
+        self.sync_lock = Some(lock);
         Ok(())
     }
 
-    fn name(&self, parts: &[String]) -> Result<MailboxName, BrainError> {
-        MailboxName::from_components(parts.iter().cloned())
-            .map_err(|e| BrainError::Protocol(format!("unusable mailbox name: {e}")))
-    }
-
-    fn find_by_guid(&mut self, guid: Guid128) -> Result<Option<MailboxInfo>, BrainError> {
-        if self.boxes.is_none() {
-            self.boxes = Some(self.store.list()?);
-        }
-        let found = self.boxes.as_ref().and_then(|b| b.iter().find(|i| i.guid == Some(guid)).cloned());
-        if found.is_some() {
-            return Ok(found);
-        }
-        // Maybe created or renamed since we listed.
-        let list = self.store.list()?;
-        let found = list.iter().find(|i| i.guid == Some(guid)).cloned();
-        self.boxes = Some(list);
-        Ok(found)
-    }
-
-    fn apply_tree_change(&mut self, change: &TreeChange) -> Result<(), BrainError> {
-        let conflict = |e: &StoreError| {
-            matches!(e, StoreError::MailboxExists(_) | StoreError::MailboxNotFound(_)) || e.is_not_found()
-        };
-        match change {
-            TreeChange::DeleteBox { name, guid } => match self.find_by_guid(*guid)? {
+    fn send_last_common(&mut self) -> Result<bool, BrainError> {
+        while !self.ibc.send_queue_full() {
+            match self.states_to_send.pop() {
+                Some(s) => self.ibc.send_mailbox_state(&s)?,
                 None => {
-                    self.set_changes_during_sync(format!("mailbox {} GUID {guid} deletion conflict", name.join("/")))
-                }
-                Some(info) if info.name.is_inbox() => {
-                    // INBOX cannot be deleted; forgetting its identity and mails is the same for
-                    // a replica, and the following create gives it the source's identity.
-                    self.store.clear_inbox()?;
-                    self.boxes = None;
-                }
-                Some(info) => match self.store.delete_mailbox(&info.name) {
-                    Ok(()) => self.boxes = None,
-                    Err(e) if conflict(&e) => self.set_changes_during_sync(format!("deleting {}: {e}", name.join("/"))),
-                    Err(e) => return Err(e.into()),
-                },
-            },
-            TreeChange::CreateBox { name, guid, uid_validity } => {
-                let mb = self.name(name)?;
-                match self.store.create_mailbox(&mb, Some(*guid), Some(*uid_validity)) {
-                    Ok(()) => {}
-                    Err(e) if conflict(&e) => {}
-                    Err(e) => return Err(e.into()),
-                }
-                self.boxes = None;
-                // The name may already have held another mailbox (both sides created INBOX):
-                // the larger GUID wins in a two-way sync; a backup destination takes the
-                // source's GUID.
-                let mut b = self.store.open(&mb)?;
-                let local = b.status().guid;
-                let ord = guid.0.cmp(&local.0);
-                if ord != std::cmp::Ordering::Equal && !self.settings.backup_recv && !self.settings.backup_send {
-                    self.merged_by_name.insert(*guid);
-                    self.merged_by_name.insert(local);
-                }
-                let change_ours =
-                    (ord == std::cmp::Ordering::Greater && !self.settings.backup_recv && !self.settings.backup_send)
-                        || (ord != std::cmp::Ordering::Equal && self.settings.backup_recv);
-                if change_ours {
-                    tracing::debug!(mailbox = %name.join("/"), from = %local, to = %guid, "changing mailbox GUID");
-                    b.update(&MailboxUpdate { guid: Some(*guid), ..Default::default() })?;
-                    b.sync_point()?;
+                    self.ibc.send_end_of_list()?;
+                    self.state = State::SendTree;
+                    return Ok(true);
                 }
             }
-            TreeChange::Rename { from, to } => {
-                let (f, t) = (self.name(from)?, self.name(to)?);
-                match self.store.rename_mailbox(&f, &t) {
-                    Ok(()) => self.boxes = None,
-                    Err(e) if conflict(&e) => {
-                        self.set_changes_during_sync(format!("renaming {} to {}: {e}", from.join("/"), to.join("/")))
+        }
+        Ok(true)
+    }
+
+    fn recv_last_common(&mut self) -> Result<bool, BrainError> {
+        let mut progress = false;
+        while let Some(inc) = self.ibc.try_recv()? {
+            progress = true;
+            match inc {
+                Incoming::MailboxState(s) => {
+                    if self.states.len() >= self.limits.max_mailboxes && !self.states.contains_key(&s.guid) {
+                        return Err(BrainError::Limit(format!(
+                            "more than {} saved mailbox states",
+                            self.limits.max_mailboxes
+                        )));
                     }
-                    Err(e) => return Err(e.into()),
+                    self.states.insert(s.guid, s);
                 }
-            }
-            TreeChange::Subscribe { name } | TreeChange::Unsubscribe { name } => {
-                let mb = self.name(name)?;
-                let on = matches!(change, TreeChange::Subscribe { .. });
-                self.store.set_subscribed(&mb, on)?;
-            }
-            TreeChange::CreateDir { name } | TreeChange::DeleteDir { name } => {
-                // A Maildir has no directories apart from its mailboxes; nothing to do.
-                tracing::debug!(mailbox = %name.join("/"), ?change, "directory change needs no action");
+                Incoming::EndOfList => {
+                    self.state = State::SendTree;
+                    break;
+                }
+                other => return Err(expect("a mailbox state or its list end", &other)),
             }
         }
-        Ok(())
+        Ok(progress)
     }
 
-    fn send_lost(&mut self, guid: Guid128, ignore: bool) -> Result<(), BrainError> {
-        let b = DsyncMailbox { guid, mailbox_lost: !ignore, mailbox_ignore: ignore, ..Default::default() };
-        self.ibc.send_mailbox(&b)?;
-        self.ibc.flush()?;
-        Ok(())
+    fn sync_mails(&mut self) -> Result<bool, BrainError> {
+        let Some(mut cur) = self.cur.take() else {
+            self.state = if self.master { State::MasterSendMailbox } else { State::SlaveRecvMailbox };
+            return Ok(true);
+        };
+        let r = self.box_step(&mut cur);
+        match r {
+            Ok(progress) => {
+                if cur.is_done() {
+                    self.box_finished(cur)?;
+                } else {
+                    self.cur = Some(cur);
+                }
+                Ok(progress)
+            }
+            Err(e) => {
+                self.box_failed(cur);
+                Err(e)
+            }
+        }
     }
 
-    fn recv_mailbox(&mut self, remote: DsyncMailbox) -> Result<(), BrainError> {
-        let Some(info) = self.find_by_guid(remote.guid)? else {
-            if self.settings.backup_send && self.settings.no_backup_overwrite {
-                return self.send_lost(remote.guid, true);
-            }
-            self.set_changes_during_sync(format!("mailbox GUID {} was lost", remote.guid));
-            return self.send_lost(remote.guid, false);
-        };
-        let mut mb = self.store.open(&info.name)?;
-        let st = mb.status();
-        let mut local = DsyncMailbox {
-            guid: st.guid,
-            uid_validity: st.uid_validity,
-            uid_next: st.uid_next,
-            messages_count: st.messages,
-            first_recent_uid: st.first_recent_uid,
-            highest_modseq: st.highest_modseq,
-            highest_pvt_modseq: 0,
-            have_guids: true,
-            have_save_guids: true,
-            ..Default::default()
-        };
-        // UIDVALIDITY conflict: the side with more mails keeps its value, then the higher one.
-        let mut resync_reason = None;
-        if local.uid_validity != remote.uid_validity {
-            if remote.messages_count > local.messages_count
-                || (remote.messages_count == local.messages_count && remote.uid_validity > local.uid_validity)
-            {
-                mb.update(&MailboxUpdate { uid_validity: Some(remote.uid_validity), ..Default::default() })?;
-            }
-            if self.states.get(&local.guid).is_some_and(|s| s.last_common_uid > 0) {
-                self.states.remove(&local.guid);
-                resync_reason = Some("UIDVALIDITY changed during a stateful sync, need to restart".to_owned());
-                self.failed = Some("UIDVALIDITY changed during a stateful sync".to_owned());
-            }
+    fn finish(&mut self) -> Result<bool, BrainError> {
+        if !self.master {
+            let error = self.failed.as_ref().map(|_| "dsync failed");
+            let code = if self.failed.is_some() { mail_error::TEMP } else { 0 };
+            self.ibc.send_finish(error, code, self.require_full_resync)?;
+            self.ibc.send_done()?;
+            self.state = State::Done;
+            return Ok(true);
         }
-        // The master skips a mailbox whose counters (UIDVALIDITY, UIDNEXT, message count,
-        // HIGHESTMODSEQ) equal ours. Equal counters do not prove equal contents: both sides
-        // may have changed alike since the last sync (one new mail each), or the mailbox was
-        // created on both sides independently. When we know our side changed, ours are made
-        // to differ by a real modseq step, so that both sides compare their mails.
-        let changed_here = st.replicated_modseq != 0 && st.highest_modseq > st.replicated_modseq;
-        if !self.boxes_need_sync(&local, &remote)
-            && self.sync_kind == SyncKind::Changed
-            && !self.settings.no_mail_sync
-            && (changed_here || self.merged_by_name.contains(&local.guid))
-        {
-            let modseq = local.highest_modseq.max(remote.highest_modseq) + 1;
-            tracing::debug!(mailbox = %info.name.join('/'), modseq, "counters equal the master's after changes on both sides: raising HIGHESTMODSEQ to force a sync");
-            mb.update(&MailboxUpdate { min_highest_modseq: Some(modseq), ..Default::default() })?;
-            local.highest_modseq = mb.status().highest_modseq;
-        }
-        if !self.boxes_need_sync(&local, &remote) {
-            // Nothing changed on either side: this is the content the master has.
-            if st.replicated_modseq != st.highest_modseq && !self.settings.no_mail_sync {
-                mb.update(&MailboxUpdate { replicated_modseq: Some(st.highest_modseq), ..Default::default() })?;
-            }
-            self.ibc.send_mailbox(&local)?;
-            self.ibc.flush()?;
-            return Ok(());
-        }
-        let state = self.states.get(&local.guid).copied();
-        let last = LastCommon {
-            uid: state.map_or(0, |s| s.last_common_uid),
-            modseq: state.map_or(0, |s| s.last_common_modseq),
-        };
-        let desync = self.incremental_unusable(&mb, &last);
-        if let Some(reason) = desync.or(resync_reason) {
-            tracing::warn!(
-                "failed to do incremental sync for mailbox {}, retry with a full sync ({reason})",
-                info.name.join('/')
-            );
-            self.set_changes_during_sync(format!("Incremental sync failed: {reason}"));
-            self.require_full_resync = true;
-            return self.send_lost(remote.guid, false);
-        }
-        self.ibc.send_mailbox(&local)?;
-        self.ibc.flush()?;
-        self.exchange(&mut mb, &info, &local, &remote, last)
-    }
-
-    fn boxes_need_sync(&self, a: &DsyncMailbox, b: &DsyncMailbox) -> bool {
-        if self.settings.no_mail_sync {
-            return false;
-        }
-        if self.sync_kind != SyncKind::Changed {
-            return true;
-        }
-        a.uid_validity != b.uid_validity
-            || a.uid_next != b.uid_next
-            || a.messages_count != b.messages_count
-            || a.highest_modseq != b.highest_modseq
-            || a.highest_pvt_modseq != b.highest_pvt_modseq
-            || a.first_recent_uid != b.first_recent_uid
-    }
-
-    fn incremental_unusable(&self, mb: &S::Mailbox, last: &LastCommon) -> Option<String> {
-        let st = mb.status();
-        if last.modseq != 0 && mb.changes_since(last.modseq).is_none() {
-            return Some(format!(
-                "Modseq {} no longer in transaction log (highest={}, last_common_uid={}, nextuid={})",
-                last.modseq, st.highest_modseq, last.uid, st.uid_next
-            ));
-        }
-        if last.uid != 0 {
-            if st.uid_next < last.uid {
-                return Some(format!("uidnext {} < {}", st.uid_next, last.uid));
-            }
-            if st.highest_modseq < last.modseq {
-                return Some(format!("highest_modseq {} < {}", st.highest_modseq, last.modseq));
-            }
-        }
-        None
-    }
-
-    /// The per-mailbox exchange after both `B` records.
-    fn exchange(
-        &mut self,
-        mb: &mut S::Mailbox,
-        info: &MailboxInfo,
-        local: &DsyncMailbox,
-        remote: &DsyncMailbox,
-        last: LastCommon,
-    ) -> Result<(), BrainError> {
-        let backup_send = self.settings.backup_send;
-        let backup_recv = self.settings.backup_recv;
-        let mail_requests = self.settings.send_mail_requests;
-        let s = &self.settings;
-        let filter =
-            MailFilter::new(s.sync_since_timestamp, s.sync_until_timestamp, s.sync_max_size, s.sync_flags.as_deref());
-        let export_opts = ExportOptions {
-            auto_export: !mail_requests,
-            timestamps: filter.needs_timestamps(),
-            virtual_sizes: filter.max_size > 0,
-        };
-        let mut exporter =
-            if backup_recv { None } else { Some(Exporter::new(&mut *mb, last.uid, last.modseq, export_opts)?) };
-        let mut importer = if backup_send {
-            None
-        } else {
-            let mails_have_guids = remote.have_save_guids || (backup_recv && remote.have_guids);
-            if !mails_have_guids {
-                return Err(BrainError::Failed(
-                    "the remote's mails have no GUIDs; syncing with header hashes is not supported".into(),
-                ));
-            }
-            let opts = ImportOptions {
-                master_brain: false,
-                revert_local_changes: backup_recv && !self.settings.no_backup_overwrite,
-                want_mail_requests: mail_requests,
-                mails_use_guid128: remote.have_only_guid128,
-                commit_msgs_interval: self.settings.import_commit_msgs_interval.max(1) as usize,
-                filter,
-            };
-            let rb = RemoteBox {
-                uid_next: remote.uid_next,
-                first_recent_uid: remote.first_recent_uid,
-                highest_modseq: remote.highest_modseq,
-                highest_pvt_modseq: remote.highest_pvt_modseq,
-            };
-            Some(Importer::new(mb, opts, last, rb)?)
-        };
-        // What we send first: attributes (none) and changes.
-        let attributes = self.ibc.peer_minor() >= 1;
-        if let Some(ex) = exporter.as_mut() {
-            if attributes {
-                self.ibc.send_end_of_list()?; // attributes: we keep none
-            }
-            while let Some(c) = ex.next_change() {
-                self.ibc.send_change(c)?;
-            }
-            self.ibc.send_end_of_list()?;
-            self.ibc.flush()?;
-        }
-        // What we receive first: the remote's attributes and changes.
-        if let Some(imp) = importer.as_mut() {
-            if attributes {
-                self.recv_list("attributes", |_, item| match item {
-                    Incoming::Attribute => Ok(()),
-                    other => Err(expect_end("an attribute or its list end", &other)),
-                })?;
-            }
-            loop {
-                match self.ibc.recv()? {
-                    Incoming::Change(c) => match imp.import_change(mb, &c) {
-                        Ok(()) => {}
-                        Err(ImportError::Failed(f)) => return self.abort_import(mb, info, importer, f),
-                        Err(other) => return Err(other.into()),
-                    },
-                    Incoming::EndOfList => break,
-                    other => return Err(expect_end("a mail change or its list end", &other)),
+        let Some(inc) = self.ibc.try_recv()? else { return Ok(false) };
+        match inc {
+            Incoming::Finish { error, mail_error, require_full_resync } => {
+                if let Some(e) = error {
+                    tracing::error!("remote dsync failed: {e}");
+                    self.finish_error = Some((e, mail_error));
                 }
-            }
-            match imp.changes_finish(mb) {
-                Ok(()) => {}
-                Err(ImportError::Failed(f)) => return self.abort_import(mb, info, importer, f),
-                Err(other) => return Err(other.into()),
-            }
-            if mail_requests {
-                while let Some(r) = imp.next_request() {
-                    self.ibc.send_request(&r)?;
-                }
-                self.ibc.send_end_of_list()?;
-                self.ibc.flush()?;
-            }
-        }
-        // The remote's requests, then our mails.
-        if let Some(ex) = exporter.as_mut() {
-            if mail_requests {
-                loop {
-                    match self.ibc.recv()? {
-                        Incoming::Request(r) => ex.want_mail(&r)?,
-                        Incoming::EndOfList => break,
-                        other => return Err(expect_end("a mail request or its list end", &other)),
-                    }
-                }
-            }
-            for m in ex.mails_to_send(mb)? {
-                match m.body_uid {
-                    Some(uid) => {
-                        let mut body = mb.open_body(uid)?;
-                        self.ibc.send_mail(&m.header, Some(&mut *body))?;
-                    }
-                    None => self.ibc.send_mail(&m.header, None)?,
-                }
-            }
-            self.ibc.send_end_of_list()?;
-            self.ibc.flush()?;
-        }
-        // The remote's mails.
-        if let Some(imp) = importer.as_mut() {
-            loop {
-                match self.ibc.recv()? {
-                    Incoming::Mail(h) => {
-                        let has_body = h.has_body;
-                        let res = if has_body {
-                            let body = self.ibc.body();
-                            imp.import_mail(mb, &h, Some(body))
-                        } else {
-                            imp.import_mail(mb, &h, None)
-                        };
-                        match res {
-                            Ok(()) => {}
-                            Err(ImportError::Failed(f)) => return self.abort_import(mb, info, importer, f),
-                            Err(other) => return Err(other.into()),
-                        }
-                        // Whatever the importer did not read of the body is skipped.
-                        if has_body {
-                            std::io::copy(self.ibc.body(), &mut std::io::sink()).map_err(IbcError::Io)?;
-                        }
-                    }
-                    Incoming::EndOfList => break,
-                    other => return Err(expect_end("a mail or its list end", &other)),
-                }
-            }
-        }
-        // Our state for this mailbox.
-        let mut state = MailboxState { guid: local.guid, last_uidvalidity: local.uid_validity, ..Default::default() };
-        let mut failed = None;
-        match importer.take() {
-            None => {
-                state.last_common_uid = local.uid_next.saturating_sub(1);
-                state.last_common_modseq = local.highest_modseq;
-                state.last_common_pvt_modseq = local.highest_pvt_modseq;
-                state.last_messages_count = local.messages_count;
-            }
-            Some(imp) => {
-                let r = imp.finish(mb, true)?;
-                state.last_common_uid = r.last_common_uid;
-                state.last_common_modseq = r.last_common_modseq;
-                state.last_common_pvt_modseq = r.last_common_pvt_modseq;
-                state.last_messages_count = r.messages_count;
-                if r.require_full_resync {
+                if require_full_resync {
                     self.require_full_resync = true;
                 }
-                if let Some(c) = r.changes_during_sync {
-                    state.changes_during_sync = true;
-                    self.set_changes_during_sync(c);
-                }
-                if r.delete_mailbox {
-                    self.delete_for_recreate(info);
-                }
-                failed = r.error;
             }
+            Incoming::Done if self.ibc.peer_minor() < crate::dsync::wire::MINOR_HAVE_FINISH => {}
+            other => return Err(expect("the finish record", &other)),
         }
-        if self.require_full_resync {
-            state.last_uidvalidity = 0;
-            state.changes_during_sync = true;
-        }
-        mb.sync_point()?;
-        self.ibc.send_mailbox_state(&state)?;
-        self.ibc.flush()?;
-        if let Some(e) = failed {
-            // Dovecot's slave sends its state and then stops: the brain has failed.
-            return Err(BrainError::Failed(e));
-        }
-        match self.ibc.recv()? {
-            Incoming::MailboxState(s) if s.guid == local.guid => {
-                if s.changes_during_sync {
-                    tracing::debug!("remote notified that changes happened during sync");
-                }
-            }
-            Incoming::MailboxState(s) => {
-                return Err(BrainError::Protocol(format!("state for mailbox {} while syncing {}", s.guid, local.guid)));
-            }
-            other => return Err(expect_end("the mailbox state", &other)),
-        }
-        // (Reaching here, the import succeeded and deleted nothing: see `failed` above.)
-        if !state.changes_during_sync && self.failed.is_none() && !self.require_full_resync {
-            // Both sides now hold the same mails: remember where our modseqs stood. (The
-            // import kept ours at or below the master's, see `Mailbox::begin_import`.)
-            let hms = mb.status().highest_modseq;
-            mb.update(&MailboxUpdate { replicated_modseq: Some(hms), ..Default::default() })?;
-        }
-        Ok(())
+        self.state = State::Done;
+        Ok(true)
     }
 
-    /// An import failed (a backup conflict that only recreating the mailbox can fix, or a
-    /// mail the remote did not deliver). Dovecot's brain then fails at once
-    /// (`brain->failed`): its slave sends nothing more for this mailbox, syncs no further
-    /// mailbox and closes with `X` instead of `F`; the importer is finished on the way out,
-    /// which deletes a mailbox it marked for deletion, so that the next run recreates it. We
-    /// do the same, so that the master sees the same session (and the same later mailboxes
-    /// are left for the next run).
-    fn abort_import(
-        &mut self,
-        mb: &mut S::Mailbox,
-        info: &MailboxInfo,
-        importer: Option<Importer>,
-        reason: String,
-    ) -> Result<(), BrainError> {
-        if let Some(imp) = importer {
-            let r = imp.finish(mb, false)?;
-            if r.delete_mailbox {
-                self.delete_for_recreate(info);
-            }
+    /// The master's states for the next sync (`dsync_brain_get_state`): the saved ones,
+    /// updated with this session's results, without mailboxes that no longer exist.
+    fn new_states(&self) -> Vec<MailboxState> {
+        let mut all: HashMap<Guid128, MailboxState> = self.states.clone();
+        for s in &self.remote_mailbox_states {
+            all.insert(s.guid, *s);
         }
-        mb.sync_point()?;
-        Err(BrainError::Failed(reason))
-    }
-
-    /// Deletes a mailbox whose conflicts only a new copy can fix (Dovecot's importer does it
-    /// when it is finished); failing that is logged, as Dovecot logs it.
-    fn delete_for_recreate(&mut self, info: &MailboxInfo) {
-        tracing::warn!("deleting mailbox {} so that the next sync recreates it", info.name.join('/'));
-        if let Err(e) = self.store.delete_mailbox(&info.name) {
-            tracing::error!("couldn't delete mailbox {}: {e}", info.name.join('/'));
-        }
-        self.boxes = None;
-    }
-
-    fn recv_list(
-        &mut self,
-        what: &str,
-        mut each: impl FnMut(&mut Self, Incoming) -> Result<(), BrainError>,
-    ) -> Result<(), BrainError> {
-        loop {
-            match self.ibc.recv()? {
-                Incoming::EndOfList => return Ok(()),
-                Incoming::Done => return Err(BrainError::Protocol(format!("remote closed while sending {what}"))),
-                item => each(self, item)?,
-            }
-        }
-    }
-}
-
-/// Builds our side's tree from the store and its mailbox-list change log
-/// (`dsync_mailbox_tree_fill` and `dsync_mailbox_tree_add_change_timestamps`).
-pub(crate) fn fill_local_tree<S: MailStore>(store: &mut S, settings: &Settings) -> Result<Tree, BrainError> {
-    let sep = store.hierarchy_separator();
-    let mut tree = Tree::new(sep);
-    let infos = store.list()?;
-    let wanted = |i: &MailboxInfo| -> bool {
-        let vname = i.name.join(sep);
-        if let Some(b) = &settings.sync_box
-            && !b.starts_with('\\')
-            && !crate::userdb::wildcard_match(b, &vname)
-        {
-            return false;
-        }
-        !settings.exclude_mailboxes.iter().any(|x| !x.starts_with('\\') && crate::userdb::wildcard_match(x, &vname))
-    };
-    for i in &infos {
-        if !wanted(i) {
-            continue;
-        }
-        if let Some(g) = settings.sync_box_guid
-            && i.guid != Some(g)
-        {
-            continue;
-        }
-        match i.kind {
-            MailboxKind::Mailbox => {
-                let id = tree.get(i.name.components());
-                let n = tree.node_mut(id);
-                n.existence = Existence::Exists;
-                n.guid = i.guid.unwrap_or_default();
-                n.uid_validity = i.uid_validity;
-                n.uid_next = i.uid_next;
-            }
-            MailboxKind::Directory => {
-                let id = tree.get(i.name.components());
-                tree.node_mut(id).existence = Existence::Exists;
-            }
-            MailboxKind::Nonexistent => {}
-        }
-    }
-    for i in infos.iter().filter(|i| i.subscribed && wanted(i)) {
-        let id = tree.get(i.name.components());
-        tree.node_mut(id).subscribed = true;
-    }
-    if let Err((a, b)) = tree.build_guid_hash() {
-        return Err(BrainError::Failed(format!(
-            "duplicate mailbox GUID {} for mailboxes {} and {}",
-            tree.node(a).guid,
-            tree.full_name(a),
-            tree.full_name(b)
-        )));
-    }
-    // Timestamps and deletions from the mailbox-list change log.
-    let changes = store.list_changes()?;
-    let by_hash: HashMap<Guid128, usize> =
-        tree.iter_dfs().into_iter().map(|id| (Guid128::sha128(tree.full_name(id).as_bytes()), id)).collect();
-    for c in changes {
-        let node = by_hash.get(&c.guid).copied();
-        match c.kind {
-            ListChangeKind::DeleteMailbox => {
-                if !tree.guid_hash.contains_key(&c.guid) {
-                    tree.deletes.push(Delete { kind: DeleteKind::Mailbox, guid: c.guid, time: c.time });
-                }
-            }
-            ListChangeKind::DeleteDir => {
-                if node.is_some_and(|n| tree.node(n).existence == Existence::Exists) {
-                    continue;
-                }
-                tree.deletes.push(Delete { kind: DeleteKind::Dir, guid: c.guid, time: c.time });
-            }
-            ListChangeKind::CreateDir | ListChangeKind::Rename => {
-                if let Some(n) = node {
-                    tree.node_mut(n).last_renamed_or_created = c.time;
-                }
-            }
-            ListChangeKind::Subscribe => {
-                if let Some(n) = node {
-                    tree.node_mut(n).last_subscription_change = c.time;
-                }
-            }
-            ListChangeKind::Unsubscribe => match node {
-                Some(n) => tree.node_mut(n).last_subscription_change = c.time,
-                None => tree.deletes.push(Delete { kind: DeleteKind::Unsubscribe, guid: c.guid, time: c.time }),
-            },
-        }
-    }
-    Ok(tree)
-}
-
-/// Turns the remote's name levels into names our store can hold (`dsync_get_mailbox_name` and
-/// `dsync_fix_mailbox_name`): our separator and control characters become the alt char, and
-/// reserved names get a `_` prefix.
-pub(crate) fn fix_remote_parts(parts: &[String], sep: char, alt: char) -> Vec<String> {
-    parts
-        .iter()
-        .map(|p| {
-            let mut s: String =
-                p.chars().map(|c| if c == sep || c == '/' || c.is_control() { alt } else { c }).collect();
-            if s.is_empty() || s == "." || s == ".." || s.starts_with('.') {
-                s.insert(0, '_');
-            }
-            s
-        })
-        .collect()
-}
-
-/// `dsync_brain_mailbox_tree_add_delete`: a deletion from the other side, found by name or GUID
-/// in `tree` (where the mailbox still exists), becomes a deleted node in `other`.
-fn add_delete(tree: &Tree, other: &mut Tree, del: &Delete) {
-    let Some(node) = tree.find_delete(del) else { return };
-    let n = tree.node(node);
-    match del.kind {
-        DeleteKind::Mailbox => {}
-        DeleteKind::Dir => {
-            if del.time <= n.last_renamed_or_created {
-                return;
-            }
-        }
-        DeleteKind::Unsubscribe => {
-            if del.time <= n.last_subscription_change {
-                return;
-            }
-        }
-    }
-    let parts = tree.parts(node);
-    let guid = n.guid;
-    let oid = other.get(&parts);
-    let o = other.node(oid);
-    if o.existence == Existence::Exists && (!o.guid.is_empty() || del.kind != DeleteKind::Mailbox) {
-        return; // recreated on the other side
-    }
-    if del.kind == DeleteKind::Mailbox {
-        other.node_mut(oid).guid = guid;
-    }
-    if del.kind != DeleteKind::Unsubscribe {
-        other.node_mut(oid).existence = Existence::Deleted;
-    } else {
-        let o = other.node_mut(oid);
-        o.last_subscription_change = del.time;
-        o.subscribed = false;
-    }
-    let _ = other.guid_hash_add(oid);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn remote_names_are_made_storable() {
-        let fixed = fix_remote_parts(&["a.b".into(), "..".into(), "x/y".into(), "tab\tbed".into()], '.', '_');
-        assert_eq!(fixed, vec!["a_b", "__", "x_y", "tab_bed"]);
-        assert_eq!(fix_remote_parts(&["..".into()], '/', '_'), vec!["_.."]);
+        let mut v: Vec<MailboxState> = all
+            .into_values()
+            .filter(|s| {
+                self.local_tree
+                    .guid_hash
+                    .get(&s.guid)
+                    .is_some_and(|&n| self.local_tree.node(n).existence == super::tree::Existence::Exists)
+            })
+            .collect();
+        v.sort_by_key(|s| s.guid);
+        v
     }
 }

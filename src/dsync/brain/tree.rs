@@ -123,6 +123,9 @@ pub(crate) struct Tree {
     /// The other side's separator and escape character, for matching its deletion records.
     pub(crate) remote_sep: Option<char>,
     pub(crate) remote_escape: Option<char>,
+    /// SHA-1/128 of every node's name as the other side writes it, built on first use so that
+    /// matching many deletion records costs one pass over the tree, not one per record.
+    name_hashes: Option<HashMap<Guid128, NodeId>>,
 }
 
 impl Tree {
@@ -135,7 +138,15 @@ impl Tree {
             deletes: Vec::new(),
             remote_sep: None,
             remote_escape: None,
+            name_hashes: None,
         }
+    }
+
+    /// Sets how the other side writes names (for matching its deletion records by name).
+    pub(crate) fn set_remote_naming(&mut self, sep: char, escape: Option<char>) {
+        self.remote_sep = Some(sep);
+        self.remote_escape = escape;
+        self.name_hashes = None;
     }
 
     pub(crate) fn node(&self, id: NodeId) -> &Node {
@@ -151,7 +162,6 @@ impl Tree {
     }
 
     /// Looks a node up by its hierarchy levels.
-    #[cfg(test)]
     pub(crate) fn lookup(&self, parts: &[String]) -> Option<NodeId> {
         let mut node = ROOT;
         for p in parts {
@@ -178,6 +188,7 @@ impl Tree {
                     let id = self.nodes.len();
                     self.nodes.push(Node::new(p, Some(node)));
                     self.nodes[node].children.insert(0, id);
+                    self.name_hashes = None;
                     id
                 }
             };
@@ -303,11 +314,18 @@ impl Tree {
     }
 
     /// The node a deletion record from the other side refers to (`dsync_mailbox_tree_find_delete`).
-    pub(crate) fn find_delete(&self, del: &Delete) -> Option<NodeId> {
+    pub(crate) fn find_delete(&mut self, del: &Delete) -> Option<NodeId> {
         match del.kind {
             DeleteKind::Mailbox => self.guid_hash.get(&del.guid).copied(),
             DeleteKind::Dir | DeleteKind::Unsubscribe => {
-                self.iter_dfs().into_iter().find(|&id| self.remote_name_hash(id) == del.guid)
+                if self.name_hashes.is_none() {
+                    let mut map = HashMap::new();
+                    for id in self.iter_dfs() {
+                        map.entry(self.remote_name_hash(id)).or_insert(id);
+                    }
+                    self.name_hashes = Some(map);
+                }
+                self.name_hashes.as_ref().and_then(|m| m.get(&del.guid).copied())
             }
         }
     }
@@ -367,12 +385,18 @@ impl Tree {
         false
     }
 
-    /// Any descendant exists (optionally counting directories).
+    /// Any descendant exists (optionally counting directories). Iterative: names are
+    /// bounded in depth, but no walk should depend on it.
     pub(crate) fn has_existent_children(&self, id: NodeId, dirs_ok: bool) -> bool {
-        self.nodes[id].children.iter().any(|&c| {
+        let mut stack: Vec<NodeId> = self.nodes[id].children.clone();
+        while let Some(c) = stack.pop() {
             let n = &self.nodes[c];
-            (n.existence == Existence::Exists && (dirs_ok || !n.is_dir())) || self.has_existent_children(c, dirs_ok)
-        })
+            if n.existence == Existence::Exists && (dirs_ok || !n.is_dir()) {
+                return true;
+            }
+            stack.extend_from_slice(&n.children);
+        }
+        false
     }
 
     /// The node or a descendant exists.
@@ -401,11 +425,10 @@ mod tests {
     fn delete_lookup_by_name_hash() {
         let mut t = Tree::new('.');
         let n = t.get_name("A.B");
-        t.remote_sep = Some('/');
-        t.remote_escape = Some('%');
+        t.set_remote_naming('/', Some('%'));
         let del = Delete { kind: DeleteKind::Dir, guid: Guid128::sha128(b"A/B"), time: 1 };
         assert_eq!(t.find_delete(&del), Some(n));
-        t.remote_sep = Some('.');
+        t.set_remote_naming('.', Some('%'));
         let del = Delete { kind: DeleteKind::Dir, guid: Guid128::sha128(b"A.B"), time: 1 };
         assert_eq!(t.find_delete(&del), Some(n));
     }

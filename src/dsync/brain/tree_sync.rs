@@ -42,8 +42,12 @@ pub(crate) enum TreeChange {
     DeleteBox { name: Vec<String>, guid: Guid128 },
     /// Delete a directory.
     DeleteDir { name: Vec<String> },
-    /// Rename a mailbox and its children.
-    Rename { from: Vec<String>, to: Vec<String> },
+    /// Rename a mailbox and its children; a subscribed mailbox takes its subscription along.
+    Rename { from: Vec<String>, to: Vec<String>, subscribed: bool },
+    /// The merge renamed the other side's subscribed mailbox away from this name: record that
+    /// the name is no longer subscribed, so that a peer which keeps the subscription under the
+    /// old name (Dovecot's rename leaves subscriptions alone) drops it at the next sync.
+    ForgetSubscription { name: Vec<String> },
     /// Subscribe.
     Subscribe { name: Vec<String> },
     /// Unsubscribe.
@@ -120,13 +124,15 @@ pub(crate) fn sync_trees(
     Ok(ctx.changes)
 }
 
+/// A child was renamed or created no earlier than its parent (iterative, parents first).
 fn update_child_timestamps(t: &mut Tree, id: NodeId, parent_ts: i64) {
-    if t.node(id).last_renamed_or_created < parent_ts {
-        t.node_mut(id).last_renamed_or_created = parent_ts;
-    }
-    let ts = t.node(id).last_renamed_or_created;
-    for c in t.node(id).children.clone() {
-        update_child_timestamps(t, c, ts);
+    let mut stack = vec![(id, parent_ts)];
+    while let Some((id, parent_ts)) = stack.pop() {
+        if t.node(id).last_renamed_or_created < parent_ts {
+            t.node_mut(id).last_renamed_or_created = parent_ts;
+        }
+        let ts = t.node(id).last_renamed_or_created;
+        stack.extend(t.node(id).children.iter().map(|&c| (c, ts)));
     }
 }
 
@@ -145,11 +151,20 @@ impl Ctx<'_> {
         }
     }
 
-    fn push(&mut self, change: TreeChange) {
+    fn push(&mut self, mut change: TreeChange) {
         if self.sync_type == SyncType::PreserveLocal {
             // The backup source never changes its own tree.
             tracing::debug!(?change, "not applied: we are the backup source");
             return;
+        }
+        if self.sync_type != SyncType::TwoWay {
+            // A backup copies the source's subscriptions as they are, stale names included:
+            // renames leave them alone, as Dovecot's do.
+            match &mut change {
+                TreeChange::Rename { subscribed, .. } => *subscribed = false,
+                TreeChange::ForgetSubscription { .. } => return,
+                _ => {}
+            }
         }
         self.changes.push(change);
     }
@@ -554,7 +569,8 @@ impl Ctx<'_> {
                 break candidate;
             }
         };
-        let old = if side == Side::Local { Some(self.local.parts(id)) } else { None };
+        let old = self.tr(side).parts(id);
+        let subscribed = self.tr(side).node(id).subscribed;
         let t = self.t(side);
         {
             let n = t.node_mut(id);
@@ -563,11 +579,11 @@ impl Ctx<'_> {
             n.last_renamed_or_created = 0;
         }
         t.move_sorted(id, new_parent);
-        if let Some(from) = old
-            && self.local.is_existent(id)
-        {
+        if side == Side::Local && self.local.is_existent(id) {
             let to = self.local.parts(id);
-            self.push(TreeChange::Rename { from, to });
+            self.push(TreeChange::Rename { from: old, to, subscribed });
+        } else if side == Side::Remote && subscribed {
+            self.push(TreeChange::ForgetSubscription { name: old });
         }
     }
 
@@ -607,6 +623,7 @@ impl Ctx<'_> {
         let tp = self.tr(side).node(temp_node).parent.unwrap_or(ROOT);
         self.rename_node_to_temp(side, temp_node, tp);
         let old = self.tr(side).parts(node);
+        let subscribed = self.tr(side).node(node).subscribed;
         let (oname, otemp, ots) = {
             let o = self.tr(other).node(other_node);
             (o.name.clone(), o.sync_temporary_name, o.last_renamed_or_created)
@@ -621,7 +638,9 @@ impl Ctx<'_> {
         t.move_sorted(node, parent);
         if side == Side::Local && self.local.is_existent(node) {
             let to = self.remote.parts(other_node);
-            self.push(TreeChange::Rename { from: old, to });
+            self.push(TreeChange::Rename { from: old, to, subscribed });
+        } else if side == Side::Remote && subscribed {
+            self.push(TreeChange::ForgetSubscription { name: old });
         }
     }
 
@@ -999,7 +1018,7 @@ mod tests {
         mailbox(&mut local, "Old", 7, 10);
         mailbox(&mut remote, "New", 7, 10);
         let ch = run(&mut local, &mut remote, SyncType::PreserveRemote);
-        assert_eq!(ch, vec![TreeChange::Rename { from: names(&["Old"]), to: names(&["New"]) }]);
+        assert_eq!(ch, vec![TreeChange::Rename { from: names(&["Old"]), to: names(&["New"]), subscribed: false }]);
     }
 
     #[test]
@@ -1011,7 +1030,7 @@ mod tests {
         let r = mailbox(&mut remote, "B", 7, 10);
         remote.node_mut(r).last_renamed_or_created = 200;
         let ch = run(&mut local, &mut remote, SyncType::TwoWay);
-        assert_eq!(ch, vec![TreeChange::Rename { from: names(&["A"]), to: names(&["B"]) }]);
+        assert_eq!(ch, vec![TreeChange::Rename { from: names(&["A"]), to: names(&["B"]), subscribed: false }]);
 
         let mut local = Tree::new('.');
         let mut remote = Tree::new('.');

@@ -93,6 +93,13 @@ impl Encoder {
         Ok(())
     }
 
+    /// Hand the open body's dot-stuffer over to whoever streams the content (the connection's
+    /// writer thread), leaving no body open here. The taker must encode the whole content and
+    /// then [`DotEncoder::finish`] it before anything else this encoder produces is sent.
+    pub fn detach_body(&mut self) -> Result<DotEncoder, WireError> {
+        self.body.take().ok_or(WireError::Misuse(Misuse::NoBodyOpen))
+    }
+
     /// True while a body is open.
     pub fn in_body(&self) -> bool {
         self.body.is_some()

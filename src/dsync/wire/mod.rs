@@ -79,7 +79,7 @@ mod state;
 mod types;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use decoder::{Decoder, DecoderLimits, Event};
 pub use dot::{DotDecoder, DotEncoder, DotProgress, encode_body};

@@ -93,6 +93,12 @@ impl Dotlock {
         &self.path
     }
 
+    /// Gives the lock up without unlinking it: for a holder that has just removed the whole
+    /// directory the lock file was in (deleting a mailbox), so there is nothing left to unlink.
+    pub(crate) fn forget(mut self) {
+        self.released = true;
+    }
+
     /// Removes the lock if it is still ours.
     pub(crate) fn release(mut self) -> StoreResult<()> {
         self.released = true;
@@ -129,6 +135,22 @@ impl Drop for Dotlock {
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Start of the names of [`create_lock`]'s temporary files.
+const TEMP_PREFIX: &str = ".dotlock.";
+
+/// The pid in the name of a temporary file [`create_lock`] made on this host; `None` for any
+/// other name. A process killed between creating it and removing it leaves it behind.
+pub(crate) fn temp_owner_pid(name: &str, hostname: &str) -> Option<u32> {
+    let rest = name.strip_prefix(TEMP_PREFIX)?;
+    let (pid, rest) = rest.split_once('.')?;
+    let (n, host) = rest.split_once('.')?;
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(pid) || !all_digits(n) || host != hostname.replace('/', "_") {
+        return None;
+    }
+    pid.parse().ok()
+}
+
 /// Creates the lock file `path` holding `content`, atomically: `Ok(Some((dev, ino)))` if we
 /// now hold it, `Ok(None)` if it already exists.
 ///
@@ -142,7 +164,7 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 fn create_lock(path: &Path, content: &str, hostname: &str) -> StoreResult<Option<(u64, u64)>> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let temp_name = format!(".dotlock.{}.{n}.{}", std::process::id(), hostname.replace('/', "_"));
+    let temp_name = format!("{TEMP_PREFIX}{}.{n}.{}", std::process::id(), hostname.replace('/', "_"));
     let tmp_dir = dir.join("tmp");
     let mut candidates = vec![dir.join(&temp_name)];
     if fs::symlink_metadata(&tmp_dir).is_ok_and(|m| m.is_dir()) {
@@ -249,6 +271,18 @@ mod tests {
         let b = Dotlock::acquire(&other.path().join("subscriptions"), "h", Duration::ZERO).unwrap();
         assert_eq!(fs::read_dir(other.path()).unwrap().count(), 1);
         b.release().unwrap();
+    }
+
+    #[test]
+    fn temp_names_name_their_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("tmp")).unwrap();
+        // The name create_lock makes (it removes the file at once; rebuild the name here).
+        let name = format!("{TEMP_PREFIX}{}.7.my_host", std::process::id());
+        assert_eq!(temp_owner_pid(&name, "my/host"), Some(std::process::id()));
+        assert_eq!(temp_owner_pid(".dotlock.12.3.other", "my/host"), None);
+        assert_eq!(temp_owner_pid(".dotlock.x.3.my_host", "my/host"), None);
+        assert_eq!(temp_owner_pid("1700000000.M1P12Q3.my_host", "my/host"), None);
     }
 
     #[test]

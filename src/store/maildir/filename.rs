@@ -194,6 +194,22 @@ impl UniqueNames {
         let n = COUNTER.fetch_add(1, AtomicOrdering::Relaxed);
         format!("{}.M{}P{}Q{}.{}", now.as_secs(), now.subsec_micros(), std::process::id(), n, self.host)
     }
+
+    /// The pid in a name that [`UniqueNames::next`] made on this host (exactly that shape, with
+    /// nothing after the host: files in `tmp/` have no size fields yet); `None` for any other
+    /// name, including Dovecot's own, which have no `Q` part.
+    pub(crate) fn owner_pid(&self, name: &str) -> Option<u32> {
+        fn digits(s: &str) -> Option<(&str, &str)> {
+            let n = s.bytes().take_while(u8::is_ascii_digit).count();
+            (n > 0).then(|| s.split_at(n))
+        }
+        let (_, rest) = digits(name)?;
+        let (_, rest) = digits(rest.strip_prefix(".M")?)?;
+        let (pid, rest) = digits(rest.strip_prefix('P')?)?;
+        let (_, rest) = digits(rest.strip_prefix('Q')?)?;
+        (rest.strip_prefix('.')? == self.host).then_some(())?;
+        pid.parse().ok()
+    }
 }
 
 #[cfg(test)]
@@ -231,6 +247,24 @@ mod tests {
         let mut v = vec!["2.M5P1.h", "1.M20P1.h", "1.M3P9.h", "1.M3P1.h"];
         v.sort_by(|a, b| sort_cmp(a, b));
         assert_eq!(v, ["1.M3P1.h", "1.M3P9.h", "1.M20P1.h", "2.M5P1.h"]);
+    }
+
+    #[test]
+    fn owner_of_our_names() {
+        let u = UniqueNames::new("mx1");
+        let name = u.next();
+        assert_eq!(u.owner_pid(&name), Some(std::process::id()));
+        assert_eq!(u.owner_pid("1700000000.M12P345Q6.mx1"), Some(345));
+        for other in [
+            "1700000000.M12P345Q6.mx2",         // another host
+            "1700000000.M12P345Q6.mx1,S=5,W=6", // not a tmp/ name
+            "1700000000.M12P345.mx1",           // Dovecot's
+            "1700000000.M12P345Q6.mx1.x",
+            "x1700000000.M12P345Q6.mx1",
+            ".dotlock.1.2.mx1",
+        ] {
+            assert_eq!(u.owner_pid(other), None, "{other}");
+        }
     }
 
     #[test]

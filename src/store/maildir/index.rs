@@ -2,38 +2,68 @@
 //! per-mail modseqs, HIGHESTMODSEQ, the first recent UID and a log of recent flag changes and
 //! expunges, plus a snapshot of the mailbox so that an unchanged Maildir needs no directory scan.
 //!
-//! Dovecot never reads it (it only looks at `cur/`, `new/`, `tmp/` and its own `dovecot*` files),
-//! and nothing in it is authoritative for mail: if it is lost or damaged it is rebuilt from the
-//! Maildir, with modseqs restarting above any value it could have handed out before, so that a
-//! peer's saved state can never be mistaken for a valid one.
+//! Dovecot never reads it (it only looks at `cur/`, `new/`, `tmp/` and its own `dovecot*` files).
+//! Nothing in it is authoritative for UIDs, flags or bodies; what only it holds is modseqs, the
+//! change log, and keywords beyond the 26 a Maildir file name can carry (see below).
 //!
-//! Format (text, one record per line; the file is replayed top to bottom, later lines win):
+//! ## A lost index
+//!
+//! If the index is lost or damaged it is rebuilt from the Maildir, and modseqs restart low, as
+//! Dovecot's own do when its index is rebuilt (measured with Dovecot 2.3.19: a fresh index of
+//! a Maildir with mails reports HIGHESTMODSEQ 2 and modseq 2 for every mail, an empty one 1).
+//! They must: dsync carries modseqs to the peer, and a replica that jumped far ahead (an
+//! earlier design restarted at `unix_time << 20`) pushed a Dovecot master's HIGHESTMODSEQ to
+//! ~10^15. What a restart from a low number cannot do by itself is make a peer's saved sync
+//! state from before the loss look invalid: its modseq may well lie above our new floor. So the
+//! header records the loss (`L1`); the store then reports
+//! [`crate::store::MailboxStatus::history_lost`] and refuses every incremental export
+//! ([`crate::store::Mailbox::changes_since`] with a modseq other than 0), until the sync engine
+//! clears the flag after a full sync. A stale state is caught by the flag, not by magnitude.
+//! (A mailbox rebuilt while it has no mails and UIDNEXT 1 has no history to lose.)
+//!
+//! ## Keywords beyond 26
+//!
+//! A Maildir file name holds at most 26 keyword letters (`dovecot-keywords`). Keywords that get
+//! no letter are kept here, per mail, as numbers into the mailbox's own keyword table (`K`
+//! lines, never renumbered, at most [`crate::store::MAX_MAILBOX_KEYWORDS`] names with the
+//! letters). Dovecot keeps such keywords only in its own index too, so it does not show ours,
+//! just as a Dovecot replica whose index is lost does not; losing this file loses them.
+//!
+//! ## Format
+//!
+//! Text, one record per line; the file is replayed top to bottom, later lines win:
 //!
 //! ```text
 //! mailreplica-index 1
 //! H V<uidvalidity> G<mailbox guid> N<next uid> M<highest modseq> F<log floor> R<first recent uid>
+//!   Y<replicated modseq> [L1]                            (L1: history lost; absent = not lost)
 //! S <uidlist stamp> <new/ stamp> <cur/ stamp> <keywords stamp>
+//! K <id> <keyword>                                        a keyword without a letter
 //! m <uid> <modseq> <n|c> <G<guid>|-> <file name>          a mail (snapshot or upsert)
-//! f <modseq> <uid> <added> <removed> <kw added> <kw removed>   flag change (hex masks)
+//! e <uid> <modseq> <n|c> <G<guid>|-> <ids> <file name>    the same, with keyword ids `1,7,3`
+//! f <modseq> <uid> <added> <removed> <kw added> <kw removed> [<ids added> <ids removed>]
+//!                                                         flag change (hex masks; ids or `-`)
 //! x <modseq> <uid> <guid128>                              expunge
 //! ```
 //!
-//! A rewrite writes the header, the stamps, every mail, `-- log`, the retained change log and
-//! `-- end`; appends (mail upserts, log entries, header updates) follow `-- end`.
+//! A rewrite writes the header, the stamps, the keyword table, every mail, `-- log`, the
+//! retained change log and `-- end`; appends (keyword table entries, mail upserts, log
+//! entries, header updates) follow `-- end`. Files written before `L`, `K` and `e` existed
+//! read the same as before; an older mailreplica treats a file that uses them as damaged and
+//! rebuilds it.
 //!
 //! `f` and `x` lines newer than the log floor are the change log; changes at or below the floor
 //! are forgotten, so incremental export since a modseq below the floor is refused.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::filename::KeywordMask;
 use super::fsutil::{self, Stamp};
 use crate::store::error::{IoContext, StoreResult};
-use crate::store::{Flags, Guid128, Modseq};
+use crate::store::{Flags, Guid128, Keyword, Modseq};
 
 /// File name of the index in each mailbox directory.
 pub(crate) const NAME: &str = "mailreplica-index";
@@ -43,23 +73,128 @@ const MAGIC: &str = "mailreplica-index 1";
 /// Keep at least this many log entries when compacting.
 const LOG_KEEP_MIN: usize = 10_000;
 
-/// A mail as the index remembers it.
+/// A mail as the index remembers it, and as an open mailbox keeps it in memory: one per mail,
+/// so it is kept small (72 bytes, plus its names).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct IndexedMail {
-    pub(crate) uid: u32,
     pub(crate) modseq: Modseq,
-    pub(crate) in_new: bool,
     /// The uidlist's `G` extension, if any.
-    pub(crate) guid_ext: Option<String>,
+    pub(crate) guid_ext: Option<Box<str>>,
     /// Full file name (base and info).
-    pub(crate) file: String,
+    pub(crate) file: Box<str>,
+    /// Keywords without a letter, as ids into [`Index::extra_keywords`], in the mail's order.
+    pub(crate) extras: Box<[u16]>,
+    pub(crate) uid: u32,
+    /// Keyword letters and flags, as the file name says.
+    pub(crate) kw: KeywordMask,
+    pub(crate) flags: Flags,
+    pub(crate) in_new: bool,
+    /// Expunged: marked, and swept out of the vector in bulk.
+    pub(crate) gone: bool,
+}
+
+impl IndexedMail {
+    /// A mail with the flags its file name carries.
+    pub(crate) fn new(
+        uid: u32,
+        modseq: Modseq,
+        in_new: bool,
+        guid_ext: Option<Box<str>>,
+        file: Box<str>,
+        extras: Box<[u16]>,
+    ) -> Self {
+        let (flags, kw) = super::filename::parse_flags(&file);
+        Self { modseq, guid_ext, file, extras, uid, kw, flags, in_new, gone: false }
+    }
+
+    /// This mail as a [`MailLine`].
+    pub(crate) fn line(&self) -> MailLine<'_> {
+        MailLine {
+            uid: self.uid,
+            modseq: self.modseq,
+            in_new: self.in_new,
+            guid_ext: self.guid_ext.as_deref(),
+            file: &self.file,
+            extras: &self.extras,
+        }
+    }
+
+    /// The mail's GUID: the uidlist's `G` extension, else the base file name.
+    pub(crate) fn guid(&self) -> &str {
+        self.guid_ext.as_deref().unwrap_or_else(|| super::filename::base(&self.file))
+    }
+}
+
+/// What merging a directory scan into the index needs of a mail the index knew, without its
+/// names (a full open holds the old index and the scan at once: this keeps the old one small).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KnownMail {
+    pub(crate) modseq: Modseq,
+    /// [`mail_ident`] of the mail: the same mail if and only if equal.
+    pub(crate) ident: u64,
+    /// The 128-bit form of its GUID, for an expunge record.
+    pub(crate) guid128: Guid128,
+    pub(crate) extras: Box<[u16]>,
+    pub(crate) uid: u32,
+    pub(crate) kw: KeywordMask,
+    pub(crate) flags: Flags,
+    pub(crate) gone: bool,
+}
+
+impl KnownMail {
+    pub(crate) fn of(m: IndexedMail) -> Self {
+        Self {
+            modseq: m.modseq,
+            ident: mail_ident(&m.file, m.guid_ext.as_deref()),
+            guid128: Guid128::from_mail_guid(m.guid()),
+            extras: m.extras,
+            uid: m.uid,
+            kw: m.kw,
+            flags: m.flags,
+            gone: m.gone,
+        }
+    }
+}
+
+/// A 64-bit hash of what makes a mail the same mail: its base file name and its uidlist `G`
+/// extension. (Two different mails under one UID with equal hashes would need a 64-bit hash
+/// collision.)
+pub(crate) fn mail_ident(file: &str, guid_ext: Option<&str>) -> u64 {
+    super::fasthash::strong_hash(&(super::filename::base(file), guid_ext))
+}
+
+/// Keywords without a letter that a flag change added and removed (ids).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct ExtraChange {
+    pub(crate) added: Box<[u16]>,
+    pub(crate) removed: Box<[u16]>,
+}
+
+impl ExtraChange {
+    /// `None` when nothing changed, which is nearly always: log entries stay small.
+    pub(crate) fn boxed(added: Box<[u16]>, removed: Box<[u16]>) -> Option<Box<Self>> {
+        (!added.is_empty() || !removed.is_empty()).then(|| Box::new(Self { added, removed }))
+    }
 }
 
 /// One change-log entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum LogEntry {
-    Flags { modseq: Modseq, uid: u32, added: Flags, removed: Flags, kw_added: KeywordMask, kw_removed: KeywordMask },
-    Expunge { modseq: Modseq, uid: u32, guid: Guid128 },
+    Flags {
+        modseq: Modseq,
+        uid: u32,
+        added: Flags,
+        removed: Flags,
+        kw_added: KeywordMask,
+        kw_removed: KeywordMask,
+        /// Keywords without a letter that were added and removed, if any.
+        extra: Option<Box<ExtraChange>>,
+    },
+    Expunge {
+        modseq: Modseq,
+        uid: u32,
+        guid: Guid128,
+    },
 }
 
 impl LogEntry {
@@ -81,6 +216,10 @@ pub(crate) struct Header {
     pub(crate) first_recent_uid: u32,
     /// [`crate::store::MailboxStatus::replicated_modseq`].
     pub(crate) replicated_modseq: Modseq,
+    /// [`crate::store::MailboxStatus::history_lost`].
+    pub(crate) history_lost: bool,
+    /// [`crate::store::MailboxStatus::peer_modseq`].
+    pub(crate) peer_modseq: Modseq,
 }
 
 /// Change stamps of the files the snapshot was taken from; all `None` = "rescan next time".
@@ -98,8 +237,13 @@ pub(crate) struct Index {
     pub(crate) header: Header,
     /// `None` when the snapshot must not be trusted without a scan.
     pub(crate) stamps: Option<Stamps>,
-    /// Mails in ascending UID order.
+    /// Keywords without a letter, by id.
+    pub(crate) extra_keywords: Vec<Keyword>,
+    /// Mails in ascending UID order (empty when `known` holds them).
     pub(crate) mails: Vec<IndexedMail>,
+    /// The same in the form a merge needs, when the snapshot could not be trusted as it is
+    /// (see [`Index::read`]).
+    pub(crate) known: Vec<KnownMail>,
     pub(crate) log: VecDeque<LogEntry>,
     /// Lines appended since the last rewrite.
     pub(crate) appended: usize,
@@ -107,23 +251,77 @@ pub(crate) struct Index {
     pub(crate) torn: bool,
 }
 
-/// A modseq that is guaranteed to be above anything an earlier, lost index handed out:
-/// 2^20 per second of wall-clock time since the epoch. An index gains far fewer than a million
-/// modseqs per second, so a rebuilt one always starts above the old one.
-pub(crate) fn rebuild_modseq_base() -> Modseq {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-    secs << 20
+/// The modseq every mail of a rebuilt index gets, and its HIGHESTMODSEQ: what Dovecot's own
+/// fresh index reports (1 for an empty mailbox, 2 once it holds mails, added in one
+/// transaction). See the module documentation for why it must be low.
+pub(crate) fn rebuilt_modseq(has_mails: bool) -> Modseq {
+    if has_mails { 2 } else { 1 }
+}
+
+/// Parses `1,7,3` (keyword ids); `-` is none.
+fn parse_ids(s: &str, known: usize) -> Option<Box<[u16]>> {
+    if s == "-" {
+        return Some(Box::default());
+    }
+    let mut v = Vec::new();
+    for t in s.split(',') {
+        let id: u16 = t.parse().ok()?;
+        if usize::from(id) >= known {
+            return None;
+        }
+        v.push(id);
+    }
+    Some(v.into_boxed_slice())
+}
+
+fn push_ids(out: &mut String, ids: &[u16]) {
+    use std::fmt::Write as _;
+    if ids.is_empty() {
+        out.push('-');
+    }
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{id}");
+    }
 }
 
 impl Index {
     /// Reads the index of a mailbox directory; `None` if missing or unreadable as an index
-    /// (a damaged index is logged and treated as missing, since it can be rebuilt).
-    pub(crate) fn read(dir: &Path) -> StoreResult<Option<Self>> {
+    /// (a damaged index is logged and treated as missing, since it can be rebuilt). The file
+    /// is parsed as it is read, straight into the mails' in-memory form, so that opening a
+    /// large mailbox holds one copy of its mails, not the file and two copies. Unless its
+    /// snapshot's stamps are `trusted` (the Maildir is unchanged since), the mails are read
+    /// into [`Index::known`] instead: the caller will scan the Maildir and merge.
+    pub(crate) fn read(dir: &Path, trusted: Option<&Stamps>) -> StoreResult<Option<Self>> {
         let path = dir.join(NAME);
-        let Some(data) = fsutil::read_optional(&path)? else {
-            return Ok(None);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(crate::store::StoreError::io("open", &path, e)),
         };
-        match Self::parse(&data) {
+        let len = f.metadata().ctx("fstat", &path)?.len();
+        let mut r = BufReader::with_capacity(64 * 1024, f);
+        let mut p = Parser::new(len, trusted.copied());
+        let mut buf = Vec::with_capacity(256);
+        let mut n = 0;
+        let outcome = loop {
+            buf.clear();
+            if r.read_until(b'\n', &mut buf).ctx("read", &path)? == 0 {
+                break p.finish();
+            }
+            if buf.last() != Some(&b'\n') {
+                p.idx.torn = true; // a crash during an append
+                break p.finish();
+            }
+            n += 1;
+            let step = std::str::from_utf8(&buf[..buf.len() - 1]).map_err(|_| n).and_then(|l| p.line(n, l));
+            if let Err(line) = step {
+                break Err(line);
+            }
+        };
+        match outcome {
             Ok(idx) => Ok(Some(idx)),
             Err(line) => {
                 tracing::warn!(file = %path.display(), line, "damaged index, rebuilding it from the Maildir");
@@ -133,127 +331,231 @@ impl Index {
     }
 
     /// Parses index data; `Err(line)` names the first bad line.
+    #[cfg(test)]
     pub(crate) fn parse(data: &[u8]) -> Result<Self, usize> {
-        let mut idx = Self::default();
+        let mut p = Parser::new(data.len() as u64, None);
         let complete_len = data.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-        idx.torn = complete_len != data.len();
-        let text = std::str::from_utf8(&data[..complete_len]).map_err(|_| 1usize)?;
-        let mut lines = text.lines().enumerate();
-        match lines.next() {
-            Some((_, MAGIC)) => {}
-            _ => return Err(1),
-        }
-        let mut have_header = false;
-        // 0: snapshot mails, 1: retained log, 2: lines appended after the snapshot.
-        let mut section = 0u8;
-        for (i, line) in lines {
-            let n = i + 1;
-            let (kind, rest) = line.split_once(' ').ok_or(n)?;
-            match kind {
-                "H" => {
-                    idx.header = parse_header(rest).ok_or(n)?;
-                    have_header = true;
-                    if section == 2 {
-                        idx.appended += 1;
-                    }
-                }
-                "S" => {
-                    let v: Vec<&str> = rest.split(' ').collect();
-                    if v.len() != 4 {
-                        return Err(n);
-                    }
-                    let s = |i: usize| Stamp::decode(v[i]).map_err(|()| n);
-                    idx.stamps = Some(Stamps { uidlist: s(0)?, new: s(1)?, cur: s(2)?, keywords: s(3)? });
-                }
-                "m" => {
-                    let mut it = rest.splitn(5, ' ');
-                    let mut next = || it.next().ok_or(n);
-                    let uid: u32 = next()?.parse().map_err(|_| n)?;
-                    let modseq: Modseq = next()?.parse().map_err(|_| n)?;
-                    let in_new = match next()? {
-                        "n" => true,
-                        "c" => false,
-                        _ => return Err(n),
-                    };
-                    let guid_ext = match next()? {
-                        "-" => None,
-                        g => Some(g.strip_prefix('G').ok_or(n)?.to_owned()),
-                    };
-                    let file = next()?.to_owned();
-                    if uid == 0 || file.is_empty() {
-                        return Err(n);
-                    }
-                    let m = IndexedMail { uid, modseq, in_new, guid_ext, file };
-                    if section == 2 {
-                        idx.appended += 1;
-                        idx.upsert(m);
-                    } else if section == 1 {
-                        return Err(n);
-                    } else {
-                        if idx.mails.last().is_some_and(|l| l.uid >= uid) {
-                            return Err(n);
-                        }
-                        idx.mails.push(m);
-                    }
-                }
-                "f" => {
-                    if section == 0 {
-                        return Err(n);
-                    }
-                    idx.appended += usize::from(section == 2);
-                    let v: Vec<&str> = rest.split(' ').collect();
-                    if v.len() != 6 {
-                        return Err(n);
-                    }
-                    let hex8 = |s: &str| u8::from_str_radix(s, 16).map_err(|_| n);
-                    let hex32 = |s: &str| u32::from_str_radix(s, 16).map_err(|_| n);
-                    idx.log.push_back(LogEntry::Flags {
-                        modseq: v[0].parse().map_err(|_| n)?,
-                        uid: v[1].parse().map_err(|_| n)?,
-                        added: Flags::from_bits_truncate(hex8(v[2])?),
-                        removed: Flags::from_bits_truncate(hex8(v[3])?),
-                        kw_added: hex32(v[4])?,
-                        kw_removed: hex32(v[5])?,
-                    });
-                }
-                "x" => {
-                    if section == 0 {
-                        return Err(n);
-                    }
-                    idx.appended += usize::from(section == 2);
-                    let v: Vec<&str> = rest.split(' ').collect();
-                    if v.len() != 3 {
-                        return Err(n);
-                    }
-                    let uid: u32 = v[1].parse().map_err(|_| n)?;
-                    idx.log.push_back(LogEntry::Expunge {
-                        modseq: v[0].parse().map_err(|_| n)?,
-                        uid,
-                        guid: v[2].parse().map_err(|_| n)?,
-                    });
-                    idx.remove(uid);
-                }
-                "--" if rest == "log" && section == 0 => section = 1,
-                "--" if rest == "end" && section == 1 => section = 2,
-                _ => return Err(n),
+        p.idx.torn = complete_len != data.len();
+        if complete_len > 0 {
+            for (i, line) in data[..complete_len - 1].split(|&b| b == b'\n').enumerate() {
+                let line = std::str::from_utf8(line).map_err(|_| i + 1)?;
+                p.line(i + 1, line)?;
             }
         }
-        if !have_header {
+        p.finish()
+    }
+}
+
+/// Replays an index line by line.
+struct Parser {
+    idx: Index,
+    have_magic: bool,
+    have_header: bool,
+    /// 0: snapshot mails, 1: retained log, 2: lines appended after the snapshot.
+    section: u8,
+    /// Mails marked gone by appended expunges, swept out at the end.
+    gone: usize,
+    /// Stamps that make the snapshot trusted (`None`: always read full mails).
+    trusted: Option<Stamps>,
+    /// Mails go to `known` (decided at the first mail line, after the stamps line).
+    lean: Option<bool>,
+    /// Expected size of the file, for the vector.
+    len: u64,
+}
+
+impl Parser {
+    /// A parser for a file of `len` bytes (to size the mail vector once).
+    fn new(len: u64, trusted: Option<Stamps>) -> Self {
+        Self {
+            idx: Index::default(),
+            have_magic: false,
+            have_header: false,
+            section: 0,
+            gone: 0,
+            trusted,
+            lean: None,
+            len,
+        }
+    }
+
+    /// Whether mails go to `known`; sizes the vector on first use.
+    fn lean(&mut self) -> bool {
+        if let Some(l) = self.lean {
+            return l;
+        }
+        let lean = self.trusted.is_some() && self.idx.stamps != self.trusted;
+        // Mail lines are 60 to 100 bytes: room for most without growing, trimmed at the end.
+        let n = (self.len / 72) as usize;
+        if lean {
+            self.idx.known.reserve(n)
+        } else {
+            self.idx.mails.reserve(n)
+        }
+        self.lean = Some(lean);
+        lean
+    }
+
+    /// One line (without its LF); `Err(n)` if it is bad.
+    fn line(&mut self, n: usize, line: &str) -> Result<(), usize> {
+        if !self.have_magic {
+            self.have_magic = line == MAGIC;
+            return if self.have_magic { Ok(()) } else { Err(1) };
+        }
+        let section = self.section;
+        let (kind, rest) = line.split_once(' ').ok_or(n)?;
+        let lean = if matches!(kind, "m" | "e") { self.lean() } else { false };
+        let idx = &mut self.idx;
+        match kind {
+            "H" => {
+                idx.header = parse_header(rest).ok_or(n)?;
+                self.have_header = true;
+                idx.appended += usize::from(section == 2);
+            }
+            "S" => {
+                let v: Vec<&str> = rest.split(' ').collect();
+                if v.len() != 4 {
+                    return Err(n);
+                }
+                let s = |i: usize| Stamp::decode(v[i]).map_err(|()| n);
+                idx.stamps = Some(Stamps { uidlist: s(0)?, new: s(1)?, cur: s(2)?, keywords: s(3)? });
+            }
+            "K" => {
+                let (id, name) = rest.split_once(' ').ok_or(n)?;
+                let id: usize = id.parse().map_err(|_| n)?;
+                let kw = Keyword::new(name).map_err(|_| n)?;
+                if id != idx.extra_keywords.len() || id >= crate::store::MAX_MAILBOX_KEYWORDS {
+                    return Err(n);
+                }
+                idx.extra_keywords.push(kw);
+                idx.appended += usize::from(section == 2);
+            }
+            "m" | "e" => {
+                let with_extras = kind == "e";
+                let mut it = rest.splitn(if with_extras { 6 } else { 5 }, ' ');
+                let mut next = || it.next().ok_or(n);
+                let uid: u32 = next()?.parse().map_err(|_| n)?;
+                let modseq: Modseq = next()?.parse().map_err(|_| n)?;
+                let in_new = match next()? {
+                    "n" => true,
+                    "c" => false,
+                    _ => return Err(n),
+                };
+                let guid_ext = match next()? {
+                    "-" => None,
+                    g => Some(Box::from(g.strip_prefix('G').ok_or(n)?)),
+                };
+                let extras =
+                    if with_extras { parse_ids(next()?, idx.extra_keywords.len()).ok_or(n)? } else { Box::default() };
+                let file = next()?;
+                if uid == 0 || file.is_empty() {
+                    return Err(n);
+                }
+                let m = IndexedMail::new(uid, modseq, in_new, guid_ext, Box::from(file), extras);
+                if section == 1 {
+                    return Err(n);
+                }
+                idx.appended += usize::from(section == 2);
+                if lean {
+                    self.gone -= usize::from(place(&mut idx.known, KnownMail::of(m), |k| (k.uid, k.gone), section, n)?);
+                } else {
+                    self.gone -= usize::from(place(&mut idx.mails, m, |k| (k.uid, k.gone), section, n)?);
+                }
+            }
+            "f" => {
+                if section == 0 {
+                    return Err(n);
+                }
+                idx.appended += usize::from(section == 2);
+                let v: Vec<&str> = rest.split(' ').collect();
+                if v.len() != 6 && v.len() != 8 {
+                    return Err(n);
+                }
+                let hex8 = |s: &str| u8::from_str_radix(s, 16).map_err(|_| n);
+                let hex32 = |s: &str| u32::from_str_radix(s, 16).map_err(|_| n);
+                let known = idx.extra_keywords.len();
+                let ids = |i: usize| v.get(i).map_or(Some(Box::default()), |s| parse_ids(s, known)).ok_or(n);
+                idx.log.push_back(LogEntry::Flags {
+                    modseq: v[0].parse().map_err(|_| n)?,
+                    uid: v[1].parse().map_err(|_| n)?,
+                    added: Flags::from_bits_truncate(hex8(v[2])?),
+                    removed: Flags::from_bits_truncate(hex8(v[3])?),
+                    kw_added: hex32(v[4])?,
+                    kw_removed: hex32(v[5])?,
+                    extra: ExtraChange::boxed(ids(6)?, ids(7)?),
+                });
+            }
+            "x" => {
+                if section == 0 {
+                    return Err(n);
+                }
+                idx.appended += usize::from(section == 2);
+                let v: Vec<&str> = rest.split(' ').collect();
+                if v.len() != 3 {
+                    return Err(n);
+                }
+                let uid: u32 = v[1].parse().map_err(|_| n)?;
+                idx.log.push_back(LogEntry::Expunge {
+                    modseq: v[0].parse().map_err(|_| n)?,
+                    uid,
+                    guid: v[2].parse().map_err(|_| n)?,
+                });
+                // Marked, not removed: removing shifts every later mail, once per expunge.
+                if let Ok(i) = idx.mails.binary_search_by_key(&uid, |x| x.uid)
+                    && !idx.mails[i].gone
+                {
+                    idx.mails[i].gone = true;
+                    self.gone += 1;
+                }
+                if let Ok(i) = idx.known.binary_search_by_key(&uid, |x| x.uid)
+                    && !idx.known[i].gone
+                {
+                    idx.known[i].gone = true;
+                    self.gone += 1;
+                }
+            }
+            "--" if rest == "log" && section == 0 => self.section = 1,
+            "--" if rest == "end" && section == 1 => self.section = 2,
+            _ => return Err(n),
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Index, usize> {
+        if !self.have_magic || !self.have_header {
             return Err(1);
         }
-        Ok(idx)
-    }
-
-    fn upsert(&mut self, m: IndexedMail) {
-        match self.mails.binary_search_by_key(&m.uid, |x| x.uid) {
-            Ok(i) => self.mails[i] = m,
-            Err(i) => self.mails.insert(i, m),
+        if self.gone > 0 {
+            self.idx.mails.retain(|m| !m.gone);
+            self.idx.known.retain(|m| !m.gone);
         }
+        self.idx.mails.shrink_to_fit();
+        self.idx.known.shrink_to_fit();
+        Ok(self.idx)
     }
+}
 
-    fn remove(&mut self, uid: u32) {
-        if let Ok(i) = self.mails.binary_search_by_key(&uid, |x| x.uid) {
-            self.mails.remove(i);
+/// Puts a mail line's mail into `mails` (UID order): appended at the end in the snapshot
+/// section (where UIDs must ascend), upserted after it. Returns whether it replaced a mail
+/// marked gone.
+fn place<M>(mails: &mut Vec<M>, m: M, key: impl Fn(&M) -> (u32, bool), section: u8, n: usize) -> Result<bool, usize> {
+    let uid = key(&m).0;
+    if section == 0 {
+        if mails.last().is_some_and(|l| key(l).0 >= uid) {
+            return Err(n);
+        }
+        mails.push(m);
+        return Ok(false);
+    }
+    match mails.binary_search_by_key(&uid, |x| key(x).0) {
+        Ok(i) => {
+            let was_gone = key(&mails[i]).1;
+            mails[i] = m;
+            Ok(was_gone)
+        }
+        // Appended mails are new ones, above all others: nothing shifts.
+        Err(i) => {
+            mails.insert(i, m);
+            Ok(false)
         }
     }
 }
@@ -262,24 +564,65 @@ impl Index {
 /// one wins), without parsing the rest. `None` when there is no index, or it is damaged at
 /// either end (no magic line, a torn last line, no header line).
 pub(crate) fn read_last_header(dir: &Path) -> StoreResult<Option<Header>> {
-    let Some(data) = fsutil::read_optional(&dir.join(NAME))? else {
-        return Ok(None);
+    use std::os::unix::fs::FileExt as _;
+    let path = dir.join(NAME);
+    let f = match File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(crate::store::StoreError::io("open", &path, e)),
     };
-    let magic_ok = data.strip_prefix(MAGIC.as_bytes()).is_some_and(|rest| rest.first() == Some(&b'\n'));
-    if !magic_ok || data.last() != Some(&b'\n') {
+    let len = f.metadata().ctx("fstat", &path)?.len();
+    let mut head = vec![0u8; MAGIC.len() + 1];
+    if len < head.len() as u64 {
         return Ok(None);
     }
-    let mut end = data.len() - 1; // the LF that ends the current line
+    f.read_exact_at(&mut head, 0).ctx("read", &path)?;
+    if head[..MAGIC.len()] != *MAGIC.as_bytes() || head[MAGIC.len()] != b'\n' {
+        return Ok(None);
+    }
+    // The last header line is near the end (appends write one after every change): read a
+    // growing tail, not the whole file, which for a large mailbox is megabytes.
+    let mut window = 4096u64;
     loop {
-        let start = data[..end].iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-        if let Some(rest) = data[start..end].strip_prefix(b"H ") {
-            return Ok(std::str::from_utf8(rest).ok().and_then(parse_header));
+        let start = len.saturating_sub(window);
+        let mut data = vec![0u8; (len - start) as usize];
+        f.read_exact_at(&mut data, start).ctx("read", &path)?;
+        if data.last() != Some(&b'\n') {
+            return Ok(None); // torn
+        }
+        let mut end = data.len() - 1; // the LF that ends the current line
+        // (A line without a LF before it may start before the window: the next round sees it.)
+        while let Some(lf) = data[..end].iter().rposition(|&b| b == b'\n') {
+            let line = &data[lf + 1..end];
+            if let Some(rest) = line.strip_prefix(b"H ") {
+                return Ok(std::str::from_utf8(rest).ok().and_then(parse_header));
+            }
+            if line == b"-- end" {
+                // Nothing appended since the snapshot: its header is the second line.
+                return snapshot_header(&f, &path);
+            }
+            end = lf;
         }
         if start == 0 {
+            // The whole file: its first line is the magic line, not a header.
             return Ok(None);
         }
-        end = start - 1;
+        window = window.saturating_mul(8);
     }
+}
+
+/// The header of a snapshot: the line after the magic line.
+fn snapshot_header(f: &File, path: &Path) -> StoreResult<Option<Header>> {
+    use std::os::unix::fs::FileExt as _;
+    let mut head = vec![0u8; 1024];
+    let n = f.read_at(&mut head, 0).ctx("read", path)?;
+    let mut lines = head[..n].split(|&b| b == b'\n');
+    let _magic = lines.next();
+    Ok(lines
+        .next()
+        .and_then(|l| l.strip_prefix(b"H "))
+        .and_then(|rest| std::str::from_utf8(rest).ok())
+        .and_then(parse_header))
 }
 
 fn parse_header(rest: &str) -> Option<Header> {
@@ -294,24 +637,40 @@ fn parse_header(rest: &str) -> Option<Header> {
             "F" => h.log_floor = v.parse().ok()?,
             "R" => h.first_recent_uid = v.parse().ok()?,
             "Y" => h.replicated_modseq = v.parse().ok()?,
+            "P" => h.peer_modseq = v.parse().ok()?,
+            "L" => {
+                h.history_lost = match v {
+                    "0" => false,
+                    "1" => true,
+                    _ => return None,
+                }
+            }
             _ => return None,
         }
     }
     Some(h)
 }
 
-/// Renders a header line.
+/// Renders a header line. `L1` and `P` are written only when set, so that an index without
+/// them stays readable by mailreplica versions from before them.
 pub(crate) fn header_line(h: &Header) -> String {
     format!(
-        "H V{} G{} N{} M{} F{} R{} Y{}\n",
+        "H V{} G{} N{} M{} F{} R{} Y{}{}{}\n",
         h.uid_validity,
         h.guid.map_or_else(|| "-".to_owned(), |g| g.to_string()),
         h.next_uid,
         h.highest_modseq,
         h.log_floor,
         h.first_recent_uid,
-        h.replicated_modseq
+        h.replicated_modseq,
+        if h.history_lost { " L1" } else { "" },
+        if h.peer_modseq != 0 { format!(" P{}", h.peer_modseq) } else { String::new() }
     )
+}
+
+/// Renders a keyword-table line.
+pub(crate) fn keyword_line(id: usize, kw: &Keyword) -> String {
+    format!("K {id} {kw}\n")
 }
 
 /// A mail as an index line describes it, borrowed from wherever the mail is kept.
@@ -322,26 +681,14 @@ pub(crate) struct MailLine<'a> {
     pub(crate) in_new: bool,
     pub(crate) guid_ext: Option<&'a str>,
     pub(crate) file: &'a str,
-}
-
-#[cfg(test)]
-impl IndexedMail {
-    /// This mail as a [`MailLine`].
-    pub(crate) fn line(&self) -> MailLine<'_> {
-        MailLine {
-            uid: self.uid,
-            modseq: self.modseq,
-            in_new: self.in_new,
-            guid_ext: self.guid_ext.as_deref(),
-            file: &self.file,
-        }
-    }
+    pub(crate) extras: &'a [u16],
 }
 
 /// Appends a mail line to `out`.
 pub(crate) fn push_mail_line(out: &mut String, m: &MailLine<'_>) {
     use std::fmt::Write as _;
-    let _ = write!(out, "m {} {}", m.uid, m.modseq);
+    let kind = if m.extras.is_empty() { 'm' } else { 'e' };
+    let _ = write!(out, "{kind} {} {}", m.uid, m.modseq);
     out.push_str(if m.in_new { " n " } else { " c " });
     match m.guid_ext {
         Some(g) => {
@@ -351,6 +698,10 @@ pub(crate) fn push_mail_line(out: &mut String, m: &MailLine<'_>) {
         None => out.push('-'),
     }
     out.push(' ');
+    if !m.extras.is_empty() {
+        push_ids(out, m.extras);
+        out.push(' ');
+    }
     out.push_str(m.file);
     out.push('\n');
 }
@@ -365,8 +716,16 @@ pub(crate) fn mail_line(m: &MailLine<'_>) -> String {
 /// Renders a log line.
 pub(crate) fn log_line(e: &LogEntry) -> String {
     match e {
-        LogEntry::Flags { modseq, uid, added, removed, kw_added, kw_removed } => {
-            format!("f {modseq} {uid} {:x} {:x} {kw_added:x} {kw_removed:x}\n", added.bits(), removed.bits())
+        LogEntry::Flags { modseq, uid, added, removed, kw_added, kw_removed, extra } => {
+            let mut s = format!("f {modseq} {uid} {:x} {:x} {kw_added:x} {kw_removed:x}", added.bits(), removed.bits());
+            if let Some(x) = extra {
+                s.push(' ');
+                push_ids(&mut s, &x.added);
+                s.push(' ');
+                push_ids(&mut s, &x.removed);
+            }
+            s.push('\n');
+            s
         }
         LogEntry::Expunge { modseq, uid, guid } => format!("x {modseq} {uid} {guid}\n"),
     }
@@ -378,6 +737,7 @@ pub(crate) fn write_snapshot(
     dir: &Path,
     header: &Header,
     stamps: Option<&Stamps>,
+    extra_keywords: &[Keyword],
     mails: &mut dyn Iterator<Item = MailLine<'_>>,
     log: &mut VecDeque<LogEntry>,
     messages: usize,
@@ -403,6 +763,9 @@ pub(crate) fn write_snapshot(
             Stamp::encode(s.cur),
             Stamp::encode(s.keywords)
         ));
+    }
+    for (id, kw) in extra_keywords.iter().enumerate() {
+        data.push_str(&keyword_line(id, kw));
     }
     for m in mails {
         push_mail_line(&mut data, &m);
@@ -476,10 +839,12 @@ mod tests {
             log_floor: 1,
             first_recent_uid: 1,
             replicated_modseq: 4,
+            history_lost: false,
+            peer_modseq: 9,
         };
         let mails = [
-            IndexedMail { uid: 1, modseq: 2, in_new: false, guid_ext: None, file: "a,S=1:2,S".into() },
-            IndexedMail { uid: 2, modseq: 5, in_new: true, guid_ext: Some("g2".into()), file: "b".into() },
+            IndexedMail::new(1, 2, false, None, "a,S=1:2,S".into(), Box::default()),
+            IndexedMail::new(2, 5, true, Some("g2".into()), "b".into(), Box::default()),
         ];
         let mut log = VecDeque::from(vec![LogEntry::Flags {
             modseq: 2,
@@ -488,24 +853,143 @@ mod tests {
             removed: Flags::NONE,
             kw_added: 0,
             kw_removed: 0,
+            extra: None,
         }]);
-        write_snapshot(dir.path(), &h, Some(&Stamps::default()), &mut mails.iter().map(IndexedMail::line), &mut log, 2)
-            .unwrap();
+        write_snapshot(
+            dir.path(),
+            &h,
+            Some(&Stamps::default()),
+            &[],
+            &mut mails.iter().map(IndexedMail::line),
+            &mut log,
+            2,
+        )
+        .unwrap();
         let mut ap = Appender::open(dir.path()).unwrap();
         ap.append(&log_line(&LogEntry::Expunge { modseq: 6, uid: 2, guid: Guid128([2; 16]) })).unwrap();
-        ap.append(&mail_line(&MailLine { uid: 3, modseq: 7, in_new: false, guid_ext: None, file: "c with space:2," }))
-            .unwrap();
+        ap.append(&mail_line(&MailLine {
+            uid: 3,
+            modseq: 7,
+            in_new: false,
+            guid_ext: None,
+            file: "c with space:2,",
+            extras: &[],
+        }))
+        .unwrap();
         let mut h2 = h;
         h2.highest_modseq = 7;
         ap.append(&header_line(&h2)).unwrap();
         ap.sync().unwrap();
-        let idx = Index::read(dir.path()).unwrap().unwrap();
+        let idx = Index::read(dir.path(), None).unwrap().unwrap();
         assert_eq!(idx.header.highest_modseq, 7);
         assert_eq!(idx.mails.iter().map(|m| m.uid).collect::<Vec<_>>(), [1, 3]);
-        assert_eq!(idx.mails[1].file, "c with space:2,");
+        assert_eq!(&*idx.mails[1].file, "c with space:2,");
         assert_eq!(idx.log.len(), 2);
         assert_eq!(idx.appended, 3);
         assert!(!idx.torn);
+        assert!(!idx.header.history_lost);
+        assert!(!std::fs::read_to_string(dir.path().join(NAME)).unwrap().contains(" L"), "no L key unless lost");
+    }
+
+    #[test]
+    fn history_lost_flag_and_old_headers() {
+        let mut h = Header { uid_validity: 1, next_uid: 1, highest_modseq: 2, log_floor: 2, ..Header::default() };
+        // An index written before the flag existed reads as "not lost".
+        let old = Index::parse(b"mailreplica-index 1\nH V1 G- N1 M2 F2 R1 Y0\n-- log\n-- end\n").unwrap();
+        assert!(!old.header.history_lost);
+        h.history_lost = true;
+        let line = header_line(&h);
+        assert!(line.ends_with(" L1\n"), "{line}");
+        let data = format!("mailreplica-index 1\n{line}-- log\n-- end\n");
+        assert!(Index::parse(data.as_bytes()).unwrap().header.history_lost);
+        // A later header line without the key clears it (the last header wins).
+        h.history_lost = false;
+        let data = format!("{data}{}", header_line(&h));
+        assert!(!Index::parse(data.as_bytes()).unwrap().header.history_lost);
+        assert!(Index::parse(b"mailreplica-index 1\nH V1 G- N1 M2 F2 R1 L2\n").is_err());
+        assert_eq!(rebuilt_modseq(false), 1);
+        assert_eq!(rebuilt_modseq(true), 2);
+    }
+
+    #[test]
+    fn extra_keywords_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let kws: Vec<Keyword> = (0..3).map(|i| Keyword::new(&format!("extra{i}")).unwrap()).collect();
+        let h = Header { uid_validity: 1, next_uid: 3, highest_modseq: 4, log_floor: 1, ..Header::default() };
+        let mails = [IndexedMail::new(2, 3, false, None, "x y:2,Sa".into(), vec![2, 0].into_boxed_slice())];
+        let mut log = VecDeque::from(vec![LogEntry::Flags {
+            modseq: 3,
+            uid: 2,
+            added: Flags::NONE,
+            removed: Flags::NONE,
+            kw_added: 1,
+            kw_removed: 0,
+            extra: ExtraChange::boxed(vec![2, 0].into_boxed_slice(), Box::default()),
+        }]);
+        write_snapshot(dir.path(), &h, None, &kws, &mut mails.iter().map(IndexedMail::line), &mut log, 1).unwrap();
+        let mut ap = Appender::open(dir.path()).unwrap();
+        ap.append(&keyword_line(3, &Keyword::new("late").unwrap())).unwrap();
+        ap.append(&log_line(&LogEntry::Flags {
+            modseq: 5,
+            uid: 2,
+            added: Flags::NONE,
+            removed: Flags::NONE,
+            kw_added: 0,
+            kw_removed: 0,
+            extra: ExtraChange::boxed(vec![3].into_boxed_slice(), vec![2].into_boxed_slice()),
+        }))
+        .unwrap();
+        ap.sync().unwrap();
+        let idx = Index::read(dir.path(), None).unwrap().unwrap();
+        assert_eq!(
+            idx.extra_keywords.iter().map(Keyword::as_str).collect::<Vec<_>>(),
+            ["extra0", "extra1", "extra2", "late"]
+        );
+        assert_eq!(&*idx.mails[0].extras, &[2, 0]);
+        assert_eq!(&*idx.mails[0].file, "x y:2,Sa");
+        assert_eq!((idx.mails[0].flags, idx.mails[0].kw), (Flags::SEEN, 1));
+        assert_eq!(idx.log.len(), 2);
+        assert!(matches!(&idx.log[1], LogEntry::Flags { extra: Some(x), .. }
+            if *x.added == [3] && *x.removed == [2]));
+        // A reference to a keyword id that the table does not have is damage.
+        assert!(Index::parse(b"mailreplica-index 1\nH V1 G- N1 M1 F1 R1\ne 1 1 c - 0 f\n").is_err());
+        assert!(Index::parse(b"mailreplica-index 1\nH V1 G- N1 M1 F1 R1\nK 1 skipped\n").is_err());
+    }
+
+    #[test]
+    fn an_untrusted_snapshot_is_read_for_a_merge() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Header { uid_validity: 1, next_uid: 4, highest_modseq: 5, log_floor: 1, ..Header::default() };
+        let stamps = Stamps { uidlist: Some(Stamp::default()), ..Stamps::default() };
+        let mails = [
+            IndexedMail::new(1, 2, false, None, "a,S=1:2,S".into(), Box::default()),
+            IndexedMail::new(2, 3, true, Some("g2".into()), "b".into(), vec![0].into_boxed_slice()),
+        ];
+        let kws = [Keyword::new("x").unwrap()];
+        let mut log = VecDeque::new();
+        write_snapshot(dir.path(), &h, Some(&stamps), &kws, &mut mails.iter().map(IndexedMail::line), &mut log, 2)
+            .unwrap();
+        let mut ap = Appender::open(dir.path()).unwrap();
+        ap.append(&log_line(&LogEntry::Expunge { modseq: 6, uid: 1, guid: Guid128([1; 16]) })).unwrap();
+        ap.append(&mail_line(&IndexedMail::new(3, 7, false, None, "c:2,F".into(), Box::default()).line())).unwrap();
+        ap.sync().unwrap();
+        let trusted = Index::read(dir.path(), Some(&stamps)).unwrap().unwrap();
+        assert_eq!(trusted.mails.iter().map(|m| m.uid).collect::<Vec<_>>(), [2, 3]);
+        assert!(trusted.known.is_empty());
+        let other = Stamps { new: Some(Stamp::default()), ..stamps };
+        let merge = Index::read(dir.path(), Some(&other)).unwrap().unwrap();
+        assert!(merge.mails.is_empty());
+        let k: Vec<(u32, u64, Guid128, &[u16], Flags)> =
+            merge.known.iter().map(|k| (k.uid, k.modseq, k.guid128, &*k.extras, k.flags)).collect();
+        assert_eq!(
+            k,
+            [
+                (2, 3, Guid128::from_mail_guid("g2"), &[0u16][..], Flags::NONE),
+                (3, 7, Guid128::from_mail_guid("c"), &[][..], Flags::FLAGGED)
+            ]
+        );
+        assert_eq!(merge.known[0].ident, mail_ident("b:2,S", Some("g2")));
+        assert_ne!(merge.known[0].ident, mail_ident("b", None));
     }
 
     #[test]
@@ -526,6 +1010,16 @@ mod tests {
         assert_eq!(read_last_header(dir.path()).unwrap(), None, "torn");
         std::fs::write(&p, "something else\nH V1 G- N1 M1 F1 R1\n").unwrap();
         assert_eq!(read_last_header(dir.path()).unwrap(), None, "no magic");
+        // A header far from the end is found too (the tail read grows), and none is none.
+        let many: String = (1..20_000).map(|u| format!("m {u} 1 c - file{u}\n")).collect();
+        std::fs::write(&p, format!("mailreplica-index 1\nH V1 G- N7 M1 F1 R1\n{many}")).unwrap();
+        assert_eq!(read_last_header(dir.path()).unwrap().unwrap().next_uid, 7);
+        std::fs::write(&p, format!("mailreplica-index 1\n{many}")).unwrap();
+        assert_eq!(read_last_header(dir.path()).unwrap(), None);
+        // A snapshot with nothing appended: the header is its second line (and only that is
+        // read, not the mails between).
+        std::fs::write(&p, format!("mailreplica-index 1\nH V1 G- N8 M1 F1 R1\n{many}-- log\n-- end\n")).unwrap();
+        assert_eq!(read_last_header(dir.path()).unwrap().unwrap().next_uid, 8);
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! every file already named with them. Writers hold the uidlist lock, write the new file as
 //! `dovecot-keywords.lock`, and rename it over the old one with a strictly larger mtime,
 //! because Dovecot re-reads the file only when its mtime (in seconds) changes.
+//!
+//! Keywords that find no free letter are kept in our own index instead ([`ExtraKeywords`]);
+//! see `index.rs`.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -12,10 +15,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::fasthash::FastMap;
 use super::filename::KeywordMask;
 use super::fsutil::{self, Stamp};
 use crate::store::error::{IoContext, StoreResult};
-use crate::store::{Keyword, StoreError};
+use crate::store::{Keyword, MAX_MAILBOX_KEYWORDS, StoreError};
 
 /// File name of the keyword map.
 pub(crate) const NAME: &str = "dovecot-keywords";
@@ -91,37 +95,45 @@ impl KeywordMap {
         }
     }
 
-    /// The mask for `keywords`, allocating letters for new ones. Returns the mask and whether
-    /// the map changed (and must be written before any file uses the new letters).
-    pub(crate) fn mask_for(&mut self, keywords: &[Keyword]) -> StoreResult<(KeywordMask, bool)> {
+    /// The letter of one keyword without allocating: its own, or letter N itself for an
+    /// `unknown-N` whose letter has no name.
+    pub(crate) fn letter_of(&self, kw: &Keyword) -> Option<usize> {
+        self.index_of(kw).or_else(|| unknown_index(kw).filter(|&i| self.names[i].is_none()))
+    }
+
+    /// Letters for `keywords`, giving free letters to new ones while any is left. Returns the
+    /// mask, whether the map changed (and must be written before any file uses the new
+    /// letters), and the positions in `keywords` of those that got no letter.
+    pub(crate) fn assign(&mut self, keywords: &[Keyword]) -> (KeywordMask, bool, Vec<usize>) {
         let mut mask = 0;
         let mut changed = false;
-        for kw in keywords {
-            let idx = if let Some(i) = self.index_of(kw) {
-                i
-            } else if let Some(i) = unknown_index(kw).filter(|&i| self.names[i].is_none()) {
-                i // `unknown-N` stands for letter N itself
-            } else {
-                let free = self.names.iter().position(Option::is_none).ok_or_else(|| {
-                    StoreError::Limit(format!(
-                        "cannot add keyword {kw}: a Maildir holds at most {MAX_KEYWORDS} keywords per mailbox"
-                    ))
-                })?;
-                self.names[free] = Some(kw.clone());
-                changed = true;
-                free
+        let mut left = Vec::new();
+        for (pos, kw) in keywords.iter().enumerate() {
+            let idx = match self.letter_of(kw) {
+                Some(i) => i,
+                None => match self.names.iter().position(Option::is_none) {
+                    Some(free) => {
+                        self.names[free] = Some(kw.clone());
+                        changed = true;
+                        free
+                    }
+                    None => {
+                        left.push(pos);
+                        continue;
+                    }
+                },
             };
             mask |= 1 << idx;
         }
-        Ok((mask, changed))
+        (mask, changed, left)
     }
 
     /// Looks keywords up without allocating; `None` if any has no letter.
+    #[cfg(test)]
     pub(crate) fn existing_mask(&self, keywords: &[Keyword]) -> Option<KeywordMask> {
         let mut mask = 0;
         for kw in keywords {
-            let idx = self.index_of(kw).or_else(|| unknown_index(kw).filter(|&i| self.names[i].is_none()))?;
-            mask |= 1 << idx;
+            mask |= 1 << self.letter_of(kw)?;
         }
         Some(mask)
     }
@@ -156,6 +168,68 @@ impl KeywordMap {
     }
 }
 
+/// Most keywords without a letter one mailbox may have: the mailbox-wide bound less the 26
+/// letters.
+pub(crate) const MAX_EXTRA_KEYWORDS: usize = MAX_MAILBOX_KEYWORDS - MAX_KEYWORDS;
+
+/// The keywords of a mailbox that have no letter, each with a small number (its id) that the
+/// index stores per mail. Ids are handed out in order and never reused or renumbered, like
+/// Dovecot's own keyword list in its index; names match case-insensitively, as IMAP keywords do.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ExtraKeywords {
+    names: Vec<Keyword>,
+    ids: FastMap<String, u16>,
+}
+
+impl ExtraKeywords {
+    /// The table as the index stored it (ids = positions).
+    pub(crate) fn from_names(names: Vec<Keyword>) -> Self {
+        let mut ids = FastMap::default();
+        for (i, k) in names.iter().enumerate() {
+            // A name twice (only by hand) keeps its first id for lookups; both ids still read.
+            ids.entry(k.as_str().to_ascii_lowercase()).or_insert(i as u16);
+        }
+        Self { names, ids }
+    }
+
+    /// Every name, by id.
+    pub(crate) fn names(&self) -> &[Keyword] {
+        &self.names
+    }
+
+    /// Number of ids handed out.
+    pub(crate) fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// The keyword of an id (ids come from this table, so every one has a name).
+    pub(crate) fn name(&self, id: u16) -> Option<&Keyword> {
+        self.names.get(usize::from(id))
+    }
+
+    /// The id of a keyword, if it has one.
+    pub(crate) fn id_of(&self, kw: &Keyword) -> Option<u16> {
+        self.ids.get(&kw.as_str().to_ascii_lowercase()).copied()
+    }
+
+    /// The id of a keyword, handing out a new one if needed.
+    pub(crate) fn id_for(&mut self, kw: &Keyword) -> StoreResult<u16> {
+        if let Some(id) = self.id_of(kw) {
+            return Ok(id);
+        }
+        if self.names.len() >= MAX_EXTRA_KEYWORDS {
+            return Err(StoreError::Limit(format!(
+                "cannot add keyword {kw}: a mailbox holds at most {MAX_MAILBOX_KEYWORDS} distinct keywords \
+                 ({MAX_KEYWORDS} named in Maildir file names, the rest in mailreplica-index)"
+            )));
+        }
+        let id = self.names.len() as u16;
+        self.names.push(kw.clone());
+        self.ids.insert(kw.as_str().to_ascii_lowercase(), id);
+        Ok(id)
+    }
+}
+
 /// `unknown-N` → N, the name Dovecot gives a letter whose keyword was lost.
 fn unknown_index(kw: &Keyword) -> Option<usize> {
     kw.as_str().strip_prefix("unknown-")?.parse().ok().filter(|&i| i < MAX_KEYWORDS)
@@ -173,8 +247,8 @@ mod tests {
     fn allocate_write_read() {
         let dir = tempfile::tempdir().unwrap();
         let mut m = KeywordMap::read(dir.path()).unwrap();
-        let (mask, changed) = m.mask_for(&[kw("$Junk"), kw("Work")]).unwrap();
-        assert_eq!((mask, changed), (0b11, true));
+        let (mask, changed, left) = m.assign(&[kw("$Junk"), kw("Work")]);
+        assert_eq!((mask, changed, left), (0b11, true, vec![]));
         m.write(dir.path()).unwrap();
         assert_eq!(fs::read_to_string(dir.path().join(NAME)).unwrap(), "0 $Junk\n1 Work\n");
         let m2 = KeywordMask::from(0b10u8);
@@ -186,18 +260,43 @@ mod tests {
         // A used letter without a name is reserved, not handed out again.
         let mut r = r;
         r.reserve(0b100);
-        let (mask, _) = r.mask_for(&[kw("New")]).unwrap();
+        let (mask, _, _) = r.assign(&[kw("New")]);
         assert_eq!(mask, 0b1000);
         assert_eq!(r.keywords(0b100), vec![kw("unknown-2")]);
         assert_eq!(r.existing_mask(&[kw("unknown-2")]), Some(0b100));
     }
 
     #[test]
-    fn limit_of_26() {
+    fn letters_run_out_after_26() {
         let dir = tempfile::tempdir().unwrap();
         let mut m = KeywordMap::read(dir.path()).unwrap();
-        let many: Vec<Keyword> = (0..26).map(|i| kw(&format!("k{i}"))).collect();
-        m.mask_for(&many).unwrap();
-        assert!(matches!(m.mask_for(&[kw("one-more")]), Err(StoreError::Limit(_))));
+        let many: Vec<Keyword> = (0..25).map(|i| kw(&format!("k{i}"))).collect();
+        m.assign(&many);
+        // Three new ones and an old one: one letter is left, the other two get none.
+        let (mask, changed, left) = m.assign(&[kw("x1"), kw("K3"), kw("x2"), kw("x3")]);
+        assert_eq!(mask, 1 << 25 | 1 << 3);
+        assert!(changed);
+        assert_eq!(left, [2, 3]);
+        let (_, changed, left) = m.assign(&[kw("x2")]);
+        assert_eq!((changed, left), (false, vec![0]));
+    }
+
+    #[test]
+    fn extra_keywords_table() {
+        let mut t = ExtraKeywords::from_names(vec![kw("a1"), kw("b2")]);
+        assert_eq!(t.id_of(&kw("B2")), Some(1));
+        assert_eq!(t.id_for(&kw("c3")).unwrap(), 2);
+        assert_eq!(t.id_for(&kw("A1")).unwrap(), 0);
+        assert_eq!(t.name(2), Some(&kw("c3")));
+        assert_eq!(t.len(), 3);
+        for i in 3..MAX_EXTRA_KEYWORDS {
+            t.id_for(&kw(&format!("n{i}"))).unwrap();
+        }
+        match t.id_for(&kw("too-many")) {
+            Err(StoreError::Limit(msg)) => assert!(msg.contains("too-many") && msg.contains("1024"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        // Known names still resolve at the limit.
+        assert_eq!(t.id_for(&kw("c3")).unwrap(), 2);
     }
 }

@@ -15,6 +15,7 @@
 //!
 //! With `LAYOUT=fs` children are nested directories (`Archive/2024/`) and the separator is `/`.
 
+mod delete;
 mod dotlock;
 mod fasthash;
 mod filename;
@@ -24,6 +25,10 @@ mod keywords;
 mod mailbox;
 mod mailbox_log;
 mod subscriptions;
+mod synclock;
+#[cfg(test)]
+mod tests;
+mod tmpclean;
 mod uidlist;
 mod uidvalidity;
 
@@ -79,6 +84,8 @@ pub struct MaildirSettings {
     pub hostname: String,
     /// How long to wait for `dovecot-uidlist.lock`.
     pub lock_wait: Duration,
+    /// The user's home directory, where the dsync lock lives (`None`: the mail root's parent).
+    pub home: Option<PathBuf>,
 }
 
 impl MaildirSettings {
@@ -92,6 +99,7 @@ impl MaildirSettings {
             utf8: false,
             hostname: fsutil::hostname(),
             lock_wait: dotlock::DEFAULT_WAIT,
+            home: None,
         }
     }
 }
@@ -107,7 +115,7 @@ pub(crate) struct Ctx {
 }
 
 /// Name of the directory Dovecot renames a Maildir++ mailbox to while deleting it.
-const TRASH_DIR: &str = "..DOVECOT-TRASHED";
+const TRASH_DIR: &str = delete::MAILDIRPP_TRASH;
 
 /// A Maildir mail store.
 #[derive(Debug)]
@@ -369,6 +377,14 @@ impl Maildir {
 impl MailStore for Maildir {
     type Mailbox = MaildirMailbox;
 
+    fn lock_sync(&mut self, timeout: Duration) -> StoreResult<Box<dyn std::any::Any>> {
+        let home = match &self.settings.home {
+            Some(h) => h.clone(),
+            None => self.settings.root.parent().unwrap_or(Path::new("/")).to_path_buf(),
+        };
+        Ok(Box::new(synclock::lock(&home, timeout)?))
+    }
+
     fn hierarchy_separator(&self) -> char {
         self.ctx.sep
     }
@@ -498,6 +514,8 @@ impl MailStore for Maildir {
         Ok(())
     }
 
+    /// See [`MailStore::delete_mailbox`] and `delete.rs`: waits for the uidlist lock, deletes
+    /// only what it saw, and refuses with [`StoreError::ChangedDuringDelete`] if a mail arrived.
     fn delete_mailbox(&mut self, name: &MailboxName) -> StoreResult<()> {
         if name.is_inbox() {
             return Err(StoreError::NotPossible("INBOX can't be deleted.".to_owned()));
@@ -507,73 +525,40 @@ impl MailStore for Maildir {
             return Err(StoreError::MailboxNotFound(self.vname(name)));
         }
         let (guid, _, _) = self.identity(name, &dir)?;
-        let vname_hash = Guid128::sha128(self.vname(name).as_bytes());
-        match self.settings.layout {
-            Layout::MaildirPlusPlus => {
-                let trash = self.settings.root.join(TRASH_DIR);
-                if trash.exists() {
-                    fs::remove_dir_all(&trash).ctx("rmdir", &trash)?;
-                }
-                fs::rename(&dir, &trash).ctx("rename", &dir)?;
-                fsutil::fsync_dir(&self.settings.root)?;
-                self.log(ListChangeKind::DeleteMailbox, guid)?;
+        let vname = self.vname(name);
+        let vname_hash = Guid128::sha128(vname.as_bytes());
+        let env = delete::Env { hostname: &self.ctx.hostname, lock_wait: self.ctx.lock_wait, vname: &vname };
+        let fs_layout = self.settings.layout == Layout::Fs;
+        let root = self.settings.root.clone();
+        let removed_dir = delete::delete_mailbox(&root, &dir, fs_layout, env, || {
+            // The GUID as it is now, under the lock (the mailbox may have been recreated).
+            let guid = match uidlist::Uidlist::read_header(&dir) {
+                Ok(Some(l)) => l.guid.unwrap_or(guid),
+                _ => guid,
+            };
+            self.log(ListChangeKind::DeleteMailbox, guid)?;
+            if !fs_layout {
                 self.log(ListChangeKind::DeleteDir, vname_hash)?;
-                fs::remove_dir_all(&trash).ctx("rmdir", &trash)?;
             }
-            Layout::Fs => {
-                for sub in ["cur", "new", "tmp"] {
-                    let p = dir.join(sub);
-                    match fs::remove_dir_all(&p) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(StoreError::io("rmdir", p, e)),
-                    }
-                }
-                for e in fs::read_dir(&dir).ctx("opendir", &dir)? {
-                    let e = e.ctx("readdir", &dir)?;
-                    if e.file_type().is_ok_and(|t| t.is_file()) {
-                        let _ = fs::remove_file(e.path());
-                    }
-                }
-                self.log(ListChangeKind::DeleteMailbox, guid)?;
-                if fs::remove_dir(&dir).is_ok() {
-                    self.log(ListChangeKind::DeleteDir, vname_hash)?;
-                }
-                if let Some(parent) = dir.parent() {
-                    fsutil::fsync_dir(parent)?;
-                }
-            }
+            Ok(())
+        });
+        // With LAYOUT=fs the directory stays when it holds children.
+        if removed_dir? && fs_layout {
+            self.log(ListChangeKind::DeleteDir, vname_hash)?;
         }
         Ok(())
     }
 
     fn clear_inbox(&mut self) -> StoreResult<()> {
         let dir = self.inbox_dir();
-        let name = MailboxName::inbox();
-        let old_guid = uidlist::Uidlist::read(&dir).ok().flatten().and_then(|l| l.guid);
-        // Hold the mailbox's own lock so no other mailreplica process works on it meanwhile.
-        let mb = MaildirMailbox::open(self.ctx.clone(), name, dir.clone())?;
-        let lock = dotlock::Dotlock::acquire(&dir.join(uidlist::NAME), &self.ctx.hostname, self.ctx.lock_wait)?;
-        for sub in ["new", "cur"] {
-            let d = dir.join(sub);
-            for e in fs::read_dir(&d).ctx("opendir", &d)? {
-                let e = e.ctx("readdir", &d)?;
-                if e.file_type().is_ok_and(|t| t.is_file()) {
-                    fs::remove_file(e.path()).ctx("unlink", &e.path())?;
-                }
-            }
-            fsutil::fsync_dir(&d)?;
-        }
-        for f in [uidlist::NAME, keywords::NAME, index::NAME] {
-            match fs::remove_file(dir.join(f)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StoreError::io("unlink", dir.join(f), e)),
-            }
-        }
-        fsutil::fsync_dir(&dir)?;
-        lock.release()?;
-        drop(mb);
+        let old_guid = uidlist::Uidlist::read_header(&dir).ok().flatten().and_then(|l| l.guid);
+        // Our own lock on the mailbox (as an open handle takes it), so that no other
+        // mailreplica process rebuilds the identity from an index it read before.
+        let dirf = fs::File::open(&dir).ctx("open", &dir)?;
+        let _flock = nix::fcntl::Flock::lock(dirf, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| StoreError::io("flock", &dir, io::Error::from(e)))?;
+        let env = delete::Env { hostname: &self.ctx.hostname, lock_wait: self.ctx.lock_wait, vname: "INBOX" };
+        delete::clear_mailbox(&dir, &[uidlist::NAME, keywords::NAME, index::NAME], env)?;
         if let Some(g) = old_guid {
             self.log(ListChangeKind::DeleteMailbox, g)?;
         }
@@ -632,6 +617,11 @@ impl MailStore for Maildir {
             self.log(kind, Guid128::sha128(self.vname(name).as_bytes()))?;
         }
         Ok(())
+    }
+
+    fn forget_subscription(&mut self, name: &MailboxName) -> StoreResult<()> {
+        subscriptions::set(&self.settings.root, &self.ctx.hostname, self.codec(), name, false)?;
+        self.log(ListChangeKind::Unsubscribe, Guid128::sha128(self.vname(name).as_bytes()))
     }
 
     fn open(&mut self, name: &MailboxName) -> StoreResult<MaildirMailbox> {

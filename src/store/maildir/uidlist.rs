@@ -10,6 +10,19 @@
 //! lock; writers hold `dovecot-uidlist.lock` and either append whole lines or replace the file
 //! through `dovecot-uidlist.tmp`. A trailing line without LF is a write in progress and ignored.
 //! Courier's version 1 (`1 <uidvalidity> <next uid>`, records `<uid> <file name>`) is read too.
+//! UIDs are below 4294967295 ([`crate::store::MAX_UID`] is the highest), as Dovecot requires.
+//!
+//! ## Damaged files
+//!
+//! Dovecot, finding a uidlist it cannot read ("Broken file … UIDs not ordered", a bad header,
+//! an empty file), logs it, deletes the file and rebuilds it from its own index: the mailbox
+//! keeps its UIDVALIDITY only if Dovecot's index is there, gets a new mailbox GUID, and every
+//! mail a new UID. We keep more ([`Salvage`]): the identity from the header (or, if that is
+//! unreadable, from our own index), every record that can stay (the longest run of records in
+//! ascending UID order, so one stray line costs one mail its UID, not all that follow; a file
+//! listed twice keeps the later of its lines, as Dovecot does), and a next UID above every UID
+//! seen anywhere in the file, so that no UID is ever handed out twice. Files left without a UID
+//! get new ones, as any unlisted file does.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -17,7 +30,7 @@ use std::path::Path;
 
 use super::fsutil::{self, Stamp};
 use crate::store::error::{IoContext, StoreResult};
-use crate::store::{Guid128, StoreError};
+use crate::store::{Guid128, MAX_UID, StoreError};
 
 /// File name of the uidlist.
 pub(crate) const NAME: &str = "dovecot-uidlist";
@@ -36,6 +49,10 @@ pub(crate) struct Record {
     pub(crate) other_exts: String,
 }
 
+/// A record whose file was found: its UID, the file's index in the directory scan, and its
+/// `G` extension.
+pub(crate) type Found = (u32, u32, Option<Box<str>>);
+
 /// A parsed uidlist.
 #[derive(Debug, Clone)]
 pub(crate) struct Uidlist {
@@ -52,6 +69,11 @@ pub(crate) struct Uidlist {
     pub(crate) stamp: Option<Stamp>,
     /// Bytes of complete lines read; appends must start exactly here.
     pub(crate) read_len: u64,
+    /// The highest UID of any record (0 = none), also when `records` is not kept.
+    pub(crate) last_uid: u32,
+    /// `records` holds every record of the file; false for a header-only view, which must
+    /// never be written back whole.
+    pub(crate) complete: bool,
 }
 
 impl Uidlist {
@@ -66,27 +88,153 @@ impl Uidlist {
             version: 3,
             stamp: None,
             read_len: 0,
+            last_uid: 0,
+            complete: true,
         }
     }
 
-    /// The next UID to assign.
+    /// The next UID to assign; above [`MAX_UID`] when none is left.
     pub(crate) fn next_uid(&self) -> u32 {
-        let after_last = self.records.last().map_or(1, |r| r.uid.saturating_add(1));
-        self.header_next_uid.max(after_last)
+        self.header_next_uid.max(self.last_uid.saturating_add(1))
+    }
+
+    /// A header-only copy (no records), cheap to keep between commits.
+    pub(crate) fn header_only(&self) -> Self {
+        Self {
+            uid_validity: self.uid_validity,
+            header_next_uid: self.header_next_uid,
+            guid: self.guid,
+            header_extra: self.header_extra.clone(),
+            records: Vec::new(),
+            version: self.version,
+            stamp: self.stamp,
+            read_len: self.read_len,
+            last_uid: self.last_uid,
+            complete: false,
+        }
+    }
+
+    /// Brings a view read earlier up to date without reading the whole file, when that is
+    /// possible: the file is unchanged, or other writers only appended whole records to it
+    /// (which are parsed, strictly). Returns false when the file must be read again (it was
+    /// replaced, shrank, or what was appended does not parse); `self` is then unchanged.
+    /// The caller holds the lock, so the file cannot change meanwhile.
+    pub(crate) fn refresh_appended(&mut self, dir: &Path) -> StoreResult<bool> {
+        use std::io::{Read as _, Seek as _};
+        let path = dir.join(NAME);
+        let Some(now) = Stamp::read(&path)? else {
+            return Ok(false);
+        };
+        let Some(then) = self.stamp else {
+            return Ok(false);
+        };
+        if now == then {
+            return Ok(true);
+        }
+        if (now.dev, now.ino) != (then.dev, then.ino) || now.size < self.read_len || self.version != 3 {
+            return Ok(false);
+        }
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(StoreError::io("open", &path, e)),
+        };
+        f.seek(std::io::SeekFrom::Start(self.read_len)).ctx("lseek", &path)?;
+        let mut tail = Vec::new();
+        f.read_to_end(&mut tail).ctx("read", &path)?;
+        let complete = tail.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+        let mut last = self.last_uid;
+        for line in tail[..complete].split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            match std::str::from_utf8(line).ok().and_then(|l| parse_record(l, 3).ok()) {
+                Some(r) if r.uid > last => last = r.uid,
+                _ => return Ok(false),
+            }
+        }
+        self.last_uid = last;
+        self.read_len += complete as u64;
+        self.stamp = Some(now);
+        Ok(true)
     }
 
     /// Reads `<dir>/dovecot-uidlist`; `None` if it does not exist.
     pub(crate) fn read(dir: &Path) -> StoreResult<Option<Self>> {
-        let path = dir.join(NAME);
-        // Stamp before reading: if the file changes while we read, the stamp is already stale
-        // and the next comparison sees the change.
-        let stamp = Stamp::read(&path)?;
-        let Some(data) = fsutil::read_optional(&path)? else {
-            return Ok(None);
-        };
-        let mut list = Self::parse(&data, &path)?;
-        list.stamp = stamp;
-        Ok(Some(list))
+        let mut list: Option<Self> = None;
+        let mut bases: super::fasthash::FastSet<u64> = Default::default();
+        let read = read_lines(dir, |line| match line {
+            Line::Header(header) => {
+                list = Some(header);
+                Ok(())
+            }
+            Line::Record(lineno, line) => {
+                let Some(l) = list.as_mut() else { return Ok(()) };
+                let rec = parse_record(line, l.version).map_err(|why| (lineno, why))?;
+                if rec.uid <= l.last_uid {
+                    return Err((lineno, "UIDs are not in ascending order"));
+                }
+                // Hashes keep this set small; a hit is confirmed (a real duplicate is damage).
+                if !bases.insert(base_hash(&rec.base)) && l.records.iter().any(|r| r.base == rec.base) {
+                    return Err((lineno, "the same file is listed twice"));
+                }
+                l.last_uid = rec.uid;
+                l.records.push(rec);
+                Ok(())
+            }
+        })?;
+        Ok(read.map(|(stamp, read_len)| {
+            let mut l = list.unwrap_or_else(|| Self::new(1, Guid128::EMPTY));
+            l.stamp = stamp;
+            l.read_len = read_len;
+            l
+        }))
+    }
+
+    /// Reads the uidlist matching its records against the files found in the directories
+    /// (`by_base`: base name → index in the scan) as it goes, keeping no names: what a full
+    /// open of a large mailbox needs, in a fraction of the memory of [`Uidlist::read`].
+    /// Returns the header-only view, and (UID, file index, `G` extension) for each record
+    /// whose file exists, in UID order; `None` if there is no uidlist. Damage is an error,
+    /// as in [`Uidlist::parse`] (a record listed twice is noticed when its file exists).
+    pub(crate) fn read_matched(
+        dir: &Path,
+        by_base: &super::fasthash::FastMap<&str, u32>,
+    ) -> StoreResult<Option<(Self, Vec<Found>)>> {
+        let mut list: Option<Self> = None;
+        let mut found: Vec<Found> = Vec::new();
+        let mut taken = vec![false; by_base.len()];
+        let read = read_lines(dir, |line| match line {
+            Line::Header(header) => {
+                found.reserve(by_base.len());
+                list = Some(header);
+                Ok(())
+            }
+            Line::Record(lineno, line) => {
+                let Some(l) = list.as_mut() else { return Ok(()) };
+                let (uid, exts, base) = split_record(line, l.version).map_err(|why| (lineno, why))?;
+                if uid <= l.last_uid {
+                    return Err((lineno, "UIDs are not in ascending order"));
+                }
+                l.last_uid = uid;
+                let guid = guid_ext(exts).map_err(|why| (lineno, why))?;
+                if let Some(&i) = by_base.get(base) {
+                    let slot = usize::try_from(i).unwrap_or(usize::MAX);
+                    if slot >= taken.len() {
+                        taken.resize(slot + 1, false);
+                    }
+                    if std::mem::replace(&mut taken[slot], true) {
+                        return Err((lineno, "the same file is listed twice"));
+                    }
+                    found.push((uid, i, guid.map(Box::from)));
+                }
+                Ok(())
+            }
+        })?;
+        Ok(read.map(|(stamp, read_len)| {
+            let mut l = list.unwrap_or_else(|| Self::new(1, Guid128::EMPTY));
+            l.stamp = stamp;
+            l.read_len = read_len;
+            l.complete = false;
+            (l, found)
+        }))
     }
 
     /// Reads only the header line of `<dir>/dovecot-uidlist` (the returned list has no
@@ -109,7 +257,9 @@ impl Uidlist {
             buf.extend_from_slice(&chunk[..n]);
         }
         let end = buf.iter().position(|&b| b == b'\n').map_or(0, |p| p + 1);
-        Self::parse(&buf[..end], &path).map(Some)
+        let mut list = Self::parse(&buf[..end], &path)?;
+        list.complete = false;
+        Ok(Some(list))
     }
 
     /// The header and the effective next UID, reading only the first line and the file's
@@ -140,7 +290,8 @@ impl Uidlist {
         let Some(end) = head[..n].iter().position(|&b| b == b'\n') else {
             return whole(dir);
         };
-        let list = Self::parse(&head[..=end], &path)?;
+        let mut list = Self::parse(&head[..=end], &path)?;
+        list.complete = false;
         let mut tail = vec![0u8; TAIL as usize];
         f.read_exact_at(&mut tail, len - TAIL).ctx("read", &path)?;
         // The last complete line, which must start inside the tail.
@@ -148,18 +299,19 @@ impl Uidlist {
             let start = tail[..last_lf].iter().rposition(|&b| b == b'\n')? + 1;
             let line = &tail[start..last_lf];
             let digits = line.iter().position(|&b| b == b' ')?;
-            std::str::from_utf8(&line[..digits]).ok()?.parse::<u32>().ok().filter(|&u| u != 0 && u != u32::MAX)
+            std::str::from_utf8(&line[..digits]).ok()?.parse::<u32>().ok().filter(|&u| u != 0 && u <= MAX_UID)
         });
         match last_uid {
             Some(uid) => {
-                let next = list.header_next_uid.max(uid + 1);
+                let next = list.header_next_uid.max(uid.saturating_add(1));
                 Ok(Some((list, next)))
             }
             None => whole(dir),
         }
     }
 
-    /// Parses the contents of a uidlist file.
+    /// Parses the contents of a uidlist file, strictly: any damage is an error naming the
+    /// line (see [`Salvage`] for what can be kept of a damaged file).
     pub(crate) fn parse(data: &[u8], path: &Path) -> StoreResult<Self> {
         let corrupt = |line: usize, why: &str| StoreError::corrupt(path, Some(line), why.to_owned());
         // Only complete lines count.
@@ -168,52 +320,9 @@ impl Uidlist {
             None => &data[..0],
         };
         let mut lines = complete.split(|&b| b == b'\n');
-        let header = lines.next().filter(|h| !h.is_empty()).ok_or_else(|| corrupt(1, "empty file"))?;
-        let header = std::str::from_utf8(header).map_err(|_| corrupt(1, "header is not UTF-8"))?;
-        let mut tokens = header.split(' ');
-        let version = tokens.next().unwrap_or("");
-        let mut list = Self {
-            uid_validity: 0,
-            header_next_uid: 0,
-            guid: None,
-            header_extra: Vec::new(),
-            records: Vec::new(),
-            version: 3,
-            stamp: None,
-            read_len: complete.len() as u64,
-        };
-        match version {
-            "3" => {
-                for t in tokens.filter(|t| !t.is_empty()) {
-                    let (key, value) = t.split_at(1);
-                    match key {
-                        "V" => list.uid_validity = value.parse().map_err(|_| corrupt(1, "bad V (UIDVALIDITY)"))?,
-                        "N" => list.header_next_uid = value.parse().map_err(|_| corrupt(1, "bad N (next UID)"))?,
-                        "G" => {
-                            list.guid = Some(value.parse().map_err(|_| corrupt(1, "bad G (mailbox GUID)"))?);
-                        }
-                        _ => list.header_extra.push(t.to_owned()),
-                    }
-                }
-            }
-            "1" => {
-                list.version = 1;
-                let v: Vec<&str> = tokens.collect();
-                if v.len() != 2 {
-                    return Err(corrupt(1, "version 1 header needs UIDVALIDITY and next UID"));
-                }
-                list.uid_validity = v[0].parse().map_err(|_| corrupt(1, "bad UIDVALIDITY"))?;
-                list.header_next_uid = v[1].parse().map_err(|_| corrupt(1, "bad next UID"))?;
-            }
-            _ => return Err(corrupt(1, "unsupported uidlist version")),
-        }
-        if list.uid_validity == 0 {
-            return Err(corrupt(1, "UIDVALIDITY is missing or 0"));
-        }
-        if list.header_next_uid == 0 {
-            return Err(corrupt(1, "next UID is missing or 0"));
-        }
-        let mut last_uid = 0u32;
+        let header = lines.next().unwrap_or_default();
+        let mut list = parse_header(header).map_err(|why| corrupt(1, why))?;
+        list.read_len = complete.len() as u64;
         let mut seen: super::fasthash::FastSet<&str> = Default::default();
         seen.reserve(complete.len() / 48);
         for (i, line) in lines.enumerate() {
@@ -222,48 +331,15 @@ impl Uidlist {
                 continue; // the split after the final LF
             }
             let line = std::str::from_utf8(line).map_err(|_| corrupt(lineno, "record is not UTF-8"))?;
-            let (uid_str, rest) = line.split_once(' ').ok_or_else(|| corrupt(lineno, "record has no file name"))?;
-            let uid: u32 = uid_str.parse().map_err(|_| corrupt(lineno, "bad UID"))?;
-            if uid == 0 || uid == u32::MAX {
-                return Err(corrupt(lineno, "UID out of range"));
-            }
-            if uid <= last_uid {
+            let rec = parse_record(line, list.version).map_err(|why| corrupt(lineno, why))?;
+            if rec.uid <= list.last_uid {
                 return Err(corrupt(lineno, "UIDs are not in ascending order"));
             }
-            last_uid = uid;
-            let (exts, name) = if list.version == 1 {
-                ("", rest)
-            } else if let Some(name) = rest.strip_prefix(':') {
-                ("", name)
-            } else {
-                rest.split_once(" :").ok_or_else(|| corrupt(lineno, "record has no ` :` before the file name"))?
-            };
-            let base = super::filename::base(name);
-            if base.is_empty() || base.contains('/') {
-                return Err(corrupt(lineno, "invalid file name"));
-            }
-            if !seen.insert(base) {
+            list.last_uid = rec.uid;
+            if !seen.insert(base_of(line)) {
                 return Err(corrupt(lineno, "the same file is listed twice"));
             }
-            let mut guid = None;
-            let mut other = String::new();
-            for e in exts.split(' ').filter(|e| !e.is_empty()) {
-                match e.as_bytes()[0] {
-                    b'G' => {
-                        if e.len() > 1 {
-                            guid = Some(e[1..].to_owned());
-                        }
-                    }
-                    b'A'..=b'Z' => {
-                        if !other.is_empty() {
-                            other.push(' ');
-                        }
-                        other.push_str(e);
-                    }
-                    _ => return Err(corrupt(lineno, "invalid extension field")),
-                }
-            }
-            list.records.push(Record { uid, base: base.to_owned(), guid, other_exts: other });
+            list.records.push(rec);
         }
         Ok(list)
     }
@@ -302,9 +378,17 @@ impl Uidlist {
     /// Replaces the file through `dovecot-uidlist.tmp` (caller holds the lock). `keep` decides
     /// which records survive (records of files that are gone may be dropped).
     pub(crate) fn rewrite(&mut self, dir: &Path, keep: impl Fn(&Record) -> bool) -> StoreResult<()> {
+        if !self.complete {
+            // Writing a header-only view back would drop every UID it does not hold.
+            return Err(StoreError::NotPossible(format!(
+                "internal error: refusing to rewrite {} from a partial read",
+                dir.join(NAME).display()
+            )));
+        }
         let next = self.next_uid();
         self.records.retain(|r| keep(r));
         self.header_next_uid = next;
+        self.last_uid = self.records.last().map_or(0, |r| r.uid);
         let mut data = self.header_line();
         for r in &self.records {
             data.push_str(&Self::record_line(r));
@@ -325,9 +409,16 @@ impl Uidlist {
         }
         let path = dir.join(NAME);
         let mut data = String::new();
-        let mut last = self.records.last().map_or(0, |r| r.uid);
+        let mut last = self.last_uid;
         for r in &new {
-            debug_assert!(r.uid > last && r.uid >= self.header_next_uid);
+            if r.uid <= last || r.uid < self.header_next_uid || r.uid > MAX_UID {
+                return Err(StoreError::NotPossible(format!(
+                    "internal error: UID {} cannot be appended to {} (last UID {last}, next {})",
+                    r.uid,
+                    path.display(),
+                    self.header_next_uid
+                )));
+            }
             last = r.uid;
             data.push_str(&Self::record_line(r));
         }
@@ -345,16 +436,321 @@ impl Uidlist {
                 "uidlist ends in a partial line; rewriting it"
             );
             drop(f);
+            if !self.complete {
+                // Under the lock the file can only differ by that fragment: read it whole.
+                let full =
+                    Self::read(dir)?.ok_or_else(|| StoreError::corrupt(&path, None, "disappeared while locked"))?;
+                if (full.uid_validity, full.guid, full.last_uid) != (self.uid_validity, self.guid, self.last_uid) {
+                    return Err(StoreError::corrupt(&path, None, "changed while locked"));
+                }
+                let next = self.header_next_uid;
+                *self = full;
+                self.header_next_uid = self.header_next_uid.max(next);
+            }
+            self.last_uid = last;
             self.records.extend(new);
             return self.rewrite(dir, |_| true);
         }
         f.write_all(data.as_bytes()).ctx("write", &path)?;
         f.sync_data().ctx("fdatasync", &path)?;
         self.read_len += data.len() as u64;
-        self.records.extend(new);
+        self.last_uid = last;
+        if self.complete {
+            self.records.extend(new);
+        }
         self.stamp = Stamp::read(&path)?;
         Ok(())
     }
+}
+
+/// The base name of a record line (after ` :`, or after the UID for version 1), for
+/// duplicate checks; the record itself was already checked by [`parse_record`].
+fn base_of(line: &str) -> &str {
+    let name = match line.find(" :") {
+        Some(i) => &line[i + 2..],
+        None => line.split_once(' ').map_or("", |(_, r)| r.strip_prefix(':').unwrap_or(r)),
+    };
+    super::filename::base(name)
+}
+
+/// Parses a header line (without its LF) into an empty list.
+fn parse_header(header: &[u8]) -> Result<Uidlist, &'static str> {
+    if header.is_empty() {
+        return Err("empty file");
+    }
+    let header = std::str::from_utf8(header).map_err(|_| "header is not UTF-8")?;
+    let mut tokens = header.split(' ');
+    let version = tokens.next().unwrap_or("");
+    let mut list = Uidlist {
+        uid_validity: 0,
+        header_next_uid: 0,
+        guid: None,
+        header_extra: Vec::new(),
+        records: Vec::new(),
+        version: 3,
+        stamp: None,
+        read_len: 0,
+        last_uid: 0,
+        complete: true,
+    };
+    match version {
+        "3" => {
+            for t in tokens.filter(|t| !t.is_empty()) {
+                let (key, value) = t.split_at(t.chars().next().map_or(0, char::len_utf8));
+                match key {
+                    "V" => list.uid_validity = value.parse().map_err(|_| "bad V (UIDVALIDITY)")?,
+                    "N" => list.header_next_uid = value.parse().map_err(|_| "bad N (next UID)")?,
+                    "G" => list.guid = Some(value.parse().map_err(|_| "bad G (mailbox GUID)")?),
+                    _ => list.header_extra.push(t.to_owned()),
+                }
+            }
+        }
+        "1" => {
+            list.version = 1;
+            let v: Vec<&str> = tokens.collect();
+            if v.len() != 2 {
+                return Err("version 1 header needs UIDVALIDITY and next UID");
+            }
+            list.uid_validity = v[0].parse().map_err(|_| "bad UIDVALIDITY")?;
+            list.header_next_uid = v[1].parse().map_err(|_| "bad next UID")?;
+        }
+        _ => return Err("unsupported uidlist version"),
+    }
+    if list.uid_validity == 0 {
+        return Err("UIDVALIDITY is missing or 0");
+    }
+    if list.header_next_uid == 0 {
+        return Err("next UID is missing or 0");
+    }
+    Ok(list)
+}
+
+/// Hash of a base name, for duplicate checks.
+fn base_hash(base: &str) -> u64 {
+    super::fasthash::strong_hash(base)
+}
+
+/// A line of a uidlist, for [`read_lines`].
+enum Line<'a> {
+    Header(Uidlist),
+    /// A record line and its 1-based number.
+    Record(usize, &'a str),
+}
+
+/// Reads `<dir>/dovecot-uidlist` line by line, without holding the file in memory: `f` gets
+/// the parsed header, then each complete record line.
+/// A trailing line without LF is a write in progress and is not passed on. Returns the stamp
+/// (taken before reading: if the file changes meanwhile, it is already stale) and the length
+/// of the complete lines; `None` if the file does not exist.
+fn read_lines(
+    dir: &Path,
+    mut f: impl FnMut(Line<'_>) -> Result<(), (usize, &'static str)>,
+) -> StoreResult<Option<(Option<Stamp>, u64)>> {
+    use std::io::BufRead as _;
+    let path = dir.join(NAME);
+    let stamp = Stamp::read(&path)?;
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io("open", &path, e)),
+    };
+    let corrupt = |line: usize, why: &str| StoreError::corrupt(&path, Some(line), why.to_owned());
+    let mut r = std::io::BufReader::with_capacity(64 * 1024, file);
+    let mut buf = Vec::with_capacity(256);
+    let mut read_len = 0u64;
+    let mut lineno = 0;
+    loop {
+        buf.clear();
+        let n = r.read_until(b'\n', &mut buf).ctx("read", &path)?;
+        if n == 0 || buf.last() != Some(&b'\n') {
+            break;
+        }
+        lineno += 1;
+        read_len += n as u64;
+        let line = &buf[..n - 1];
+        if lineno == 1 {
+            let header = parse_header(line).map_err(|why| corrupt(1, why))?;
+            f(Line::Header(header)).map_err(|(l, why)| corrupt(l, why))?;
+        } else if !line.is_empty() {
+            let line = std::str::from_utf8(line).map_err(|_| corrupt(lineno, "record is not UTF-8"))?;
+            f(Line::Record(lineno, line)).map_err(|(l, why)| corrupt(l, why))?;
+        }
+    }
+    if lineno == 0 {
+        return Err(corrupt(1, "empty file"));
+    }
+    Ok(Some((stamp, read_len)))
+}
+
+/// Splits a record line (without its LF) into UID, extension fields and base name, checking
+/// each.
+fn split_record(line: &str, version: u8) -> Result<(u32, &str, &str), &'static str> {
+    let (uid_str, rest) = line.split_once(' ').ok_or("record has no file name")?;
+    let uid: u32 = uid_str.parse().map_err(|_| "bad UID")?;
+    if uid == 0 || uid > MAX_UID {
+        return Err("UID out of range");
+    }
+    let (exts, name) = if version == 1 {
+        ("", rest)
+    } else if let Some(name) = rest.strip_prefix(':') {
+        ("", name)
+    } else {
+        rest.split_once(" :").ok_or("record has no ` :` before the file name")?
+    };
+    let base = super::filename::base(name);
+    if base.is_empty() || base.contains('/') {
+        return Err("invalid file name");
+    }
+    Ok((uid, exts, base))
+}
+
+/// The `G` extension among a record's extension fields, checking them all.
+fn guid_ext(exts: &str) -> Result<Option<&str>, &'static str> {
+    let mut guid = None;
+    for e in exts.split(' ').filter(|e| !e.is_empty()) {
+        match e.as_bytes()[0] {
+            b'G' if e.len() > 1 => guid = Some(&e[1..]),
+            b'A'..=b'Z' => {}
+            _ => return Err("invalid extension field"),
+        }
+    }
+    Ok(guid)
+}
+
+/// Parses one record line (without its LF).
+fn parse_record(line: &str, version: u8) -> Result<Record, &'static str> {
+    let (uid, exts, base) = split_record(line, version)?;
+    let guid = guid_ext(exts)?.map(str::to_owned);
+    let mut other = String::new();
+    for e in exts.split(' ').filter(|e| !e.is_empty() && !e.starts_with('G')) {
+        if !other.is_empty() {
+            other.push(' ');
+        }
+        other.push_str(e);
+    }
+    Ok(Record { uid, base: base.to_owned(), guid, other_exts: other })
+}
+
+/// What can be kept of a damaged uidlist (see the module documentation).
+#[derive(Debug)]
+pub(crate) struct Salvage {
+    /// The header, if it was readable (its records are in [`Salvage::records`], not here).
+    pub(crate) header: Option<Uidlist>,
+    /// Records that can keep their UIDs: ascending, each base name once.
+    pub(crate) records: Vec<Record>,
+    /// The highest UID anywhere in the file, kept or not (0 if none): no new UID may be at or
+    /// below it.
+    pub(crate) max_uid_seen: u32,
+    /// Number of record lines read.
+    pub(crate) lines: usize,
+    /// Number of records kept (the length of `records` as salvaged).
+    pub(crate) kept: usize,
+    /// What was dropped, one entry per problem, for the warning.
+    pub(crate) problems: Vec<String>,
+}
+
+impl Salvage {
+    /// Keeps what can be kept of `data` (complete lines only).
+    pub(crate) fn of(data: &[u8]) -> Self {
+        let complete = data.iter().rposition(|&b| b == b'\n').map_or(&data[..0], |p| &data[..=p]);
+        let mut lines = complete.split(|&b| b == b'\n');
+        let mut problems = Vec::new();
+        let header = match parse_header(lines.next().unwrap_or_default()) {
+            Ok(h) => Some(h),
+            Err(why) => {
+                problems.push(format!("line 1 (header): {why}"));
+                None
+            }
+        };
+        // Without a readable header the format is unknown: try version 3, the one Dovecot writes.
+        let version = header.as_ref().map_or(3, |h| h.version);
+        let mut parsed: Vec<(usize, Record)> = Vec::new();
+        let mut max_uid_seen = 0u32;
+        let mut n = 0;
+        for (i, line) in lines.enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            n += 1;
+            let lineno = i + 2;
+            // A UID that parses counts as seen even if the rest of its line does not.
+            if let Some(uid) = line
+                .split(|&b| b == b' ')
+                .next()
+                .and_then(|u| std::str::from_utf8(u).ok())
+                .and_then(|u| u.parse::<u32>().ok())
+                .filter(|&u| u <= MAX_UID)
+            {
+                max_uid_seen = max_uid_seen.max(uid);
+            }
+            match std::str::from_utf8(line).map_err(|_| "record is not UTF-8").and_then(|l| parse_record(l, version)) {
+                Ok(r) => parsed.push((lineno, r)),
+                Err(why) => problems.push(format!("line {lineno}: {why}")),
+            }
+        }
+        // The longest run of ascending UIDs (patience sorting, O(n log n)).
+        let keep = longest_ascending(&parsed);
+        let mut kept: Vec<Option<(usize, Record)>> = Vec::with_capacity(keep.len());
+        let mut in_run = vec![false; parsed.len()];
+        for &i in &keep {
+            in_run[i] = true;
+        }
+        for (i, (lineno, r)) in parsed.into_iter().enumerate() {
+            if in_run[i] {
+                kept.push(Some((lineno, r)));
+            } else {
+                problems.push(format!("line {lineno}: UID {} is out of order", r.uid));
+            }
+        }
+        // A file listed twice keeps its later line, as Dovecot does.
+        let mut by_base: super::fasthash::FastMap<String, usize> = Default::default();
+        for i in 0..kept.len() {
+            let Some((lineno, r)) = &kept[i] else { continue };
+            if let Some(prev) = by_base.insert(r.base.clone(), i) {
+                let lineno = *lineno;
+                if let Some((old_line, old)) = kept[prev].take() {
+                    problems.push(format!(
+                        "line {old_line}: {} is listed again at line {lineno}; UID {} dropped",
+                        old.base, old.uid
+                    ));
+                }
+            }
+        }
+        let records: Vec<Record> = kept.into_iter().flatten().map(|(_, r)| r).collect();
+        Self { header, kept: records.len(), records, max_uid_seen, lines: n, problems }
+    }
+}
+
+/// Indexes (into `parsed`) of a longest strictly ascending run of UIDs; of several such runs,
+/// the one on the earliest lines (a later line with a lower UID is the suspect one: records are
+/// appended). O(n log n).
+fn longest_ascending(parsed: &[(usize, Record)]) -> Vec<usize> {
+    // from[i]: length of the longest ascending run starting at line i. Computed from the end
+    // as a longest-ascending-run-ending-at over the negated UIDs (patience sorting).
+    let mut from = vec![0usize; parsed.len()];
+    let mut tails: Vec<i64> = Vec::new();
+    for (i, (_, r)) in parsed.iter().enumerate().rev() {
+        let key = -i64::from(r.uid);
+        let k = tails.partition_point(|&t| t < key);
+        from[i] = k + 1;
+        if k == tails.len() {
+            tails.push(key);
+        } else {
+            tails[k] = key;
+        }
+    }
+    // Then the earliest line that can start (or continue) a run of the length still needed.
+    let mut need = tails.len();
+    let mut last = 0u32;
+    let mut out = Vec::with_capacity(need);
+    for (i, (_, r)) in parsed.iter().enumerate() {
+        if need > 0 && from[i] == need && r.uid > last {
+            out.push(i);
+            last = r.uid;
+            need -= 1;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -445,6 +841,77 @@ mod tests {
                 .unwrap()
                 .ends_with("N3 G42d01a2e9bb20a6b6454000083ecc375\n1 :a\n2 :b\n3 :c\n")
         );
+    }
+
+    #[test]
+    fn salvage_keeps_the_longest_ascending_run() {
+        let h = "3 V7 N3 G42d01a2e9bb20a6b6454000083ecc375\n";
+        let sv = Salvage::of(format!("{h}1 :a\n3 :c\n2 :b\n4 :d\n2 :b\nzz :x\n5 :a\n6 Gg :e\n7 :half").as_bytes());
+        let kept: Vec<(u32, &str)> = sv.records.iter().map(|r| (r.uid, r.base.as_str())).collect();
+        // 2 :b twice out of order, a listed again later (the later line wins), the torn last
+        // line ignored.
+        assert_eq!(kept, [(3, "c"), (4, "d"), (5, "a"), (6, "e")]);
+        assert_eq!(sv.max_uid_seen, 6);
+        assert_eq!(sv.header.as_ref().map(|h| h.uid_validity), Some(7));
+        assert_eq!(sv.problems.len(), 4, "{:?}", sv.problems);
+        assert!(sv.problems.iter().any(|p| p.contains("line 7") && p.contains("bad UID")), "{:?}", sv.problems);
+        // Without a header, records are still read; UIDs above 4294967294 count as nothing.
+        let sv = Salvage::of(b"garbage\n1 :a\n4294967295 :b\n9 :c\n");
+        assert!(sv.header.is_none());
+        assert_eq!(sv.records.iter().map(|r| r.uid).collect::<Vec<_>>(), [1, 9]);
+        assert_eq!(sv.max_uid_seen, 9);
+        assert!(Salvage::of(b"").records.is_empty());
+        // Of two runs of the same length, the one on earlier lines.
+        let sv = Salvage::of(format!("{h}1 :a\n3 :c\n2 :b\n4 :d\n").as_bytes());
+        assert_eq!(sv.records.iter().map(|r| r.uid).collect::<Vec<_>>(), [1, 3, 4]);
+    }
+
+    #[test]
+    fn refresh_reads_only_what_was_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(NAME);
+        std::fs::write(&path, "3 V1 N1 G42d01a2e9bb20a6b6454000083ecc375\n1 :a\n2 :b\n").unwrap();
+        let mut view = Uidlist::read(dir.path()).unwrap().unwrap().header_only();
+        assert!(view.refresh_appended(dir.path()).unwrap(), "unchanged");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"5 Gx :c\n7 :d").unwrap();
+        assert!(view.refresh_appended(dir.path()).unwrap());
+        assert_eq!((view.last_uid, view.next_uid()), (5, 6), "the torn line is not counted");
+        f.write_all(b"\n3 :e\n").unwrap();
+        let before = view.clone();
+        assert!(!view.refresh_appended(dir.path()).unwrap(), "out of order: read it whole");
+        assert_eq!((view.last_uid, view.read_len), (before.last_uid, before.read_len));
+        // A header-only view is never written back whole.
+        assert!(view.rewrite(dir.path(), |_| true).is_err());
+        // Replaced by another file: read it whole.
+        let mut full = Uidlist::parse(b"3 V1 N1 G42d01a2e9bb20a6b6454000083ecc375\n1 :a\n", &path).unwrap();
+        full.rewrite(dir.path(), |_| true).unwrap();
+        let mut view = Uidlist::read(dir.path()).unwrap().unwrap().header_only();
+        full.rewrite(dir.path(), |_| true).unwrap();
+        assert!(!view.refresh_appended(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn read_matched_keeps_only_what_it_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(NAME);
+        let head = "3 V1 N2 G42d01a2e9bb20a6b6454000083ecc375\n";
+        std::fs::write(&path, format!("{head}1 :a\n3 Gxx W9 :b\n5 Gyy :c:2,S\n6 :torn")).unwrap();
+        let by_base: super::super::fasthash::FastMap<&str, u32> = [("a", 0), ("c", 7), ("z", 2)].into_iter().collect();
+        let (l, found) = Uidlist::read_matched(dir.path(), &by_base).unwrap().unwrap();
+        assert_eq!(found, [(1, 0, None), (5, 7, Some(Box::from("yy")))]);
+        assert_eq!((l.last_uid, l.next_uid(), l.complete), (5, 6, false));
+        assert_eq!(l.read_len, std::fs::metadata(&path).unwrap().len() - "6 :torn".len() as u64);
+        assert!(l.stamp.is_some() && l.records.is_empty());
+        // The same checks as a full read.
+        for bad in ["1 :a\n1 :x\n", "1 :a\n2 :c\n3 :a\n", "1 g1 :a\n", "0 :a\n"] {
+            std::fs::write(&path, format!("{head}{bad}")).unwrap();
+            assert!(matches!(Uidlist::read_matched(dir.path(), &by_base), Err(StoreError::Corrupt { .. })), "{bad:?}");
+        }
+        std::fs::write(&path, "").unwrap();
+        assert!(Uidlist::read_matched(dir.path(), &by_base).is_err());
+        std::fs::remove_file(&path).unwrap();
+        assert!(Uidlist::read_matched(dir.path(), &by_base).unwrap().is_none());
     }
 
     #[test]

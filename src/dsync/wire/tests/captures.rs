@@ -9,14 +9,14 @@ use super::super::{Encoder, Event, Headers, ItemHeader, ItemType, Record};
 use super::{Chunking, decode_ok, encode_events, normalize};
 
 /// One direction of one session.
-pub(in super::super) struct Direction {
-    pub(in super::super) name: String,
-    pub(in super::super) bytes: Vec<u8>,
+pub(crate) struct Direction {
+    pub(crate) name: String,
+    pub(crate) bytes: Vec<u8>,
 }
 
 /// Every capture, both directions, except the one that is empty (in `tcp2` the client never
 /// got to speak dsync).
-pub(in super::super) fn all_directions() -> Vec<Direction> {
+pub(crate) fn all_directions() -> Vec<Direction> {
     let mut all = all_directions_with_empty();
     all.retain(|d| !d.bytes.is_empty());
     all

@@ -1,7 +1,7 @@
 //! Cross-module tests of the wire codec: real Dovecot sessions, known answers, error cases
 //! and no-panic properties. Unit tests of single pieces live next to them.
 
-mod captures;
+pub(crate) mod captures;
 mod known;
 mod soup;
 
@@ -9,14 +9,14 @@ use super::{Decoder, DecoderLimits, Encoder, Event, Headers, WireError};
 
 /// A tiny deterministic PRNG (xorshift64*), so property tests are reproducible without a
 /// dependency.
-pub(super) struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    pub(super) fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Self(seed.max(1))
     }
 
-    pub(super) fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -26,11 +26,11 @@ impl Rng {
     }
 
     /// A number in `0..n` (n > 0).
-    pub(super) fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % (n.max(1) as u64)) as usize
     }
 
-    pub(super) fn chance(&mut self, one_in: usize) -> bool {
+    pub(crate) fn chance(&mut self, one_in: usize) -> bool {
         self.below(one_in) == 0
     }
 }

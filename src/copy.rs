@@ -1,21 +1,47 @@
-//! `mailreplica backup maildir:PATH`: makes PATH an exact copy of the user's mail store, with
-//! the same mailbox GUIDs, UIDVALIDITYs, UIDs, mail GUIDs, flags and keywords.
+//! A store-to-store copy through the [`MailStore`] trait: makes one store an exact copy of
+//! another, with the same mailbox GUIDs, UIDVALIDITYs, UIDs, mail GUIDs, flags and keywords.
 //!
-//! This is a copy through the [`MailStore`] trait between two local stores. It stands in until
-//! the dsync engine exists (which will also speak to remote peers); it is not incremental
-//! beyond skipping mails already present with the same UID and GUID.
+//! This is what `mailreplica backup maildir:PATH` runs between two local stores. It stands in
+//! until the dsync engine can drive both ends in one process (which will also speak to remote
+//! peers); it is not incremental beyond skipping mails already present with the same UID and
+//! GUID.
 
-use anyhow::{anyhow, bail};
-
-use super::{Failure, Session, exit};
-use crate::store::maildir::Maildir;
 use crate::store::{
-    FlagOp, MailStore, Mailbox, MailboxInfo, MailboxKind, MailboxName, MailboxUpdate, SaveRequest, StoreResult,
+    FlagOp, MailStore, Mailbox, MailboxInfo, MailboxKind, MailboxName, MailboxStatus, MailboxUpdate, SaveRequest,
+    SavedMail, StoreError, StoreResult, Uid,
 };
+
+/// Why a copy stopped. Whatever was copied before stays (every batch is committed).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CopyError {
+    /// Reading the source or writing the destination failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The destination's INBOX has handed out UIDs the source has not reached, so it cannot be
+    /// made a copy without reusing UIDs (INBOX cannot be deleted and recreated).
+    #[error(
+        "INBOX of the destination is ahead of the source (UIDNEXT {dst_uid_next} > {src_uid_next}); it can't be replaced in place"
+    )]
+    InboxAhead {
+        /// The destination INBOX's UIDNEXT.
+        dst_uid_next: u32,
+        /// The source INBOX's UIDNEXT.
+        src_uid_next: u32,
+    },
+    /// Another writer took a UID while the copy was saving into the destination.
+    #[error("UID {requested} was taken by another writer while copying (got {got}); run the backup again")]
+    UidTaken {
+        /// The source's UID, asked for.
+        requested: Uid,
+        /// The UID the destination gave instead.
+        got: Uid,
+    },
+}
 
 /// What a copy did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub(super) struct CopyStats {
+pub struct CopyStats {
     /// Mails saved into the destination.
     pub saved: usize,
     /// Mails expunged from the destination.
@@ -28,29 +54,8 @@ pub(super) struct CopyStats {
     pub mailboxes_deleted: usize,
 }
 
-pub(super) fn run(s: &Session, dest: &str) -> Result<(), Failure> {
-    if !dest.starts_with("maildir:") {
-        return Err(Failure::new(
-            exit::USAGE,
-            anyhow!(
-                "destination {dest:?}: only `maildir:PATH` destinations are supported until the dsync engine is built"
-            ),
-        ));
-    }
-    let src_settings = s.maildir_settings(None)?;
-    let dst_settings = s.maildir_settings(Some(dest))?;
-    if src_settings.root == dst_settings.root {
-        return Err(Failure::new(exit::USAGE, anyhow!("source and destination are the same Maildir")));
-    }
-    let mut src = Maildir::open(src_settings)?;
-    let mut dst = Maildir::open(dst_settings)?;
-    let stats = copy_store(&mut src, &mut dst)?;
-    tracing::info!(?stats, "backup finished");
-    Ok(())
-}
-
 /// Makes `dst` an exact copy of `src`.
-pub(super) fn copy_store<S: MailStore, D: MailStore>(src: &mut S, dst: &mut D) -> anyhow::Result<CopyStats> {
+pub fn copy_store<S: MailStore, D: MailStore>(src: &mut S, dst: &mut D) -> Result<CopyStats, CopyError> {
     let mut stats = CopyStats::default();
     let src_list = src.list()?;
     let dst_list = dst.list()?;
@@ -90,7 +95,7 @@ fn copy_mailbox<S: MailStore, D: MailStore>(
     info: &MailboxInfo,
     existing: Option<&MailboxInfo>,
     stats: &mut CopyStats,
-) -> anyhow::Result<()> {
+) -> Result<(), CopyError> {
     let name: &MailboxName = &info.name;
     let mut sbox = src.open(name)?;
     let sstat = sbox.status();
@@ -128,11 +133,7 @@ fn copy_mailbox<S: MailStore, D: MailStore>(
             b.expunge(&uids)?;
             let st = b.status();
             if st.uid_next > sstat.uid_next {
-                bail!(
-                    "INBOX of the destination is ahead of the source (UIDNEXT {} > {}); it can't be replaced in place",
-                    st.uid_next,
-                    sstat.uid_next
-                );
+                return Err(CopyError::InboxAhead { dst_uid_next: st.uid_next, src_uid_next: sstat.uid_next });
             }
             b.update(&MailboxUpdate {
                 uid_validity: Some(sstat.uid_validity),
@@ -191,16 +192,16 @@ fn copy_mailbox<S: MailStore, D: MailStore>(
     Ok(())
 }
 
-fn create_or_adopt<D: MailStore>(dst: &mut D, name: &MailboxName, st: &crate::store::MailboxStatus) -> StoreResult<()> {
+fn create_or_adopt<D: MailStore>(dst: &mut D, name: &MailboxName, st: &MailboxStatus) -> StoreResult<()> {
     dst.create_mailbox(name, Some(st.guid), Some(st.uid_validity))
 }
 
-fn check_uids(saved: Vec<crate::store::SavedMail>) -> anyhow::Result<()> {
+fn check_uids(saved: Vec<SavedMail>) -> Result<(), CopyError> {
     for s in saved {
-        if let Some(r) = s.requested
-            && r != s.uid
+        if let Some(requested) = s.requested
+            && requested != s.uid
         {
-            bail!("UID {} was taken by another writer while copying (got {}); run the backup again", r, s.uid);
+            return Err(CopyError::UidTaken { requested, got: s.uid });
         }
     }
     Ok(())
