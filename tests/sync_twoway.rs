@@ -2154,3 +2154,20 @@ fn randomized_rounds_new_seed() {
     let mode = if std::env::var_os("MAILREPLICA_TEST_STATEFUL").is_some() { Mode::Stateful } else { Mode::Stateless };
     randomized(seed, RANDOM_ROUNDS, mode);
 }
+
+/// Every scenario of this file again, with our master (`mailreplica -u USER sync`) and
+/// Dovecot's own `dsync-server` as the slave in place of Dovecot's master with our slave: the
+/// replicas must be what Dovecot's pair makes, and Dovecot's slave must not complain.
+#[test]
+fn every_scenario_with_our_master() {
+    let exe = std::env::current_exe().expect("the test binary");
+    let out = std::process::Command::new(exe)
+        .env("MAILREPLICA_TEST_OUR_MASTER", "1")
+        .args(["--test-threads", "2", "--skip", "every_scenario_with_our_master"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the test binary again");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "with our master:\n{text}");
+    assert!(text.contains("test result: ok"), "with our master, no test ran:\n{text}");
+}

@@ -116,10 +116,10 @@ pub(crate) fn run(s: &Session, mode: Mode, a: &SyncArgs) -> Result<(), Failure> 
     let opts = options(s, mode, a)?;
     let timeout = Duration::from_secs(a.timeout.max(1));
     let dest = a.destination.join(" ");
-    let report = if let Some(loc) = dest.strip_prefix("maildir:").map(|_| dest.as_str()) {
-        local(s, loc, &opts, timeout)?
+    let result = if let Some(loc) = dest.strip_prefix("maildir:").map(|_| dest.as_str()) {
+        local(s, loc, &opts, timeout)
     } else if a.destination.len() > 1 || dest.contains(' ') || dest.contains('/') {
-        command(s, &a.destination, &opts, timeout)?
+        command(s, &a.destination, &opts, timeout)
     } else {
         return Err(Failure::new(
             exit::USAGE,
@@ -128,7 +128,17 @@ pub(crate) fn run(s: &Session, mode: Mode, a: &SyncArgs) -> Result<(), Failure> 
             ),
         ));
     };
-    finish(a, report)
+    match result {
+        Ok(report) => finish(a, report),
+        Err(f) => {
+            // As doveadm: a failed run still prints a state, an empty one, so that whoever
+            // keeps it makes the next run a full sync instead of reusing a stale one.
+            if a.state.is_some() {
+                println!();
+            }
+            Err(f)
+        }
+    }
 }
 
 fn finish(a: &SyncArgs, report: MasterReport) -> Result<(), Failure> {
