@@ -105,15 +105,7 @@ impl Bench {
                     let known_hosts = dir.join("known_hosts");
                     let host_pub = fs::read_to_string(host.with_extension("pub")).expect("host pub");
                     fs::write(&known_hosts, format!("[127.0.0.1]:{port} {}", host_pub.trim())).expect("kh");
-                    return Self {
-                        port,
-                        user,
-                        key,
-                        known_hosts,
-                        tuning,
-                        ssh_cipher,
-                        _sshd: child,
-                    };
+                    return Self { port, user, key, known_hosts, tuning, ssh_cipher, _sshd: child };
                 }
                 if let Ok(Some(_)) = child.0.try_wait() {
                     break;
@@ -137,12 +129,21 @@ impl Bench {
 
     fn ssh(&self, command: &str) -> Command {
         let mut c = Command::new("ssh");
-        c.args(["-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "IdentitiesOnly=yes"])
-            .arg("-o")
-            .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
-            .arg("-i")
-            .arg(&self.key)
-            .args(["-p", &self.port.to_string()]);
+        c.args([
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", self.known_hosts.display()))
+        .arg("-i")
+        .arg(&self.key)
+        .args(["-p", &self.port.to_string()]);
         if let Some(cipher) = &self.ssh_cipher {
             c.args(["-c", cipher]);
         }
@@ -253,9 +254,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(|v| {
-        v.parse().unwrap_or_else(|_| panic!("{name}: bad value {v:?}"))
-    })
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name}: bad value {v:?}")))
 }
 
 fn main() {
@@ -291,10 +293,8 @@ fn main() {
         };
     }
     if let Some(c) = arg::<String>(&args, "--cipher") {
-        let name = russh::cipher::ALL_CIPHERS
-            .iter()
-            .find(|n| n.as_ref() == c)
-            .unwrap_or_else(|| panic!("unknown cipher {c}"));
+        let name =
+            russh::cipher::ALL_CIPHERS.iter().find(|n| n.as_ref() == c).unwrap_or_else(|| panic!("unknown cipher {c}"));
         tuning.ciphers = vec![**name];
     }
     let ssh_cipher: Option<String> = arg(&args, "--ssh-cipher");

@@ -305,7 +305,7 @@ pub enum SshError {
     },
     /// The server's host key was refused.
     #[error(transparent)]
-    HostKey(#[from] HostKeyError),
+    HostKey(Box<HostKeyError>),
     /// A key file can't be used.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -344,6 +344,12 @@ pub enum SshError {
     /// The I/O thread could not be started.
     #[error("starting the SSH I/O thread: {0}")]
     Thread(io::Error),
+}
+
+impl From<HostKeyError> for SshError {
+    fn from(e: HostKeyError) -> Self {
+        Self::HostKey(Box::new(e))
+    }
 }
 
 impl SshError {
