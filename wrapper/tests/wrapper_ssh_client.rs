@@ -360,6 +360,19 @@ fn host_key_and_key_file_refusals() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(75), "{err}");
     assert!(err.contains("Connection refused"), "{err}");
+
+    // Something listens but never speaks SSH: ssh_connect_timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let mut opts = w.ssh_opts(None);
+    opts.extend(["-o".to_owned(), "ssh_connect_timeout=1".to_owned()]);
+    let started = std::time::Instant::now();
+    let out = w.run(w.sync_cmd(alice, &opts, &["backup"], &format!("remoteprefix:root@127.0.0.1:{port}")), b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains(&format!("no SSH session with root@[127.0.0.1]:{port} within 1 s")), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    drop(silent);
 }
 
 #[test]
