@@ -296,8 +296,15 @@ fn command(s: &Session, words: &[String], opts: &MasterOptions, timeout: Duratio
         argv.push("dsync-server".to_owned());
     }
     let mut store = s.store()?;
+    // The command runs as the mail user with that user's environment, as doveadm's does:
+    // after `-u`, root's HOME and working directory are neither right nor reachable.
+    let cwd = if s.home.is_dir() { s.home.as_path() } else { std::path::Path::new("/") };
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
+        .env("HOME", &s.home)
+        .env("USER", &s.user)
+        .env("LOGNAME", &s.user)
+        .current_dir(cwd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
