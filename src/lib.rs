@@ -3,7 +3,7 @@
 //! ```text
 //!   binaries: mailreplica (main.rs, cli/) · mailreplica-wrapper (wrapper/)     not in here
 //!        │
-//!   dsync (server, brain, wire) ── copy ── privdrop ── logging
+//!   dsync (server, brain, wire) ── copy ── privdrop ── logging     transport (ssh)
 //!        │
 //!   config ── userdb
 //!        │
@@ -23,4 +23,5 @@ pub mod logging;
 pub mod privdrop;
 pub mod store;
 pub mod sys;
+pub mod transport;
 pub mod userdb;

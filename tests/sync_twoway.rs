@@ -2154,3 +2154,44 @@ fn randomized_rounds_new_seed() {
     let mode = if std::env::var_os("MAILREPLICA_TEST_STATEFUL").is_some() { Mode::Stateful } else { Mode::Stateless };
     randomized(seed, RANDOM_ROUNDS, mode);
 }
+
+/// Every scenario of this file again, with our master (`mailreplica -u USER sync`) and
+/// Dovecot's own `dsync-server` as the slave in place of Dovecot's master with our slave: the
+/// replicas must be what Dovecot's pair makes, and Dovecot's slave must not complain.
+///
+/// The scenarios in [`NOT_YET_WITH_OUR_MASTER`] do not give Dovecot's results with our master
+/// yet (open work of the issue "The sending side…"); they are left out by name, so that each
+/// one that starts to pass is noticed when it is taken off the list.
+#[test]
+fn every_scenario_with_our_master() {
+    let exe = std::env::current_exe().expect("the test binary");
+    let mut args = vec!["--test-threads", "2", "--skip", "every_scenario_with_our_master"];
+    for name in NOT_YET_WITH_OUR_MASTER {
+        args.extend(["--skip", name]);
+    }
+    let out = std::process::Command::new(exe)
+        .env("MAILREPLICA_TEST_OUR_MASTER", "1")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run the test binary again");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "with our master:\n{text}");
+    assert!(text.contains("test result: ok"), "with our master, no test ran:\n{text}");
+}
+
+/// Scenarios whose result with our master still differs from Dovecot's pair (or that fail):
+/// see [`every_scenario_with_our_master`].
+const NOT_YET_WITH_OUR_MASTER: &[&str] = &[
+    "changes_during_the_sync::",
+    "expunged_on_one_side_flagged_on_the_other::stateful",
+    "filters_by_date_size_and_flag::",
+    "flags_and_keywords_changed_on_both_sides::stateless",
+    "inbox_created_on_both_sides",
+    "randomized_rounds_new_seed",
+    "randomized_rounds_with_state",
+    "same_mailbox_created_on_both_sides_with_equal_counters",
+    "stateful_syncs_of_a_migrated_replica",
+    "sync_until_is_refused_like_dovecot",
+    "uidvalidity_changed_on_one_side::",
+];

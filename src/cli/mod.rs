@@ -25,6 +25,7 @@ use mailreplica::copy::CopyError;
 use mailreplica::privdrop::{self, Target};
 use mailreplica::store::StoreError;
 use mailreplica::store::maildir::{Maildir, MaildirSettings};
+use mailreplica::transport::ssh::SshError;
 use mailreplica::userdb::UserdbError;
 pub(crate) use output::Format;
 
@@ -314,6 +315,9 @@ pub(crate) fn classify(e: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<UserdbError>().is_some() {
             return exit::TEMPFAIL;
         }
+        if let Some(e) = cause.downcast_ref::<SshError>() {
+            return ssh_code(e);
+        }
         if let Some(io) = cause.downcast_ref::<std::io::Error>()
             && io.kind() == std::io::ErrorKind::PermissionDenied
         {
@@ -321,6 +325,16 @@ pub(crate) fn classify(e: &anyhow::Error) -> u8 {
         }
     }
     exit::TEMPFAIL
+}
+
+/// The exit code for an SSH failure: refusals that need an admin are permission errors, a
+/// key file that can't be used is a configuration error, the network is temporary.
+fn ssh_code(e: &SshError) -> u8 {
+    match e {
+        SshError::HostKey(_) | SshError::AuthRefused { .. } | SshError::ExecRefused { .. } => exit::NOPERM,
+        SshError::Key(_) | SshError::NoIdentity(_) | SshError::KnownHostsRead { .. } => exit::CONFIG,
+        _ => exit::TEMPFAIL,
+    }
 }
 
 /// doveadm's exit code for a store error.
@@ -353,9 +367,8 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    /// Reads the configuration and becomes the mail user (dropping root for `-u USER`).
-    pub(crate) fn establish(cli: &Cli) -> Result<Self, Failure> {
-        let config = Config::load(cli.config.as_deref(), &cli.overrides)?;
+    /// Becomes the mail user (dropping root for `-u USER`), with the configuration read.
+    pub(crate) fn establish(cli: &Cli, config: Config) -> Result<Self, Failure> {
         let euid = nix::unistd::geteuid().as_raw();
         match &cli.user {
             Some(name) => {
@@ -460,7 +473,15 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
             anyhow!("dsync-server as root needs -u USER (it never touches mail as root)"),
         ));
     }
-    let session = Session::establish(&cli)?;
+    let config = Config::load(cli.config.as_deref(), &cli.overrides)?;
+    // A remote destination is connected to first, as the invoking user (root's SSH key and
+    // known_hosts), before `-u` drops privileges: doveadm starts its ssh before the drop too.
+    // The connection starts no thread until it is used, so the drop still finds one thread.
+    let remote = match &cli.command {
+        Command::Backup(a) | Command::Sync(a) => sync::connect_remote(&config, a)?,
+        _ => None,
+    };
+    let session = Session::establish(&cli, config)?;
     match &cli.command {
         Command::Mailbox { command } => mail::mailbox(&session, cli.format, command),
         Command::Save { mailbox } => mail::save(&session, mailbox),
@@ -468,8 +489,8 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         Command::Flags { command } => mail::flags(&session, command),
         Command::Expunge { search } => mail::expunge(&session, search),
         Command::User { masks } => mail::user(&session, cli.format, masks),
-        Command::Backup(a) => sync::run(&session, sync::Mode::Backup, a),
-        Command::Sync(a) => sync::run(&session, sync::Mode::Sync, a),
+        Command::Backup(a) => sync::run(&session, sync::Mode::Backup, a, remote),
+        Command::Sync(a) => sync::run(&session, sync::Mode::Sync, a, remote),
         Command::DsyncServer { timeout, extra, .. } => dsync_server(&session, *timeout, extra),
     }
 }

@@ -2,6 +2,11 @@
 //!
 //! ```text
 //!   maildir:PATH[:…]        our slave on another Maildir of the same user, in this process
+//!   remote:[LOGIN@]HOST[:PORT]
+//!                            the embedded SSH client runs `dsync_remote_cmd` on HOST
+//!   remoteprefix:[LOGIN@]HOST[:PORT]
+//!                            the same, and the stream starts with `USER\n` (for
+//!                            mailreplica-wrapper or the upstream shell wrapper)
 //!   a command line           spawned; its stdin/stdout carry the stream (doveadm appends
 //!                            `dsync-server` unless the line already ends with it)
 //! ```
@@ -10,13 +15,17 @@
 //! doveadm's: 0, 2 when something changed during the sync (run it again), 75 when it failed
 //! for a reason worth retrying, and the usual codes for the rest.
 
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::anyhow;
+use mailreplica::config::Config;
 use mailreplica::dsync::master::{Direction, MasterOptions, MasterReport, run_master, sync_stores};
 use mailreplica::dsync::server::{FailureKind, SessionError};
 use mailreplica::store::maildir::Maildir;
+use mailreplica::transport::RemoteTarget;
+use mailreplica::transport::ssh::{self, SshChannel, SshConnection, SshSettings};
 
 use super::{Failure, Session, exit, hostname};
 
@@ -62,7 +71,12 @@ pub(crate) struct SyncArgs {
     /// I/O stall timeout in seconds.
     #[arg(short = 'T', value_name = "SECS", default_value_t = 600)]
     pub(crate) timeout: u64,
-    /// Where to: `maildir:PATH`, or a command line whose stdin/stdout speak dsync.
+    /// `remote:`/`remoteprefix:`: trust a host that known_hosts doesn't list yet and add its
+    /// key there (OpenSSH's StrictHostKeyChecking=accept-new); a changed key is still refused.
+    #[arg(long = "accept-new-host-key")]
+    pub(crate) accept_new_host_key: bool,
+    /// Where to: `maildir:PATH`, `remote:[LOGIN@]HOST[:PORT]`, `remoteprefix:[LOGIN@]HOST[:PORT]`,
+    /// or a command line whose stdin/stdout speak dsync.
     #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
     pub(crate) destination: Vec<String>,
 }
@@ -111,24 +125,95 @@ fn failure(e: SessionError) -> Failure {
     Failure::new(code, anyhow!(e))
 }
 
+/// An SSH connection made before the privilege drop, for a `remote:` or `remoteprefix:`
+/// destination.
+#[derive(Debug)]
+pub(crate) struct Remote {
+    conn: SshConnection,
+    /// `remoteprefix:`: the stream starts with the user name.
+    prefix: bool,
+    login: String,
+    host: String,
+}
+
+/// The name of the user this process runs as.
+fn running_user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "root".to_owned())
+}
+
+/// Connects to a `remote:` or `remoteprefix:` destination (none for other destinations): as
+/// the invoking user, before the drop to `-u USER`.
+pub(crate) fn connect_remote(config: &Config, a: &SyncArgs) -> Result<Option<Remote>, Failure> {
+    let dest = a.destination.join(" ");
+    let (prefix, rest) = if let Some(r) = dest.strip_prefix("remoteprefix:") {
+        (true, r)
+    } else if let Some(r) = dest.strip_prefix("remote:") {
+        (false, r)
+    } else {
+        if a.accept_new_host_key {
+            return Err(Failure::new(exit::USAGE, anyhow!("--accept-new-host-key is for remote: destinations")));
+        }
+        return Ok(None);
+    };
+    if a.destination.len() > 1 {
+        return Err(Failure::new(exit::USAGE, anyhow!("destination {dest:?}: one remote:[LOGIN@]HOST[:PORT]")));
+    }
+    let target = RemoteTarget::parse(rest).map_err(|e| Failure::new(exit::USAGE, e.into()))?;
+    // doveadm's convention: remoteprefix: logs in as root (its forced command picks the
+    // user); remote: as whoever runs this.
+    let login = target
+        .login
+        .clone()
+        .or_else(|| config.ssh.user.clone())
+        .unwrap_or_else(|| if prefix { "root".to_owned() } else { running_user() });
+    let ssh_cfg = &config.ssh;
+    let mut settings = SshSettings::new(&target.host, target.port.unwrap_or(ssh_cfg.port), &login);
+    settings.key_file.clone_from(&ssh_cfg.key);
+    settings.passphrase_file.clone_from(&ssh_cfg.key_passphrase_file);
+    settings.known_hosts = ssh::known_hosts_or_default(ssh_cfg.known_hosts.as_deref());
+    settings.accept_new_host_key = a.accept_new_host_key;
+    settings.connect_timeout = ssh_cfg.connect_timeout;
+    settings.inactivity_timeout = Duration::from_secs(a.timeout.max(60));
+    let conn = SshConnection::connect(&settings)?;
+    Ok(Some(Remote { conn, prefix, login, host: target.host }))
+}
+
 /// `sync|backup DESTINATION`.
-pub(crate) fn run(s: &Session, mode: Mode, a: &SyncArgs) -> Result<(), Failure> {
+pub(crate) fn run(s: &Session, mode: Mode, a: &SyncArgs, remote: Option<Remote>) -> Result<(), Failure> {
     let opts = options(s, mode, a)?;
     let timeout = Duration::from_secs(a.timeout.max(1));
     let dest = a.destination.join(" ");
-    let report = if let Some(loc) = dest.strip_prefix("maildir:").map(|_| dest.as_str()) {
-        local(s, loc, &opts, timeout)?
+    let result = if let Some(r) = remote {
+        over_ssh(s, r, &opts, timeout)
+    } else if let Some(loc) = dest.strip_prefix("maildir:").map(|_| dest.as_str()) {
+        local(s, loc, &opts, timeout)
     } else if a.destination.len() > 1 || dest.contains(' ') || dest.contains('/') {
-        command(s, &a.destination, &opts, timeout)?
+        command(s, &a.destination, &opts, timeout)
     } else {
         return Err(Failure::new(
             exit::USAGE,
             anyhow!(
-                "destination {dest:?}: use maildir:PATH or a command line (remote: and remoteprefix: are not built yet)"
+                "destination {dest:?}: use maildir:PATH, remote:[LOGIN@]HOST[:PORT], \
+                 remoteprefix:[LOGIN@]HOST[:PORT] or a command line"
             ),
         ));
     };
-    finish(a, report)
+    match result {
+        Ok(report) => finish(a, report),
+        Err(f) => {
+            // As doveadm: a failed run still prints a state, an empty one, so that whoever
+            // keeps it makes the next run a full sync instead of reusing a stale one.
+            if a.state.is_some() {
+                println!();
+            }
+            Err(f)
+        }
+    }
 }
 
 fn finish(a: &SyncArgs, report: MasterReport) -> Result<(), Failure> {
@@ -153,6 +238,52 @@ fn local(s: &Session, location: &str, opts: &MasterOptions, timeout: Duration) -
     sync_stores(&mut master, &mut slave, opts, timeout).map_err(failure)
 }
 
+/// The master over an SSH exec channel; the remote command's exit status decides what a
+/// failed session is reported as.
+fn over_ssh(s: &Session, mut r: Remote, opts: &MasterOptions, timeout: Duration) -> Result<MasterReport, Failure> {
+    let mut store = s.store()?;
+    let command = ssh::remote_command(&s.config.ssh.dsync_remote_cmd, &s.user, &r.login, &r.host);
+    let label = r.conn.label().to_owned();
+    let SshChannel { reader, mut writer, end } = r.conn.exec(&command)?;
+    if r.prefix {
+        // The first line the wrapper (or `read username`) reads; it goes out in the same
+        // packet as the master's greeting.
+        writer
+            .write_all(format!("{}\n", s.user).as_bytes())
+            .map_err(|e| Failure::new(exit::TEMPFAIL, anyhow!("writing to {label}: {e}")))?;
+    }
+    let result = run_master(&mut store, reader, writer, opts, timeout);
+    // The master closed its side. OpenSSH sends the exit status after its EOF, just before
+    // closing the channel: wait for that, briefly when the session failed already.
+    let wait = if result.is_ok() { timeout } else { timeout.min(Duration::from_secs(30)) };
+    let end = end.wait(wait);
+    r.conn.close();
+    let Some(end) = end else {
+        return match result {
+            Ok(report) => Ok(report),
+            Err(e) => Err(failure(e)),
+        };
+    };
+    let stderr = if end.stderr_tail.is_empty() { String::new() } else { format!(": {}", end.stderr_tail) };
+    match result {
+        Ok(report) if end.success() || end.exit_status.is_none() && end.exit_signal.is_none() => Ok(report),
+        Ok(_) => Err(Failure::new(
+            exit::TEMPFAIL,
+            anyhow!("the sync finished, but {command:?} on {label} ended with {}{stderr}", end.describe()),
+        )),
+        Err(_) if end.exit_status == Some(126) => Err(Failure::new(
+            exit::NOPERM,
+            anyhow!("{label}: the replica refused user {} (remote exit status 126){stderr}", s.user),
+        )),
+        Err(e) if end.exec_refused || !end.success() => {
+            let code = if end.exec_refused { exit::NOPERM } else { exit::TEMPFAIL };
+            let what = format!("{command:?} on {label} ended with {}{stderr}", end.describe());
+            Err(Failure::new(code, anyhow!(e).context(what)))
+        }
+        Err(e) => Err(failure(e)),
+    }
+}
+
 fn command(s: &Session, words: &[String], opts: &MasterOptions, timeout: Duration) -> Result<MasterReport, Failure> {
     // One argument with spaces is split on them, as doveadm does; `dsync-server` is appended
     // unless it is the last word already.
@@ -165,8 +296,15 @@ fn command(s: &Session, words: &[String], opts: &MasterOptions, timeout: Duratio
         argv.push("dsync-server".to_owned());
     }
     let mut store = s.store()?;
+    // The command runs as the mail user with that user's environment, as doveadm's does:
+    // after `-u`, root's HOME and working directory are neither right nor reachable.
+    let cwd = if s.home.is_dir() { s.home.as_path() } else { std::path::Path::new("/") };
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
+        .env("HOME", &s.home)
+        .env("USER", &s.user)
+        .env("LOGNAME", &s.user)
+        .current_dir(cwd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -35,6 +35,48 @@ pub struct Config {
     /// Longest wait for a mailbox lock (Dovecot's `mail_max_lock_timeout`; 0 = Dovecot's default
     /// of 122 seconds).
     pub mail_max_lock_timeout: Duration,
+    /// The SSH client's settings (`remote:` and `remoteprefix:` destinations).
+    pub ssh: SshConfig,
+}
+
+/// Settings of the embedded SSH client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshConfig {
+    /// `ssh_key`: the private key file (default: `~/.ssh/id_ed25519` and `~/.ssh/id_rsa` of the
+    /// running user, those that exist, then ssh-agent).
+    pub key: Option<PathBuf>,
+    /// `ssh_key_passphrase_file`: a file whose first line is the key's passphrase.
+    pub key_passphrase_file: Option<PathBuf>,
+    /// `ssh_known_hosts`: the known_hosts file (default: the running user's
+    /// `~/.ssh/known_hosts`).
+    pub known_hosts: Option<PathBuf>,
+    /// `ssh_user`: the login when the destination names none (default: `root` for
+    /// `remoteprefix:`, the running user for `remote:`).
+    pub user: Option<String>,
+    /// `ssh_port`: the port when the destination names none.
+    pub port: u16,
+    /// `ssh_connect_timeout`: time to connect, check the host key and log in.
+    pub connect_timeout: Duration,
+    /// `dsync_remote_cmd`: the command run on the server (`%u` is the user). A Dovecot-style
+    /// value starting with `ssh … %{host}` is accepted: what follows the host is the command.
+    pub dsync_remote_cmd: String,
+}
+
+/// The remote command doveadm runs by default (its `dsync_remote_cmd` without the `ssh` part).
+pub const DEFAULT_DSYNC_REMOTE_CMD: &str = "doveadm dsync-server -u%u -U";
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        Self {
+            key: None,
+            key_passphrase_file: None,
+            known_hosts: None,
+            user: None,
+            port: 22,
+            connect_timeout: Duration::from_secs(30),
+            dsync_remote_cmd: DEFAULT_DSYNC_REMOTE_CMD.to_owned(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -46,6 +88,7 @@ impl Default for Config {
             last_valid_uid: 0,
             hostname: None,
             mail_max_lock_timeout: Duration::ZERO,
+            ssh: SshConfig::default(),
         }
     }
 }
@@ -139,6 +182,16 @@ impl Raw<'_> {
         }
     }
 
+    /// An absolute path.
+    fn path(&self) -> Result<PathBuf, String> {
+        let s = self.string()?;
+        let p = PathBuf::from(&s);
+        if !p.is_absolute() {
+            return Err(format!("{s:?} is not an absolute path"));
+        }
+        Ok(p)
+    }
+
     fn duration(&self) -> Result<Duration, String> {
         match self {
             Raw::Toml(toml::Value::Integer(i)) => {
@@ -218,6 +271,35 @@ impl Config {
                 self.hostname = Some(h);
             }
             "mail_max_lock_timeout" => self.mail_max_lock_timeout = raw.duration().map_err(bad)?,
+            "ssh_key" => self.ssh.key = Some(raw.path().map_err(bad)?),
+            "ssh_key_passphrase_file" => self.ssh.key_passphrase_file = Some(raw.path().map_err(bad)?),
+            "ssh_known_hosts" => self.ssh.known_hosts = Some(raw.path().map_err(bad)?),
+            "ssh_user" => {
+                let u = raw.string().map_err(bad)?;
+                if u.is_empty() || u.contains(|c: char| c.is_whitespace() || c.is_control() || c == '@') {
+                    return Err(bad("must be a plain login name".to_owned()));
+                }
+                self.ssh.user = Some(u);
+            }
+            "ssh_port" => {
+                let p = raw.u32().map_err(bad)?;
+                self.ssh.port =
+                    u16::try_from(p).ok().filter(|&p| p != 0).ok_or_else(|| bad(format!("{p} is not a port")))?;
+            }
+            "ssh_connect_timeout" => {
+                let d = raw.duration().map_err(bad)?;
+                if d.is_zero() {
+                    return Err(bad("must be at least 1 second".to_owned()));
+                }
+                self.ssh.connect_timeout = d;
+            }
+            "dsync_remote_cmd" => {
+                let c = raw.string().map_err(bad)?;
+                if c.trim().is_empty() {
+                    return Err(bad("must not be empty".to_owned()));
+                }
+                self.ssh.dsync_remote_cmd = c;
+            }
             _ => {
                 return Err(ConfigError::UnknownKey { origin, key: key.to_owned() });
             }
@@ -269,5 +351,31 @@ mod tests {
         assert!(matches!(e, ConfigError::BadOverride(_)));
         let c = Config::load(Some(&f), &["mail_max_lock_timeout=5 mins".into()]).unwrap();
         assert_eq!(c.lock_wait(), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn ssh_settings() {
+        let mut c = Config::default();
+        assert_eq!(c.ssh.port, 22);
+        assert_eq!(c.ssh.dsync_remote_cmd, DEFAULT_DSYNC_REMOTE_CMD);
+        c.apply_toml(
+            "ssh_key = \"/etc/mailreplica/id_ed25519\"\nssh_port = 2222\nssh_connect_timeout = \"1 min\"\n\
+             ssh_user = \"vmail\"\nssh_known_hosts = \"/etc/mailreplica/known_hosts\"\n\
+             dsync_remote_cmd = \"mailreplica dsync-server -u%u\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.ssh.key.as_deref(), Some(Path::new("/etc/mailreplica/id_ed25519")));
+        assert_eq!((c.ssh.port, c.ssh.connect_timeout), (2222, Duration::from_secs(60)));
+        assert_eq!(c.ssh.user.as_deref(), Some("vmail"));
+        let e = c.apply_toml("ssh_key = \"relative/key\"\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("not an absolute path"), "{e}");
+        let e = c.apply_toml("ssh_port = 70000\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("not a port"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "").unwrap();
+        let c = Config::load(Some(&f), &["ssh_key_passphrase_file=/root/pass".into(), "ssh_port=22".into()]).unwrap();
+        assert_eq!(c.ssh.key_passphrase_file.as_deref(), Some(Path::new("/root/pass")));
     }
 }

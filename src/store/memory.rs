@@ -383,6 +383,7 @@ impl Mailbox for MemoryMailbox {
             replicated_modseq: mb.replicated_modseq,
             peer_modseq: mb.peer_modseq,
             history_lost: mb.history_lost,
+            log_floor: mb.log_floor,
         })
         .unwrap_or(MailboxStatus {
             guid: self.guid,
@@ -396,6 +397,7 @@ impl Mailbox for MemoryMailbox {
             replicated_modseq: 0,
             peer_modseq: 0,
             history_lost: false,
+            log_floor: 0,
         })
     }
 

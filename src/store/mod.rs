@@ -132,6 +132,9 @@ pub struct MailboxStatus {
     /// [`Mailbox::changes_since`] answers `None` for any modseq but 0. It stays set until
     /// cleared with [`MailboxUpdate::clear_history_lost`], after a successful full sync.
     pub history_lost: bool,
+    /// The lowest modseq [`Mailbox::changes_since`] can start from (besides 0): the log
+    /// holds every change above it. After a rebuild it is the rebuilt HIGHESTMODSEQ.
+    pub log_floor: Modseq,
 }
 
 /// One mail as the store lists it.

@@ -4,6 +4,7 @@
 #
 #   sudo tests/bench/dsync.sh            10,000 mails (~200 MiB) in 20 mailboxes, 3 rounds
 #   sudo MAILS=2000 REPS=1 tests/bench/dsync.sh     a quick look
+#   sudo MAILS=200000 BOXES=1 MAX_SIZE=16384 REPS=1 tests/bench/dsync.sh   one big mailbox
 #
 # Phases, each run REPS times per slave (the two slaves alternate, the page cache is warm):
 #   full         backup into an empty Maildir
@@ -26,6 +27,9 @@ set -euo pipefail
 MAILS=${MAILS:-10000}
 BOXES=${BOXES:-20}
 REPS=${REPS:-3}
+# Mail sizes, log-uniform between the two (bytes).
+MIN_SIZE=${MIN_SIZE:-1024}
+MAX_SIZE=${MAX_SIZE:-102400}
 cd "$(dirname "$0")/../.."
 . tests/bench/lib.sh
 bench_setup dsync.sh mrbench 'maildir:~/Maildir'
@@ -36,7 +40,7 @@ dv() { as_user "$DOVEADM" -c "$WORK/dovecot.conf" "$@"; }
 # The master: BOXES mailboxes (INBOX, a hierarchy, lists), MAILS mails of 1 KiB to 100 KiB
 # (log-uniform, ~22 KiB on average), two thirds \Seen, some flagged or with keywords. Written
 # as a delivery agent would (files in cur/ with their flags), then indexed by Dovecot.
-generate "$WORK/home/Maildir" "$MAILS" "$BOXES"
+generate "$WORK/home/Maildir" "$MAILS" "$BOXES" "$MIN_SIZE" "$MAX_SIZE"
 dv -f tab mailbox status 'messages vsize' '*' >"$WORK/out/master-status.txt"
 total_mails=$(awk 'NR > 1 { n += $2 } END { print n }' "$WORK/out/master-status.txt")
 total_mib=$(du -sm "$WORK/home/Maildir" | cut -f1)

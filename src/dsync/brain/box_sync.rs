@@ -772,6 +772,18 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                 let r = imp.finish(&mut cur.mb, true)?;
                 state.last_common_uid = r.last_common_uid;
                 state.last_common_modseq = r.last_common_modseq;
+                // Dovecot keeps the peer's HIGHESTMODSEQ as the common point, and so must we
+                // (both sides look it up in their own logs next time), except where our log
+                // starts above it: after a rebuild our history begins at the rebuilt value,
+                // and a state below it would make the next sync fail as "no longer in the
+                // transaction log". Every change of ours up to there went out in this sync,
+                // and the peer holds nothing of its own between its value and ours but what
+                // it imported from us, so the common point may move up to our floor.
+                let floor = cur.mb.status().log_floor;
+                if r.changes_during_sync.is_none() && state.last_common_modseq != 0 && state.last_common_modseq < floor
+                {
+                    state.last_common_modseq = floor;
+                }
                 state.last_common_pvt_modseq = r.last_common_pvt_modseq;
                 state.last_messages_count = r.messages_count;
                 if r.require_full_resync {

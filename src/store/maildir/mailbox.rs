@@ -1315,6 +1315,7 @@ impl Mailbox for MaildirMailbox {
             replicated_modseq: self.header.replicated_modseq,
             peer_modseq: self.header.peer_modseq,
             history_lost: self.header.history_lost,
+            log_floor: self.header.log_floor,
         }
     }
 

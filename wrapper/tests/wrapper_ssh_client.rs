@@ -1,0 +1,491 @@
+//! Our own sending side over our embedded SSH client: `mailreplica sync|backup -u USER
+//! remoteprefix:root@127.0.0.1:PORT` (and `remote:`) against a real OpenSSH sshd on 127.0.0.1
+//! whose root `authorized_keys` forces `mailreplica-wrapper`, plus every refusal the client
+//! must make before it sends anything: unknown, changed and revoked host keys, a private key
+//! others can read, and the wrapper's own refusal (exit 126) reported as such.
+//!
+//! ```text
+//!   mailreplica -u alice backup remoteprefix:root@127.0.0.1:PORT      (maildir:~/Source)
+//!      │ russh: known_hosts check, root's test key, then the drop to alice
+//!      ▼
+//!   sshd ──root── mailreplica-wrapper --peer mx1 ──drop──► alice     (maildir:~/Maildir)
+//! ```
+//!
+//! Both ends are on this host: each user's source is `~/Source`, the replica `~/Maildir`.
+//! Needs root, useradd and OpenSSH's sshd (`tests/run` installs it), and the workspace built
+//! first (`cargo build --release --workspace`).
+
+mod wrapper_common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use wrapper_common::*;
+
+/// Any single mailreplica run.
+const STEP: Duration = Duration::from_secs(120);
+
+/// Fields drop in this order: users, sshd, then the sandbox directory.
+struct World {
+    users: Vec<TestUser>,
+    sshd: Sshd,
+    keys: SshKeys,
+    config: PathBuf,
+    sb: Sandbox,
+}
+
+impl World {
+    /// Three users; the policy of peer mx1 allows the first two (different uids).
+    /// `extra_sshd` goes first in sshd_config; `forced` chooses the authorized_keys line.
+    fn new(tag: &str, forced: bool, extra_sshd: &str) -> Self {
+        let sb = Sandbox::new();
+        let users = vec![TestUser::new(&sb), TestUser::new(&sb), TestUser::new(&sb)];
+        assert_ne!(users[0].uid, users[1].uid, "two users with different uids");
+        sb.write_policy(&format!(
+            "[peer.mx1]\nallow_users = [\"{}\", \"{}\"]\nfirst_valid_uid = 1000\nlast_valid_uid = 60000\n\
+             mail_location = \"maildir:~/Maildir\"\n",
+            users[0].name, users[1].name
+        ));
+        let keys = SshKeys::new(&sb, 1);
+        let ak = if forced {
+            format!("restrict,command=\"{WRAPPER} {}\" {}\n", sb.args("mx1").join(" "), keys.client_pub(0))
+        } else {
+            format!("restrict {}\n", keys.client_pub(0))
+        };
+        let sshd = Sshd::start(&keys, tag, &ak, extra_sshd);
+        let config = sb.dir.join("mailreplica.toml");
+        fs::write(&config, "first_valid_uid = 1000\n").expect("mailreplica.toml");
+        let w = Self { users, sshd, keys, config, sb };
+        for (i, u) in w.users.iter().enumerate() {
+            w.fill_source(u, i);
+        }
+        w
+    }
+
+    /// `mailreplica -c CONFIG ARGS…` with a clean environment (no ssh-agent).
+    fn mr(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(mailreplica_bin());
+        c.arg("-c").arg(&self.config).args(args).env_clear().env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin");
+        c
+    }
+
+    /// Runs to the end with `input` on stdin.
+    fn run(&self, mut cmd: Command, input: &[u8]) -> Output {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(input).expect("write stdin");
+        drop(stdin);
+        let pid = child.id();
+        let waiter = std::thread::spawn(move || child.wait_with_output().expect("wait"));
+        let until = std::time::Instant::now() + STEP;
+        while !waiter.is_finished() {
+            if std::time::Instant::now() > until {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+                panic!("{cmd:?} still running after {STEP:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        waiter.join().expect("waiter")
+    }
+
+    fn ok(&self, cmd: Command, input: &[u8]) -> String {
+        let what = format!("{cmd:?}");
+        let out = self.run(cmd, input);
+        assert!(out.status.success(), "{what}: {:?}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Mails in INBOX and in Work (one flagged), in `~/Source`.
+    fn fill_source(&self, u: &TestUser, i: usize) {
+        let src = ["-u", &u.name, "-o", "mail_location=maildir:~/Source"];
+        for n in 0..3 {
+            let mail = format!(
+                "From: a@example.org\r\nTo: {}@example.org\r\nSubject: mail {n} of user {i}\r\n\r\nbody {n}\r\n",
+                u.name
+            );
+            self.ok(self.mr(&[&src[..], &["save"]].concat()), mail.as_bytes());
+        }
+        self.ok(self.mr(&[&src[..], &["mailbox", "create", "Work"]].concat()), b"");
+        self.ok(self.mr(&[&src[..], &["save", "-m", "Work"]].concat()), b"Subject: work\r\n\r\nwork\r\n");
+        self.ok(
+            self.mr(&[&src[..], &["flags", "add", "\\Flagged $Label1", "mailbox", "INBOX", "uid", "2"]].concat()),
+            b"",
+        );
+    }
+
+    /// What a Maildir holds: every mail's mailbox, uid, guid and flags (without `\Recent`),
+    /// and every mailbox's counters and GUID.
+    fn listing(&self, u: &TestUser, location: &str) -> String {
+        let loc = format!("mail_location=maildir:~/{location}");
+        let base = ["-u", &u.name, "-o", &loc, "-f", "tab"];
+        let mails = self.ok(self.mr(&[&base[..], &["fetch", "mailbox uid guid flags", "all"]].concat()), b"");
+        let boxes = self
+            .ok(self.mr(&[&base[..], &["mailbox", "status", "messages uidnext uidvalidity guid", "*"]].concat()), b"");
+        // \Recent belongs to a session, not to the mail (Dovecot doesn't sync it either).
+        let mails: Vec<String> = mails
+            .lines()
+            .map(|l| {
+                l.split('\t')
+                    .map(|f| f.split(' ').filter(|w| *w != "\\Recent").collect::<Vec<_>>().join(" "))
+                    .collect::<Vec<_>>()
+                    .join("\t")
+            })
+            .collect();
+        format!("{}\n\n{boxes}", mails.join("\n"))
+    }
+
+    /// `-o ssh_key=… -o ssh_known_hosts=…` (the harness's known_hosts unless given).
+    fn ssh_opts(&self, known_hosts: Option<&Path>) -> Vec<String> {
+        let kh = known_hosts.unwrap_or(&self.sshd.known_hosts);
+        vec![
+            "-o".into(),
+            format!("ssh_key={}", self.keys.clients[0].display()),
+            "-o".into(),
+            format!("ssh_known_hosts={}", kh.display()),
+        ]
+    }
+
+    fn dest(&self, kind: &str) -> String {
+        format!("{kind}:root@127.0.0.1:{}", self.sshd.port)
+    }
+
+    /// `mailreplica -u USER -o mail_location=maildir:~/Source OPTS… COMMAND DEST`.
+    fn sync_cmd(&self, u: &TestUser, opts: &[String], command: &[&str], dest: &str) -> Command {
+        let mut args: Vec<&str> = vec!["-u", &u.name, "-o", "mail_location=maildir:~/Source"];
+        args.extend(opts.iter().map(String::as_str));
+        args.extend_from_slice(command);
+        args.push(dest);
+        self.mr(&args)
+    }
+
+    fn accepted_logins(&self) -> usize {
+        self.sshd.log_text().matches("Accepted publickey").count()
+    }
+}
+
+/// Every file and directory under `root` belongs to `uid`.
+fn assert_owned_by(root: &Path, uid: u32) {
+    let mut stack = vec![root.to_path_buf()];
+    let mut seen = 0;
+    while let Some(p) = stack.pop() {
+        let m = fs::symlink_metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(m.uid(), uid, "{} is owned by uid {}", p.display(), m.uid());
+        seen += 1;
+        if m.is_dir() {
+            for e in fs::read_dir(&p).expect("read_dir").flatten() {
+                stack.push(e.path());
+            }
+        }
+    }
+    assert!(seen > 5, "{} holds almost nothing", root.display());
+}
+
+#[test]
+fn remoteprefix_backup_and_sync_into_the_wrapper_for_two_users() {
+    let w = World::new("a", true, "");
+    let opts = w.ssh_opts(None);
+    let (alice, bob) = (&w.users[0], &w.users[1]);
+    // alice: a backup; bob: a two-way sync. Each lands in that user's own ~/Maildir.
+    w.ok(w.sync_cmd(alice, &opts, &["backup"], &w.dest("remoteprefix")), b"");
+    w.ok(w.sync_cmd(bob, &opts, &["sync"], &w.dest("remoteprefix")), b"");
+    for u in [alice, bob] {
+        let source = w.listing(u, "Source");
+        assert!(source.contains("\\Flagged $Label1") && source.contains("Work"), "{source}");
+        assert_eq!(w.listing(u, "Maildir"), source, "replica of {}", u.name);
+        assert_owned_by(&u.home.join("Maildir"), u.uid);
+    }
+    let log = w.sb.log_text();
+    assert!(
+        log.contains(&format!("user=\"{}\"", alice.name)) && log.contains(&format!("user=\"{}\"", bob.name)),
+        "{log}"
+    );
+    // Changes on both sides, then an incremental two-way sync with a saved state.
+    w.ok(w.sync_cmd(alice, &opts, &["sync", "-s", ""], &w.dest("remoteprefix")), b"");
+    w.ok(
+        w.mr(&["-u", &alice.name, "-o", "mail_location=maildir:~/Maildir", "save"]),
+        b"Subject: on the replica\r\n\r\nr\r\n",
+    );
+    w.ok(
+        w.mr(&["-u", &alice.name, "-o", "mail_location=maildir:~/Source", "save"]),
+        b"Subject: on the source\r\n\r\ns\r\n",
+    );
+    let lines_before = w.listing(alice, "Source").lines().count();
+    let state = w.ok(w.sync_cmd(alice, &opts, &["sync", "-s", ""], &w.dest("remoteprefix")), b"");
+    assert!(!state.trim().is_empty(), "a state is printed");
+    let source = w.listing(alice, "Source");
+    assert_eq!(source.lines().count(), lines_before + 1, "the replica's new mail reached the source:\n{source}");
+    assert_eq!(w.listing(alice, "Maildir"), source);
+}
+
+#[test]
+fn remote_runs_dsync_remote_cmd_with_the_user() {
+    // No forced command: sshd runs what we ask, `mailreplica -u USER dsync-server` as root.
+    let w = World::new("r", false, "PermitRootLogin prohibit-password");
+    let alice = &w.users[0];
+    let mut opts = w.ssh_opts(None);
+    let cmd = format!(
+        "dsync_remote_cmd=ssh -l%{{login}} %{{host}} {} -c {} -o 'mail_location=maildir:~/Remote' -u %u dsync-server",
+        mailreplica_bin().display(),
+        w.config.display()
+    );
+    opts.extend(["-o".to_owned(), cmd]);
+    w.ok(w.sync_cmd(alice, &opts, &["backup"], &w.dest("remote")), b"");
+    assert_eq!(w.listing(alice, "Remote"), w.listing(alice, "Source"));
+    assert_owned_by(&alice.home.join("Remote"), alice.uid);
+}
+
+/// Runs a sync that must be refused: non-zero exit, `want` in stderr, nothing logged in, the
+/// wrapper never started, the replica untouched.
+fn assert_refused_before_sending(w: &World, cmd: Command, want: &[&str]) -> String {
+    let alice = &w.users[0];
+    let before = snapshot(&alice.home);
+    let logins = w.accepted_logins();
+    let out = w.run(cmd, b"");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "succeeded: {err}");
+    eprintln!("refused ({:?}): {err}", out.status.code());
+    for s in want {
+        assert!(err.contains(s), "stderr lacks {s:?}:\n{err}");
+    }
+    assert_eq!(w.accepted_logins(), logins, "sshd accepted a login:\n{}", w.sshd.log_text());
+    assert!(w.sb.log_text().is_empty(), "the wrapper ran: {}", w.sb.log_text());
+    assert_eq!(snapshot(&alice.home), before, "the replica side changed");
+    assert!(!alice.home.join("Maildir").exists());
+    err
+}
+
+#[test]
+fn host_key_and_key_file_refusals() {
+    let w = World::new("k", true, "");
+    let alice = &w.users[0];
+    let dest = w.dest("remoteprefix");
+    let host_line = fs::read_to_string(&w.sshd.known_hosts).expect("known_hosts");
+    let host_line = host_line.trim();
+    let name = format!("[127.0.0.1]:{}", w.sshd.port);
+    let other_key = fs::read_to_string(w.keys.clients[0].with_extension("pub")).expect("pub");
+    let other_key: Vec<&str> = other_key.split_whitespace().take(2).collect();
+    let kh = |file: &str, text: &str| {
+        let p = w.sb.dir.join(file);
+        fs::write(&p, text).expect("write known_hosts");
+        p
+    };
+
+    // Not listed at all (an empty file, then a missing one).
+    for p in [kh("kh_empty", ""), w.sb.dir.join("kh_missing")] {
+        let err = assert_refused_before_sending(
+            &w,
+            w.sync_cmd(alice, &w.ssh_opts(Some(&p)), &["backup"], &dest),
+            &[&format!("the host key of {name} is not known"), "--accept-new-host-key", "SHA256:"],
+        );
+        assert!(err.contains(&p.display().to_string()), "{err}");
+        assert!(!w.sb.dir.join("kh_missing").exists());
+    }
+
+    // A different key of the same type: changed, even with --accept-new-host-key.
+    let changed = kh("kh_changed", &format!("# pinned\n{name} {} {}\n", other_key[0], other_key[1]));
+    for extra in [&[][..], &["--accept-new-host-key"][..]] {
+        let cmd = w.sync_cmd(alice, &w.ssh_opts(Some(&changed)), &[&["backup"][..], extra].concat(), &dest);
+        let err =
+            assert_refused_before_sending(&w, cmd, &["HOST KEY CHANGED", &format!("{} line 2", changed.display())]);
+        assert!(err.contains("man in the middle"), "{err}");
+    }
+    assert_eq!(fs::read_to_string(&changed).expect("read").lines().count(), 2, "accept-new must not add a line");
+
+    // Listed, and revoked.
+    let revoked = kh("kh_revoked", &format!("{host_line}\n@revoked * {}\n", host_line.split_once(' ').expect("key").1));
+    assert_refused_before_sending(
+        &w,
+        w.sync_cmd(alice, &w.ssh_opts(Some(&revoked)), &["backup"], &dest),
+        &["is revoked", &format!("{} line 2", revoked.display())],
+    );
+
+    // Only a @cert-authority line matches.
+    let ca = kh("kh_ca", &format!("@cert-authority [127.0.0.1]:* {} {}\n", other_key[0], other_key[1]));
+    assert_refused_before_sending(
+        &w,
+        w.sync_cmd(alice, &w.ssh_opts(Some(&ca)), &["backup"], &dest),
+        &["certificate host keys are not supported"],
+    );
+
+    // A private key that group members can read: refused before connecting.
+    let loose = w.keys.dir.join("loose_key");
+    fs::copy(&w.keys.clients[0], &loose).expect("copy key");
+    fs::set_permissions(&loose, fs::Permissions::from_mode(0o640)).expect("chmod");
+    let opts = vec![
+        "-o".to_owned(),
+        format!("ssh_key={}", loose.display()),
+        "-o".to_owned(),
+        format!("ssh_known_hosts={}", w.sshd.known_hosts.display()),
+    ];
+    let err = assert_refused_before_sending(
+        &w,
+        w.sync_cmd(alice, &opts, &["backup"], &dest),
+        &[&format!("permissions 0640 for {} are too open", loose.display())],
+    );
+    assert!(!w.sshd.log_text().contains("Accepted"), "{err}");
+
+    // A key the server doesn't know: auth refused, naming the key.
+    let stranger = w.keys.dir.join("stranger");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&stranger)
+        .status()
+        .expect("keygen");
+    assert!(st.success());
+    let opts = vec![
+        "-o".to_owned(),
+        format!("ssh_key={}", stranger.display()),
+        "-o".to_owned(),
+        format!("ssh_known_hosts={}", w.sshd.known_hosts.display()),
+    ];
+    assert_refused_before_sending(
+        &w,
+        w.sync_cmd(alice, &opts, &["backup"], &dest),
+        &["refused public-key authentication", &stranger.display().to_string()],
+    );
+
+    // Nothing listens: connection refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let out =
+        w.run(w.sync_cmd(alice, &w.ssh_opts(None), &["backup"], &format!("remoteprefix:root@127.0.0.1:{port}")), b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("Connection refused"), "{err}");
+
+    // Something listens but never speaks SSH: ssh_connect_timeout.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let mut opts = w.ssh_opts(None);
+    opts.extend(["-o".to_owned(), "ssh_connect_timeout=1".to_owned()]);
+    let started = std::time::Instant::now();
+    let out = w.run(w.sync_cmd(alice, &opts, &["backup"], &format!("remoteprefix:root@127.0.0.1:{port}")), b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains(&format!("no SSH session with root@[127.0.0.1]:{port} within 1 s")), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    drop(silent);
+}
+
+#[test]
+fn accept_new_host_key_records_the_key_once() {
+    let w = World::new("n", true, "");
+    let (alice, bob) = (&w.users[0], &w.users[1]);
+    let kh = w.sb.dir.join("fresh").join("known_hosts");
+    let opts = w.ssh_opts(Some(&kh));
+    let dest = w.dest("remoteprefix");
+    let out = w.run(w.sync_cmd(alice, &opts, &["backup", "--accept-new-host-key"], &dest), b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("Permanently added"), "{err}");
+    let written = fs::read_to_string(&kh).expect("known_hosts written");
+    let host_pub = fs::read_to_string(w.keys.host.with_extension("pub")).expect("host pub");
+    let host_key: Vec<&str> = host_pub.split_whitespace().take(2).collect();
+    assert_eq!(written, format!("[127.0.0.1]:{} {} {}\n", w.sshd.port, host_key[0], host_key[1]));
+    // Now it is known: no flag needed, and nothing is added again.
+    w.ok(w.sync_cmd(bob, &opts, &["backup"], &dest), b"");
+    w.ok(w.sync_cmd(alice, &opts, &["backup", "--accept-new-host-key"], &dest), b"");
+    assert_eq!(fs::read_to_string(&kh).expect("read"), written);
+    assert_eq!(w.listing(alice, "Maildir"), w.listing(alice, "Source"));
+}
+
+#[test]
+fn a_user_the_wrapper_refuses_is_reported_with_exit_126() {
+    let w = World::new("d", true, "");
+    let carol = &w.users[2];
+    let out = w.run(w.sync_cmd(carol, &w.ssh_opts(None), &["backup"], &w.dest("remoteprefix")), b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    assert!(err.contains(&format!("the replica refused user {} (remote exit status 126)", carol.name)), "{err}");
+    assert!(err.contains("mailreplica-wrapper: access denied"), "{err}");
+    wait_log_line(&w.sb, &[": deny ", " reason=not-allowed ", &carol.name]);
+    assert!(!carol.home.join("Maildir").exists());
+}
+
+#[test]
+fn key_formats_passphrases_and_the_agent() {
+    let w = World::new("f", true, "");
+    let alice = &w.users[0];
+    let dest = w.dest("remoteprefix");
+    let keygen = |name: &str, args: &[&str]| {
+        let p = w.keys.dir.join(name);
+        let st =
+            Command::new("ssh-keygen").args(["-q", "-C", name]).args(args).arg("-f").arg(&p).status().expect("keygen");
+        assert!(st.success());
+        p
+    };
+    let rsa_pem = keygen("rsa_pem", &["-t", "rsa", "-b", "3072", "-m", "PEM", "-N", ""]);
+    let ed_pass = keygen("ed_pass", &["-t", "ed25519", "-N", "open sesame"]);
+    let pass = w.keys.dir.join("passphrase");
+    fs::write(&pass, "open sesame\n").expect("passphrase");
+    fs::set_permissions(&pass, fs::Permissions::from_mode(0o600)).expect("chmod");
+    // Replace root's authorized_keys line of this sshd with the new keys (sshd re-reads it).
+    let pubs: String = [&rsa_pem, &ed_pass]
+        .iter()
+        .map(|k| {
+            let p = fs::read_to_string(k.with_extension("pub")).expect("pub");
+            format!("restrict,command=\"{WRAPPER} {}\" {}\n", w.sb.args("mx1").join(" "), p.trim())
+        })
+        .collect();
+    fs::write(w.keys.dir.join("authorized_keys_f"), pubs).expect("authorized_keys");
+    let kh = format!("ssh_known_hosts={}", w.sshd.known_hosts.display());
+    let with = |extra: &[String]| {
+        let mut o = vec!["-o".to_owned(), kh.clone()];
+        o.extend_from_slice(extra);
+        o
+    };
+    // RSA in PEM format.
+    w.ok(w.sync_cmd(alice, &with(&["-o".into(), format!("ssh_key={}", rsa_pem.display())]), &["backup"], &dest), b"");
+    // An encrypted key: without its passphrase a clear refusal, with the file it works.
+    let key = format!("ssh_key={}", ed_pass.display());
+    let out = w.run(w.sync_cmd(alice, &with(&["-o".into(), key.clone()]), &["backup"], &dest), b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("is encrypted") && err.contains("ssh_key_passphrase_file"), "{err}");
+    let pf = format!("ssh_key_passphrase_file={}", pass.display());
+    w.ok(w.sync_cmd(alice, &with(&["-o".into(), key.clone(), "-o".into(), pf]), &["backup"], &dest), b"");
+    // The same encrypted key, unlocked in ssh-agent instead.
+    let sock = w.keys.dir.join("agent.sock");
+    let agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("ssh-agent");
+    let _agent = KillOnDrop(agent);
+    for _ in 0..250 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ssh-add asks for a passphrase only on a terminal: it gets a decrypted copy of the key.
+    let plain = w.keys.dir.join("ed_plain");
+    fs::copy(&ed_pass, &plain).expect("copy");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-p", "-P", "open sesame", "-N", "", "-f"])
+        .arg(&plain)
+        .stdin(Stdio::null())
+        .status()
+        .expect("ssh-keygen -p");
+    assert!(st.success());
+    let add =
+        Command::new("ssh-add").arg(&plain).env("SSH_AUTH_SOCK", &sock).stdin(Stdio::null()).output().expect("ssh-add");
+    assert!(add.status.success(), "{}", String::from_utf8_lossy(&add.stderr));
+    // The key file is encrypted and no passphrase is configured: the agent stands in.
+    let mut cmd = w.sync_cmd(alice, &with(&["-o".into(), key]), &["backup"], &dest);
+    cmd.env("SSH_AUTH_SOCK", &sock);
+    w.ok(cmd, b"");
+    assert_eq!(w.listing(alice, "Maildir"), w.listing(alice, "Source"));
+}
