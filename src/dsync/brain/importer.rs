@@ -169,12 +169,34 @@ struct LocalChange {
     keywords: Vec<(KwOp, String)>,
 }
 
+/// What saving a remote mail needs of its change record: kept for every wanted mail until
+/// its body arrives (in an initial sync, all of them at once), so it holds only that.
+#[derive(Debug, Clone)]
+struct SaveInfo {
+    /// The remote's modseq, the least the saved mail gets (0: none).
+    modseq: u64,
+    /// Final system flags, `\Recent` removed.
+    flags: u8,
+    /// Final keywords.
+    keywords: Box<[Box<str>]>,
+}
+
+impl SaveInfo {
+    fn of(c: &MailChange) -> Self {
+        Self {
+            modseq: if c.modseq > 1 { c.modseq } else { 0 },
+            flags: recent_stripped(c.final_flags),
+            keywords: c.final_keywords().into_iter().map(Box::from).collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct NewMail {
     next: Option<usize>,
     link: Option<usize>,
     guid: Rc<str>,
-    change: Option<MailChange>,
+    change: Option<SaveInfo>,
     final_uid: u32,
     local_uid: u32,
     remote_uid: u32,
@@ -553,7 +575,7 @@ impl Importer {
                     next: None,
                     link: None,
                     guid: Rc::from(s.guid.as_deref().unwrap_or_default()),
-                    change: Some(s.clone()),
+                    change: Some(SaveInfo::of(s)),
                     final_uid: s.uid,
                     local_uid: 0,
                     remote_uid: s.uid,
@@ -571,7 +593,7 @@ impl Importer {
                     next: None,
                     link: None,
                     guid: Rc::from(s.guid.as_deref().unwrap_or_default()),
-                    change: Some(s.clone()),
+                    change: Some(SaveInfo::of(s)),
                     final_uid: c.uid.get(),
                     local_uid: c.uid.get(),
                     remote_uid: s.uid,
@@ -1166,9 +1188,9 @@ impl Importer {
             let change = self.newmails[i].change.as_ref().or(self.newmails[first].change.as_ref());
             let (flags, keywords, modseq) = match change {
                 Some(c) => (
-                    Flags::from_bits_truncate(recent_stripped(c.final_flags)),
-                    c.final_keywords().into_iter().filter_map(|k| Keyword::new(k).ok()).collect(),
-                    if c.modseq > 1 { c.modseq } else { 0 },
+                    Flags::from_bits_truncate(c.flags),
+                    c.keywords.iter().filter_map(|k| Keyword::new(k).ok()).collect(),
+                    c.modseq,
                 ),
                 None => (Flags::NONE, Vec::new(), 0),
             };
