@@ -662,8 +662,9 @@ fn mguid(n: u8) -> String {
 }
 
 /// A common starting point: INBOX with three mails, `Work` with two, all synced once.
-fn seeded(mode: Mode) -> Runs {
-    let r = Runs::new(mode);
+/// The masters' common starting content: INBOX with three mails, Work with two, both
+/// subscribed.
+fn seed_masters(r: &Runs) {
     r.both(|p| {
         p.create(Side::Master, "INBOX", &mguid(1), 1000);
         p.create(Side::Master, "Work", &mguid(2), 2000);
@@ -675,6 +676,11 @@ fn seeded(mode: Mode) -> Runs {
             p.deliver(Side::Master, "Work", &format!("1700000001.M{i}P1.seed"));
         }
     });
+}
+
+fn seeded(mode: Mode) -> Runs {
+    let r = Runs::new(mode);
+    seed_masters(&r);
     r.sync_and_compare("initial sync");
     r
 }
@@ -687,17 +693,7 @@ fn seeded(mode: Mode) -> Runs {
 /// one (a new replicator state after the switch).
 fn seeded_by_dovecot(mode: Mode) -> Runs {
     let r = Runs::new(mode);
-    r.both(|p| {
-        p.create(Side::Master, "INBOX", &mguid(1), 1000);
-        p.create(Side::Master, "Work", &mguid(2), 2000);
-        p.mailbox_cmd(Side::Master, &["subscribe", "INBOX", "Work"]);
-        for i in 1..=3 {
-            p.deliver(Side::Master, "INBOX", &format!("1700000000.M{i}P1.seed"));
-        }
-        for i in 1..=2 {
-            p.deliver(Side::Master, "Work", &format!("1700000001.M{i}P1.seed"));
-        }
-    });
+    seed_masters(&r);
     let [d, m] = r.pairs();
     let as_dovecot = Pair { kind: Slave::Dovecot, ..m };
     for p in [&d, &as_dovecot] {

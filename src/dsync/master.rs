@@ -12,9 +12,7 @@ use super::brain::ibc::SyncKind;
 use super::brain::limits::Limits;
 use super::brain::session::{Backup, MasterConfig, Outcome, Role, SlaveConfig, run};
 use super::brain::types::MailboxState;
-use super::io::ThreadedIo;
 use super::server::{FailureKind, SessionError, SyncStats};
-use super::stream::WireIbc;
 use super::{convert, pipe, wire};
 use crate::store::MailStore;
 
@@ -151,10 +149,6 @@ fn encode_states(states: &[MailboxState]) -> String {
     wire::encode_state(&wire)
 }
 
-fn session_error(e: &super::brain::session::BrainError) -> SessionError {
-    SessionError { kind: e.kind(), mail_error: e.mail_error(), message: e.to_string() }
-}
-
 /// Runs a master session against the slave behind `input`/`output`. `timeout` bounds a
 /// stall in either direction.
 pub fn run_master<S, R, W>(
@@ -169,16 +163,11 @@ where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    let io = ThreadedIo::start(input, output, timeout).map_err(|e| SessionError {
-        kind: FailureKind::Permanent,
-        mail_error: 1,
-        message: format!("starting the I/O threads: {e}"),
-    })?;
-    let mut ibc = WireIbc::start(io);
+    let mut ibc = super::server::start_wire(input, output, timeout)?;
     let result = run(store, &mut ibc, Role::Master(Box::new(opts.config())), Limits::default());
     // The master says nothing after its last `.`: closing our side is the end.
     let _ = ibc.finish();
-    result.map(report).map_err(|e| session_error(&e))
+    result.map(report).map_err(|e| SessionError::new(&e))
 }
 
 /// Syncs two stores in this process: `master` as the master, `slave` on a second thread.
@@ -202,7 +191,7 @@ where
             if r.is_err() {
                 let _ = super::brain::ibc::Ibc::send_done(&mut s_ibc);
             }
-            r.map(|_| ()).map_err(|e| session_error(&e))
+            r.map(|_| ()).map_err(|e| SessionError::new(&e))
         });
         let slave_thread = match slave_thread {
             Ok(t) => t,
@@ -221,7 +210,7 @@ where
         });
         match (result, slave_result) {
             (Ok(o), Ok(())) => Ok(report(o)),
-            (Err(e), _) => Err(session_error(&e)),
+            (Err(e), _) => Err(SessionError::new(&e)),
             (Ok(_), Err(e)) => Err(e),
         }
     })

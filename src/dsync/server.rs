@@ -47,9 +47,23 @@ pub struct SessionError {
 }
 
 impl SessionError {
-    fn new(e: &BrainError) -> Self {
+    pub(crate) fn new(e: &BrainError) -> Self {
         Self { kind: e.kind(), mail_error: e.mail_error(), message: e.to_string() }
     }
+}
+
+/// The byte stream of a session on `input`/`output`, for either role.
+pub(crate) fn start_wire<R, W>(input: R, output: W, timeout: Duration) -> Result<WireIbc<ThreadedIo>, SessionError>
+where
+    R: Read + Send + 'static,
+    W: Write + Send + 'static,
+{
+    let io = ThreadedIo::start(input, output, timeout).map_err(|e| SessionError {
+        kind: FailureKind::Permanent,
+        mail_error: 1,
+        message: format!("starting the I/O threads: {e}"),
+    })?;
+    Ok(WireIbc::start(io))
 }
 
 fn outcome(o: Outcome) -> ServerOutcome {
@@ -75,12 +89,7 @@ where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    let io = ThreadedIo::start(input, output, timeout).map_err(|e| SessionError {
-        kind: FailureKind::Permanent,
-        mail_error: 1,
-        message: format!("starting the I/O threads: {e}"),
-    })?;
-    let mut ibc = WireIbc::start(io);
+    let mut ibc = start_wire(input, output, timeout)?;
     let role = Role::Slave(SlaveConfig { hostname: hostname.to_owned() });
     match run(store, &mut ibc, role, Limits::default()) {
         Ok(o) => {
