@@ -33,8 +33,9 @@ use super::wire::DotEncoder;
 
 /// Size of one read from the input, and of one body chunk read by the writer.
 const CHUNK: usize = 64 * 1024;
-/// Input bytes the reader thread may queue ahead of the brain.
-pub(crate) const IN_LIMIT: usize = 4 << 20;
+/// Input bytes the reader thread may queue ahead of the brain: enough to keep it busy while
+/// the brain saves (sixteen reads), little enough not to count in its memory.
+pub(crate) const IN_LIMIT: usize = 1 << 20;
 /// Queued output bytes above which bulk senders pause ([`Transport::queue_full`]). Dovecot
 /// throttles at 128 KiB; a little more keeps pipes busy between the brain's turns.
 pub(crate) const OUT_LIMIT: usize = 1 << 20;

@@ -328,6 +328,12 @@ pub trait Mailbox {
     /// All mails in ascending UID order.
     fn mails(&self) -> Vec<MailRecord>;
 
+    /// The UIDs of all mails, ascending: a sync walks a large mailbox by UID, fetching one
+    /// [`Mailbox::mail`] at a time, rather than holding every record at once.
+    fn uids(&self) -> Vec<Uid> {
+        self.mails().into_iter().map(|m| m.uid).collect()
+    }
+
     /// One mail.
     fn mail(&self, uid: Uid) -> Option<MailRecord>;
 

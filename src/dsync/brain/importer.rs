@@ -17,8 +17,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
 use std::io::Read;
-use std::rc::Rc;
+use std::ops::{Index, IndexMut};
 
+use super::guid_index::{GuidIndex, GuidSource};
 use super::limits::MAX_UID;
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
 use crate::store::{
@@ -169,41 +170,187 @@ struct LocalChange {
     keywords: Vec<(KwOp, String)>,
 }
 
-/// What saving a remote mail needs of its change record: kept for every wanted mail until
-/// its body arrives (in an initial sync, all of them at once), so it holds only that.
-#[derive(Debug, Clone)]
-struct SaveInfo {
-    /// The remote's modseq, the least the saved mail gets (0: none).
-    modseq: u64,
-    /// Final system flags, `\Recent` removed.
-    flags: u8,
-    /// Final keywords.
-    keywords: Box<[Box<str>]>,
-}
-
-impl SaveInfo {
-    fn of(c: &MailChange) -> Self {
-        Self {
-            modseq: if c.modseq > 1 { c.modseq } else { 0 },
-            flags: recent_stripped(c.final_flags),
-            keywords: c.final_keywords().into_iter().map(Box::from).collect(),
-        }
-    }
-}
-
+/// One instance of a mail that is new to one side: a remote save, one of our mails above the
+/// common prefix, or both. Kept for every such mail until the import ends (in an initial sync,
+/// for every mail of the mailbox), so it is small: the GUID lives in [`NewMails::text`], the
+/// keywords of a remote save in [`NewMails::kwsets`], and of the save's change record only
+/// what saving needs.
 #[derive(Debug, Clone)]
 struct NewMail {
-    next: Option<usize>,
-    link: Option<usize>,
-    guid: Rc<str>,
-    change: Option<SaveInfo>,
+    /// The remote's modseq, the least the saved mail gets (0: none).
+    modseq: u64,
+    /// The next instance with the same GUID.
+    next: Ix,
+    /// The instance on the other side this one pairs with.
+    link: Ix,
+    guid_at: u32,
+    guid_len: u32,
+    /// Final keywords of the remote save ([`NewMails::kwsets`]; 0: none).
+    kwset: u32,
     final_uid: u32,
     local_uid: u32,
     remote_uid: u32,
+    /// Final system flags of the remote save, `\Recent` removed.
+    flags: u8,
+    /// A remote save: `modseq`, `kwset` and `flags` are its.
+    has_change: bool,
     uid_in_local: bool,
     uid_is_usable: bool,
     skip: bool,
     saved: bool,
+}
+
+/// An optional index into [`NewMails`], in four bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Ix(Option<std::num::NonZeroU32>);
+
+impl Ix {
+    const NONE: Self = Self(None);
+
+    fn to(i: usize) -> Self {
+        // New mails are limited to a few million (`max_mails_per_mailbox`).
+        Self(u32::try_from(i + 1).ok().and_then(std::num::NonZeroU32::new))
+    }
+
+    fn get(self) -> Option<usize> {
+        self.0.map(|n| n.get() as usize - 1)
+    }
+
+    fn is_none(self) -> bool {
+        self.0.is_none()
+    }
+}
+
+/// The new mails of an import, indexed by `u32` (a mailbox holds at most a few million).
+#[derive(Debug)]
+struct NewMails {
+    list: Vec<NewMail>,
+    /// Every GUID, one after another.
+    text: String,
+    /// Distinct keyword sets of remote saves; entry 0 is the empty set.
+    kwsets: Vec<Box<[Box<str>]>>,
+    kwset_ids: HashMap<Box<[Box<str>]>, u32>,
+}
+
+impl NewMails {
+    fn new() -> Self {
+        Self { list: Vec::new(), text: String::new(), kwsets: vec![Box::default()], kwset_ids: HashMap::new() }
+    }
+
+    fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    fn guid(&self, i: usize) -> &str {
+        let m = &self.list[i];
+        &self.text[m.guid_at as usize..(m.guid_at + m.guid_len) as usize]
+    }
+
+    fn keywords(&self, i: usize) -> &[Box<str>] {
+        &self.kwsets[self.list[i].kwset as usize]
+    }
+
+    /// Adds a mail; `save` is the remote's save record, if it is one.
+    fn push(&mut self, guid: &str, save: Option<&MailChange>, uids: [u32; 3], in_local: bool, usable: bool) -> usize {
+        let guid_at = u32::try_from(self.text.len()).expect("GUID text stays below 4 GiB: mails are limited");
+        self.text.push_str(guid);
+        let mut m = NewMail {
+            modseq: 0,
+            next: Ix::NONE,
+            link: Ix::NONE,
+            guid_at,
+            guid_len: guid.len() as u32,
+            kwset: 0,
+            final_uid: uids[0],
+            local_uid: uids[1],
+            remote_uid: uids[2],
+            flags: 0,
+            has_change: false,
+            uid_in_local: in_local,
+            uid_is_usable: usable,
+            skip: false,
+            saved: false,
+        };
+        if let Some(c) = save {
+            m.has_change = true;
+            m.modseq = if c.modseq > 1 { c.modseq } else { 0 };
+            m.flags = recent_stripped(c.final_flags);
+            let kws: Box<[Box<str>]> = c.final_keywords().into_iter().map(Box::from).collect();
+            if !kws.is_empty() {
+                m.kwset = match self.kwset_ids.get(&kws) {
+                    Some(&id) => id,
+                    None => {
+                        let id = self.kwsets.len() as u32;
+                        self.kwsets.push(kws.clone());
+                        self.kwset_ids.insert(kws, id);
+                        id
+                    }
+                };
+            }
+        }
+        self.list.push(m);
+        self.list.len() - 1
+    }
+}
+
+impl Index<usize> for NewMails {
+    type Output = NewMail;
+    fn index(&self, i: usize) -> &NewMail {
+        &self.list[i]
+    }
+}
+
+impl IndexMut<usize> for NewMails {
+    fn index_mut(&mut self, i: usize) -> &mut NewMail {
+        &mut self.list[i]
+    }
+}
+
+impl GuidSource for NewMails {
+    fn guid_is(&self, v: u32, guid: &str) -> bool {
+        self.guid(v as usize) == guid
+    }
+}
+
+/// New mails not yet saved, grouped by GUID: the first instance of each group, and the order
+/// the groups were found in (which keeps requests deterministic).
+#[derive(Debug)]
+struct GuidGroups {
+    index: GuidIndex,
+    order: Vec<u32>,
+}
+
+impl GuidGroups {
+    fn new() -> Self {
+        Self { index: GuidIndex::new(), order: Vec::new() }
+    }
+
+    fn get(&self, guid: &str, nm: &NewMails) -> Option<usize> {
+        self.index.get(guid, nm).map(|v| v as usize)
+    }
+
+    fn insert(&mut self, first: usize, nm: &NewMails) {
+        if self.index.insert(nm.guid(first), first as u32, nm).is_none() {
+            self.order.push(first as u32);
+        }
+    }
+
+    fn remove(&mut self, guid: &str, nm: &NewMails) -> Option<usize> {
+        self.index.remove(guid, nm).map(|v| v as usize)
+    }
+
+    /// The groups still present, in the order they were found.
+    fn values(&self, nm: &NewMails) -> Vec<usize> {
+        self.order.iter().map(|&i| i as usize).filter(|&i| self.get(nm.guid(i), nm) == Some(i)).collect()
+    }
+
+    /// Removes and returns every group, in the order they were found.
+    fn take_all(&mut self, nm: &NewMails) -> Vec<usize> {
+        let all = self.values(nm);
+        self.index.clear();
+        self.order = Vec::new();
+        all
+    }
 }
 
 /// The importer of one mailbox.
@@ -215,24 +362,27 @@ pub(crate) struct Importer {
     local_uid_next: u32,
     local_initial_hms: u64,
     local_initial_pvt_hms: u64,
-    /// Our mails above the initial last common UID, in UID order (the "search").
-    local: Vec<MailRecord>,
+    /// The UIDs of our mails above the initial last common UID, ascending (the "search"),
+    /// and the record of the one the search is at.
+    local: Vec<u32>,
     cur: Option<usize>,
+    cur_rec: Option<MailRecord>,
     next_local_seq: usize,
     cur_mail_skip: bool,
     cur_uid_has_change: bool,
     local_changes: HashMap<u32, LocalChange>,
     maybe_expunge_uids: BTreeSet<u32>,
     maybe_saves: Vec<MailChange>,
-    newmails: Vec<NewMail>,
+    newmails: NewMails,
     /// New mails not yet saved, grouped by GUID (or, without GUIDs, by remote UID): the
     /// first instance of each group. Insertion order keeps requests deterministic.
-    import_guids: Ordered<Rc<str>>,
+    import_guids: GuidGroups,
     import_uids: Ordered<u32>,
     wanted_uids: Vec<u32>,
     saved_uids: Vec<u32>,
     highest_wanted_uid: u32,
-    requests: Vec<MailRequest>,
+    /// The mails to ask for (`R`), by the new mail that names them.
+    requests: Vec<u32>,
     request_idx: usize,
     prev_uid: u32,
     new_uids_assigned: bool,
@@ -242,15 +392,18 @@ pub(crate) struct Importer {
     expunges: BTreeSet<u32>,
     /// Newmail indices sorted by final UID (after UID assignment), and how many leading ones
     /// are saved: intermediate commits are allowed only when every save so far is a prefix.
-    order: Vec<usize>,
+    order: Vec<u32>,
     first_unsaved_idx: usize,
     saves_since_commit: usize,
     /// Wanted UIDs of staged, not yet committed saves, in staging order.
     pending_wanted: Vec<u32>,
     /// UIDs our own mails moved to during this import (old → new).
     moved: HashMap<u32, u32>,
-    /// Where committed saves and moves ended up (wanted UID → UID the store gave).
+    /// Where committed moves ended up (wanted UID → UID the store gave); saves are not
+    /// kept here, nothing looks them up.
     committed: HashMap<u32, u32>,
+    /// The wanted UIDs of `moved`.
+    move_targets: BTreeSet<u32>,
 }
 
 /// A map that remembers the order its keys were first inserted in.
@@ -330,16 +483,17 @@ impl Importer {
             local_uid_next: status.uid_next,
             local_initial_hms: status.highest_modseq,
             local_initial_pvt_hms: 0,
-            local: mb.mails().into_iter().filter(|m| m.uid.get() > last.uid).collect(),
+            local: mb.uids().into_iter().map(Uid::get).filter(|&u| u > last.uid).collect(),
             cur: None,
+            cur_rec: None,
             next_local_seq: 0,
             cur_mail_skip: true,
             cur_uid_has_change: false,
             local_changes: HashMap::new(),
             maybe_expunge_uids: BTreeSet::new(),
             maybe_saves: Vec::new(),
-            newmails: Vec::new(),
-            import_guids: Ordered::new(),
+            newmails: NewMails::new(),
+            import_guids: GuidGroups::new(),
             import_uids: Ordered::new(),
             wanted_uids: Vec::new(),
             saved_uids: Vec::new(),
@@ -358,6 +512,7 @@ impl Importer {
             pending_wanted: Vec::new(),
             moved: HashMap::new(),
             committed: HashMap::new(),
+            move_targets: BTreeSet::new(),
         };
         if imp.local.len() > imp.opts.max_mails {
             return Err(ImportError::Limit(format!(
@@ -366,7 +521,7 @@ impl Importer {
                 imp.opts.max_mails
             )));
         }
-        imp.search_init();
+        imp.search_init(mb);
         if stateful {
             if imp.local_uid_next <= last.uid {
                 imp.unexpected_state(format!("local UIDNEXT {} <= last common UID {}", imp.local_uid_next, last.uid));
@@ -403,36 +558,60 @@ impl Importer {
         }
     }
 
-    fn search_init(&mut self) {
-        let start = self.local.iter().position(|m| m.uid.get() > self.last_common_uid);
+    fn search_init<M: Mailbox>(&mut self, mb: &M) {
+        let start = self.local.partition_point(|&u| u <= self.last_common_uid);
+        let start = (start < self.local.len()).then_some(start);
         self.cur = start;
         self.next_local_seq = start.unwrap_or(self.local.len());
         self.cur_mail_skip = true;
+        self.load_cur(mb);
+    }
+
+    /// Reads the record the search is at.
+    fn load_cur<M: Mailbox>(&mut self, mb: &M) {
+        self.cur_rec = self.cur.and_then(|i| Uid::new(self.local[i])).and_then(|u| mb.mail(u));
+        if self.cur.is_some() && self.cur_rec.is_none() {
+            // Expunged by another writer since the import began: as good as absent, but the
+            // search must stay on it for its UID.
+            self.cur_rec = self.cur.and_then(|i| Uid::new(self.local[i])).map(|uid| MailRecord {
+                uid,
+                guid: MailGuid::new("expunged").expect("a valid GUID"),
+                flags: Flags::NONE,
+                keywords: Vec::new(),
+                modseq: 0,
+                recent: false,
+            });
+        }
     }
 
     fn cur_mail(&self) -> Option<&MailRecord> {
-        self.cur.map(|i| &self.local[i])
+        self.cur_rec.as_ref()
     }
 
     /// `importer_next_mail`: moves to the next local mail at or above `wanted_uid` that has
     /// not been consumed yet. Mails passed over without a remote change are remembered as
     /// possibly expunged on the other side.
-    fn next_mail(&mut self, wanted_uid: u32) -> bool {
+    fn next_mail<M: Mailbox>(&mut self, mb: &M, wanted_uid: u32) -> bool {
         let Some(mut i) = self.cur else { return false };
-        while i < self.next_local_seq || self.local[i].uid.get() < wanted_uid {
+        let start = i;
+        while i < self.next_local_seq || self.local[i] < wanted_uid {
             if !self.cur_uid_has_change && !self.last_common_uid_found {
-                self.maybe_expunge_uids.insert(self.local[i].uid.get());
+                self.maybe_expunge_uids.insert(self.local[i]);
             }
             self.cur_mail_skip = false;
             i += 1;
             if i >= self.local.len() {
                 self.cur = None;
+                self.cur_rec = None;
                 return false;
             }
             self.cur = Some(i);
             self.cur_uid_has_change = false;
         }
-        self.cur_uid_has_change = self.local[i].uid.get() == wanted_uid;
+        if i != start {
+            self.load_cur(mb);
+        }
+        self.cur_uid_has_change = self.local[i] == wanted_uid;
         self.next_local_seq = i;
         true
     }
@@ -465,21 +644,18 @@ impl Importer {
         ));
     }
 
-    fn push_newmail(&mut self, nm: NewMail, remote_uid: u32) {
-        let idx = self.newmails.len();
-        self.newmails.push(nm);
+    fn push_newmail(&mut self, idx: usize, remote_uid: u32) {
         self.link_newmail(idx, remote_uid);
     }
 
     /// `newmail_link`: groups instances by GUID (or by remote UID without GUIDs) and links a
     /// local instance with a remote one.
     fn link_newmail(&mut self, idx: usize, remote_uid: u32) {
-        let guid = Rc::clone(&self.newmails[idx].guid);
-        let first = if !guid.is_empty() {
-            match self.import_guids.get(&*guid) {
+        let first = if !self.newmails.guid(idx).is_empty() {
+            match self.import_guids.get(self.newmails.guid(idx), &self.newmails) {
                 Some(f) => f,
                 None => {
-                    self.import_guids.insert(guid, idx);
+                    self.import_guids.insert(idx, &self.newmails);
                     return;
                 }
             }
@@ -509,14 +685,14 @@ impl Importer {
                 link = Some(m);
             }
             last = m;
-            cur = self.newmails[m].next;
+            cur = self.newmails[m].next.get();
         }
-        self.newmails[last].next = Some(idx);
+        self.newmails[last].next = Ix::to(idx);
         if let Some(l) = link
             && self.newmails[idx].link.is_none()
         {
-            self.newmails[l].link = Some(idx);
-            self.newmails[idx].link = Some(l);
+            self.newmails[l].link = Ix::to(idx);
+            self.newmails[idx].link = Ix::to(l);
         }
     }
 
@@ -549,20 +725,9 @@ impl Importer {
                     self.next_local_seq += 1;
                     return false;
                 }
-                let nm = NewMail {
-                    next: None,
-                    link: None,
-                    guid: Rc::from(c.guid.as_str()),
-                    change: None,
-                    final_uid: c.uid.get(),
-                    local_uid: c.uid.get(),
-                    remote_uid: 0,
-                    uid_in_local: true,
-                    uid_is_usable: c.uid.get() >= self.remote.uid_next,
-                    skip: false,
-                    saved: false,
-                };
-                (nm, false)
+                let u = c.uid.get();
+                let usable = u >= self.remote.uid_next;
+                (self.newmails.push(c.guid.as_str(), None, [u, u, 0], true, usable), false)
             }
             Ordering::Greater => {
                 let s = save.expect("diff > 0 means a remote save");
@@ -571,62 +736,38 @@ impl Importer {
                     self.revert_existing_uid(s.uid, &format!("UID >= local UIDNEXT={}", self.local_uid_next));
                     return true;
                 }
-                let nm = NewMail {
-                    next: None,
-                    link: None,
-                    guid: Rc::from(s.guid.as_deref().unwrap_or_default()),
-                    change: Some(SaveInfo::of(s)),
-                    final_uid: s.uid,
-                    local_uid: 0,
-                    remote_uid: s.uid,
-                    uid_in_local: false,
-                    uid_is_usable: usable,
-                    skip: false,
-                    saved: false,
-                };
-                (nm, true)
+                let g = s.guid.as_deref().unwrap_or_default();
+                (self.newmails.push(g, Some(s), [s.uid, 0, s.uid], false, usable), true)
             }
             Ordering::Equal => {
                 let c = cur.expect("equal means both exist");
                 let s = save.expect("equal means both exist");
-                let nm = NewMail {
-                    next: None,
-                    link: None,
-                    guid: Rc::from(s.guid.as_deref().unwrap_or_default()),
-                    change: Some(SaveInfo::of(s)),
-                    final_uid: c.uid.get(),
-                    local_uid: c.uid.get(),
-                    remote_uid: s.uid,
-                    uid_in_local: true,
-                    uid_is_usable: true,
-                    skip: false,
-                    saved: false,
-                };
-                (nm, true)
+                let g = s.guid.as_deref().unwrap_or_default();
+                let u = c.uid.get();
+                (self.newmails.push(g, Some(s), [u, u, s.uid], true, true), true)
             }
         };
-        let in_local = nm.uid_in_local;
-        let remote_uid = nm.remote_uid;
+        let idx = nm;
+        let in_local = self.newmails[idx].uid_in_local;
+        let remote_uid = self.newmails[idx].remote_uid;
         if in_local {
             self.cur_mail_skip = true;
             self.next_local_seq += 1;
         }
-        let idx = self.newmails.len();
         if diff == Ordering::Equal {
-            let mut nm = nm;
-            nm.link = Some(idx);
-            self.push_newmail(nm, 0);
+            self.newmails[idx].link = Ix::to(idx);
+            self.push_newmail(idx, 0);
         } else if in_local {
-            self.push_newmail(nm, 0);
+            self.push_newmail(idx, 0);
         } else {
-            self.push_newmail(nm, remote_uid);
+            self.push_newmail(idx, remote_uid);
         }
         let _ = mb;
         remote_saved
     }
 
     fn try_save<M: Mailbox>(&mut self, mb: &mut M, save: Option<&MailChange>) -> bool {
-        if self.cur_mail_skip && !self.next_mail(0) && save.is_none() {
+        if self.cur_mail_skip && !self.next_mail(mb, 0) && save.is_none() {
             return true;
         }
         self.try_save_cur(mb, save)
@@ -643,7 +784,8 @@ impl Importer {
     fn current_record<M: Mailbox>(&self, mb: &M, uid: u32) -> Option<MailRecord> {
         if self.expunges.contains(&uid) {
             // Expunged in this import but, as in Dovecot's open transaction, still readable.
-            return self.local.binary_search_by_key(&uid, |m| m.uid.get()).ok().map(|i| self.local[i].clone());
+            // The store still has it: expunges are applied when the import ends.
+            return Uid::new(uid).and_then(|u| mb.mail(u));
         }
         Uid::new(uid).and_then(|u| mb.mail(u))
     }
@@ -791,17 +933,17 @@ impl Importer {
         }
     }
 
-    fn rewind_search(&mut self) {
+    fn rewind_search<M: Mailbox>(&mut self, mb: &M) {
         if self.cur_mail().is_some_and(|c| c.uid.get() <= self.last_common_uid.saturating_add(1)) {
             return;
         }
-        self.search_init();
+        self.search_init(mb);
     }
 
     /// `dsync_mailbox_common_uid_found`.
     fn common_uid_found<M: Mailbox>(&mut self, mb: &mut M) {
         self.last_common_uid_found = true;
-        self.rewind_search();
+        self.rewind_search(mb);
         let delayed: Vec<u32> =
             self.maybe_expunge_uids.iter().copied().take_while(|&u| u <= self.last_common_uid).collect();
         for uid in delayed {
@@ -853,7 +995,7 @@ impl Importer {
 
     /// `dsync_mailbox_find_common_uid`.
     fn find_common_uid<M: Mailbox>(&mut self, mb: &mut M, change: &MailChange) -> Result<(), ImportError> {
-        if !self.next_mail(change.uid) {
+        if !self.next_mail(mb, change.uid) {
             if change.kind == ChangeType::Expunge {
                 return Ok(());
             }
@@ -958,7 +1100,7 @@ impl Importer {
             }
             let new_uid = if self.newmails[i].uid_is_usable {
                 self.newmails[i].final_uid
-            } else if let Some(l) = self.newmails[i].link.filter(|&l| self.newmails[l].uid_is_usable) {
+            } else if let Some(l) = self.newmails[i].link.get().filter(|&l| self.newmails[l].uid_is_usable) {
                 self.newmails[l].final_uid
             } else {
                 let u = common_uid_next;
@@ -971,7 +1113,7 @@ impl Importer {
                 u
             };
             self.newmails[i].final_uid = new_uid;
-            if let Some(l) = self.newmails[i].link
+            if let Some(l) = self.newmails[i].link.get()
                 && l != i
             {
                 self.newmails[l].skip = true;
@@ -979,8 +1121,8 @@ impl Importer {
         }
         self.last_common_uid = common_uid_next - 1;
         self.new_uids_assigned = true;
-        let mut order: Vec<usize> = (0..self.newmails.len()).collect();
-        order.sort_by_key(|&i| self.newmails[i].final_uid);
+        let mut order: Vec<u32> = (0..self.newmails.len() as u32).collect();
+        order.sort_by_key(|&i| self.newmails[i as usize].final_uid);
         self.order = order;
         Ok(())
     }
@@ -995,7 +1137,7 @@ impl Importer {
         if !self.last_common_uid_found {
             self.common_uid_found(mb);
         }
-        let _ = self.next_mail(self.last_common_uid.saturating_add(1));
+        let _ = self.next_mail(mb, self.last_common_uid.saturating_add(1));
         while self.cur.is_some() && self.failed.is_none() {
             let _ = self.try_save(mb, None);
         }
@@ -1014,15 +1156,15 @@ impl Importer {
         let mut cur = Some(first);
         while let Some(i) = cur {
             v.push(i);
-            cur = self.newmails[i].next;
+            cur = self.newmails[i].next.get();
         }
         v
     }
 
     fn handle_local_mails<M: Mailbox>(&mut self, mb: &mut M) -> Result<(), ImportError> {
-        for (g, first) in self.import_guids.take_all() {
+        for first in self.import_guids.take_all(&self.newmails) {
             if !self.handle_mail(mb, first)? {
-                self.import_guids.insert(g, first);
+                self.import_guids.insert(first, &self.newmails);
             }
         }
         for (u, first) in self.import_uids.take_all() {
@@ -1038,13 +1180,13 @@ impl Importer {
         let chain = self.chain(first);
         let mut local_uids = BTreeSet::new();
         let mut wanted = BTreeSet::new();
-        let mut request: Option<(Option<String>, u32)> = None;
+        let mut request: Option<u32> = None;
         for &i in &chain {
             let m = &self.newmails[i];
             if m.uid_in_local {
                 local_uids.insert(m.local_uid);
             } else if request.is_none() {
-                request = Some(((!m.guid.is_empty()).then(|| m.guid.to_string()), m.remote_uid));
+                request = Some(i as u32);
             }
             if !m.skip {
                 wanted.insert(m.final_uid);
@@ -1054,9 +1196,9 @@ impl Importer {
             return Ok(true);
         }
         if self.opts.want_mail_requests
-            && let Some((guid, uid)) = request
+            && let Some(i) = request
         {
-            self.requests.push(MailRequest { guid, uid });
+            self.requests.push(i);
         }
         Ok(false)
     }
@@ -1110,6 +1252,7 @@ impl Importer {
             ) {
                 Ok(()) => {
                     self.moved.insert(old, w);
+                    self.move_targets.insert(w);
                     self.highest_wanted_uid = self.highest_wanted_uid.max(w);
                     self.pending_wanted.push(w);
                     assigned.insert(w);
@@ -1134,8 +1277,8 @@ impl Importer {
         for &l in local_uids {
             let Some(rec) = self.local_now(mb, l) else { continue };
             let uid = rec.uid.get();
-            let guid = Rc::clone(&self.newmails[first].guid);
-            if !guid.is_empty() && rec.guid.as_str() != &*guid {
+            let guid = self.newmails.guid(first);
+            if !guid.is_empty() && rec.guid.as_str() != guid {
                 self.unexpected_state(format!("Unexpected GUID mismatch (3) for UID={uid}: {} != {guid}", rec.guid));
                 return Ok(false);
             }
@@ -1157,11 +1300,17 @@ impl Importer {
 
     /// The next `R` record to send.
     pub(crate) fn next_request(&mut self) -> Option<MailRequest> {
-        let r = self.requests.get(self.request_idx).cloned();
-        if r.is_some() {
-            self.request_idx += 1;
+        let &i = self.requests.get(self.request_idx)?;
+        self.request_idx += 1;
+        if self.request_idx == self.requests.len() {
+            self.requests = Vec::new();
+            self.request_idx = 0;
         }
-        r
+        let guid = self.newmails.guid(i as usize);
+        Some(MailRequest {
+            guid: (!guid.is_empty()).then(|| guid.to_owned()),
+            uid: self.newmails[i as usize].remote_uid,
+        })
     }
 
     /// True while [`Importer::next_request`] has more to give.
@@ -1185,12 +1334,12 @@ impl Importer {
         let guid = if header.guid.is_empty() { None } else { MailGuid::new(&header.guid).ok() };
         for (n, &i) in targets.iter().enumerate() {
             let final_uid = self.newmails[i].final_uid;
-            let change = self.newmails[i].change.as_ref().or(self.newmails[first].change.as_ref());
+            let change = [i, first].into_iter().find(|&j| self.newmails[j].has_change);
             let (flags, keywords, modseq) = match change {
-                Some(c) => (
-                    Flags::from_bits_truncate(c.flags),
-                    c.keywords.iter().filter_map(|k| Keyword::new(k).ok()).collect(),
-                    c.modseq,
+                Some(j) => (
+                    Flags::from_bits_truncate(self.newmails[j].flags),
+                    self.newmails.keywords(j).iter().filter_map(|k| Keyword::new(k).ok()).collect(),
+                    self.newmails[j].modseq,
                 ),
                 None => (Flags::NONE, Vec::new(), 0),
             };
@@ -1212,7 +1361,9 @@ impl Importer {
             self.highest_wanted_uid = self.highest_wanted_uid.max(final_uid);
             self.saves_since_commit += 1;
         }
-        while self.first_unsaved_idx < self.order.len() && self.newmails[self.order[self.first_unsaved_idx]].saved {
+        while self.first_unsaved_idx < self.order.len()
+            && self.newmails[self.order[self.first_unsaved_idx] as usize].saved
+        {
             self.first_unsaved_idx += 1;
         }
         // Committing early is safe only if every later save has a higher UID.
@@ -1229,7 +1380,9 @@ impl Importer {
         for (s, w) in saved.iter().zip(wanted) {
             self.wanted_uids.push(w);
             self.saved_uids.push(s.uid.get());
-            self.committed.insert(w, s.uid.get());
+            if self.move_targets.contains(&w) {
+                self.committed.insert(w, s.uid.get());
+            }
         }
         self.saves_since_commit = 0;
         Ok(())
@@ -1251,7 +1404,7 @@ impl Importer {
             return Ok(true);
         }
         let found = if !header.guid.is_empty() {
-            self.import_guids.remove(header.guid.as_str())
+            self.import_guids.remove(header.guid.as_str(), &self.newmails)
         } else {
             self.import_uids.remove(&header.uid)
         };
@@ -1284,13 +1437,15 @@ impl Importer {
         if self.local_uid_next > highest_seen {
             return Ok(None);
         }
-        let kept: std::collections::HashSet<u32> =
+        let mut kept: Vec<u32> =
             self.wanted_uids.iter().zip(&self.saved_uids).filter(|(w, s)| w == s).map(|(_, s)| *s).collect();
+        kept.sort_unstable();
         let unwanted: Vec<Uid> = mb
-            .mails()
+            .uids()
             .into_iter()
-            .map(|m| m.uid)
-            .filter(|u| (self.local_uid_next..=highest_seen).contains(&u.get()) && !kept.contains(&u.get()))
+            .filter(|u| {
+                (self.local_uid_next..=highest_seen).contains(&u.get()) && kept.binary_search(&u.get()).is_err()
+            })
             .collect();
         let mut renumbered = 0;
         for &u in &unwanted {
@@ -1324,12 +1479,12 @@ impl Importer {
             self.fail(e.to_string());
         }
         if self.failed.is_none() {
-            let firsts = self.import_guids.values().into_iter().chain(self.import_uids.values());
+            let firsts = self.import_guids.values(&self.newmails).into_iter().chain(self.import_uids.values());
             let missing: Vec<String> = firsts
                 .flat_map(|f| self.chain(f))
                 .filter(|&i| !self.newmails[i].skip && !self.newmails[i].saved)
                 .take(20)
-                .map(|i| format!("GUID={} UID={}", self.newmails[i].guid, self.newmails[i].remote_uid))
+                .map(|i| format!("GUID={} UID={}", self.newmails.guid(i), self.newmails[i].remote_uid))
                 .collect();
             if !missing.is_empty() {
                 self.fail(format!("remote didn't send mails: {}", missing.join(", ")));

@@ -74,16 +74,14 @@ const MAGIC: &str = "mailreplica-index 1";
 const LOG_KEEP_MIN: usize = 10_000;
 
 /// A mail as the index remembers it, and as an open mailbox keeps it in memory: one per mail,
-/// so it is kept small (72 bytes, plus its names).
+/// so it is kept small (48 bytes, plus its file name).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct IndexedMail {
     pub(crate) modseq: Modseq,
-    /// The uidlist's `G` extension, if any.
-    pub(crate) guid_ext: Option<Box<str>>,
     /// Full file name (base and info).
     pub(crate) file: Box<str>,
-    /// Keywords without a letter, as ids into [`Index::extra_keywords`], in the mail's order.
-    pub(crate) extras: Box<[u16]>,
+    /// What few mails have, kept aside so that the others do not pay for it.
+    rare: Option<Box<Rare>>,
     pub(crate) uid: u32,
     /// Keyword letters and flags, as the file name says.
     pub(crate) kw: KeywordMask,
@@ -93,7 +91,39 @@ pub(crate) struct IndexedMail {
     pub(crate) gone: bool,
 }
 
+/// The parts of an [`IndexedMail`] that most mails lack.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Rare {
+    /// The uidlist's `G` extension.
+    guid_ext: Option<Box<str>>,
+    /// Keywords without a letter, as ids into [`Index::extra_keywords`], in the mail's order.
+    extras: Box<[u16]>,
+}
+
+impl Rare {
+    fn boxed(guid_ext: Option<Box<str>>, extras: Box<[u16]>) -> Option<Box<Self>> {
+        (guid_ext.is_some() || !extras.is_empty()).then(|| Box::new(Self { guid_ext, extras }))
+    }
+}
+
 impl IndexedMail {
+    /// The uidlist's `G` extension, if any.
+    pub(crate) fn guid_ext(&self) -> Option<&str> {
+        self.rare.as_ref().and_then(|r| r.guid_ext.as_deref())
+    }
+
+    /// Keywords without a letter, as ids into [`Index::extra_keywords`], in the mail's order.
+    pub(crate) fn extras(&self) -> &[u16] {
+        self.rare.as_ref().map_or(&[], |r| &r.extras)
+    }
+
+    /// Replaces the keywords without a letter; returns the old ones.
+    pub(crate) fn replace_extras(&mut self, extras: Box<[u16]>) -> Box<[u16]> {
+        let rare = self.rare.take().map(|b| *b).unwrap_or_default();
+        self.rare = Rare::boxed(rare.guid_ext, extras);
+        rare.extras
+    }
+
     /// A mail with the flags its file name carries.
     pub(crate) fn new(
         uid: u32,
@@ -104,7 +134,7 @@ impl IndexedMail {
         extras: Box<[u16]>,
     ) -> Self {
         let (flags, kw) = super::filename::parse_flags(&file);
-        Self { modseq, guid_ext, file, extras, uid, kw, flags, in_new, gone: false }
+        Self { modseq, file, rare: Rare::boxed(guid_ext, extras), uid, kw, flags, in_new, gone: false }
     }
 
     /// This mail as a [`MailLine`].
@@ -113,15 +143,15 @@ impl IndexedMail {
             uid: self.uid,
             modseq: self.modseq,
             in_new: self.in_new,
-            guid_ext: self.guid_ext.as_deref(),
+            guid_ext: self.guid_ext(),
             file: &self.file,
-            extras: &self.extras,
+            extras: self.extras(),
         }
     }
 
     /// The mail's GUID: the uidlist's `G` extension, else the base file name.
     pub(crate) fn guid(&self) -> &str {
-        self.guid_ext.as_deref().unwrap_or_else(|| super::filename::base(&self.file))
+        self.guid_ext().unwrap_or_else(|| super::filename::base(&self.file))
     }
 }
 
@@ -142,12 +172,12 @@ pub(crate) struct KnownMail {
 }
 
 impl KnownMail {
-    pub(crate) fn of(m: IndexedMail) -> Self {
+    pub(crate) fn of(mut m: IndexedMail) -> Self {
         Self {
             modseq: m.modseq,
-            ident: mail_ident(&m.file, m.guid_ext.as_deref()),
+            ident: mail_ident(&m.file, m.guid_ext()),
             guid128: Guid128::from_mail_guid(m.guid()),
-            extras: m.extras,
+            extras: m.replace_extras(Box::default()),
             uid: m.uid,
             kw: m.kw,
             flags: m.flags,
@@ -945,7 +975,7 @@ mod tests {
             idx.extra_keywords.iter().map(Keyword::as_str).collect::<Vec<_>>(),
             ["extra0", "extra1", "extra2", "late"]
         );
-        assert_eq!(&*idx.mails[0].extras, &[2, 0]);
+        assert_eq!(idx.mails[0].extras(), &[2, 0]);
         assert_eq!(&*idx.mails[0].file, "x y:2,Sa");
         assert_eq!((idx.mails[0].flags, idx.mails[0].kw), (Flags::SEEN, 1));
         assert_eq!(idx.log.len(), 2);

@@ -481,9 +481,9 @@ impl MaildirMailbox {
                         log.push_back(LogEntry::Expunge { modseq: next(), uid: o.uid, guid: o.guid128 });
                     }
                     match oi.next_if(|o| o.uid == m.uid) {
-                        Some(o) if o.ident == index::mail_ident(&m.file, m.guid_ext.as_deref()) => {
+                        Some(o) if o.ident == index::mail_ident(&m.file, m.guid_ext()) => {
                             // Keywords without a letter are only ever in our index: they stay.
-                            m.extras = o.extras;
+                            m.replace_extras(o.extras);
                             let (of, okw) = (o.flags, o.kw);
                             if (of, okw) == (m.flags, m.kw) {
                                 m.modseq = o.modseq;
@@ -759,7 +759,7 @@ impl MaildirMailbox {
     /// others in the order they were added (each name once).
     fn keywords_of(&self, m: &Mail) -> Vec<Keyword> {
         let mut kws = self.keywords.keywords(m.kw);
-        for &id in m.extras.iter() {
+        for &id in m.extras() {
             if let Some(k) = self.extra_kw.name(id)
                 && !kws.iter().any(|x| x.as_str().eq_ignore_ascii_case(k.as_str()))
             {
@@ -1323,6 +1323,10 @@ impl Mailbox for MaildirMailbox {
         self.mails.iter().filter(|m| !m.gone).map(|m| self.record(m)).collect()
     }
 
+    fn uids(&self) -> Vec<Uid> {
+        self.mails.iter().filter(|m| !m.gone).filter_map(|m| Uid::new(m.uid)).collect()
+    }
+
     fn mail(&self, uid: Uid) -> Option<MailRecord> {
         self.find(uid).map(|i| self.record(&self.mails[i]))
     }
@@ -1523,14 +1527,14 @@ impl Mailbox for MaildirMailbox {
             };
             let nextra: Box<[u16]> = match op {
                 FlagOp::Add => {
-                    m.extras.iter().copied().chain(ids.iter().copied().filter(|i| !m.extras.contains(i))).collect()
+                    m.extras().iter().copied().chain(ids.iter().copied().filter(|i| !m.extras().contains(i))).collect()
                 }
-                FlagOp::Remove => m.extras.iter().copied().filter(|i| !ids.contains(i)).collect(),
+                FlagOp::Remove => m.extras().iter().copied().filter(|i| !ids.contains(i)).collect(),
                 FlagOp::Replace => ids.clone().into_boxed_slice(),
             };
             let file_changes = (nf, nkw) != (m.flags, m.kw);
             let import = self.importing;
-            if !file_changes && nextra == m.extras {
+            if !file_changes && *nextra == *m.extras() {
                 if min_modseq > m.modseq {
                     // Only the modseq is raised, to exactly the value asked for (Dovecot's
                     // modseq update), not past it.
@@ -1571,7 +1575,7 @@ impl Mailbox for MaildirMailbox {
             self.counts.sub(of, m.in_new);
             self.counts.add(nf, m.in_new);
             self.used_kw |= nkw;
-            let old_extras = std::mem::replace(&mut m.extras, nextra);
+            let old_extras = m.replace_extras(nextra);
             m.flags = nf;
             m.kw = nkw;
             m.modseq = modseq;
@@ -1583,7 +1587,7 @@ impl Mailbox for MaildirMailbox {
             // where that part changed anything, and not at all where it did not.
             if !import {
                 let flags_changed = nf != of;
-                let kw_changed = nkw != okw || m.extras != old_extras;
+                let kw_changed = nkw != okw || *m.extras() != *old_extras;
                 let (added, removed) = match (op, flags_changed) {
                     (_, false) => (Flags::NONE, Flags::NONE),
                     (FlagOp::Add, true) => (flags, Flags::NONE),
@@ -1598,8 +1602,8 @@ impl Mailbox for MaildirMailbox {
                     (FlagOp::Replace, true) => (
                         nkw,
                         okw & !nkw,
-                        m.extras.clone(),
-                        old_extras.iter().copied().filter(|i| !m.extras.contains(i)).collect(),
+                        m.extras().into(),
+                        old_extras.iter().copied().filter(|i| !m.extras().contains(i)).collect(),
                     ),
                 };
                 let entry = LogEntry::Flags {
