@@ -19,6 +19,7 @@
 pub mod config;
 pub mod copy;
 pub mod dsync;
+pub mod fleet;
 pub mod logging;
 pub mod privdrop;
 pub mod store;
