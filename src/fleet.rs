@@ -17,7 +17,8 @@
 //! with `std::process::Command` (fork+exec, no code of ours runs between the two, which is
 //! what makes it safe after the SSH client's threads exist). Its three standard fds are set
 //! explicitly and nothing else is inherited: every fd this crate and its dependencies open is
-//! close-on-exec, and the child closes nothing it doesn't know.
+//! close-on-exec, and the caller marks the fds it inherited close-on-exec too
+//! ([`crate::sys::cloexec_from`]) before it starts any child.
 //!
 //! Why these fds, with no `unsafe`: the dsync stream is a Unix socketpair, so one fd (stdin)
 //! carries both directions; that frees stdout for the report, which is exactly what stdout

@@ -100,6 +100,8 @@ pub(crate) fn run(cli: &Cli, config: Config, mode: Mode, a: &SyncArgs) -> Result
     if cli.parallel == 0 {
         return Err(Failure::new(exit::USAGE, anyhow!("--parallel must be at least 1")));
     }
+    // Children get exactly stdin, stdout and stderr: nothing this process inherited besides.
+    mailreplica::sys::cloexec_from(3).context("marking inherited file descriptors close-on-exec")?;
     let users = users(cli, &config)?;
     if users.is_empty() {
         return Err(Failure::new(exit::NOUSER, anyhow!("no users to sync")));
