@@ -58,7 +58,13 @@ cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   for u in "${names[@]}"; do userdel "$u" 2>/dev/null || true; done
-  if [ -z "${KEEP:-}" ]; then rm -rf "$WORK"; else echo "kept $WORK" >&2; fi
+  if [ -n "${KEEP:-}" ]; then
+    echo "kept $WORK" >&2
+  elif ! rm -rf "$WORK" || [ -e "$WORK" ]; then
+    # Once seen: a daemon's last writes racing the removal. One more try, then say so.
+    sleep 1
+    rm -rf "$WORK" || echo "many_users.sh: could not remove $WORK" >&2
+  fi
 }
 trap cleanup EXIT
 mkdir -p "$WORK/home" "$WORK/keys" "$WORK/locks" "$WORK/out" "$WORK/dovecot/state"
