@@ -292,7 +292,7 @@ fn sync_user(
             let command = ssh::remote_command(&config.ssh.dsync_remote_cmd, &user, login, host);
             let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
             let label = conn.label().to_owned();
-            let channel = match conn.exec(&command) {
+            let channel = match conn.exec_tagged(&command, Some(&user)) {
                 Ok(c) => c,
                 Err(e) => return UserResult::refused(&user, &Failure::from(e)),
             };

@@ -639,27 +639,60 @@ fn many_users_over_one_connection() {
 }
 
 /// -F with destinations each child reaches itself: a local Maildir, and a command line run as
-/// the user (`mailreplica dsync-server` on another Maildir). No SSH involved.
+/// the user (a script that notes whether it inherited fd 5, then runs `mailreplica
+/// dsync-server` on another Maildir). No SSH involved. mailreplica itself is started with an
+/// fd 5 open (as a careless caller might leave one): no child may inherit it.
 #[test]
 fn many_users_to_local_and_command_destinations() {
     let w = World::new("l", true, "");
     let list = w.sb.dir.join("users");
     let names: Vec<&str> = w.users.iter().map(|u| u.name.as_str()).collect();
     fs::write(&list, names.join("\n")).expect("user list");
-    let command = format!(
-        "{} -c {} -o mail_location=maildir:~/Command dsync-server",
-        mailreplica_bin().display(),
-        w.config.display()
-    );
-    for (dest, location) in [("maildir:~/Local", "Local"), (command.as_str(), "Command")] {
+    let probe = w.sb.dir.join("probe.sh");
+    fs::write(
+        &probe,
+        format!(
+            "#!/bin/sh\nif [ -e /proc/$$/fd/5 ]; then echo leaked > \"$HOME/fd5\"; fi\n\
+             exec {} -c {} -o 'mail_location=maildir:~/Command' dsync-server\n",
+            mailreplica_bin().display(),
+            w.config.display()
+        ),
+    )
+    .expect("probe");
+    fs::set_permissions(&probe, fs::Permissions::from_mode(0o755)).expect("chmod probe");
+    // The probe sees an inherited fd 5 when there is one.
+    let control = w.sb.dir.join("control");
+    fs::create_dir(&control).expect("mkdir");
+    let st = Command::new("/bin/sh")
+        .args(["-c", "exec 5</etc/hostname; exec \"$0\"", probe.to_str().expect("path")])
+        .env_clear()
+        .env("HOME", &control)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("control");
+    assert!(!st.success(), "dsync-server as root without -u must refuse");
+    assert!(control.join("fd5").exists(), "the probe detects an inherited fd");
+
+    let probe = probe.to_str().expect("path");
+    for (dest, location) in [("maildir:~/Local", "Local"), (probe, "Command")] {
         let list = list.to_str().expect("path");
-        let out =
-            w.run(w.mr(&["-o", "mail_location=maildir:~/Source", "-F", list, "--parallel", "3", "backup", dest]), b"");
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "exec 5</etc/hostname; exec \"$0\" \"$@\""])
+            .arg(mailreplica_bin())
+            .arg("-c")
+            .arg(&w.config)
+            .args(["-o", "mail_location=maildir:~/Source", "-F", list, "--parallel", "3", "backup", dest])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin");
+        let out = w.run(cmd, b"");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{dest}: {err}");
         for u in &w.users {
             assert_eq!(w.listing(u, location), w.listing(u, "Source"), "{dest} for {}", u.name);
             assert_owned_by(&u.home.join(location), u.uid);
+            assert!(!u.home.join("fd5").exists(), "{} inherited fd 5", u.name);
         }
         assert!(err.contains(&w.users[2].name), "the result table names every user: {err}");
     }
