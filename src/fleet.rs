@@ -417,11 +417,18 @@ impl Relay {
     }
 
     /// After the child exited: its side is closed, so the up thread ends; then the remote's
-    /// exit status, and the down thread once the channel is closed. A remote that never closes
-    /// leaves the down thread to end with the connection.
+    /// exit status, and the down thread once the channel is closed; all within `wait`. A
+    /// remote that never closes leaves its threads to end with the connection.
     fn finish(self, wait: Duration) -> Option<RemoteEnd> {
-        let _ = self.up.join();
-        let end = self.end.wait(wait);
+        // The up thread can only be stuck handing data to a remote that stopped reading.
+        let until = Instant::now() + wait;
+        while !self.up.is_finished() && Instant::now() < until {
+            thread::sleep(Duration::from_millis(1));
+        }
+        if self.up.is_finished() {
+            let _ = self.up.join();
+        }
+        let end = self.end.wait(until.saturating_duration_since(Instant::now()).max(Duration::from_millis(100)));
         if end.is_some() {
             let _ = self.down.join();
         }
