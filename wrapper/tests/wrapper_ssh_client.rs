@@ -696,5 +696,37 @@ fn many_users_to_local_and_command_destinations() {
         }
         assert!(err.contains(&w.users[2].name), "the result table names every user: {err}");
     }
+
+    // -A: every user of the userdb (here a passwd-file) within first_valid_uid..last_valid_uid;
+    // the one below first_valid_uid is left out, not failed.
+    let mut db: String = w
+        .users
+        .iter()
+        .map(|u| format!("{}:x:{}:{}::{}:/usr/sbin/nologin\n", u.name, u.uid, u.gid, u.home.display()))
+        .collect();
+    db.push_str("lowuid:x:999:999::/nonexistent:/usr/sbin/nologin\n");
+    let passwd = w.sb.dir.join("users.passwd");
+    fs::write(&passwd, db).expect("passwd-file");
+    let config = w.sb.dir.join("all.toml");
+    fs::write(&config, format!("first_valid_uid = 1000\nuserdb = \"passwd-file:{}\"\n", passwd.display()))
+        .expect("config");
+    let mut cmd = Command::new(mailreplica_bin());
+    cmd.arg("-c")
+        .arg(&config)
+        .args(["-o", "mail_location=maildir:~/Source", "-A", "-f", "json", "--parallel", "2"])
+        .args(["backup", "maildir:~/All"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin");
+    let out = w.run(cmd, b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "-A: {err}");
+    let rows = json_rows(&String::from_utf8_lossy(&out.stdout));
+    let listed: Vec<&str> = rows.iter().map(|r| r["user"].as_str()).collect();
+    assert_eq!(listed, names, "-A lists the userdb's users in its order, without lowuid");
+    assert!(rows.iter().all(|r| r["result"] == "ok"), "{rows:?}");
+    for u in &w.users {
+        assert_eq!(w.listing(u, "All"), w.listing(u, "Source"), "-A for {}", u.name);
+        assert_owned_by(&u.home.join("All"), u.uid);
+    }
     assert_eq!(w.accepted_logins(), 0);
 }
