@@ -440,6 +440,9 @@ impl Console {
     }
 
     fn progress(&self, text: &str) {
+        // One terminal line, or clearing it would leave the wrapped part behind.
+        let width = std::env::var("COLUMNS").ok().and_then(|c| c.parse::<usize>().ok()).unwrap_or(80);
+        let text: String = text.chars().take(width.saturating_sub(1).max(20)).collect();
         let mut shown = self.shown.lock().unwrap_or_else(PoisonError::into_inner);
         let mut err = std::io::stderr().lock();
         let _ = write!(err, "\r\x1b[K{text}");
