@@ -160,7 +160,9 @@ impl Report {
     }
 }
 
-/// The program and arguments of one child, and its whole environment.
+/// The program and arguments of one child, and its whole environment. It starts in the
+/// caller's working directory, so that a relative path on the command line means what it
+/// means in a single-user run.
 #[derive(Debug, Clone)]
 pub struct ChildCommand {
     /// The program (the parent's own binary: `/proc/self/exe`).
@@ -268,7 +270,6 @@ pub fn run_child(
         .args(&cmd.args)
         .env_clear()
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
-        .current_dir("/")
         .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
