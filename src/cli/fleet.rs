@@ -290,11 +290,22 @@ fn sync_user(
         None => Carrier::Own,
         Some((conn, prefix, login, host)) => {
             let command = ssh::remote_command(&config.ssh.dsync_remote_cmd, &user, login, host);
-            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            let label = conn.label().to_owned();
-            let channel = match conn.exec_tagged(&command, Some(&user)) {
-                Ok(c) => c,
-                Err(e) => return UserResult::refused(&user, &Failure::from(e)),
+            // A server's limit on channels per connection (OpenSSH's MaxSessions, 10) below
+            // --parallel: wait for another user's channel to close, for up to a minute.
+            let mut pause = Duration::from_millis(50);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let (label, channel) = loop {
+                let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+                match conn.exec_tagged(&command, Some(&user)) {
+                    Ok(c) => break (conn.label().to_owned(), c),
+                    Err(e) if e.is_channel_refused() && Instant::now() < deadline => {
+                        drop(conn);
+                        tracing::debug!("{user}: channel refused ({e}), trying again");
+                        std::thread::sleep(pause);
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                    Err(e) => return UserResult::refused(&user, &Failure::from(e)),
+                }
             };
             let first = if *prefix { format!("{user}\n").into_bytes() } else { Vec::new() };
             remote_what = Some((label, command));

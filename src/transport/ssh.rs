@@ -353,6 +353,12 @@ impl From<HostKeyError> for SshError {
 }
 
 impl SshError {
+    /// The server refused to open a channel (OpenSSH does when `MaxSessions` channels are
+    /// open on the connection already): worth trying again once one has closed.
+    pub fn is_channel_refused(&self) -> bool {
+        matches!(self, Self::Protocol { source: russh::Error::ChannelOpenFailure(_), .. })
+    }
+
     fn with_target(self, target: &str) -> Self {
         match self {
             Self::Russh(source) => Self::Protocol { target: target.to_owned(), source },

@@ -638,6 +638,30 @@ fn many_users_over_one_connection() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// A server that allows one session per connection (MaxSessions 1) and --parallel 2: the
+/// second user's channel is refused until the first is closed, then it goes through.
+#[test]
+fn many_users_within_the_servers_session_limit() {
+    let w = World::new("s", true, "MaxSessions 1");
+    let (alice, bob) = (&w.users[0], &w.users[1]);
+    let mut args: Vec<String> = vec!["-o".into(), "mail_location=maildir:~/Source".into()];
+    args.extend(w.ssh_opts(None));
+    args.extend(["-u", &alice.name, "-u", &bob.name, "--parallel", "2", "-f", "json", "backup"].map(String::from));
+    args.push(w.dest("remoteprefix"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = w.run(w.mr(&args), b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let rows = json_rows(&String::from_utf8_lossy(&out.stdout));
+    assert!(rows.iter().all(|r| r["result"] == "ok") && rows.len() == 2, "{rows:?}");
+    for u in [alice, bob] {
+        assert_eq!(w.listing(u, "Maildir"), w.listing(u, "Source"), "replica of {}", u.name);
+    }
+    assert_eq!(w.accepted_logins(), 1);
+    // The limit was hit, and waited out.
+    assert!(w.sshd.log_text().contains("no more sessions"), "{}", w.sshd.log_text());
+}
+
 /// -F with destinations each child reaches itself: a local Maildir, and a command line run as
 /// the user (a script that notes whether it inherited fd 5, then runs `mailreplica
 /// dsync-server` on another Maildir). No SSH involved. mailreplica itself is started with an
