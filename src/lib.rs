@@ -3,6 +3,8 @@
 //! ```text
 //!   binaries: mailreplica (main.rs, cli/) · mailreplica-wrapper (wrapper/)     not in here
 //!        │
+//!   fleet (many users: one child process per user, streams relayed over one SSH connection)
+//!        │
 //!   dsync (server, brain, wire) ── copy ── privdrop ── logging     transport (ssh)
 //!        │
 //!   config ── userdb
@@ -19,6 +21,7 @@
 pub mod config;
 pub mod copy;
 pub mod dsync;
+pub mod fleet;
 pub mod logging;
 pub mod privdrop;
 pub mod store;

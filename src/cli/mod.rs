@@ -10,6 +10,7 @@
 
 mod output;
 
+mod fleet;
 mod mail;
 mod search;
 mod sync;
@@ -60,9 +61,21 @@ pub(crate) struct Cli {
     /// Override a setting (repeatable).
     #[arg(short = 'o', global = true, value_name = "KEY=VALUE")]
     pub(crate) overrides: Vec<String>,
-    /// Act on this user's mail; as root, drop to the user first.
-    #[arg(short = 'u', long = "user", global = true, value_name = "USER")]
-    pub(crate) user: Option<String>,
+    /// Act on this user's mail; as root, drop to the user first. `sync` and `backup` take it
+    /// more than once (each user in their own process, see `--parallel`).
+    #[arg(short = 'u', long = "user", global = true, value_name = "USER", action = clap::ArgAction::Append)]
+    pub(crate) users: Vec<String>,
+    /// `sync`/`backup`: every user of the userdb whose uid is within
+    /// first_valid_uid..last_valid_uid, each in their own process (see --parallel).
+    #[arg(short = 'A', global = true)]
+    pub(crate) all_users: bool,
+    /// `sync`/`backup`: the users listed in FILE, one per line (blank lines and `#` comments
+    /// are skipped).
+    #[arg(short = 'F', global = true, value_name = "FILE")]
+    pub(crate) user_file: Option<PathBuf>,
+    /// `sync`/`backup` with many users (-A, -F, several -u): this many at a time.
+    #[arg(long = "parallel", global = true, value_name = "N", default_value_t = 1)]
+    pub(crate) parallel: usize,
     /// Output format.
     #[arg(short = 'f', long = "format", global = true, value_enum, value_name = "FORMAT")]
     pub(crate) format: Option<Format>,
@@ -366,30 +379,35 @@ pub(crate) struct Session {
     pub(crate) userdb_mail: Option<String>,
 }
 
+/// Looks `name` up and checks that mail may be handled for it: a uid within
+/// `first_valid_uid..last_valid_uid`, and neither uid nor gid one that must never be dropped to.
+pub(crate) fn allowed_user(config: &Config, name: &str) -> Result<mailreplica::userdb::UserEntry, Failure> {
+    let entry =
+        config.userdb.lookup(name)?.ok_or_else(|| Failure::new(exit::NOUSER, anyhow!("user {name} doesn't exist")))?;
+    if !config.uid_allowed(entry.uid) || privdrop::forbidden_id(entry.uid) {
+        return Err(Failure::new(
+            exit::NOPERM,
+            anyhow!(
+                "user {name} has uid {}, outside first_valid_uid={}..last_valid_uid={}",
+                entry.uid,
+                config.first_valid_uid,
+                config.last_valid_uid
+            ),
+        ));
+    }
+    if privdrop::forbidden_id(entry.gid) {
+        return Err(Failure::new(exit::NOPERM, anyhow!("user {name} has primary gid {}", entry.gid)));
+    }
+    Ok(entry)
+}
+
 impl Session {
     /// Becomes the mail user (dropping root for `-u USER`), with the configuration read.
     pub(crate) fn establish(cli: &Cli, config: Config) -> Result<Self, Failure> {
         let euid = nix::unistd::geteuid().as_raw();
-        match &cli.user {
+        match cli.users.first() {
             Some(name) => {
-                let entry = config
-                    .userdb
-                    .lookup(name)?
-                    .ok_or_else(|| Failure::new(exit::NOUSER, anyhow!("user {name} doesn't exist")))?;
-                if !config.uid_allowed(entry.uid) || privdrop::forbidden_id(entry.uid) {
-                    return Err(Failure::new(
-                        exit::NOPERM,
-                        anyhow!(
-                            "user {name} has uid {}, outside first_valid_uid={}..last_valid_uid={}",
-                            entry.uid,
-                            config.first_valid_uid,
-                            config.last_valid_uid
-                        ),
-                    ));
-                }
-                if privdrop::forbidden_id(entry.gid) {
-                    return Err(Failure::new(exit::NOPERM, anyhow!("user {name} has primary gid {}", entry.gid)));
-                }
+                let entry = allowed_user(&config, name)?;
                 if euid == 0 {
                     // The wrapper's drop, with the user's primary group only: root's groups
                     // must not survive, and the userdb names no others.
@@ -467,13 +485,32 @@ fn init_logging(cli: &Cli) {
 /// Runs a parsed command line.
 pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
     init_logging(&cli);
-    if matches!(cli.command, Command::DsyncServer { .. }) && cli.user.is_none() && nix::unistd::geteuid().is_root() {
+    let sync_args = match &cli.command {
+        Command::Backup(a) => Some((sync::Mode::Backup, a)),
+        Command::Sync(a) => Some((sync::Mode::Sync, a)),
+        _ => None,
+    };
+    let fleet_sync = sync_args.is_some_and(|(_, a)| !a.report);
+    if cli.users.len() > 1 && !fleet_sync {
+        return Err(Failure::new(exit::USAGE, anyhow!("-u USER more than once is for sync and backup only")));
+    }
+    if (cli.all_users || cli.user_file.is_some() || cli.parallel != 1) && !fleet_sync {
+        return Err(Failure::new(exit::USAGE, anyhow!("-A, -F and --parallel are for sync and backup only")));
+    }
+    if matches!(cli.command, Command::DsyncServer { .. }) && cli.users.is_empty() && nix::unistd::geteuid().is_root() {
         return Err(Failure::new(
             exit::NOPERM,
             anyhow!("dsync-server as root needs -u USER (it never touches mail as root)"),
         ));
     }
     let config = Config::load(cli.config.as_deref(), &cli.overrides)?;
+    if let Some((mode, a)) = sync_args
+        && fleet::wanted(&cli, a)
+    {
+        // Many users (or results as data): this process stays as it is and runs one child
+        // per user, which drops to that user.
+        return fleet::run(&cli, config, mode, a);
+    }
     // A remote destination is connected to first, as the invoking user (root's SSH key and
     // known_hosts), before `-u` drops privileges: doveadm starts its ssh before the drop too.
     // The connection starts no thread until it is used, so the drop still finds one thread.
@@ -538,8 +575,20 @@ pub(crate) fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // A child of `fleet` reports every failure on stdout, for its parent, and nothing on stderr.
+    let report_mode = matches!(&cli.command, Command::Backup(a) | Command::Sync(a) if a.report);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(f) if report_mode => {
+            if f.error.downcast_ref::<QuietExit>().is_none() {
+                sync::write_report(&mailreplica::fleet::Report {
+                    code: f.code,
+                    error: Some(error_text(&f.error)),
+                    ..Default::default()
+                });
+            }
+            ExitCode::from(f.code)
+        }
         Err(f) => {
             // A closed stdout (e.g. `| head`) is not an error worth a message.
             let broken_pipe = f.error.chain().any(|c| {

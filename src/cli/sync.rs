@@ -16,6 +16,7 @@
 //! for a reason worth retrying, and the usual codes for the rest.
 
 use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use anyhow::anyhow;
 use mailreplica::config::Config;
 use mailreplica::dsync::master::{Direction, MasterOptions, MasterReport, run_master, sync_stores};
 use mailreplica::dsync::server::{FailureKind, SessionError};
+use mailreplica::fleet::{Report, STDIN_SOCKET_DEST};
 use mailreplica::store::maildir::Maildir;
 use mailreplica::transport::RemoteTarget;
 use mailreplica::transport::ssh::{self, SshChannel, SshConnection, SshSettings};
@@ -75,6 +77,9 @@ pub(crate) struct SyncArgs {
     /// key there (OpenSSH's StrictHostKeyChecking=accept-new); a changed key is still refused.
     #[arg(long = "accept-new-host-key")]
     pub(crate) accept_new_host_key: bool,
+    /// Internal (the child of a many-user run): report the outcome on stdout for the parent.
+    #[arg(long = "report-stdout", hide = true)]
+    pub(crate) report: bool,
     /// Where to: `maildir:PATH`, `remote:[LOGIN@]HOST[:PORT]`, `remoteprefix:[LOGIN@]HOST[:PORT]`,
     /// or a command line whose stdin/stdout speak dsync.
     #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
@@ -129,11 +134,11 @@ fn failure(e: SessionError) -> Failure {
 /// destination.
 #[derive(Debug)]
 pub(crate) struct Remote {
-    conn: SshConnection,
+    pub(super) conn: SshConnection,
     /// `remoteprefix:`: the stream starts with the user name.
-    prefix: bool,
-    login: String,
-    host: String,
+    pub(super) prefix: bool,
+    pub(super) login: String,
+    pub(super) host: String,
 }
 
 /// The name of the user this process runs as.
@@ -190,6 +195,8 @@ pub(crate) fn run(s: &Session, mode: Mode, a: &SyncArgs, remote: Option<Remote>)
     let dest = a.destination.join(" ");
     let result = if let Some(r) = remote {
         over_ssh(s, r, &opts, timeout)
+    } else if a.report && dest == STDIN_SOCKET_DEST {
+        stdin_socket(s, &opts, timeout)
     } else if let Some(loc) = dest.strip_prefix("maildir:").map(|_| dest.as_str()) {
         local(s, loc, &opts, timeout)
     } else if a.destination.len() > 1 || dest.contains(' ') || dest.contains('/') {
@@ -203,6 +210,9 @@ pub(crate) fn run(s: &Session, mode: Mode, a: &SyncArgs, remote: Option<Remote>)
             ),
         ));
     };
+    if a.report {
+        return report(a, result);
+    }
     match result {
         Ok(report) => finish(a, report),
         Err(f) => {
@@ -225,6 +235,62 @@ fn finish(a: &SyncArgs, report: MasterReport) -> Result<(), Failure> {
         return Err(Failure::quiet(2));
     }
     Ok(())
+}
+
+/// A child of a many-user run: the outcome goes to the parent on stdout, as a
+/// [`Report`], and nothing else does.
+fn report(a: &SyncArgs, result: Result<MasterReport, Failure>) -> Result<(), Failure> {
+    let r = match result {
+        Ok(m) => Report {
+            code: if m.changes_during_sync.is_some() { 2 } else { exit::OK },
+            state: a.state.is_some().then_some(m.state),
+            changes: m.changes_during_sync,
+            error: None,
+        },
+        Err(f) => Report { code: f.code, state: None, changes: None, error: Some(super::error_text(&f.error)) },
+    };
+    write_report(&r);
+    if r.code == exit::OK { Ok(()) } else { Err(Failure::quiet(r.code)) }
+}
+
+/// Writes a child's report on stdout (the parent's pipe); if that fails the parent sees no
+/// report and says so.
+pub(crate) fn write_report(r: &Report) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(r.encode().as_bytes()).and_then(|()| out.flush());
+}
+
+/// A child of a many-user run: the dsync stream is the socket on stdin, relayed by the parent.
+fn stdin_socket(s: &Session, opts: &MasterOptions, timeout: Duration) -> Result<MasterReport, Failure> {
+    use std::os::fd::AsFd;
+    let mut store = s.store()?;
+    let fd = std::io::stdin().as_fd().try_clone_to_owned()?;
+    let st = nix::sys::stat::fstat(&fd).map_err(std::io::Error::from)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(Failure::new(exit::USAGE, anyhow!("{STDIN_SOCKET_DEST} needs a socket on stdin")));
+    }
+    let input = UnixStream::from(fd);
+    let output = SocketWriter(input.try_clone()?);
+    run_master(&mut store, input, output, opts, timeout).map_err(failure)
+}
+
+/// The write half of the stdin socket: dropping it tells the parent (and the remote) that
+/// the master is done sending, while the read half stays open.
+struct SocketWriter(UnixStream);
+
+impl Write for SocketWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Drop for SocketWriter {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Write);
+    }
 }
 
 fn local(s: &Session, location: &str, opts: &MasterOptions, timeout: Duration) -> Result<MasterReport, Failure> {

@@ -353,6 +353,12 @@ impl From<HostKeyError> for SshError {
 }
 
 impl SshError {
+    /// The server refused to open a channel (OpenSSH does when `MaxSessions` channels are
+    /// open on the connection already): worth trying again once one has closed.
+    pub fn is_channel_refused(&self) -> bool {
+        matches!(self, Self::Protocol { source: russh::Error::ChannelOpenFailure(_), .. })
+    }
+
     fn with_target(self, target: &str) -> Self {
         match self {
             Self::Russh(source) => Self::Protocol { target: target.to_owned(), source },
@@ -633,8 +639,18 @@ impl SshConnection {
     /// Opens a session channel and runs `command` on it (the server's forced command, if any,
     /// runs instead). From the first call on, one thread drives the connection.
     pub fn exec(&mut self, command: &str) -> Result<SshChannel, SshError> {
+        self.exec_tagged(command, None)
+    }
+
+    /// [`SshConnection::exec`], with the channel's log lines and errors (the remote's stderr,
+    /// a lost channel) naming `tag` after the connection, e.g. the user a channel syncs when
+    /// many share the connection.
+    pub fn exec_tagged(&mut self, command: &str, tag: Option<&str>) -> Result<SshChannel, SshError> {
         self.start_driver()?;
-        let label = self.label.clone();
+        let label = match tag {
+            Some(t) => format!("{} [{t}]", self.label),
+            None => self.label.clone(),
+        };
         let Some(handle) = self.handle.as_ref() else {
             return Err(SshError::Protocol { target: label, source: russh::Error::Disconnect });
         };

@@ -489,3 +489,268 @@ fn key_formats_passphrases_and_the_agent() {
     w.ok(cmd, b"");
     assert_eq!(w.listing(alice, "Maildir"), w.listing(alice, "Source"));
 }
+
+/// doveadm's `-f json` output (an array of objects with string values) as rows; panics on
+/// anything else, so that a test also proves the output is well-formed JSON of that shape.
+fn json_rows(text: &str) -> Vec<std::collections::BTreeMap<String, String>> {
+    fn string(it: &mut std::iter::Peekable<std::str::Chars<'_>>) -> String {
+        assert_eq!(it.next(), Some('"'), "a string");
+        let mut s = String::new();
+        loop {
+            match it.next().expect("unterminated string") {
+                '"' => return s,
+                '\\' => match it.next().expect("escape") {
+                    'n' => s.push('\n'),
+                    'r' => s.push('\r'),
+                    't' => s.push('\t'),
+                    'b' => s.push('\x08'),
+                    'f' => s.push('\x0c'),
+                    'u' => {
+                        let hex: String = (0..4).map(|_| it.next().expect("hex")).collect();
+                        s.push(char::from_u32(u32::from_str_radix(&hex, 16).expect("hex")).expect("char"));
+                    }
+                    c @ ('"' | '\\' | '/') => s.push(c),
+                    c => panic!("bad escape \\{c}"),
+                },
+                c => {
+                    assert!(c >= ' ', "raw control character in a string");
+                    s.push(c);
+                }
+            }
+        }
+    }
+    let mut it = text.trim_end_matches('\n').chars().peekable();
+    let mut rows = Vec::new();
+    assert_eq!(it.next(), Some('['), "{text}");
+    if it.peek() == Some(&']') {
+        it.next();
+    } else {
+        loop {
+            assert_eq!(it.next(), Some('{'), "{text}");
+            let mut row = std::collections::BTreeMap::new();
+            loop {
+                let k = string(&mut it);
+                assert_eq!(it.next(), Some(':'), "{text}");
+                let v = string(&mut it);
+                assert!(row.insert(k, v).is_none(), "duplicate key: {text}");
+                match it.next() {
+                    Some(',') => continue,
+                    Some('}') => break,
+                    c => panic!("{c:?} in an object: {text}"),
+                }
+            }
+            rows.push(row);
+            match it.next() {
+                Some(',') => continue,
+                Some(']') => break,
+                c => panic!("{c:?} in the array: {text}"),
+            }
+        }
+    }
+    assert_eq!(it.next(), None, "text after the array: {text}");
+    rows
+}
+
+/// `-F FILE --parallel 2` for three users over ONE SSH connection into the wrapper: the two
+/// the policy allows are replicated (each as their own uid), the third is reported as refused
+/// (the wrapper's 126 → 77) without stopping the others; `-f json` lists all three.
+#[test]
+fn many_users_over_one_connection() {
+    let w = World::new("m", true, "");
+    let (alice, bob, carol) = (&w.users[0], &w.users[1], &w.users[2]);
+    let dest = w.dest("remoteprefix");
+    let opts = w.ssh_opts(None);
+    let src = ["-o", "mail_location=maildir:~/Source"];
+    let with = |extra: &[&str], command: &[&str]| {
+        let mut args: Vec<&str> = src.to_vec();
+        args.extend(opts.iter().map(String::as_str));
+        args.extend_from_slice(extra);
+        args.extend_from_slice(command);
+        args.push(&dest);
+        w.mr(&args)
+    };
+
+    // doveadm refuses -s with many users, and so do we: before connecting.
+    for many in [&["-A"][..], &["-u", &alice.name, "-u", &bob.name][..]] {
+        let out = w.run(with(many, &["backup", "-s", ""]), b"");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{err}");
+        assert!(err.contains("-s can't be used with -A, -F or several -u"), "{err}");
+        assert!(out.stdout.is_empty());
+    }
+    assert_eq!(w.accepted_logins(), 0);
+
+    let list = w.sb.dir.join("users");
+    fs::write(&list, format!("# users\n{}\n\n{}\n{}\n", alice.name, carol.name, bob.name)).expect("user list");
+    let started = std::time::Instant::now();
+    let out = w.run(with(&["-F", list.to_str().expect("path"), "--parallel", "2", "-f", "json"], &["backup"]), b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("-F run took {:?}:\n{err}{stdout}", started.elapsed());
+    assert_eq!(out.status.code(), Some(77), "{err}");
+    let rows = json_rows(&stdout);
+    let names: Vec<&str> = rows.iter().map(|r| r["user"].as_str()).collect();
+    assert_eq!(names, [&alice.name, &carol.name, &bob.name], "in the order of the file");
+    for r in &rows {
+        for key in ["result", "code", "duration", "sent", "received", "error"] {
+            assert!(r.contains_key(key), "{key} missing: {r:?}");
+        }
+        if r["user"] == carol.name {
+            assert_eq!((r["result"].as_str(), r["code"].as_str()), ("failed", "77"), "{r:?}");
+            assert!(r["error"].contains(&format!("the replica refused user {} (remote exit status 126)", carol.name)));
+        } else {
+            assert_eq!((r["result"].as_str(), r["code"].as_str(), r["error"].as_str()), ("ok", "0", ""), "{r:?}");
+            assert!(r["sent"].parse::<u64>().expect("sent") > 100, "{r:?}");
+            assert!(r["received"].parse::<u64>().expect("received") > 100, "{r:?}");
+        }
+    }
+    // The human table on stderr, and the child's log attributed to its user.
+    assert!(err.contains("user") && err.contains("result") && err.contains("duration"), "{err}");
+    assert!(err.contains(&format!("mailreplica: {}: Error: ", carol.name)), "{err}");
+    for u in [alice, bob] {
+        let source = w.listing(u, "Source");
+        assert!(source.contains("\\Flagged $Label1") && source.contains("Work"), "{source}");
+        assert_eq!(w.listing(u, "Maildir"), source, "replica of {}", u.name);
+        assert_owned_by(&u.home.join("Maildir"), u.uid);
+    }
+    assert!(!carol.home.join("Maildir").exists());
+    wait_log_line(&w.sb, &[": deny ", " reason=not-allowed ", &carol.name]);
+    assert_eq!(w.accepted_logins(), 1, "one SSH login for the whole run:\n{}", w.sshd.log_text());
+
+    // Several -u, the two-way way, with nothing new: all succeed, one more login.
+    let out = w.run(with(&["-u", &bob.name, "-u", &alice.name, "--parallel", "2"], &["sync"]), b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(out.stdout.is_empty(), "no -f: nothing on stdout");
+    assert_eq!(w.accepted_logins(), 2);
+    for u in [alice, bob] {
+        assert_eq!(w.listing(u, "Maildir"), w.listing(u, "Source"));
+    }
+
+    // One user with -f json and -s: the state is in the JSON, and works as a state.
+    let out = w.run(with(&["-u", &alice.name, "-f", "json"], &["sync", "-s", ""]), b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = json_rows(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(rows.len(), 1);
+    let state = rows[0]["state"].clone();
+    assert!(!state.is_empty(), "{rows:?}");
+    let out = w.run(with(&["-u", &alice.name, "-f", "json"], &["sync", "-s", &state]), b"");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A server that allows one session per connection (MaxSessions 1) and --parallel 2: the
+/// second user's channel is refused until the first is closed, then it goes through.
+#[test]
+fn many_users_within_the_servers_session_limit() {
+    let w = World::new("s", true, "MaxSessions 1");
+    let (alice, bob) = (&w.users[0], &w.users[1]);
+    let mut args: Vec<String> = vec!["-o".into(), "mail_location=maildir:~/Source".into()];
+    args.extend(w.ssh_opts(None));
+    args.extend(["-u", &alice.name, "-u", &bob.name, "--parallel", "2", "-f", "json", "backup"].map(String::from));
+    args.push(w.dest("remoteprefix"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = w.run(w.mr(&args), b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let rows = json_rows(&String::from_utf8_lossy(&out.stdout));
+    assert!(rows.iter().all(|r| r["result"] == "ok") && rows.len() == 2, "{rows:?}");
+    for u in [alice, bob] {
+        assert_eq!(w.listing(u, "Maildir"), w.listing(u, "Source"), "replica of {}", u.name);
+    }
+    assert_eq!(w.accepted_logins(), 1);
+    // The limit was hit, and waited out.
+    assert!(w.sshd.log_text().contains("no more sessions"), "{}", w.sshd.log_text());
+}
+
+/// -F with destinations each child reaches itself: a local Maildir, and a command line run as
+/// the user (a script that notes whether it inherited fd 5, then runs `mailreplica
+/// dsync-server` on another Maildir). No SSH involved. mailreplica itself is started with an
+/// fd 5 open (as a careless caller might leave one): no child may inherit it.
+#[test]
+fn many_users_to_local_and_command_destinations() {
+    let w = World::new("l", true, "");
+    let list = w.sb.dir.join("users");
+    let names: Vec<&str> = w.users.iter().map(|u| u.name.as_str()).collect();
+    fs::write(&list, names.join("\n")).expect("user list");
+    let probe = w.sb.dir.join("probe.sh");
+    fs::write(
+        &probe,
+        format!(
+            "#!/bin/sh\nif [ -e /proc/$$/fd/5 ]; then echo leaked > \"$HOME/fd5\"; fi\n\
+             exec {} -c {} -o 'mail_location=maildir:~/Command' dsync-server\n",
+            mailreplica_bin().display(),
+            w.config.display()
+        ),
+    )
+    .expect("probe");
+    fs::set_permissions(&probe, fs::Permissions::from_mode(0o755)).expect("chmod probe");
+    // The probe sees an inherited fd 5 when there is one.
+    let control = w.sb.dir.join("control");
+    fs::create_dir(&control).expect("mkdir");
+    let st = Command::new("/bin/sh")
+        .args(["-c", "exec 5</etc/hostname; exec \"$0\"", probe.to_str().expect("path")])
+        .env_clear()
+        .env("HOME", &control)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("control");
+    assert!(!st.success(), "dsync-server as root without -u must refuse");
+    assert!(control.join("fd5").exists(), "the probe detects an inherited fd");
+
+    let probe = probe.to_str().expect("path");
+    for (dest, location) in [("maildir:~/Local", "Local"), (probe, "Command")] {
+        let list = list.to_str().expect("path");
+        let mut cmd = Command::new("/bin/sh");
+        cmd.args(["-c", "exec 5</etc/hostname; exec \"$0\" \"$@\""])
+            .arg(mailreplica_bin())
+            .arg("-c")
+            .arg(&w.config)
+            .args(["-o", "mail_location=maildir:~/Source", "-F", list, "--parallel", "3", "backup", dest])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin");
+        let out = w.run(cmd, b"");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{dest}: {err}");
+        for u in &w.users {
+            assert_eq!(w.listing(u, location), w.listing(u, "Source"), "{dest} for {}", u.name);
+            assert_owned_by(&u.home.join(location), u.uid);
+            assert!(!u.home.join("fd5").exists(), "{} inherited fd 5", u.name);
+        }
+        assert!(err.contains(&w.users[2].name), "the result table names every user: {err}");
+    }
+
+    // -A: every user of the userdb (here a passwd-file) within first_valid_uid..last_valid_uid;
+    // the one below first_valid_uid is left out, not failed.
+    let mut db: String = w
+        .users
+        .iter()
+        .map(|u| format!("{}:x:{}:{}::{}:/usr/sbin/nologin\n", u.name, u.uid, u.gid, u.home.display()))
+        .collect();
+    db.push_str("lowuid:x:999:999::/nonexistent:/usr/sbin/nologin\n");
+    let passwd = w.sb.dir.join("users.passwd");
+    fs::write(&passwd, db).expect("passwd-file");
+    let config = w.sb.dir.join("all.toml");
+    fs::write(&config, format!("first_valid_uid = 1000\nuserdb = \"passwd-file:{}\"\n", passwd.display()))
+        .expect("config");
+    let mut cmd = Command::new(mailreplica_bin());
+    cmd.arg("-c")
+        .arg(&config)
+        .args(["-o", "mail_location=maildir:~/Source", "-A", "-f", "json", "--parallel", "2"])
+        .args(["backup", "maildir:~/All"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin");
+    let out = w.run(cmd, b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "-A: {err}");
+    let rows = json_rows(&String::from_utf8_lossy(&out.stdout));
+    let listed: Vec<&str> = rows.iter().map(|r| r["user"].as_str()).collect();
+    assert_eq!(listed, names, "-A lists the userdb's users in its order, without lowuid");
+    assert!(rows.iter().all(|r| r["result"] == "ok"), "{rows:?}");
+    for u in &w.users {
+        assert_eq!(w.listing(u, "All"), w.listing(u, "Source"), "-A for {}", u.name);
+        assert_owned_by(&u.home.join("All"), u.uid);
+    }
+    assert_eq!(w.accepted_logins(), 0);
+}

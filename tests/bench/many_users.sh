@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# Many users, one host: `mailreplica -F USERS --parallel P sync remoteprefix:…` (one SSH
+# connection, one channel per user) against Dovecot's way, one `doveadm sync -u USER
+# remoteprefix:…` per user (one `ssh` per user, Dovecot's dsync_remote_cmd), P at a time with
+# `xargs -P`, into the same sshd and the same mailreplica-wrapper, on the same data.
+#
+#   sudo tests/bench/many_users.sh                         100 users, 20 mails each, P=4, 5 rounds
+#   sudo USERS=20 REPS=3 PARALLEL=2 tests/bench/many_users.sh
+#
+# Each user has two identical sources, ~/SrcD (Dovecot's sender) and ~/SrcM (ours), and the
+# wrapper writes Dovecot's replica to ~/ReplD and ours to ~/ReplM (two peers of its policy,
+# one SSH key each). Phases:
+#   initial    the first sync of every user into empty replicas, once per stack
+#   nochange   everything synced, nothing changed since (no -s state: `-s` is per user and
+#              doveadm refuses it with many users too), REPS rounds, the stacks alternating
+# Reported: median wall time of the whole run of each stack, the ratio ours/Dovecot's, and the
+# SSH logins sshd accepted per round (ours: 1; Dovecot's: one per user). After the no-change
+# rounds every user's replica is compared with its source, for both stacks.
+#
+# sshd runs every forced command through root's login shell, and bash run by sshd reads
+# ~/.bashrc: on a host whose root .bashrc does real work (this project's machine runs
+# `pyenv init`, ~80 ms per session), that cost lands on every session of both stacks. With
+# MASK_ROOT_BASHRC=1 (the default) the benchmark's sshd runs in a private mount namespace in
+# which /root/.bashrc is an empty file, as on a stock Debian root account; nothing outside
+# that namespace changes. MASK_ROOT_BASHRC=0 measures with the host's own.
+#
+# Needs root (throw-away users, removed at exit), doveadm and dovecot (a private Dovecot daemon
+# answers doveadm's user lookups), sshd, ssh, ssh-keygen, perl. Builds the workspace with
+# `cargo build --release --workspace` unless MAILREPLICA and WRAPPER are set. Everything lives in
+# a directory under /run (root-owned 0755 all the way up, as the wrapper demands); KEEP=1 keeps
+# it.
+set -euo pipefail
+
+USERS=${USERS:-100}
+MAILS=${MAILS:-20}
+PARALLEL=${PARALLEL:-4}
+REPS=${REPS:-5}
+MASK_ROOT_BASHRC=${MASK_ROOT_BASHRC:-1}
+cd "$(dirname "$0")/../.."
+die() { echo "many_users.sh: $*" >&2; exit 1; }
+[ "$(id -u)" = 0 ] || die "run as root: it creates throw-away users (sudo $0)"
+for t in doveadm /usr/sbin/dovecot /usr/sbin/sshd ssh ssh-keygen perl useradd userdel xargs; do
+  command -v "$t" >/dev/null || die "$t is missing"
+done
+if [ -z "${MAILREPLICA:-}" ] || [ -z "${WRAPPER:-}" ]; then
+  cargo build --release --workspace >&2
+  MAILREPLICA=$PWD/target/release/mailreplica
+  WRAPPER=$PWD/target/release/mailreplica-wrapper
+fi
+
+WORK=$(mktemp -d /run/mrmany.XXXXXX)
+chmod 755 "$WORK"
+PREFIX=mrm$$x
+names=()
+pids=()
+cleanup() {
+  local p u
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  for u in "${names[@]}"; do userdel "$u" 2>/dev/null || true; done
+  if [ -n "${KEEP:-}" ]; then
+    echo "kept $WORK" >&2
+  elif ! rm -rf "$WORK" || [ -e "$WORK" ]; then
+    # Once seen: a daemon's last writes racing the removal. One more try, then say so.
+    sleep 1
+    rm -rf "$WORK" || echo "many_users.sh: could not remove $WORK" >&2
+  fi
+}
+trap cleanup EXIT
+mkdir -p "$WORK/home" "$WORK/keys" "$WORK/locks" "$WORK/out" "$WORK/dovecot/state"
+chmod 755 "$WORK/home" "$WORK/dovecot" "$WORK/dovecot/state"
+chmod 700 "$WORK/keys" "$WORK/locks"
+
+# One Maildir, copied to every user's two sources.
+echo "creating $USERS users with $MAILS mails each..." >&2
+perl tests/bench/gen-maildir.pl "$WORK/template" "$MAILS" 4 1024 8192
+for i in $(seq 1 "$USERS"); do
+  u=$PREFIX$i
+  useradd --no-create-home --home-dir "$WORK/home/$u" --shell /usr/sbin/nologin --user-group "$u"
+  names+=("$u")
+  mkdir -m 700 "$WORK/home/$u"
+  cp -a "$WORK/template" "$WORK/home/$u/SrcD"
+  cp -a "$WORK/template" "$WORK/home/$u/SrcM"
+  chown -R "$u:$u" "$WORK/home/$u"
+done
+printf '%s\n' "${names[@]}" >"$WORK/users"
+quoted=$(printf '"%s", ' "${names[@]}")
+
+# The receiving side: sshd whose root keys force the wrapper, one peer per stack.
+ssh-keygen -q -t ed25519 -N '' -f "$WORK/keys/host"
+ssh-keygen -q -t ed25519 -N '' -f "$WORK/keys/ours"
+ssh-keygen -q -t ed25519 -N '' -f "$WORK/keys/dovecot"
+cat >"$WORK/wrapper.toml" <<EOF
+lock_dir = "$WORK/locks"
+[peer.ours]
+allow_users = [${quoted%, }]
+mail_location = "maildir:~/ReplM"
+[peer.dovecot]
+allow_users = [${quoted%, }]
+mail_location = "maildir:~/ReplD"
+EOF
+chmod 644 "$WORK/wrapper.toml"
+for peer in ours dovecot; do
+  echo "restrict,command=\"$WRAPPER --peer $peer --policy $WORK/wrapper.toml --auth-log $WORK/out/auth.log\" $(cat "$WORK/keys/$peer.pub")"
+done >"$WORK/keys/authorized_keys"
+chmod 600 "$WORK/keys/authorized_keys"
+mkdir -p /run/sshd
+for attempt in 1 2 3 4 5; do
+  PORT=$((20000 + RANDOM % 30000))
+  cat >"$WORK/sshd_config" <<EOF
+Port $PORT
+ListenAddress 127.0.0.1
+HostKey $WORK/keys/host
+PidFile none
+AuthorizedKeysFile $WORK/keys/authorized_keys
+StrictModes yes
+UsePAM no
+PermitRootLogin forced-commands-only
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+MaxStartups 100:30:200
+LogLevel VERBOSE
+EOF
+  : >"$WORK/out/sshd.log"
+  if [ "$MASK_ROOT_BASHRC" = 1 ] && [ -e /root/.bashrc ]; then
+    # exec keeps the pid: killing it at exit stops sshd.
+    unshare -m --propagation private sh -c \
+      'mount --bind /dev/null /root/.bashrc && exec /usr/sbin/sshd -D -e -f "$1"' sh "$WORK/sshd_config" \
+      </dev/null >>"$WORK/out/sshd.log" 2>&1 &
+  else
+    /usr/sbin/sshd -D -e -f "$WORK/sshd_config" </dev/null >>"$WORK/out/sshd.log" 2>&1 &
+  fi
+  sshd_pid=$!
+  for _ in $(seq 100); do
+    grep -q "Server listening on" "$WORK/out/sshd.log" && break
+    kill -0 "$sshd_pid" 2>/dev/null || break
+    sleep 0.05
+  done
+  if grep -q "Server listening on" "$WORK/out/sshd.log"; then pids+=("$sshd_pid"); break; fi
+  wait "$sshd_pid" 2>/dev/null || true
+  [ "$attempt" = 5 ] && die "sshd did not start: $(cat "$WORK/out/sshd.log")"
+done
+echo "[127.0.0.1]:$PORT $(cat "$WORK/keys/host.pub")" >"$WORK/keys/known_hosts"
+
+# The sending side. Dovecot: a private daemon for doveadm's `-u` lookups, and the remote
+# command of deploy/dovecot-sender.conf.example pointed at this sshd.
+cat >"$WORK/dovecot/dovecot.conf" <<EOF
+base_dir = $WORK/dovecot/run
+state_dir = $WORK/dovecot/state
+log_path = $WORK/dovecot/dovecot.log
+protocols =
+listen = 127.0.0.1
+ssl = no
+mail_location = maildir:~/SrcD
+first_valid_uid = 1000
+passdb {
+  driver = passwd
+}
+userdb {
+  driver = passwd
+}
+namespace inbox {
+  inbox = yes
+}
+service anvil {
+  chroot =
+}
+default_internal_user = dovecot
+default_login_user = dovenull
+dsync_remote_cmd = ssh -F /dev/null -p $PORT -o UserKnownHostsFile=$WORK/keys/known_hosts -i $WORK/keys/dovecot -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes -l%{login} %{host} doveadm dsync-server -u%u -U
+EOF
+/usr/sbin/dovecot -F -c "$WORK/dovecot/dovecot.conf" </dev/null >>"$WORK/dovecot/dovecot.log" 2>&1 &
+pids+=("$!")
+for _ in $(seq 400); do [ -S "$WORK/dovecot/run/auth-userdb" ] && break; sleep 0.05; done
+[ -S "$WORK/dovecot/run/auth-userdb" ] || die "dovecot did not start: $(cat "$WORK/dovecot/dovecot.log")"
+cat >"$WORK/mailreplica.toml" <<EOF
+mail_location = "maildir:~/SrcM"
+first_valid_uid = 1000
+ssh_key = "$WORK/keys/ours"
+ssh_known_hosts = "$WORK/keys/known_hosts"
+EOF
+
+clean_env=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin TZ=UTC LANG=C.UTF-8)
+run_dovecot() {
+  "${clean_env[@]}" xargs -P "$PARALLEL" -I{} doveadm -c "$WORK/dovecot/dovecot.conf" sync -u {} \
+    remoteprefix:root@127.0.0.1 <"$WORK/users"
+}
+run_ours() {
+  "${clean_env[@]}" "$MAILREPLICA" -c "$WORK/mailreplica.toml" -F "$WORK/users" --parallel "$PARALLEL" \
+    sync "remoteprefix:root@127.0.0.1:$PORT"
+}
+logins() { grep -c "Accepted publickey" "$WORK/out/sshd.log" || true; }
+declare -A walls logins_per
+timed() {
+  local key=$1 t0 t1 before rc=0
+  shift
+  before=$(logins)
+  t0=$(date +%s%N)
+  "$@" 2>>"$WORK/out/$key.err" || rc=$?
+  t1=$(date +%s%N)
+  [ "$rc" = 0 ] || die "$key failed (exit $rc): $(tail -20 "$WORK/out/$key.err")"
+  w=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
+  walls[$key]+="$w "
+  logins_per[$key]=$(($(logins) - before))
+  echo "$key: ${w}s, ${logins_per[$key]} SSH logins" >&2
+}
+
+timed initial-dovecot run_dovecot
+timed initial-ours run_ours
+for r in $(seq 1 "$REPS"); do
+  if [ $((r % 2)) = 1 ]; then
+    timed nochange-dovecot run_dovecot
+    timed nochange-ours run_ours
+  else
+    timed nochange-ours run_ours
+    timed nochange-dovecot run_dovecot
+  fi
+done
+
+# Every replica equals its source (mailbox, uid, guid, flags), for both stacks.
+listing() {
+  "${clean_env[@]}" "$MAILREPLICA" -c "$WORK/mailreplica.toml" -u "$1" -o "mail_location=maildir:~/$2" -f tab \
+    fetch 'mailbox uid guid flags' all | sed 's/ *\\Recent//' | sort
+}
+for u in "${names[@]}"; do
+  for pair in SrcD:ReplD SrcM:ReplM; do
+    a=$(listing "$u" "${pair%%:*}")
+    b=$(listing "$u" "${pair##*:}")
+    [ "$a" = "$b" ] || die "$u: ${pair##*:} differs from ${pair%%:*}"
+    [ "$(wc -l <<<"$a")" -gt "$MAILS" ] || die "$u: ${pair%%:*} has too few mails"
+  done
+done
+echo "all $USERS users: both replicas equal their sources" >&2
+
+median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+echo
+echo "$USERS users, $MAILS mails each, $PARALLEL at a time ($(nproc) CPUs, MASK_ROOT_BASHRC=$MASK_ROOT_BASHRC):"
+echo
+echo "| phase | Dovecot: doveadm sync per user, ssh per user | ours: mailreplica -F, one SSH connection | ratio (ours / Dovecot's) | SSH logins: Dovecot's / ours |"
+echo "|---|---:|---:|---:|---:|"
+for phase in initial nochange; do
+  d=$(median <<<"${walls[$phase-dovecot]}")
+  o=$(median <<<"${walls[$phase-ours]}")
+  awk -v p="$phase" -v d="$d" -v o="$o" -v ld="${logins_per[$phase-dovecot]}" -v lo="${logins_per[$phase-ours]}" \
+    'BEGIN { printf "| %s | %.3f s | %.3f s | %.2f | %d / %d |\n", p, d, o, o / d, ld, lo }'
+done
