@@ -9,6 +9,7 @@
 //! map of full strings.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 
 /// The keys of `by_hash` are SipHash outputs already: they are their own hash.
@@ -73,10 +74,13 @@ impl GuidIndex {
             return Some(old);
         }
         let h = self.hash(guid);
-        if self.by_hash.contains_key(&h) {
-            self.collided.insert(guid.into(), v);
-        } else {
-            self.by_hash.insert(h, v);
+        match self.by_hash.entry(h) {
+            Entry::Vacant(e) => {
+                e.insert(v);
+            }
+            Entry::Occupied(_) => {
+                self.collided.insert(guid.into(), v);
+            }
         }
         None
     }
