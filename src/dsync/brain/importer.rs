@@ -644,10 +644,6 @@ impl Importer {
         ));
     }
 
-    fn push_newmail(&mut self, idx: usize, remote_uid: u32) {
-        self.link_newmail(idx, remote_uid);
-    }
-
     /// `newmail_link`: groups instances by GUID (or by remote UID without GUIDs) and links a
     /// local instance with a remote one.
     fn link_newmail(&mut self, idx: usize, remote_uid: u32) {
@@ -709,7 +705,7 @@ impl Importer {
                 c.guid.as_str().cmp(sg).then(c.uid.get().cmp(&s.uid))
             }
         };
-        let (nm, remote_saved) = match diff {
+        let (idx, remote_saved) = match diff {
             Ordering::Less => {
                 let c = cur.expect("diff < 0 means a local mail");
                 if self.opts.revert_local_changes {
@@ -747,7 +743,6 @@ impl Importer {
                 (self.newmails.push(g, Some(s), [u, u, s.uid], true, true), true)
             }
         };
-        let idx = nm;
         let in_local = self.newmails[idx].uid_in_local;
         let remote_uid = self.newmails[idx].remote_uid;
         if in_local {
@@ -756,12 +751,9 @@ impl Importer {
         }
         if diff == Ordering::Equal {
             self.newmails[idx].link = Ix::to(idx);
-            self.push_newmail(idx, 0);
-        } else if in_local {
-            self.push_newmail(idx, 0);
-        } else {
-            self.push_newmail(idx, remote_uid);
         }
+        // Grouped by remote UID only when it is a remote save alone.
+        self.link_newmail(idx, if in_local { 0 } else { remote_uid });
         let _ = mb;
         remote_saved
     }
