@@ -18,7 +18,7 @@
 
 use std::io::Read;
 
-use super::exporter::{ExportOptions, Exporter, OutMail};
+use super::exporter::{ExportGuard, ExportOptions, Exporter};
 use super::ibc::{Ibc, Incoming, SyncKind};
 use super::importer::{ImportOptions, Importer, LastCommon, MailFilter, RemoteBox};
 use super::limits::{MAX_UID, MAX_UID_NEXT};
@@ -59,8 +59,8 @@ pub(super) struct BoxSync<M> {
     changes_received: usize,
     attributes_received: usize,
     unwanted_mails: usize,
-    /// Mails still to send, once the peer's requests are in.
-    outgoing: Option<std::vec::IntoIter<OutMail>>,
+    /// The peer's requests are in and the exporter is sending the mails.
+    sending: bool,
     /// The import found conflicts only a new copy can fix: the mailbox is deleted (INBOX
     /// emptied) once this handle is closed.
     delete_after: bool,
@@ -498,11 +498,11 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                         .importer
                         .as_mut()
                         .ok_or_else(|| BrainError::Protocol("mail changes sent to the backup source".into()))?;
-                    imp.import_change(&mut cur.mb, &c)?;
+                    imp.import_change(&mut ExportGuard::new(&mut cur.mb, cur.exporter.as_mut()), &c)?;
                 }
                 Incoming::EndOfList => {
                     if let Some(imp) = cur.importer.as_mut() {
-                        imp.changes_finish(&mut cur.mb)?;
+                        imp.changes_finish(&mut ExportGuard::new(&mut cur.mb, cur.exporter.as_mut()))?;
                     }
                     cur.recv_state = if self.settings.send_mail_requests && cur.exporter.is_some() {
                         BoxState::MailRequests
@@ -518,7 +518,7 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                         .exporter
                         .as_mut()
                         .ok_or_else(|| BrainError::Protocol("mail requests sent to the backup destination".into()))?;
-                    ex.want_mail(&r).map_err(|e| BrainError::Protocol(e.to_string()))?;
+                    ex.want_mail(&cur.mb, &r).map_err(|e| BrainError::Protocol(e.to_string()))?;
                 }
                 Incoming::EndOfList => {
                     cur.recv_state = if cur.importer.is_some() { BoxState::Mails } else { BoxState::RecvLastCommon };
@@ -532,10 +532,11 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                         .importer
                         .as_mut()
                         .ok_or_else(|| BrainError::Protocol("mails sent to the backup source".into()))?;
+                    let mut mb = ExportGuard::new(&mut cur.mb, cur.exporter.as_mut());
                     let wanted = if h.has_body {
-                        imp.import_mail(&mut cur.mb, &h, Some(self.ibc.body()))?
+                        imp.import_mail(&mut mb, &h, Some(self.ibc.body()))?
                     } else {
-                        imp.import_mail(&mut cur.mb, &h, None)?
+                        imp.import_mail(&mut mb, &h, None)?
                     };
                     if wanted {
                         self.stats.mails_received += 1;
@@ -670,7 +671,7 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
             BoxState::Changes => {
                 if let Some(ex) = cur.exporter.as_mut() {
                     while !self.ibc.send_queue_full() {
-                        match ex.next_change() {
+                        match ex.next_change(&mut cur.mb)? {
                             Some(c) => self.ibc.send_change(c)?,
                             None => break,
                         }
@@ -716,17 +717,19 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                     // The peer's requests first: then one pass sends them all.
                     return Ok(false);
                 }
-                if cur.outgoing.is_none() {
-                    let mails = match cur.exporter.as_ref() {
-                        Some(ex) => ex.mails_to_send(&mut cur.mb)?,
-                        None => Vec::new(),
-                    };
-                    cur.outgoing = Some(mails.into_iter());
+                if !cur.sending {
+                    if let Some(ex) = cur.exporter.as_mut() {
+                        ex.start_sending(&cur.mb);
+                    }
+                    cur.sending = true;
                 }
                 let mut progress = false;
                 while !self.ibc.send_queue_full() {
-                    let Some(m) = cur.outgoing.as_mut().and_then(Iterator::next) else {
-                        cur.outgoing = Some(Vec::new().into_iter());
+                    let next = match cur.exporter.as_mut() {
+                        Some(ex) => ex.next_mail(&mut cur.mb)?,
+                        None => None,
+                    };
+                    let Some(m) = next else {
                         self.ibc.send_end_of_list()?;
                         cur.send_state = BoxState::Done;
                         self.half_finished(cur)?;
@@ -900,7 +903,7 @@ impl<M> BoxSync<M> {
             changes_received: 0,
             attributes_received: 0,
             unwanted_mails: 0,
-            outgoing: None,
+            sending: false,
             delete_after: false,
             remote_hms: 0,
         }

@@ -7,11 +7,25 @@
 //! every mail up to `L` is sent as a flag change, which the other side always accepts. Changes
 //! go out sorted by UID. Afterwards the other side asks for the bodies it lacks (`R`), and we
 //! send one instance per GUID (`M`).
+//!
+//! Memory does not grow with the records of the mailbox: the exporter keeps the mailbox's UIDs
+//! as they were when the export began (4 bytes a mail) and reads each mail from the store when
+//! its turn comes. What it sends must still be the mailbox *as it was then*, as Dovecot's
+//! exporter (which searches every mail up front) sends it, even though our importer changes
+//! the same mailbox meanwhile: [`ExportGuard`] hands the importer the mailbox and lets the
+//! exporter copy a mail it has not sent yet just before the importer changes, moves or
+//! expunges it. Only those copies are held, so memory grows with the mails both sides touched
+//! during the sync, not with the mailbox.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
+use std::io::Read;
 
+use super::guid_index::{GuidIndex, GuidSource};
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
-use crate::store::{Change, MailRecord, Mailbox, StoreError, Uid, UnixTime};
+use crate::store::{
+    Change, FlagOp, Flags, Keyword, MailRecord, Mailbox, MailboxName, MailboxStatus, MailboxUpdate, Modseq,
+    SaveRequest, SavedMail, StoreError, StoreResult, Uid, UnixTime,
+};
 
 /// An `M` record to send: the header, and the UID of our mail whose body follows (`None`: all
 /// instances were expunged meanwhile, no body).
@@ -51,16 +65,70 @@ pub(crate) struct ExportOptions {
     pub(crate) virtual_sizes: bool,
 }
 
+/// A mail the importer was about to change before the exporter got to it, or a sent save
+/// that the importer then moved or expunged.
+#[derive(Debug)]
+enum Kept {
+    /// Not sent yet: the mail as it was, with what a save record may need.
+    Unsent { rec: MailRecord, received: UnixTime, vsize: u64, gone: bool },
+    /// Sent as a save and then moved or expunged: its GUID, which the peer may still ask for.
+    Sent { guid: Box<str> },
+}
+
+impl Kept {
+    fn guid(&self) -> &str {
+        match self {
+            Kept::Unsent { rec, .. } => rec.guid.as_str(),
+            Kept::Sent { guid } => guid,
+        }
+    }
+}
+
+/// The GUIDs of our sent saves, as the [`GuidIndex`] of them checks a match.
+struct SentGuids<'a, M> {
+    mb: &'a M,
+    kept: &'a HashMap<u32, Kept>,
+}
+
+impl<M: Mailbox> GuidSource for SentGuids<'_, M> {
+    fn guid_is(&self, v: u32, guid: &str) -> bool {
+        match self.kept.get(&v) {
+            Some(k) => k.guid() == guid,
+            None => Uid::new(v).and_then(|u| self.mb.mail(u)).is_some_and(|m| m.guid.as_str() == guid),
+        }
+    }
+}
+
 /// The exporter of one mailbox.
 pub(crate) struct Exporter {
-    changes: Vec<MailChange>,
-    idx: usize,
-    /// GUID → our UIDs holding it, and whether it was requested.
-    guids: HashMap<String, (Vec<u32>, bool)>,
-    /// Mails requested by UID (peers without GUIDs).
+    opts: ExportOptions,
+    last_common_uid: u32,
+    /// Our log has no record back to the last common modseq: every mail is a flag change.
+    return_all: bool,
+    /// Changes from our log since the last common modseq, by ascending UID.
+    log: Vec<MailChange>,
+    log_pos: usize,
+    /// Our UIDs when the export began, ascending, and how many of them were walked.
+    uids: Vec<u32>,
+    pos: usize,
+    /// The highest of those UIDs: any mail above it was saved during this sync.
+    snapshot_max: u32,
+    /// Copies taken for the importer's sake (see the module's comment).
+    kept: HashMap<u32, Kept>,
+    /// The change last returned by [`Exporter::next_change`].
+    current: MailChange,
+    exhausted: bool,
+    /// GUID → UID of the first save sent with it; only saves may be asked for by GUID.
+    sent: GuidIndex,
+    /// UIDs of the saves asked for by GUID (or all, with `auto_export`), the first instance
+    /// of each GUID.
+    requested: Vec<u32>,
+    /// Mails asked for by UID (peers without GUIDs).
     requested_uids: Vec<u32>,
-    /// Order in which GUIDs were first seen, for a deterministic send order.
-    guid_order: Vec<String>,
+    /// Requested saves whose sent UID is gone: where their GUID lives now.
+    relocated: HashMap<Box<str>, Uid>,
+    send_pos: usize,
+    send_uid_pos: usize,
 }
 
 impl Exporter {
@@ -71,14 +139,13 @@ impl Exporter {
         last_common_modseq: u64,
         opts: ExportOptions,
     ) -> Result<Self, StoreError> {
-        let auto_export = opts.auto_export;
         let highest_wanted = if last_common_uid == 0 { u32::MAX } else { last_common_uid };
         let (log, return_all) = match mb.changes_since(last_common_modseq) {
             Some(l) => (l, last_common_modseq == 0),
             None => (Vec::new(), true),
         };
         // Per UID: accumulated changes since Q, as in Dovecot's log scan.
-        let mut per_uid: BTreeMap<u32, MailChange> = BTreeMap::new();
+        let mut per_uid: std::collections::BTreeMap<u32, MailChange> = std::collections::BTreeMap::new();
         for c in &log {
             match c {
                 Change::Expunge { uid, guid, .. } => {
@@ -120,79 +187,191 @@ impl Exporter {
                 }
             }
         }
-        let mut ex = Self {
-            changes: Vec::new(),
-            idx: 0,
-            guids: HashMap::new(),
+        drop(log);
+        let uids: Vec<u32> = mb.uids().into_iter().map(Uid::get).collect();
+        let snapshot_max = uids.last().copied().unwrap_or(0);
+        Ok(Self {
+            opts,
+            last_common_uid,
+            return_all,
+            log: per_uid.into_values().collect(),
+            log_pos: 0,
+            uids,
+            snapshot_max,
+            pos: 0,
+            kept: HashMap::new(),
+            current: MailChange::new(ChangeType::Save, 0),
+            exhausted: false,
+            sent: GuidIndex::new(),
+            requested: Vec::new(),
             requested_uids: Vec::new(),
-            guid_order: Vec::new(),
-        };
-        let mails = mb.mails();
-        let present: std::collections::HashSet<u32> = mails.iter().map(|m| m.uid.get()).collect();
-        for m in &mails {
-            let uid = m.uid.get();
-            if uid <= last_common_uid {
-                match per_uid.get_mut(&uid) {
-                    Some(c) if c.kind == ChangeType::FlagChange => fill_flags(c, m),
-                    Some(_) => {}
-                    None if return_all => {
-                        let mut c = MailChange::new(ChangeType::FlagChange, uid);
-                        fill_flags(&mut c, m);
-                        per_uid.insert(uid, c);
-                    }
-                    None => {}
-                }
-            } else {
-                let c = per_uid.entry(uid).or_insert_with(|| MailChange::new(ChangeType::Save, uid));
-                c.kind = ChangeType::Save;
-                c.virtual_size = None;
-                fill_flags(c, m);
-                if opts.timestamps {
-                    // Never 0: the peer takes 0 for "not sent".
-                    c.received_timestamp = mb.received_date(m.uid)?.max(1);
-                }
-                if opts.virtual_sizes {
-                    c.virtual_size = Some(mb.virtual_size(m.uid)?);
-                }
-                let g = m.guid.as_str().to_owned();
-                let entry = ex.guids.entry(g.clone()).or_insert_with(|| {
-                    ex.guid_order.push(g);
-                    (Vec::new(), auto_export)
-                });
-                entry.0.push(uid);
-            }
-        }
-        // Flag changes for mails that are gone without an expunge record carry no GUID and
-        // would only confuse the other side: drop them, as Dovecot drops those above L.
-        per_uid.retain(|uid, c| c.kind != ChangeType::FlagChange || present.contains(uid));
-        ex.changes = per_uid.into_values().collect();
-        Ok(ex)
+            relocated: HashMap::new(),
+            send_pos: 0,
+            send_uid_pos: 0,
+        })
     }
 
     /// The next `C` record, in UID order.
-    pub(crate) fn next_change(&mut self) -> Option<&MailChange> {
-        let c = self.changes.get(self.idx);
-        if c.is_some() {
-            self.idx += 1;
+    pub(crate) fn next_change<M: Mailbox>(&mut self, mb: &mut M) -> Result<Option<&MailChange>, StoreError> {
+        while !self.exhausted {
+            let next_uid = self.uids.get(self.pos).copied();
+            let next_log = self.log.get(self.log_pos).map(|c| c.uid);
+            let (uid, logged) = match (next_uid, next_log) {
+                (None, None) => {
+                    self.exhausted = true;
+                    self.log = Vec::new();
+                    self.uids = Vec::new();
+                    self.pos = 0;
+                    break;
+                }
+                // A logged change for a mail that is no longer here: its expunge goes out;
+                // a flag change would carry no GUID and only confuse the other side.
+                (u, Some(l)) if u.is_none_or(|u| l < u) => {
+                    let c = std::mem::replace(&mut self.log[self.log_pos], MailChange::new(ChangeType::Save, 0));
+                    self.log_pos += 1;
+                    if c.kind == ChangeType::Expunge {
+                        self.current = c;
+                        return Ok(Some(&self.current));
+                    }
+                    continue;
+                }
+                (Some(u), l) => {
+                    self.pos += 1;
+                    let logged = if l == Some(u) {
+                        self.log_pos += 1;
+                        Some(std::mem::replace(&mut self.log[self.log_pos - 1], MailChange::new(ChangeType::Save, 0)))
+                    } else {
+                        None
+                    };
+                    (u, logged)
+                }
+                (None, Some(_)) => unreachable!("handled by the arm above"),
+            };
+            if let Some(c) = self.mail_change(mb, uid, logged)? {
+                self.current = c;
+                return Ok(Some(&self.current));
+            }
         }
-        c
+        Ok(None)
     }
 
-    /// True while [`Exporter::next_change`] has more to give.
+    /// The change for our mail `uid`, if it has one to send.
+    fn mail_change<M: Mailbox>(
+        &mut self,
+        mb: &mut M,
+        uid: u32,
+        logged: Option<MailChange>,
+    ) -> Result<Option<MailChange>, StoreError> {
+        let is_save = uid > self.last_common_uid;
+        if !is_save && logged.is_none() && !self.return_all {
+            self.kept.remove(&uid);
+            return Ok(None);
+        }
+        if let Some(c) = logged.as_ref().filter(|c| !is_save && c.kind != ChangeType::FlagChange) {
+            self.kept.remove(&uid);
+            return Ok(Some(c.clone()));
+        }
+        // The mail as it was when the export began.
+        let kept = self.kept.remove(&uid);
+        let (rec, received, vsize) = match kept {
+            Some(Kept::Unsent { rec, received, vsize, gone }) => {
+                if gone && is_save {
+                    // The peer may still ask for it by GUID.
+                    self.kept.insert(uid, Kept::Sent { guid: rec.guid.as_str().into() });
+                }
+                (rec, Some(received), Some(vsize))
+            }
+            Some(sent @ Kept::Sent { .. }) => {
+                self.kept.insert(uid, sent);
+                return Ok(None);
+            }
+            None => match Uid::new(uid).and_then(|u| mb.mail(u)) {
+                Some(rec) => (rec, None, None),
+                None => {
+                    // Gone without the importer's knowledge (never by our own hand).
+                    tracing::debug!(uid, "mail vanished before it was exported");
+                    return Ok(None);
+                }
+            },
+        };
+        let mut c = logged
+            .unwrap_or_else(|| MailChange::new(if is_save { ChangeType::Save } else { ChangeType::FlagChange }, uid));
+        fill_flags(&mut c, &rec);
+        if is_save {
+            c.kind = ChangeType::Save;
+            c.virtual_size = None;
+            if self.opts.timestamps {
+                // Never 0: the peer takes 0 for "not sent".
+                c.received_timestamp = match received {
+                    Some(r) => r,
+                    None => mb.received_date(rec.uid)?,
+                }
+                .max(1);
+            }
+            if self.opts.virtual_sizes {
+                c.virtual_size = Some(match vsize {
+                    Some(v) => v,
+                    None => mb.virtual_size(rec.uid)?,
+                });
+            }
+            let src = SentGuids { mb: &*mb, kept: &self.kept };
+            if self.sent.insert(rec.guid.as_str(), uid, &src).is_none() && self.opts.auto_export {
+                self.requested.push(uid);
+            }
+        }
+        Ok(Some(c))
+    }
+
+    /// True while [`Exporter::next_change`] may have more to give.
     pub(crate) fn has_more_changes(&self) -> bool {
-        self.idx < self.changes.len()
+        !self.exhausted
+    }
+
+    /// Called by [`ExportGuard`] before the importer changes (`gone`: moves or expunges) our
+    /// mail `uid`.
+    fn before_change<M: Mailbox>(&mut self, mb: &mut M, uid: Uid, gone: bool) -> StoreResult<()> {
+        let u = uid.get();
+        if u > self.snapshot_max {
+            return Ok(()); // saved during this sync: never exported
+        }
+        if let Some(k) = self.kept.get_mut(&u) {
+            if let Kept::Unsent { gone: g, .. } = k {
+                *g |= gone;
+            }
+            return Ok(());
+        }
+        // UIDs are never reused, so a mail at or below the highest UID of the export's
+        // start was there then; the walk goes by ascending UID.
+        let unsent = self.uids.get(self.pos).is_some_and(|&next| u >= next);
+        if unsent {
+            let Some(rec) = mb.mail(uid) else { return Ok(()) };
+            let received = if self.opts.timestamps { mb.received_date(uid)? } else { 0 };
+            let vsize = if self.opts.virtual_sizes { mb.virtual_size(uid)? } else { 0 };
+            self.kept.insert(u, Kept::Unsent { rec, received, vsize, gone });
+        } else if gone && u > self.last_common_uid {
+            // Sent as a save: only its GUID is needed, if the peer asks for it.
+            if let Some(rec) = mb.mail(uid) {
+                self.kept.insert(u, Kept::Sent { guid: rec.guid.as_str().into() });
+            }
+        }
+        Ok(())
     }
 
     /// Notes an `R` record from the other side.
-    pub(crate) fn want_mail(&mut self, req: &MailRequest) -> Result<(), StoreError> {
+    pub(crate) fn want_mail<M: Mailbox>(&mut self, mb: &M, req: &MailRequest) -> Result<(), StoreError> {
         match req.guid.as_deref().filter(|g| !g.is_empty()) {
-            Some(g) => match self.guids.get_mut(g) {
-                Some(e) => {
-                    e.1 = true;
-                    Ok(())
+            Some(g) => {
+                let src = SentGuids { mb, kept: &self.kept };
+                match self.sent.get(g, &src) {
+                    Some(uid) => {
+                        if !self.opts.auto_export {
+                            self.requested.push(uid);
+                        }
+                        Ok(())
+                    }
+                    None => Err(StoreError::NotPossible(format!("remote requested unexpected GUID {g}"))),
                 }
-                None => Err(StoreError::NotPossible(format!("remote requested unexpected GUID {g}"))),
-            },
+            }
             None => {
                 self.requested_uids.push(req.uid);
                 Ok(())
@@ -200,47 +379,61 @@ impl Exporter {
         }
     }
 
-    /// The `M` records to send: one per requested GUID (the first instance still present) and
-    /// one per requested UID.
-    pub(crate) fn mails_to_send<M: Mailbox>(&self, mb: &mut M) -> Result<Vec<OutMail>, StoreError> {
-        let mut out = Vec::new();
-        // Our own importer may have moved a requested mail to a new UID meanwhile (a UID
-        // conflict): then the mail is found by its GUID. Built only when needed.
-        let mut by_guid: Option<HashMap<String, Uid>> = None;
-        for g in &self.guid_order {
-            let Some((uids, requested)) = self.guids.get(g) else { continue };
-            if !requested {
-                continue;
+    /// Readies the `M` records: one per requested GUID, in the order of our UIDs, then one
+    /// per requested UID. Requested mails that our importer moved meanwhile (a UID conflict)
+    /// are found again by GUID, in one pass over the mailbox.
+    pub(crate) fn start_sending<M: Mailbox>(&mut self, mb: &M) {
+        self.requested.sort_unstable();
+        self.requested.dedup();
+        let mut lost: HashMap<Box<str>, Option<Uid>> = HashMap::new();
+        for &u in &self.requested {
+            if let Some(Kept::Sent { guid }) = self.kept.get(&u) {
+                lost.insert(guid.clone(), None);
             }
-            let mut found = uids
-                .iter()
-                .filter_map(|&u| Uid::new(u))
-                .find(|&uid| mb.mail(uid).is_some_and(|m| m.guid.as_str() == g));
-            if found.is_none() {
-                let map = by_guid.get_or_insert_with(|| {
-                    let mut map = HashMap::new();
-                    for m in mb.mails() {
-                        map.entry(m.guid.as_str().to_owned()).or_insert(m.uid);
-                    }
-                    map
-                });
-                found = map.get(g).copied();
-            }
-            match found {
-                Some(uid) => out.push(OutMail::with_body(g.clone(), 0, uid, mb.received_date(uid)?)),
-                None => {
-                    out.push(OutMail { header: MailHeader { guid: g.clone(), ..Default::default() }, body_uid: None })
+        }
+        if !lost.is_empty() {
+            for uid in mb.uids() {
+                if let Some(m) = mb.mail(uid)
+                    && let Some(slot) = lost.get_mut(m.guid.as_str())
+                    && slot.is_none()
+                {
+                    *slot = Some(uid);
                 }
             }
         }
-        for &u in &self.requested_uids {
+        self.relocated = lost.into_iter().filter_map(|(g, u)| Some((g, u?))).collect();
+    }
+
+    /// The next `M` record to send, after [`Exporter::start_sending`].
+    pub(crate) fn next_mail<M: Mailbox>(&mut self, mb: &mut M) -> Result<Option<OutMail>, StoreError> {
+        while let Some(&u) = self.requested.get(self.send_pos) {
+            self.send_pos += 1;
+            let (guid, body) = match self.kept.get(&u) {
+                Some(Kept::Sent { guid }) => (guid.to_string(), self.relocated.get(guid).copied()),
+                // Not sent: cannot have been asked for.
+                Some(Kept::Unsent { .. }) => continue,
+                None => match Uid::new(u).and_then(|uid| mb.mail(uid)) {
+                    Some(m) => (m.guid.as_str().to_owned(), Some(m.uid)),
+                    None => {
+                        tracing::debug!(uid = u, "requested mail vanished");
+                        continue;
+                    }
+                },
+            };
+            return Ok(Some(match body {
+                Some(uid) => OutMail::with_body(guid, 0, uid, mb.received_date(uid)?),
+                None => OutMail { header: MailHeader { guid, ..Default::default() }, body_uid: None },
+            }));
+        }
+        while let Some(&u) = self.requested_uids.get(self.send_uid_pos) {
+            self.send_uid_pos += 1;
             let Some(uid) = Uid::new(u) else { continue };
             if mb.mail(uid).is_none() {
                 continue;
             }
-            out.push(OutMail::with_body(String::new(), u, uid, mb.received_date(uid)?));
+            return Ok(Some(OutMail::with_body(String::new(), u, uid, mb.received_date(uid)?)));
         }
-        Ok(out)
+        Ok(None)
     }
 }
 
@@ -264,11 +457,134 @@ fn fill_flags(c: &mut MailChange, m: &MailRecord) {
     }
 }
 
+/// Our mailbox as the importer sees it while the exporter may still be walking it: before a
+/// mail is changed, moved or expunged, the exporter keeps what it still needs of it. Reads go
+/// straight through.
+pub(crate) struct ExportGuard<'a, M> {
+    mb: &'a mut M,
+    ex: Option<&'a mut Exporter>,
+}
+
+impl<'a, M: Mailbox> ExportGuard<'a, M> {
+    pub(crate) fn new(mb: &'a mut M, ex: Option<&'a mut Exporter>) -> Self {
+        Self { mb, ex }
+    }
+
+    fn before(&mut self, uid: Uid, gone: bool) -> StoreResult<()> {
+        match self.ex.as_deref_mut() {
+            Some(ex) => ex.before_change(self.mb, uid, gone),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<M: Mailbox> Mailbox for ExportGuard<'_, M> {
+    fn name(&self) -> &MailboxName {
+        self.mb.name()
+    }
+
+    fn status(&self) -> MailboxStatus {
+        self.mb.status()
+    }
+
+    fn mails(&self) -> Vec<MailRecord> {
+        self.mb.mails()
+    }
+
+    fn uids(&self) -> Vec<Uid> {
+        self.mb.uids()
+    }
+
+    fn mail(&self, uid: Uid) -> Option<MailRecord> {
+        self.mb.mail(uid)
+    }
+
+    fn changes_since(&self, since: Modseq) -> Option<Vec<Change>> {
+        self.mb.changes_since(since)
+    }
+
+    fn open_body(&mut self, uid: Uid) -> StoreResult<Box<dyn Read + Send>> {
+        self.mb.open_body(uid)
+    }
+
+    fn received_date(&mut self, uid: Uid) -> StoreResult<UnixTime> {
+        self.mb.received_date(uid)
+    }
+
+    fn saved_date(&mut self, uid: Uid) -> StoreResult<UnixTime> {
+        self.mb.saved_date(uid)
+    }
+
+    fn physical_size(&mut self, uid: Uid) -> StoreResult<u64> {
+        self.mb.physical_size(uid)
+    }
+
+    fn virtual_size(&mut self, uid: Uid) -> StoreResult<u64> {
+        self.mb.virtual_size(uid)
+    }
+
+    fn save(&mut self, request: SaveRequest, body: &mut dyn Read) -> StoreResult<()> {
+        self.mb.save(request, body)
+    }
+
+    fn commit(&mut self) -> StoreResult<Vec<SavedMail>> {
+        self.mb.commit()
+    }
+
+    fn save_copy_of_last(&mut self, request: SaveRequest) -> StoreResult<()> {
+        self.mb.save_copy_of_last(request)
+    }
+
+    fn change_flags(
+        &mut self,
+        uid: Uid,
+        op: FlagOp,
+        flags: Flags,
+        keywords: &[Keyword],
+        min_modseq: Modseq,
+    ) -> StoreResult<()> {
+        self.before(uid, false)?;
+        self.mb.change_flags(uid, op, flags, keywords, min_modseq)
+    }
+
+    fn expunge(&mut self, uids: &[Uid]) -> StoreResult<()> {
+        for &uid in uids {
+            self.before(uid, true)?;
+        }
+        self.mb.expunge(uids)
+    }
+
+    fn stage_move(&mut self, from: Uid, to: Uid) -> StoreResult<()> {
+        self.before(from, true)?;
+        self.mb.stage_move(from, to)
+    }
+
+    fn update(&mut self, update: &MailboxUpdate) -> StoreResult<()> {
+        self.mb.update(update)
+    }
+
+    fn refresh(&mut self) -> StoreResult<()> {
+        self.mb.refresh()
+    }
+
+    fn begin_import(&mut self, one_modseq: Option<Modseq>) {
+        self.mb.begin_import(one_modseq)
+    }
+
+    fn sync_point(&mut self) -> StoreResult<()> {
+        self.mb.sync_point()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
-    use crate::store::{FlagOp, Flags, Keyword, MailStore, MailboxName, SaveRequest};
+    use crate::store::{MailStore, MailboxName};
+
+    fn changes<M: Mailbox>(ex: &mut Exporter, mb: &mut M) -> Vec<MailChange> {
+        std::iter::from_fn(|| ex.next_change(mb).unwrap().cloned()).collect()
+    }
 
     #[test]
     fn full_then_incremental_export() {
@@ -279,17 +595,64 @@ mod tests {
         }
         mb.commit().unwrap();
         let mut ex = Exporter::new(&mut mb, 0, 0, ExportOptions::default()).unwrap();
-        let kinds: Vec<_> = std::iter::from_fn(|| ex.next_change().map(|c| (c.kind, c.uid))).collect();
+        let kinds: Vec<_> = changes(&mut ex, &mut mb).iter().map(|c| (c.kind, c.uid)).collect();
         assert_eq!(kinds, vec![(ChangeType::Save, 1), (ChangeType::Save, 2), (ChangeType::Save, 3)]);
         let hms = mb.status().highest_modseq;
         mb.change_flags(Uid::new(2).unwrap(), FlagOp::Add, Flags::SEEN, &[Keyword::new("k").unwrap()], 0).unwrap();
         mb.expunge(&[Uid::new(3).unwrap()]).unwrap();
         let mut ex = Exporter::new(&mut mb, 3, hms, ExportOptions::default()).unwrap();
-        let c = ex.next_change().unwrap().clone();
+        let got = changes(&mut ex, &mut mb);
+        assert_eq!(got.len(), 2);
+        let c = &got[0];
         assert_eq!((c.kind, c.uid, c.add_flags), (ChangeType::FlagChange, 2, Flags::SEEN.bits()));
         assert_eq!(c.keyword_changes, vec![(KwOp::AddAndFinal, "k".to_owned())]);
-        let c = ex.next_change().unwrap().clone();
-        assert_eq!((c.kind, c.uid), (ChangeType::Expunge, 3));
-        assert!(ex.next_change().is_none());
+        assert_eq!((got[1].kind, got[1].uid), (ChangeType::Expunge, 3));
+        assert!(!ex.has_more_changes());
+    }
+
+    /// What the importer does to a mail before the exporter reaches it does not show in what
+    /// is exported; a sent save the importer moves away is still found when asked for.
+    #[test]
+    fn exports_the_mailbox_as_it_was() {
+        let mut s = MemoryStore::new();
+        let mut mb = s.open(&MailboxName::inbox()).unwrap();
+        for _ in 0..4 {
+            mb.save(SaveRequest::default(), &mut &b"x\n"[..]).unwrap();
+        }
+        mb.commit().unwrap();
+        let guid = |mb: &<MemoryStore as MailStore>::Mailbox, u: u32| mb.mail(Uid::new(u).unwrap()).unwrap().guid;
+        let g1 = guid(&mb, 1).as_str().to_owned();
+        let g4 = guid(&mb, 4).as_str().to_owned();
+        let mut ex = Exporter::new(&mut mb, 0, 0, ExportOptions::default()).unwrap();
+        let first = ex.next_change(&mut mb).unwrap().cloned().unwrap();
+        assert_eq!(first.uid, 1);
+        {
+            let mut g = ExportGuard::new(&mut mb, Some(&mut ex));
+            // Not exported yet: flagged, then expunged.
+            g.change_flags(Uid::new(2).unwrap(), FlagOp::Add, Flags::FLAGGED, &[], 0).unwrap();
+            g.expunge(&[Uid::new(3).unwrap()]).unwrap();
+            // Exported already: moved to a new UID.
+            g.stage_move(Uid::new(1).unwrap(), Uid::new(10).unwrap()).unwrap();
+            g.commit().unwrap();
+            // Not exported yet: moved as well.
+            g.stage_move(Uid::new(4).unwrap(), Uid::new(20).unwrap()).unwrap();
+            g.commit().unwrap();
+        }
+        let rest = changes(&mut ex, &mut mb);
+        let got: Vec<_> = rest.iter().map(|c| (c.uid, c.final_flags, c.guid.clone().unwrap())).collect();
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!((got[0].0, got[0].1 & Flags::FLAGGED.bits()), (2, 0), "flags as they were");
+        assert_eq!(got[1].0, 3, "an expunged mail still goes out as it was");
+        assert_eq!((got[2].0, got[2].2.as_str()), (4, g4.as_str()));
+        for g in [&g1, &g4] {
+            ex.want_mail(&mb, &MailRequest { guid: Some(g.clone()), uid: 0 }).unwrap();
+        }
+        assert!(ex.want_mail(&mb, &MailRequest { guid: Some("nope".into()), uid: 0 }).is_err());
+        ex.start_sending(&mb);
+        let mut sent = Vec::new();
+        while let Some(m) = ex.next_mail(&mut mb).unwrap() {
+            sent.push((m.header.guid.clone(), m.body_uid.map(Uid::get)));
+        }
+        assert_eq!(sent, vec![(g1, Some(10)), (g4, Some(20))], "found at their new UIDs");
     }
 }
