@@ -74,6 +74,21 @@ pub(crate) fn replace_file(tmp: &Path, dest: &Path, data: &[u8], mode: u32) -> S
     fs::rename(tmp, dest).ctx("rename", dest)
 }
 
+/// [`replace_file`] for contents written piece by piece by `fill` (which gets the open file),
+/// so that a large file is never held in memory whole.
+pub(crate) fn replace_file_with(
+    tmp: &Path,
+    dest: &Path,
+    mode: u32,
+    fill: impl FnOnce(&mut fs::File) -> io::Result<()>,
+) -> StoreResult<()> {
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(tmp).ctx("open", tmp)?;
+    fill(&mut f).ctx("write", tmp)?;
+    f.sync_data().ctx("fdatasync", tmp)?;
+    drop(f);
+    fs::rename(tmp, dest).ctx("rename", dest)
+}
+
 /// Reads a whole file, `None` if it does not exist.
 pub(crate) fn read_optional(path: &Path) -> StoreResult<Option<Vec<u8>>> {
     match fs::read(path) {

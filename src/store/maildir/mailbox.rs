@@ -432,21 +432,36 @@ impl MaildirMailbox {
             Some(m) => m,
             None => {
                 // Files without UIDs, no uidlist, a damaged one, or no mailbox GUID: fixed
-                // under the lock, from a fresh look.
+                // under the lock, from a fresh look (the first one's names dropped first: at
+                // 200,000 mails each look holds 14 MiB of them).
+                scan.files = Vec::new();
                 let lock = Dotlock::acquire(&self.dir.join(uidlist::NAME), &self.ctx.hostname, self.ctx.lock_wait)?;
                 stamps.new = Stamp::read(&self.dir.join("new"))?;
                 stamps.cur = Stamp::read(&self.dir.join("cur"))?;
-                let read;
-                (read, scan) = read_uidlist_and_dirs(&self.dir)?;
-                let by_base = scan.by_base();
-                let mut l = self.fix_uidlist(read, &by_base, old.as_ref())?;
-                stamps.uidlist = l.stamp;
-                lock.release()?;
-                let found = std::mem::take(&mut l.records)
-                    .into_iter()
-                    .filter_map(|r| Some((r.uid, *by_base.get(r.base.as_str())?, r.guid.map(String::into_boxed_str))))
-                    .collect();
-                (l.header_only(), found)
+                scan = DirScan::read(&self.dir)?;
+                match self.append_unlisted(&scan)? {
+                    Some((l, found)) => {
+                        stamps.uidlist = l.stamp;
+                        lock.release()?;
+                        (l, found)
+                    }
+                    None => {
+                        scan.files = Vec::new();
+                        let read;
+                        (read, scan) = read_uidlist_and_dirs(&self.dir)?;
+                        let by_base = scan.by_base();
+                        let mut l = self.fix_uidlist(read, &by_base, old.as_ref())?;
+                        stamps.uidlist = l.stamp;
+                        lock.release()?;
+                        let found = std::mem::take(&mut l.records)
+                            .into_iter()
+                            .filter_map(|r| {
+                                Some((r.uid, *by_base.get(r.base.as_str())?, r.guid.map(String::into_boxed_str)))
+                            })
+                            .collect();
+                        (l.header_only(), found)
+                    }
+                }
             }
         };
         self.uidlist_cache = Some(list.header_only());
@@ -565,6 +580,39 @@ impl MaildirMailbox {
 
     /// Under the uidlist lock: creates a missing uidlist, repairs a damaged one, adds a missing
     /// mailbox GUID, and gives UIDs to files that have none, in Dovecot's order.
+    /// Under the uidlist lock, the common case of an incomplete uidlist: it is good and lacks
+    /// only files delivered since (Dovecot's LDA, a hand copy). They get UIDs appended, as
+    /// Dovecot gives them, without reading every record's name into memory the way a repair
+    /// must. `None` when the uidlist needs more than that ([`MaildirMailbox::fix_uidlist`]).
+    fn append_unlisted(&self, scan: &DirScan) -> StoreResult<Option<(Uidlist, Vec<uidlist::Found>)>> {
+        let by_base = scan.by_base();
+        let (mut list, mut found) = match Uidlist::read_matched(&self.dir, &by_base) {
+            Ok(Some((l, found))) if l.guid.is_some() && l.version == 3 => (l, found),
+            Ok(_) | Err(StoreError::Corrupt { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut listed = vec![false; scan.files.len()];
+        for f in &found {
+            listed[f.1 as usize] = true;
+        }
+        let mut missing: Vec<(&str, u32)> =
+            by_base.iter().filter(|&(_, &i)| !listed[i as usize]).map(|(&b, &i)| (b, i)).collect();
+        missing.sort_by(|a, b| filename::sort_cmp(a.0, b.0));
+        let first = list.next_uid();
+        let room = (u64::from(MAX_UID) + 1).saturating_sub(u64::from(first));
+        if missing.len() as u64 > room {
+            // Said (and handled) by the repair.
+            return Ok(None);
+        }
+        let new: Vec<Record> = (first..=MAX_UID)
+            .zip(&missing)
+            .map(|(uid, &(base, _))| Record { uid, base: base.to_owned(), guid: None, other_exts: String::new() })
+            .collect();
+        found.extend(new.iter().zip(&missing).map(|(r, &(_, i))| (r.uid, i, None)));
+        list.append(&self.dir, new)?;
+        Ok(Some((list, found)))
+    }
+
     fn fix_uidlist(&self, read: ListRead, files: &FastMap<&str, u32>, old: Option<&Index>) -> StoreResult<Uidlist> {
         let path = self.dir.join(uidlist::NAME);
         let mut salvage = None;
@@ -1070,6 +1118,11 @@ impl MaildirMailbox {
         let per_mail = self.importing && self.import_modseq.is_none();
         let mut lines = String::new();
         let mut saved: Vec<Option<SavedMail>> = vec![None; pending.len()];
+        // Grown by an eighth rather than doubled: the list of a large mailbox is the largest
+        // thing a sync holds, and doubling it for a few new mails would double the peak.
+        if self.mails.capacity() - self.mails.len() < placed.len() {
+            self.mails.reserve_exact(placed.len().max(self.mails.len() / 8));
+        }
         let sorted = match (self.mails.last(), placed.first()) {
             (Some(last), Some((_, first))) => last.uid < first.uid,
             _ => true,
@@ -1260,6 +1313,30 @@ fn nudge_dovecot(dir: &Path) {
         if let Err(e) = File::open(&d).and_then(|f| f.set_modified(SystemTime::now())) {
             tracing::warn!("touching {}: {e}", d.display());
         }
+    }
+}
+
+/// After a UIDVALIDITY change: removes Dovecot's index of the mailbox (when it is kept in the
+/// mailbox's directory, Dovecot's default), which describes UIDs that no longer mean anything.
+/// Dovecot rebuilds it from the Maildir at its next look, as it does after changing the
+/// UIDVALIDITY itself; left in place, it makes Dovecot warn "UIDVALIDITY changed" and reset
+/// it then. Only Dovecot's index files are removed: flags and keywords live in the file names
+/// and `dovecot-keywords`, UIDs in the uidlist.
+fn forget_dovecot_index(dir: &Path, old: u32, new: u32) {
+    let mut removed = 0;
+    for name in ["dovecot.index", "dovecot.index.log", "dovecot.index.log.2", "dovecot.index.cache"] {
+        let p = dir.join(name);
+        match fs::remove_file(&p) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("removing {}: {e}", p.display()),
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            mailbox = %dir.display(),
+            "UIDVALIDITY changed from {old} to {new}: Dovecot's index of the mailbox removed (Dovecot rebuilds it)"
+        );
     }
 }
 
@@ -1744,9 +1821,13 @@ impl Mailbox for MaildirMailbox {
             list.rewrite(&self.dir, |_| true)?;
             lock.release()?;
             self.uidlist_cache = Some(list.header_only());
+            let old_validity = self.uid_validity;
             self.uid_validity = list.uid_validity;
             self.guid = list.guid.unwrap_or_default();
             self.next_uid = list.next_uid();
+            if old_validity != self.uid_validity {
+                forget_dovecot_index(&self.dir, old_validity, self.uid_validity);
+            }
         }
         let h = &mut self.header;
         h.uid_validity = self.uid_validity;
