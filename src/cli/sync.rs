@@ -58,8 +58,8 @@ pub(crate) struct SyncArgs {
     /// Only mails received until this time (UNIX time).
     #[arg(short = 'e', value_name = "TIME")]
     pub(crate) until: Option<i64>,
-    /// Only mails up to this size in bytes.
-    #[arg(short = 'I', value_name = "SIZE")]
+    /// Only mails up to this size: bytes, or with a unit as doveadm takes it (`2k`, `10M`, `1G`).
+    #[arg(short = 'I', value_name = "SIZE", value_parser = parse_size)]
     pub(crate) max_size: Option<u64>,
     /// Only mails with this flag or keyword (`-FLAG`: without it).
     #[arg(short = 'O', value_name = "FLAG", allow_hyphen_values = true)]
@@ -388,5 +388,41 @@ fn command(s: &Session, words: &[String], opts: &MasterOptions, timeout: Duratio
             Err(Failure::new(exit::TEMPFAIL, e))
         }
         (Err(e), _) => Err(failure(e)),
+    }
+}
+
+/// A size as doveadm's `-I` takes it: a number with an optional unit `B`, `k`, `M`, `G` or `T`
+/// (powers of 1024; any case, `kB`/`KiB` spellings too).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| format!("{text:?} is not a size (e.g. 2048, 2k, 10M)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown size unit {other:?} (B, k, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("{text:?} is too large"))
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_as_doveadm_takes_them() {
+        assert_eq!(parse_size("2048"), Ok(2048));
+        assert_eq!(parse_size("2k"), Ok(2048));
+        assert_eq!(parse_size("2 KB"), Ok(2048));
+        assert_eq!(parse_size("10M"), Ok(10 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("k").is_err());
+        assert!(parse_size("2x").is_err());
+        assert!(parse_size("99999999999T").is_err());
     }
 }

@@ -490,6 +490,10 @@ impl TestUser {
         Self::base_env(&mut c);
         c.env("HOME", "/root").env("USER", "root").current_dir(self.tmp.path());
         c.arg("-c").arg(&self.our_conf).arg("-u").arg(&self.name).args(args);
+        // For debugging a test: MAILREPLICA_LOG=debug shows our log in its output.
+        if let Some(v) = std::env::var_os("MAILREPLICA_LOG") {
+            c.env("MAILREPLICA_LOG", v);
+        }
         c
     }
 
