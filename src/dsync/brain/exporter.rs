@@ -78,8 +78,8 @@ enum Kept {
 impl Kept {
     fn guid(&self) -> &str {
         match self {
-            Kept::Unsent { rec, .. } => rec.guid.as_str(),
-            Kept::Sent { guid } => guid,
+            Self::Unsent { rec, .. } => rec.guid.as_str(),
+            Self::Sent { guid } => guid,
         }
     }
 }
