@@ -90,6 +90,17 @@ impl MasterOptions {
                 Ok(states) => {
                     cfg.sync_kind = SyncKind::State;
                     cfg.states = states.iter().map(convert::state_from_wire).collect();
+                    for st in &cfg.states {
+                        tracing::debug!(
+                            "imported mailbox {} state: uidvalidity={} uid={} modseq={} messages={} changes_during_sync={}",
+                            st.guid,
+                            st.last_uidvalidity,
+                            st.last_common_uid,
+                            st.last_common_modseq,
+                            st.last_messages_count,
+                            u8::from(st.changes_during_sync)
+                        );
+                    }
                 }
                 Err(e) => {
                     tracing::error!("saved sync state is invalid, falling back to full sync: {e}");
@@ -165,6 +176,11 @@ where
 {
     let mut ibc = super::server::start_wire(input, output, timeout)?;
     let result = run(store, &mut ibc, Role::Master(Box::new(opts.config())), Limits::default());
+    if result.is_err() {
+        // Giving up mid-session: say so before closing, as Dovecot's master does, so that the
+        // slave ends quietly instead of logging a broken stream ("read(...) failed: EOF").
+        let _ = super::brain::ibc::Ibc::send_done(&mut ibc);
+    }
     // The master says nothing after its last `.`: closing our side is the end.
     let _ = ibc.finish();
     result.map(report).map_err(|e| SessionError::new(&e))
