@@ -220,13 +220,15 @@ done
 # Every replica equals its source (mailbox, uid, guid, flags), for both stacks.
 listing() {
   "${clean_env[@]}" "$MAILREPLICA" -c "$WORK/mailreplica.toml" -u "$1" -o "mail_location=maildir:~/$2" -f tab \
-    fetch 'mailbox uid guid flags' all | sed 's/ *\\Recent//' | sort
+    fetch 'mailbox uid guid flags' all | sed 's/ *\\Recent//' |
+    # Keywords are a set: their order follows each Maildir's own dovecot-keywords letters.
+    perl -F'\t' -lane 'if (@F > 3) { $F[3] = join " ", sort split / /, $F[3] } print join "\t", @F' | sort
 }
 for u in "${names[@]}"; do
   for pair in SrcD:ReplD SrcM:ReplM; do
     a=$(listing "$u" "${pair%%:*}")
     b=$(listing "$u" "${pair##*:}")
-    [ "$a" = "$b" ] || die "$u: ${pair##*:} differs from ${pair%%:*}"
+    [ "$a" = "$b" ] || { diff <(echo "$a") <(echo "$b") | head -20 >&2; die "$u: ${pair##*:} differs from ${pair%%:*}"; }
     [ "$(wc -l <<<"$a")" -gt "$MAILS" ] || die "$u: ${pair%%:*} has too few mails"
   done
 done
