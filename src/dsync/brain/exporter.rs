@@ -215,37 +215,33 @@ impl Exporter {
     pub(crate) fn next_change<M: Mailbox>(&mut self, mb: &mut M) -> Result<Option<&MailChange>, StoreError> {
         while !self.exhausted {
             let next_uid = self.uids.get(self.pos).copied();
-            let next_log = self.log.get(self.log_pos).map(|c| c.uid);
-            let (uid, logged) = match (next_uid, next_log) {
-                (None, None) => {
-                    self.exhausted = true;
-                    self.log = Vec::new();
-                    self.uids = Vec::new();
-                    self.pos = 0;
-                    break;
+            // A logged change for a mail that is no longer here: its expunge goes out; a flag
+            // change would carry no GUID and only confuse the other side.
+            if let Some(l) = self.log.get(self.log_pos).map(|c| c.uid)
+                && next_uid.is_none_or(|u| l < u)
+            {
+                let c = std::mem::replace(&mut self.log[self.log_pos], MailChange::new(ChangeType::Save, 0));
+                self.log_pos += 1;
+                if c.kind == ChangeType::Expunge {
+                    self.current = c;
+                    return Ok(Some(&self.current));
                 }
-                // A logged change for a mail that is no longer here: its expunge goes out;
-                // a flag change would carry no GUID and only confuse the other side.
-                (u, Some(l)) if u.is_none_or(|u| l < u) => {
-                    let c = std::mem::replace(&mut self.log[self.log_pos], MailChange::new(ChangeType::Save, 0));
+                continue;
+            }
+            let Some(uid) = next_uid else {
+                self.exhausted = true;
+                self.log = Vec::new();
+                self.uids = Vec::new();
+                self.pos = 0;
+                break;
+            };
+            self.pos += 1;
+            let logged = match self.log.get_mut(self.log_pos) {
+                Some(c) if c.uid == uid => {
                     self.log_pos += 1;
-                    if c.kind == ChangeType::Expunge {
-                        self.current = c;
-                        return Ok(Some(&self.current));
-                    }
-                    continue;
+                    Some(std::mem::replace(c, MailChange::new(ChangeType::Save, 0)))
                 }
-                (Some(u), l) => {
-                    self.pos += 1;
-                    let logged = if l == Some(u) {
-                        self.log_pos += 1;
-                        Some(std::mem::replace(&mut self.log[self.log_pos - 1], MailChange::new(ChangeType::Save, 0)))
-                    } else {
-                        None
-                    };
-                    (u, logged)
-                }
-                (None, Some(_)) => unreachable!("handled by the arm above"),
+                _ => None,
             };
             if let Some(c) = self.mail_change(mb, uid, logged)? {
                 self.current = c;

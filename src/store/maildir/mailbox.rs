@@ -219,20 +219,14 @@ impl DirScan {
     }
 }
 
-/// Reads the uidlist and the two directories, the directories on a second thread: on a large
-/// mailbox both take tens of milliseconds, and the readdir mostly waits for the kernel.
-fn read_uidlist_and_dirs(dir: &Path) -> StoreResult<(ListRead, DirScan)> {
-    std::thread::scope(|s| {
-        let scan = s.spawn(|| DirScan::read(dir));
-        let list = match Uidlist::read(dir) {
-            Ok(Some(l)) => ListRead::Good(l),
-            Ok(None) => ListRead::Missing,
-            Err(StoreError::Corrupt { .. }) => ListRead::Damaged,
-            Err(e) => return Err(e),
-        };
-        let scan = scan.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        Ok((list, scan?))
-    })
+/// Reads the whole uidlist, for a repair.
+fn read_uidlist(dir: &Path) -> StoreResult<ListRead> {
+    match Uidlist::read(dir) {
+        Ok(Some(l)) => Ok(ListRead::Good(l)),
+        Ok(None) => Ok(ListRead::Missing),
+        Err(StoreError::Corrupt { .. }) => Ok(ListRead::Damaged),
+        Err(e) => Err(e),
+    }
 }
 
 impl MaildirMailbox {
@@ -446,9 +440,8 @@ impl MaildirMailbox {
                         (l, found)
                     }
                     None => {
-                        scan.files = Vec::new();
-                        let read;
-                        (read, scan) = read_uidlist_and_dirs(&self.dir)?;
+                        // The directories were read under the lock already.
+                        let read = read_uidlist(&self.dir)?;
                         let by_base = scan.by_base();
                         let mut l = self.fix_uidlist(read, &by_base, old.as_ref())?;
                         stamps.uidlist = l.stamp;
@@ -578,8 +571,6 @@ impl MaildirMailbox {
         Ok(())
     }
 
-    /// Under the uidlist lock: creates a missing uidlist, repairs a damaged one, adds a missing
-    /// mailbox GUID, and gives UIDs to files that have none, in Dovecot's order.
     /// Under the uidlist lock, the common case of an incomplete uidlist: it is good and lacks
     /// only files delivered since (Dovecot's LDA, a hand copy). They get UIDs appended, as
     /// Dovecot gives them, without reading every record's name into memory the way a repair
@@ -613,6 +604,8 @@ impl MaildirMailbox {
         Ok(Some((list, found)))
     }
 
+    /// Under the uidlist lock: creates a missing uidlist, repairs a damaged one, adds a missing
+    /// mailbox GUID, and gives UIDs to files that have none, in Dovecot's order.
     fn fix_uidlist(&self, read: ListRead, files: &FastMap<&str, u32>, old: Option<&Index>) -> StoreResult<Uidlist> {
         let path = self.dir.join(uidlist::NAME);
         let mut salvage = None;
