@@ -1982,6 +1982,9 @@ fn sync_until_converged(p: &Pair<'_>, uidvalidity_changed: bool, t: u32, what: &
         if out.success() && views.0 == views.1 {
             return Converged { complaints, after: Some(n), views, history };
         }
+        if let Some(diff) = views_diff(&views.0, &views.1) {
+            history.push_str(&format!("after sync {n} (\"Dovecot\" = master, \"ours\" = slave):\n{diff}\n"));
+        }
     }
     Converged { complaints, after: None, views: (p.view(Side::Master), p.view(Side::Slave)), history }
 }
@@ -2229,9 +2232,9 @@ fn every_scenario_with_our_master() {
 /// Scenarios whose result with our master still differs from Dovecot's pair (or that fail):
 /// see [`every_scenario_with_our_master`].
 const NOT_YET_WITH_OUR_MASTER: &[&str] = &[
-    "flags_and_keywords_changed_on_both_sides::stateless",
-    "inbox_created_on_both_sides",
+    // A new seed every run: with our master, seed 1796239531011380856 (stateless) ends with a
+    // mail twice after the slave's INBOX changed UIDVALIDITY in round 6 (Dovecot's own pair had
+    // stopped converging in round 2 of that seed, so there is nothing to compare with). The
+    // fixed-seed rounds above run with our master.
     "randomized_rounds_new_seed",
-    "randomized_rounds_with_state",
-    "same_mailbox_created_on_both_sides_with_equal_counters",
 ];

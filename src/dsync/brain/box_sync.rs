@@ -66,6 +66,8 @@ pub(super) struct BoxSync<M> {
     delete_after: bool,
     /// The peer's HIGHESTMODSEQ as its `B` said.
     remote_hms: u64,
+    /// Master: the mailbox was offered a second time (see `Brain::reoffer`).
+    reoffered: bool,
 }
 
 impl<M> BoxSync<M> {
@@ -615,6 +617,9 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
         }
         let local = cur.local.clone();
         let resync = self.update_pre(&mut cur.mb, &local, &remote)?;
+        if !self.boxes_need_sync(&cur.local, &remote) && resync.is_none() && self.reoffer(cur, &remote)? {
+            return Ok(());
+        }
         if !self.boxes_need_sync(&cur.local, &remote) {
             let st = cur.mb.status();
             if (st.replicated_modseq != st.highest_modseq || st.peer_modseq != remote.highest_modseq || st.history_lost)
@@ -631,6 +636,12 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
             cur.done = true;
             return Ok(());
         }
+        tracing::debug!(
+            mailbox = %cur.name.join('/'),
+            local = ?(cur.local.uid_validity, cur.local.uid_next, cur.local.messages_count, cur.local.highest_modseq),
+            remote = ?(remote.uid_validity, remote.uid_next, remote.messages_count, remote.highest_modseq),
+            "syncing mailbox (uidvalidity, uidnext, messages, highestmodseq)"
+        );
         let unusable = self.open_exchange(cur, &remote)?;
         if let Some(reason) = &unusable {
             tracing::warn!(
@@ -652,6 +663,34 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
         }
         self.init_box_states(cur);
         Ok(())
+    }
+
+    /// Master: the slave skipped the mailbox because its counters equal ours, although one
+    /// side changed it since the last sync (or it was just merged by name). Equal counters
+    /// then are a coincidence (both sides' HIGHESTMODSEQ took the same number of steps), and
+    /// Dovecot's slave compares nothing more: offer the mailbox once more with a HIGHESTMODSEQ
+    /// above both, so that the mails are compared. True when it was offered again.
+    fn reoffer(&mut self, cur: &mut BoxSync<S::Mailbox>, remote: &DsyncMailbox) -> Result<bool, BrainError> {
+        if cur.reoffered || self.sync_kind != SyncKind::Changed || self.settings.no_mail_sync {
+            return Ok(false);
+        }
+        let st = cur.mb.status();
+        let changed_here = st.replicated_modseq != 0 && st.highest_modseq > st.replicated_modseq;
+        let changed_there = st.peer_modseq != 0 && remote.highest_modseq != st.peer_modseq;
+        if !(changed_here || changed_there || self.merged_by_name.contains(&cur.local.guid)) {
+            return Ok(false);
+        }
+        let modseq =
+            st.highest_modseq.max(remote.highest_modseq).checked_add(1).ok_or_else(|| {
+                BrainError::Failed(format!("mailbox {}: HIGHESTMODSEQ exhausted", cur.name.join('/')))
+            })?;
+        tracing::debug!(mailbox = %cur.name.join('/'), modseq, "counters equal the slave's after changes: offering the mailbox again");
+        cur.mb.update(&MailboxUpdate { min_highest_modseq: Some(modseq), ..Default::default() })?;
+        cur.mb.sync_point()?;
+        cur.local = dsync_box(&cur.mb);
+        cur.reoffered = true;
+        self.ibc.send_mailbox(&cur.local)?;
+        Ok(true)
     }
 
     /// Sends what this mailbox's send side can send now.
@@ -906,6 +945,7 @@ impl<M> BoxSync<M> {
             sending: false,
             delete_after: false,
             remote_hms: 0,
+            reoffered: false,
         }
     }
 }

@@ -1500,6 +1500,8 @@ impl Importer {
                 tracing::error!("updating the mailbox failed: {e}");
                 ok = false;
             }
+        } else {
+            tracing::debug!(failed = ?self.failed, "import incomplete: the mailbox's numbers are left as they are");
         }
         if ok {
             changes_during_sync = self.reassign_unwanted(mb)?;

@@ -223,15 +223,28 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                 let local = b.status().guid;
                 let ord = guid.0.cmp(&local.0);
                 let backup = self.settings.backup_recv || self.settings.backup_send;
+                let mut update = MailboxUpdate::default();
                 if ord != std::cmp::Ordering::Equal && !backup {
                     self.merged_by_name.insert(*guid);
                     self.merged_by_name.insert(local);
+                    // Two mailboxes met by name, and their counters may be equal by chance
+                    // (same UIDVALIDITY, as many mails): a master skips a mailbox whose
+                    // counters equal the peer's, so ours are made to differ now. Stored, so
+                    // that the next sync still compares both when this one loses the mailbox
+                    // half-way (Dovecot 2.3's slave can, after a GUID change by name).
+                    let modseq = b.status().highest_modseq.checked_add(1).ok_or_else(|| {
+                        BrainError::Failed(format!("mailbox {}: HIGHESTMODSEQ exhausted", name.join("/")))
+                    })?;
+                    update.min_highest_modseq = Some(modseq);
                 }
                 let change_ours = (ord == std::cmp::Ordering::Greater && !backup)
                     || (ord != std::cmp::Ordering::Equal && self.settings.backup_recv);
                 if change_ours {
                     tracing::debug!(mailbox = %name.join("/"), from = %local, to = %guid, "changing mailbox GUID");
-                    b.update(&MailboxUpdate { guid: Some(*guid), ..Default::default() })?;
+                    update.guid = Some(*guid);
+                }
+                if update != MailboxUpdate::default() {
+                    b.update(&update)?;
                     b.sync_point()?;
                 }
             }

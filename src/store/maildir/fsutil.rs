@@ -89,6 +89,14 @@ pub(crate) fn replace_file_with(
     fs::rename(tmp, dest).ctx("rename", dest)
 }
 
+/// Sets a directory's mtime to now. Dovecot's Maildir sync re-reads `dovecot-uidlist` only
+/// when `new/` or `cur/` changed (its quick check compares their mtimes with its index), so a
+/// header-only change of the uidlist (a raised UIDNEXT) is announced this way.
+pub(crate) fn touch_dir(dir: &Path) -> StoreResult<()> {
+    let f = File::open(dir).ctx("open", dir)?;
+    f.set_modified(std::time::SystemTime::now()).ctx("futimens", dir)
+}
+
 /// Reads a whole file, `None` if it does not exist.
 pub(crate) fn read_optional(path: &Path) -> StoreResult<Option<Vec<u8>>> {
     match fs::read(path) {

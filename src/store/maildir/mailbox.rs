@@ -1815,9 +1815,15 @@ impl Mailbox for MaildirMailbox {
             lock.release()?;
             self.uidlist_cache = Some(list.header_only());
             let old_validity = self.uid_validity;
+            let old_next_uid = self.next_uid;
             self.uid_validity = list.uid_validity;
             self.guid = list.guid.unwrap_or_default();
             self.next_uid = list.next_uid();
+            if self.next_uid > old_next_uid {
+                // Otherwise Dovecot's index would go on reporting the old UIDNEXT until
+                // the next delivery (its own saves read the uidlist, so no UID is reused).
+                fsutil::touch_dir(&self.dir.join("cur"))?;
+            }
             if old_validity != self.uid_validity {
                 forget_dovecot_index(&self.dir, old_validity, self.uid_validity);
             }

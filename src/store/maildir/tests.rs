@@ -312,6 +312,28 @@ fn a_uidlist_damaged_while_open_is_repaired_at_commit() {
     assert_eq!(list.records.iter().map(|r| r.uid).collect::<Vec<_>>(), [1, 2, 3]);
 }
 
+/// A UIDNEXT raised without a new mail (the peer saved and expunged one) changes only the
+/// uidlist's header; Dovecot's index re-reads the uidlist only when `cur/` or `new/` changed,
+/// so `cur/`'s mtime is moved along, and our own index still trusts its snapshot.
+#[test]
+fn raised_uidnext_is_announced_to_dovecot() {
+    let root = tempfile::tempdir().unwrap();
+    let mut st = store(root.path());
+    save_n(&mut st, 1);
+    let dir = maildir(root.path());
+    let long_ago = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    fs::File::open(dir.join("cur")).unwrap().set_modified(long_ago).unwrap();
+    let mut mb = st.open(&inbox()).unwrap();
+    mb.update(&MailboxUpdate { min_next_uid: Some(7), ..Default::default() }).unwrap();
+    mb.sync_point().unwrap();
+    drop(mb);
+    assert!(fs::metadata(dir.join("cur")).unwrap().modified().unwrap() > long_ago);
+    assert!(fs::read_to_string(dir.join(uidlist::NAME)).unwrap().starts_with("3 V"));
+    assert!(fs::read_to_string(dir.join(uidlist::NAME)).unwrap().lines().next().unwrap().contains(" N7 "));
+    let mb = st.open(&inbox()).unwrap();
+    assert_eq!(mb.status().uid_next, 7);
+}
+
 // ------------------------------------------------------------------------------------------
 // 6. The UID limit
 
