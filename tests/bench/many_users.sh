@@ -9,10 +9,16 @@
 #
 # Each user has two identical sources, ~/SrcD (Dovecot's sender) and ~/SrcM (ours), and the
 # wrapper writes Dovecot's replica to ~/ReplD and ours to ~/ReplM (two peers of its policy,
-# one SSH key each). Phases:
+# one SSH key each). With RECEIVER=upstream the whole of Dovecot's stack is measured instead:
+# Dovecot's key forces the upstream recipe, a shell script that reads the username and runs
+# `doveadm dsync-server -u USER` on ~/ReplD (stack against stack; the default, RECEIVER=wrapper,
+# compares the sending sides only). Phases:
 #   initial    the first sync of every user into empty replicas, once per stack
 #   nochange   everything synced, nothing changed since (no -s state: `-s` is per user and
 #              doveadm refuses it with many users too), REPS rounds, the stacks alternating
+#   changes    (CHANGES=1) 1% of each user's mails changed on the sources, each by its own
+#              stack's tool (0.5% flagged, 0.25% expunged, 0.25% new files in new/), then one
+#              sync per stack; REPS rounds
 # Reported: median wall time of the whole run of each stack, the ratio ours/Dovecot's, and the
 # SSH logins sshd accepted per round (ours: 1; Dovecot's: one per user). After the no-change
 # rounds every user's replica is compared with its source, for both stacks.
@@ -36,6 +42,9 @@ MAILS=${MAILS:-20}
 PARALLEL=${PARALLEL:-4}
 REPS=${REPS:-5}
 MASK_ROOT_BASHRC=${MASK_ROOT_BASHRC:-1}
+RECEIVER=${RECEIVER:-wrapper}
+CHANGES=${CHANGES:-0}
+case $RECEIVER in wrapper | upstream) ;; *) echo "many_users.sh: RECEIVER is wrapper or upstream" >&2; exit 1 ;; esac
 cd "$(dirname "$0")/../.."
 die() { echo "many_users.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root: it creates throw-away users (sudo $0)"
@@ -100,8 +109,20 @@ allow_users = [${quoted%, }]
 mail_location = "maildir:~/ReplD"
 EOF
 chmod 644 "$WORK/wrapper.toml"
+# The upstream recipe (Dovecot's wiki): read the name, run doveadm's dsync-server for it.
+cat >"$WORK/upstream-wrapper.sh" <<EOF
+#!/bin/sh
+read -r username
+exec doveadm -c $WORK/dovecot/dovecot.conf -o mail_location=maildir:~/ReplD dsync-server -u "\$username"
+EOF
+chmod 755 "$WORK/upstream-wrapper.sh"
 for peer in ours dovecot; do
-  echo "restrict,command=\"$WRAPPER --peer $peer --policy $WORK/wrapper.toml --auth-log $WORK/out/auth.log\" $(cat "$WORK/keys/$peer.pub")"
+  if [ "$peer" = dovecot ] && [ "$RECEIVER" = upstream ]; then
+    cmd="$WORK/upstream-wrapper.sh"
+  else
+    cmd="$WRAPPER --peer $peer --policy $WORK/wrapper.toml --auth-log $WORK/out/auth.log"
+  fi
+  echo "restrict,command=\"$cmd\" $(cat "$WORK/keys/$peer.pub")"
 done >"$WORK/keys/authorized_keys"
 chmod 600 "$WORK/keys/authorized_keys"
 mkdir -p /run/sshd
@@ -217,6 +238,48 @@ for r in $(seq 1 "$REPS"); do
   fi
 done
 
+# 1% of every user's mails changed on both sources alike, each by its own stack's tool.
+change_sources() {
+  local round=$1 u n flag expunge new_files box i f
+  n=$((MAILS / 200)); [ "$n" -ge 1 ] || n=1
+  flag=$n; expunge=$(((n + 1) / 2)); new_files=$(((n + 1) / 2))
+  for u in "${names[@]}"; do
+    # The same UIDs on both sources: each equals its replica since the last sync, and both
+    # stacks give new mails the same UIDs.
+    mapfile -t uids < <("${clean_env[@]}" "$MAILREPLICA" -c "$WORK/mailreplica.toml" -u "$u" -f tab \
+      fetch uid mailbox INBOX all | tail -n +2 | shuf -n $((flag + expunge)) --random-source=<(yes "$round"))
+    [ "${#uids[@]}" -gt 0 ] || continue
+    for i in "${uids[@]:0:flag}"; do
+      "${clean_env[@]}" "$MAILREPLICA" -c "$WORK/mailreplica.toml" -u "$u" flags add '\Flagged $Forwarded' mailbox INBOX uid "$i"
+      "${clean_env[@]}" doveadm -c "$WORK/dovecot/dovecot.conf" flags add -u "$u" '\Flagged $Forwarded' mailbox INBOX uid "$i"
+    done
+    for i in "${uids[@]:flag}"; do
+      "${clean_env[@]}" "$MAILREPLICA" -c "$WORK/mailreplica.toml" -u "$u" expunge mailbox INBOX uid "$i"
+      "${clean_env[@]}" doveadm -c "$WORK/dovecot/dovecot.conf" expunge -u "$u" mailbox INBOX uid "$i"
+    done
+    box=$WORK/home/$u
+    for i in $(seq 1 "$new_files"); do
+      f=17200000$round.M${i}P1.bench
+      printf 'From: a@example.org\nSubject: round %s mail %s\nMessage-ID: <r%s.%s@example.org>\n\nnew\n' \
+        "$round" "$i" "$round" "$i" >"$box/SrcD/new/$f"
+      cp "$box/SrcD/new/$f" "$box/SrcM/new/$f"
+      chown "$u:$u" "$box/SrcD/new/$f" "$box/SrcM/new/$f"
+    done
+  done
+}
+if [ "$CHANGES" = 1 ]; then
+  for r in $(seq 1 "$REPS"); do
+    change_sources "$r"
+    if [ $((r % 2)) = 1 ]; then
+      timed changes-dovecot run_dovecot
+      timed changes-ours run_ours
+    else
+      timed changes-ours run_ours
+      timed changes-dovecot run_dovecot
+    fi
+  done
+fi
+
 # Every replica equals its source (mailbox, uid, guid, flags), for both stacks.
 listing() {
   "${clean_env[@]}" "$MAILREPLICA" -c "$WORK/mailreplica.toml" -u "$1" -o "mail_location=maildir:~/$2" -f tab \
@@ -236,11 +299,17 @@ echo "all $USERS users: both replicas equal their sources" >&2
 
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 echo
-echo "$USERS users, $MAILS mails each, $PARALLEL at a time ($(nproc) CPUs, MASK_ROOT_BASHRC=$MASK_ROOT_BASHRC):"
+echo "$USERS users, $MAILS mails each, $PARALLEL at a time ($(nproc) CPUs, MASK_ROOT_BASHRC=$MASK_ROOT_BASHRC, RECEIVER=$RECEIVER, load average $(cut -d' ' -f1-3 /proc/loadavg)):"
 echo
-echo "| phase | Dovecot: doveadm sync per user, ssh per user | ours: mailreplica -F, one SSH connection | ratio (ours / Dovecot's) | SSH logins: Dovecot's / ours |"
+if [ "$RECEIVER" = upstream ]; then
+  echo "| phase | Dovecot: doveadm sync + ssh per user, upstream wrapper + doveadm dsync-server | ours: mailreplica -F, one SSH connection, mailreplica-wrapper | ratio (ours / Dovecot's) | SSH logins: Dovecot's / ours |"
+else
+  echo "| phase | Dovecot: doveadm sync per user, ssh per user | ours: mailreplica -F, one SSH connection | ratio (ours / Dovecot's) | SSH logins: Dovecot's / ours |"
+fi
 echo "|---|---:|---:|---:|---:|"
-for phase in initial nochange; do
+phases="initial nochange"
+if [ "$CHANGES" = 1 ]; then phases="$phases changes"; fi
+for phase in $phases; do
   d=$(median <<<"${walls[$phase-dovecot]}")
   o=$(median <<<"${walls[$phase-ours]}")
   awk -v p="$phase" -v d="$d" -v o="$o" -v ld="${logins_per[$phase-dovecot]}" -v lo="${logins_per[$phase-ours]}" \
