@@ -111,7 +111,13 @@ pub(crate) fn run(cli: &Cli, config: Config, mode: Mode, a: &SyncArgs) -> Result
     let template = ChildTemplate::new(cli, mode, a, remote.is_some())?;
     let console = Console::new(std::io::stderr().is_terminal());
     let board = Board::new(users.len());
-    let shared = remote.map(|r| (Mutex::new(r.conn), r.prefix, r.login, r.host));
+    let shared = remote.map(|r| Shared {
+        conn: Mutex::new(r.conn),
+        settings: r.settings,
+        prefix: r.prefix,
+        login: r.login,
+        host: r.host,
+    });
     let wait = Duration::from_secs(a.timeout.max(1));
 
     let results = std::thread::scope(|s| {
@@ -134,7 +140,7 @@ pub(crate) fn run(cli: &Cli, config: Config, mode: Mode, a: &SyncArgs) -> Result
         results
     });
     console.clear();
-    if let Some((conn, ..)) = shared {
+    if let Some(Shared { conn, .. }) = shared {
         conn.into_inner().unwrap_or_else(PoisonError::into_inner).close();
     }
     if many {
@@ -268,7 +274,24 @@ impl ChildTemplate {
     }
 }
 
-type Shared = (Mutex<SshConnection>, bool, String, String);
+/// The one SSH connection every user's channel goes over, and how to make it again.
+struct Shared {
+    conn: Mutex<SshConnection>,
+    settings: ssh::SshSettings,
+    /// `remoteprefix:`: each channel starts with the user name.
+    prefix: bool,
+    login: String,
+    host: String,
+}
+
+/// A new connection in place of `conn`, which has ended: the users still to come go over it
+/// (those whose channels were open on the old one have failed with it).
+fn reconnect(conn: &mut SshConnection, settings: &ssh::SshSettings, user: &str) -> Result<(), Failure> {
+    tracing::warn!("{}: the SSH connection was lost; connecting again for {user} and the users after", conn.label());
+    let fresh = SshConnection::connect(settings).map_err(Failure::from)?;
+    std::mem::replace(conn, fresh).close();
+    Ok(())
+}
 
 /// One user: checks, channel, child, verdict.
 fn sync_user(
@@ -288,14 +311,23 @@ fn sync_user(
     let mut remote_what = None;
     let carrier = match shared {
         None => Carrier::Own,
-        Some((conn, prefix, login, host)) => {
-            let command = ssh::remote_command(&config.ssh.dsync_remote_cmd, &user, login, host);
+        Some(sh) => {
+            let command = ssh::remote_command(&config.ssh.dsync_remote_cmd, &user, &sh.login, &sh.host);
             // A server's limit on channels per connection (OpenSSH's MaxSessions, 10) below
             // --parallel: wait for another user's channel to close, for up to a minute.
             let mut pause = Duration::from_millis(50);
             let deadline = Instant::now() + Duration::from_secs(60);
+            let mut reconnected = false;
             let (label, channel) = loop {
-                let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut conn = sh.conn.lock().unwrap_or_else(PoisonError::into_inner);
+                // The connection dropped (another user's channel may have seen it first):
+                // one new connection, made by whichever user finds it gone.
+                if conn.is_closed() && !reconnected {
+                    reconnected = true;
+                    if let Err(f) = reconnect(&mut conn, &sh.settings, &user) {
+                        return UserResult::refused(&user, &f);
+                    }
+                }
                 match conn.exec_tagged(&command, Some(&user)) {
                     Ok(c) => break (conn.label().to_owned(), c),
                     Err(e) if e.is_channel_refused() && Instant::now() < deadline => {
@@ -304,10 +336,16 @@ fn sync_user(
                         std::thread::sleep(pause);
                         pause = (pause * 2).min(Duration::from_secs(1));
                     }
+                    Err(e) if e.is_connection_lost() && !reconnected => {
+                        reconnected = true;
+                        if let Err(f) = reconnect(&mut conn, &sh.settings, &user) {
+                            return UserResult::refused(&user, &f);
+                        }
+                    }
                     Err(e) => return UserResult::refused(&user, &Failure::from(e)),
                 }
             };
-            let first = if *prefix { format!("{user}\n").into_bytes() } else { Vec::new() };
+            let first = if sh.prefix { format!("{user}\n").into_bytes() } else { Vec::new() };
             remote_what = Some((label, command));
             Carrier::Ssh { channel, first, wait }
         }

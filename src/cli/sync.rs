@@ -135,6 +135,8 @@ fn failure(e: SessionError) -> Failure {
 #[derive(Debug)]
 pub(crate) struct Remote {
     pub(super) conn: SshConnection,
+    /// How `conn` was made: a run over many users makes a new one if it drops.
+    pub(super) settings: SshSettings,
     /// `remoteprefix:`: the stream starts with the user name.
     pub(super) prefix: bool,
     pub(super) login: String,
@@ -185,7 +187,7 @@ pub(crate) fn connect_remote(config: &Config, a: &SyncArgs) -> Result<Option<Rem
     settings.connect_timeout = ssh_cfg.connect_timeout;
     settings.inactivity_timeout = Duration::from_secs(a.timeout.max(60));
     let conn = SshConnection::connect(&settings)?;
-    Ok(Some(Remote { conn, prefix, login, host: target.host }))
+    Ok(Some(Remote { conn, settings, prefix, login, host: target.host }))
 }
 
 /// `sync|backup DESTINATION`.

@@ -359,6 +359,23 @@ impl SshError {
         matches!(self, Self::Protocol { source: russh::Error::ChannelOpenFailure(_), .. })
     }
 
+    /// The connection itself is gone (the server or the network dropped it, or it timed out):
+    /// a new connection may succeed where a new channel on this one cannot.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(
+            self,
+            Self::Protocol {
+                source: russh::Error::Disconnect
+                    | russh::Error::HUP
+                    | russh::Error::SendError
+                    | russh::Error::IO(_)
+                    | russh::Error::KeepaliveTimeout
+                    | russh::Error::InactivityTimeout,
+                ..
+            }
+        )
+    }
+
     fn with_target(self, target: &str) -> Self {
         match self {
             Self::Russh(source) => Self::Protocol { target: target.to_owned(), source },
@@ -679,6 +696,12 @@ impl SshConnection {
             },
             end: ChannelEnd { rx: end_rx, rt, label },
         })
+    }
+
+    /// True once the connection has ended (the server hung up, the network dropped it, a
+    /// keepalive or inactivity timeout fired): no new channel can be opened on it.
+    pub fn is_closed(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_closed())
     }
 
     /// Says goodbye to the server and stops the I/O thread.

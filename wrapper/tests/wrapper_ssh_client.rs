@@ -42,6 +42,13 @@ impl World {
     /// Three users; the policy of peer mx1 allows the first two (different uids).
     /// `extra_sshd` goes first in sshd_config; `forced` chooses the authorized_keys line.
     fn new(tag: &str, forced: bool, extra_sshd: &str) -> Self {
+        let command =
+            forced.then_some(|sb: &Sandbox, _: &[TestUser]| format!("{WRAPPER} {}", sb.args("mx1").join(" ")));
+        Self::with_command(tag, command, extra_sshd)
+    }
+
+    /// [`World::new`] with root's key forcing `command(sandbox, users)` (none: no forced command).
+    fn with_command(tag: &str, command: Option<impl Fn(&Sandbox, &[TestUser]) -> String>, extra_sshd: &str) -> Self {
         let sb = Sandbox::new();
         let users = vec![TestUser::new(&sb), TestUser::new(&sb), TestUser::new(&sb)];
         assert_ne!(users[0].uid, users[1].uid, "two users with different uids");
@@ -51,10 +58,9 @@ impl World {
             users[0].name, users[1].name
         ));
         let keys = SshKeys::new(&sb, 1);
-        let ak = if forced {
-            format!("restrict,command=\"{WRAPPER} {}\" {}\n", sb.args("mx1").join(" "), keys.client_pub(0))
-        } else {
-            format!("restrict {}\n", keys.client_pub(0))
+        let ak = match command {
+            Some(c) => format!("restrict,command=\"{}\" {}\n", c(&sb, &users), keys.client_pub(0)),
+            None => format!("restrict {}\n", keys.client_pub(0)),
         };
         let sshd = Sshd::start(&keys, tag, &ak, extra_sshd);
         let config = sb.dir.join("mailreplica.toml");
@@ -660,6 +666,61 @@ fn many_users_within_the_servers_session_limit() {
     assert_eq!(w.accepted_logins(), 1);
     // The limit was hit, and waited out.
     assert!(w.sshd.log_text().contains("no more sessions"), "{}", w.sshd.log_text());
+}
+
+/// The shared connection drops while one user's channel is open (the forced command kills
+/// its sshd session process when asked for that user): that user fails, and the users after it
+/// go over a new connection.
+#[test]
+fn many_users_survive_a_dropped_connection() {
+    let script = |sb: &Sandbox, users: &[TestUser]| {
+        let path = sb.dir.join("drop-for-carol.sh");
+        let mark = sb.dir.join("dropped");
+        let text = format!(
+            "#!/bin/sh\n\
+             # The first channel for the third user takes the whole SSH connection down.\n\
+             IFS= read -r user\n\
+             if [ \"$user\" = \"{carol}\" ] && [ ! -e {mark} ]; then\n\
+             \x20 : > {mark}\n\
+             \x20 p=$PPID\n\
+             \x20 while [ \"$p\" -gt 1 ]; do\n\
+             \x20   case $(cat /proc/$p/comm) in sshd*) kill -KILL \"$p\"; exit 1 ;; esac\n\
+             \x20   p=$(cut -d' ' -f4 /proc/$p/stat)\n\
+             \x20 done\n\
+             \x20 exit 1\n\
+             fi\n\
+             {{ printf '%s\\n' \"$user\"; exec cat; }} | exec {WRAPPER} {args}\n",
+            carol = users[2].name,
+            mark = mark.display(),
+            args = sb.args("mx1").join(" "),
+        );
+        fs::write(&path, text).expect("script");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod");
+        path.display().to_string()
+    };
+    let w = World::with_command("d", Some(script), "");
+    let (alice, bob, carol) = (&w.users[0], &w.users[1], &w.users[2]);
+    let mut args: Vec<String> = vec!["-o".into(), "mail_location=maildir:~/Source".into()];
+    args.extend(w.ssh_opts(None));
+    args.extend(
+        ["-u", &carol.name, "-u", &alice.name, "-u", &bob.name, "--parallel", "1", "-f", "json", "backup"]
+            .map(String::from),
+    );
+    args.push(w.dest("remoteprefix"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = w.run(w.mr(&args), b"");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(w.sb.dir.join("dropped").exists(), "the connection was never dropped:\n{err}");
+    assert!(!out.status.success(), "carol's sync cannot have succeeded:\n{err}");
+    let rows = json_rows(&String::from_utf8_lossy(&out.stdout));
+    let result = |u: &TestUser| rows.iter().find(|r| r["user"] == u.name).map(|r| r["result"].clone());
+    assert_eq!(result(carol).as_deref(), Some("failed"), "{rows:?}\n{err}");
+    assert_eq!((result(alice).as_deref(), result(bob).as_deref()), (Some("ok"), Some("ok")), "{rows:?}\n{err}");
+    assert!(err.contains("the SSH connection was lost; connecting again"), "{err}");
+    for u in [alice, bob] {
+        assert_eq!(w.listing(u, "Maildir"), w.listing(u, "Source"), "replica of {}", u.name);
+    }
+    assert_eq!(w.accepted_logins(), 2, "{}", w.sshd.log_text());
 }
 
 /// -F with destinations each child reaches itself: a local Maildir, and a command line run as
