@@ -6,6 +6,8 @@
 #
 #   sudo tests/bench/many_users.sh                         100 users, 20 mails each, P=4, 5 rounds
 #   sudo USERS=20 REPS=3 PARALLEL=2 tests/bench/many_users.sh
+#   sudo USERS=1 MAILS=10000 PARALLEL=1 RECEIVER=upstream VERB=backup CHANGES=1 tests/bench/many_users.sh
+#                                                          one user, stack against stack
 #
 # Each user has two identical sources, ~/SrcD (Dovecot's sender) and ~/SrcM (ours), and the
 # wrapper writes Dovecot's replica to ~/ReplD and ours to ~/ReplM (two peers of its policy,
@@ -44,6 +46,9 @@ REPS=${REPS:-5}
 MASK_ROOT_BASHRC=${MASK_ROOT_BASHRC:-1}
 RECEIVER=${RECEIVER:-wrapper}
 CHANGES=${CHANGES:-0}
+# sync (two-way, the default) or backup (one-way, the replica made equal to the source).
+VERB=${VERB:-sync}
+case $VERB in sync | backup) ;; *) echo "many_users.sh: VERB is sync or backup" >&2; exit 1 ;; esac
 case $RECEIVER in wrapper | upstream) ;; *) echo "many_users.sh: RECEIVER is wrapper or upstream" >&2; exit 1 ;; esac
 cd "$(dirname "$0")/../.."
 die() { echo "many_users.sh: $*" >&2; exit 1; }
@@ -203,12 +208,12 @@ EOF
 
 clean_env=(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin TZ=UTC LANG=C.UTF-8)
 run_dovecot() {
-  "${clean_env[@]}" xargs -P "$PARALLEL" -I{} doveadm -c "$WORK/dovecot/dovecot.conf" sync -u {} \
+  "${clean_env[@]}" xargs -P "$PARALLEL" -I{} doveadm -c "$WORK/dovecot/dovecot.conf" "$VERB" -u {} \
     remoteprefix:root@127.0.0.1 <"$WORK/users"
 }
 run_ours() {
   "${clean_env[@]}" "$MAILREPLICA" -c "$WORK/mailreplica.toml" -F "$WORK/users" --parallel "$PARALLEL" \
-    sync "remoteprefix:root@127.0.0.1:$PORT"
+    "$VERB" "remoteprefix:root@127.0.0.1:$PORT"
 }
 logins() { grep -c "Accepted publickey" "$WORK/out/sshd.log" || true; }
 declare -A walls logins_per
@@ -299,7 +304,7 @@ echo "all $USERS users: both replicas equal their sources" >&2
 
 median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 echo
-echo "$USERS users, $MAILS mails each, $PARALLEL at a time ($(nproc) CPUs, MASK_ROOT_BASHRC=$MASK_ROOT_BASHRC, RECEIVER=$RECEIVER, load average $(cut -d' ' -f1-3 /proc/loadavg)):"
+echo "$USERS users, $MAILS mails each, $PARALLEL at a time ($(nproc) CPUs, MASK_ROOT_BASHRC=$MASK_ROOT_BASHRC, RECEIVER=$RECEIVER, VERB=$VERB, load average $(cut -d' ' -f1-3 /proc/loadavg)):"
 echo
 if [ "$RECEIVER" = upstream ]; then
   echo "| phase | Dovecot: doveadm sync + ssh per user, upstream wrapper + doveadm dsync-server | ours: mailreplica -F, one SSH connection, mailreplica-wrapper | ratio (ours / Dovecot's) | SSH logins: Dovecot's / ours |"
