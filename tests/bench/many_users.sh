@@ -307,7 +307,7 @@ echo
 echo "$USERS users, $MAILS mails each, $PARALLEL at a time ($(nproc) CPUs, MASK_ROOT_BASHRC=$MASK_ROOT_BASHRC, RECEIVER=$RECEIVER, VERB=$VERB, load average $(cut -d' ' -f1-3 /proc/loadavg)):"
 echo
 if [ "$RECEIVER" = upstream ]; then
-  echo "| phase | Dovecot: doveadm sync + ssh per user, upstream wrapper + doveadm dsync-server | ours: mailreplica -F, one SSH connection, mailreplica-wrapper | ratio (ours / Dovecot's) | SSH logins: Dovecot's / ours |"
+  echo "| phase | Dovecot: doveadm $VERB + ssh per user, upstream wrapper + doveadm dsync-server | ours: mailreplica -F $VERB, one SSH connection, mailreplica-wrapper | ratio (ours / Dovecot's) | SSH logins: Dovecot's / ours |"
 else
   echo "| phase | Dovecot: doveadm sync per user, ssh per user | ours: mailreplica -F, one SSH connection | ratio (ours / Dovecot's) | SSH logins: Dovecot's / ours |"
 fi
