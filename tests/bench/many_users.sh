@@ -231,16 +231,22 @@ timed() {
   echo "$key: ${w}s, ${logins_per[$key]} SSH logins" >&2
 }
 
+# One round of PHASE for both stacks; which goes first alternates with the round number R.
+both_stacks() {
+  local phase=$1 r=$2
+  if [ $((r % 2)) = 1 ]; then
+    timed "$phase-dovecot" run_dovecot
+    timed "$phase-ours" run_ours
+  else
+    timed "$phase-ours" run_ours
+    timed "$phase-dovecot" run_dovecot
+  fi
+}
+
 timed initial-dovecot run_dovecot
 timed initial-ours run_ours
 for r in $(seq 1 "$REPS"); do
-  if [ $((r % 2)) = 1 ]; then
-    timed nochange-dovecot run_dovecot
-    timed nochange-ours run_ours
-  else
-    timed nochange-ours run_ours
-    timed nochange-dovecot run_dovecot
-  fi
+  both_stacks nochange "$r"
 done
 
 # 1% of every user's mails changed on both sources alike, each by its own stack's tool.
@@ -275,13 +281,7 @@ change_sources() {
 if [ "$CHANGES" = 1 ]; then
   for r in $(seq 1 "$REPS"); do
     change_sources "$r"
-    if [ $((r % 2)) = 1 ]; then
-      timed changes-dovecot run_dovecot
-      timed changes-ours run_ours
-    else
-      timed changes-ours run_ours
-      timed changes-dovecot run_dovecot
-    fi
+    both_stacks changes "$r"
   done
 fi
 

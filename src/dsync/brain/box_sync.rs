@@ -26,7 +26,7 @@ use super::session::{Brain, BrainError, State, unexpected};
 use super::tree::Existence;
 use super::types::{DsyncMailbox, MailboxState};
 use crate::dsync::wire::MINOR_HAVE_ATTRIBUTES;
-use crate::store::{Guid128, MailStore, Mailbox, MailboxName, MailboxUpdate};
+use crate::store::{Guid128, MailStore, Mailbox, MailboxName, MailboxStatus, MailboxUpdate};
 
 /// One direction's progress through a mailbox (`enum dsync_box_state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -78,6 +78,11 @@ impl<M> BoxSync<M> {
 
 /// Records handled per step before the send side gets its turn.
 const RECV_BATCH: usize = 256;
+
+/// One modseq step above `modseq`: how our counters are made to differ from the peer's.
+pub(super) fn modseq_above(modseq: u64, mailbox: impl FnOnce() -> String) -> Result<u64, BrainError> {
+    modseq.checked_add(1).ok_or_else(|| BrainError::Failed(format!("mailbox {}: HIGHESTMODSEQ exhausted", mailbox())))
+}
 
 fn dsync_box<M: Mailbox>(mb: &M) -> DsyncMailbox {
     let st = mb.status();
@@ -141,9 +146,7 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                 && st.replicated_modseq != 0
                 && st.highest_modseq > st.replicated_modseq
             {
-                let modseq = st.highest_modseq.checked_add(1).ok_or_else(|| {
-                    BrainError::Failed(format!("mailbox {}: HIGHESTMODSEQ exhausted", name.join('/')))
-                })?;
+                let modseq = modseq_above(st.highest_modseq, || name.join('/'))?;
                 mb.update(&MailboxUpdate { min_highest_modseq: Some(modseq), ..Default::default() })?;
                 mb.sync_point()?;
                 local = dsync_box(&mb);
@@ -232,17 +235,12 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
         // import runs a few modseqs ahead, as Dovecot's does), or the mailbox was created on
         // both sides independently. When we know either side changed since the last sync,
         // ours are made to differ by a real modseq step, so that both sides compare.
-        let changed_here = st.replicated_modseq != 0 && st.highest_modseq > st.replicated_modseq;
-        let changed_there = st.peer_modseq != 0 && remote.highest_modseq != st.peer_modseq;
         if !self.boxes_need_sync(&local, &remote)
             && self.sync_kind == SyncKind::Changed
             && !self.settings.no_mail_sync
-            && (changed_here || changed_there || self.merged_by_name.contains(&local.guid))
+            && self.changed_since_last_sync(&st, remote.highest_modseq, &local.guid)
         {
-            let modseq =
-                local.highest_modseq.max(remote.highest_modseq).checked_add(1).ok_or_else(|| {
-                    BrainError::Failed(format!("mailbox {}: HIGHESTMODSEQ exhausted", name.join('/')))
-                })?;
+            let modseq = modseq_above(local.highest_modseq.max(remote.highest_modseq), || name.join('/'))?;
             tracing::debug!(mailbox = %name.join('/'), modseq, "counters equal the master's after changes on both sides: raising HIGHESTMODSEQ to force a sync");
             mb.update(&MailboxUpdate { min_highest_modseq: Some(modseq), ..Default::default() })?;
             local.highest_modseq = mb.status().highest_modseq;
@@ -617,10 +615,10 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
         }
         let local = cur.local.clone();
         let resync = self.update_pre(&mut cur.mb, &local, &remote)?;
-        if !self.boxes_need_sync(&cur.local, &remote) && resync.is_none() && self.reoffer(cur, &remote)? {
-            return Ok(());
-        }
         if !self.boxes_need_sync(&cur.local, &remote) {
+            if resync.is_none() && self.reoffer(cur, &remote)? {
+                return Ok(());
+            }
             let st = cur.mb.status();
             if (st.replicated_modseq != st.highest_modseq || st.peer_modseq != remote.highest_modseq || st.history_lost)
                 && !self.settings.no_mail_sync
@@ -675,15 +673,10 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
             return Ok(false);
         }
         let st = cur.mb.status();
-        let changed_here = st.replicated_modseq != 0 && st.highest_modseq > st.replicated_modseq;
-        let changed_there = st.peer_modseq != 0 && remote.highest_modseq != st.peer_modseq;
-        if !(changed_here || changed_there || self.merged_by_name.contains(&cur.local.guid)) {
+        if !self.changed_since_last_sync(&st, remote.highest_modseq, &cur.local.guid) {
             return Ok(false);
         }
-        let modseq =
-            st.highest_modseq.max(remote.highest_modseq).checked_add(1).ok_or_else(|| {
-                BrainError::Failed(format!("mailbox {}: HIGHESTMODSEQ exhausted", cur.name.join('/')))
-            })?;
+        let modseq = modseq_above(st.highest_modseq.max(remote.highest_modseq), || cur.name.join('/'))?;
         tracing::debug!(mailbox = %cur.name.join('/'), modseq, "counters equal the slave's after changes: offering the mailbox again");
         cur.mb.update(&MailboxUpdate { min_highest_modseq: Some(modseq), ..Default::default() })?;
         cur.mb.sync_point()?;
@@ -691,6 +684,15 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
         cur.reoffered = true;
         self.ibc.send_mailbox(&cur.local)?;
         Ok(true)
+    }
+
+    /// Whether either side changed the mailbox since the last sync, as far as our records of
+    /// it say (`st`, and the peer's HIGHESTMODSEQ now), or it was just merged by name: then
+    /// counters equal to the peer's are a coincidence, not equal contents.
+    fn changed_since_last_sync(&self, st: &MailboxStatus, remote_hms: u64, guid: &Guid128) -> bool {
+        let changed_here = st.replicated_modseq != 0 && st.highest_modseq > st.replicated_modseq;
+        let changed_there = st.peer_modseq != 0 && remote_hms != st.peer_modseq;
+        changed_here || changed_there || self.merged_by_name.contains(guid)
     }
 
     /// Sends what this mailbox's send side can send now.

@@ -232,10 +232,8 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                     // counters equal the peer's, so ours are made to differ now. Stored, so
                     // that the next sync still compares both when this one loses the mailbox
                     // half-way (Dovecot 2.3's slave can, after a GUID change by name).
-                    let modseq = b.status().highest_modseq.checked_add(1).ok_or_else(|| {
-                        BrainError::Failed(format!("mailbox {}: HIGHESTMODSEQ exhausted", name.join("/")))
-                    })?;
-                    update.min_highest_modseq = Some(modseq);
+                    update.min_highest_modseq =
+                        Some(super::box_sync::modseq_above(b.status().highest_modseq, || name.join("/"))?);
                 }
                 let change_ours = (ord == std::cmp::Ordering::Greater && !backup)
                     || (ord != std::cmp::Ordering::Equal && self.settings.backup_recv);

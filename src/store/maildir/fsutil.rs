@@ -67,11 +67,7 @@ pub(crate) fn fsync_dir(dir: &Path) -> StoreResult<()> {
 /// Writes `data` to `tmp` (mode 0600 adjusted by umask of the caller's choosing), fdatasyncs
 /// it and renames it over `dest`. The directory is not synced; callers batch that.
 pub(crate) fn replace_file(tmp: &Path, dest: &Path, data: &[u8], mode: u32) -> StoreResult<()> {
-    let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(tmp).ctx("open", tmp)?;
-    f.write_all(data).ctx("write", tmp)?;
-    f.sync_data().ctx("fdatasync", tmp)?;
-    drop(f);
-    fs::rename(tmp, dest).ctx("rename", dest)
+    replace_file_with(tmp, dest, mode, |f| f.write_all(data))
 }
 
 /// [`replace_file`] for contents written piece by piece by `fill` (which gets the open file),

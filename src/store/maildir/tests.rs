@@ -314,7 +314,7 @@ fn a_uidlist_damaged_while_open_is_repaired_at_commit() {
 
 /// A UIDNEXT raised without a new mail (the peer saved and expunged one) changes only the
 /// uidlist's header; Dovecot's index re-reads the uidlist only when `cur/` or `new/` changed,
-/// so `cur/`'s mtime is moved along, and our own index still trusts its snapshot.
+/// so `cur/`'s mtime is moved along; the mailbox reopens with the new UIDNEXT.
 #[test]
 fn raised_uidnext_is_announced_to_dovecot() {
     let root = tempfile::tempdir().unwrap();
