@@ -354,11 +354,52 @@ fn a_maildir_without_our_index_starts_at_dovecots_modseqs() {
     let dv = u.dv_ok(&["-f", "tab", "fetch", "uid modseq", "mailbox", "INBOX", "all"]);
     let ours = u.mr_ok(&["-f", "tab", "fetch", "uid modseq", "mailbox", "INBOX", "all"]);
     assert_eq!(ours, dv);
-    // Losing our index again later starts over the same way.
+    // Losing our index again later starts over just above Dovecot's HIGHESTMODSEQ, which
+    // Dovecot's index of the Maildir now has (see `highestmodseq_never_below_dovecots`).
     u.mr_ok(&["flags", "add", "\\Flagged", "mailbox", "INBOX", "uid", "4"]);
     assert_eq!(highest(&u), 3);
     fs::remove_file(u.maildir().join("mailreplica-index")).unwrap();
-    assert_eq!(highest(&u), 2);
+    let dovecots = dovecot_highest(&u);
+    assert_eq!(highest(&u), dovecots + 1);
+    u.assert_same_view();
+}
+
+fn dovecot_highest(u: &TestUser) -> u64 {
+    let t = u.dv_ok(&["-f", "tab", "mailbox", "status", "highestmodseq", "INBOX"]);
+    common::parse_tab(&t, &["mailbox", "highestmodseq"])[0][1].parse().unwrap()
+}
+
+/// Our HIGHESTMODSEQ of a Maildir that Dovecot indexes too never stays below Dovecot's: a
+/// state `doveadm sync -s` printed names a point in Dovecot's numbering, and every change we
+/// record after that sync must lie above it, or an incremental sync from that state would
+/// miss it. Dovecot's value is read from its transaction log, exactly.
+#[test]
+fn highestmodseq_never_below_dovecots() {
+    let u = TestUser::new();
+    for i in 0..4 {
+        u.save(Tool::Dovecot, "INBOX", &common::mail(&format!("m{i}")));
+    }
+    u.dv_ok(&["flags", "add", "\\Seen $Label1", "mailbox", "INBOX", "uid", "1:3"]);
+    u.dv_ok(&["flags", "remove", "$Label1", "mailbox", "INBOX", "uid", "2"]);
+    u.dv_ok(&["expunge", "mailbox", "INBOX", "uid", "3"]);
+    // No index of ours yet: ours starts just above Dovecot's, as read from its log.
+    let d = dovecot_highest(&u);
+    assert!(d > 2, "Dovecot's HIGHESTMODSEQ after its changes: {d}");
+    assert_eq!(highest(&u), d + 1);
+    // Dovecot's raised far, as an import by dsync raises it: ours follows at its next look,
+    // though nothing changed in the Maildir.
+    u.dv_ok(&["mailbox", "update", "--min-highest-modseq", "5000", "INBOX"]);
+    assert_eq!(dovecot_highest(&u), 5000);
+    assert_eq!(highest(&u), 5000);
+    // A change Dovecot makes, and one we make: each above Dovecot's HIGHESTMODSEQ of the
+    // moment.
+    u.dv_ok(&["flags", "add", "\\Flagged", "mailbox", "INBOX", "uid", "4"]);
+    let d = dovecot_highest(&u);
+    let of = |uid: u32| modseqs(&u).into_iter().find(|m| m.0 == uid).unwrap().1;
+    assert!(of(4) > d, "Dovecot's change: modseq {} not above {d}", of(4));
+    u.dv_ok(&["mailbox", "update", "--min-highest-modseq", "9000", "INBOX"]);
+    u.mr_ok(&["flags", "add", "\\Answered", "mailbox", "INBOX", "uid", "1"]);
+    assert!(of(1) > 9000, "our change: modseq {}", of(1));
     u.assert_same_view();
 }
 

@@ -39,7 +39,7 @@ use super::fsutil::{self, Stamp};
 use super::index::{self, ExtraChange, Header, Index, IndexedMail, KnownMail, LogEntry, Stamps};
 use super::keywords::{ExtraKeywords, KeywordMap};
 use super::uidlist::{self, Record, Salvage, Uidlist};
-use super::{Ctx, dotlock::Dotlock, tmpclean, uidvalidity};
+use super::{Ctx, dotlock::Dotlock, dovecot_log, tmpclean, uidvalidity};
 use crate::store::error::{IoContext, StoreResult};
 use crate::store::{
     Change, FlagOp, Flags, Guid128, Keyword, MAX_UID, MailGuid, MailRecord, Mailbox, MailboxName, MailboxStatus,
@@ -325,8 +325,39 @@ impl MaildirMailbox {
         self.guid = header.guid.unwrap_or_default();
         self.next_uid = header.next_uid;
         self.header = header;
+        self.follow_dovecot_modseq();
         self.partial = true;
         Ok(true)
+    }
+
+    /// Dovecot's HIGHESTMODSEQ of this mailbox, from Dovecot's own index of it; 0 if there is
+    /// none we can read.
+    fn dovecot_highest_modseq(&self) -> Modseq {
+        let dir = match &self.ctx.index_root {
+            None => self.dir.clone(),
+            Some(ix) => match self.dir.strip_prefix(&self.ctx.root) {
+                Ok(rel) => ix.join(rel),
+                Err(_) => ix.clone(),
+            },
+        };
+        dovecot_log::highest_modseq(&dir).unwrap_or(0)
+    }
+
+    /// Raises our HIGHESTMODSEQ to Dovecot's, before anything of this load gets a modseq: then
+    /// every change we record from now on lies above every point of Dovecot's numbering a
+    /// state printed by `doveadm sync` can name, and such a state may be used with our index
+    /// (see `dovecot_log`). Only ever raises; nothing is written for it.
+    fn follow_dovecot_modseq(&mut self) {
+        let theirs = self.dovecot_highest_modseq();
+        if theirs > self.header.highest_modseq {
+            tracing::debug!(
+                mailbox = %self.dir.display(),
+                ours = self.header.highest_modseq,
+                theirs,
+                "HIGHESTMODSEQ raised to Dovecot's"
+            );
+            self.header.highest_modseq = theirs;
+        }
     }
 
     /// The mailbox directory.
@@ -359,6 +390,7 @@ impl MaildirMailbox {
             Some(old) if valid => {
                 self.keywords = KeywordMap::read(&self.dir)?;
                 self.header = old.header;
+                self.follow_dovecot_modseq();
                 self.uid_validity = old.header.uid_validity;
                 self.guid = old.header.guid.unwrap_or_default();
                 self.next_uid = old.header.next_uid;
@@ -477,7 +509,7 @@ impl MaildirMailbox {
         match old {
             Some(old) => {
                 let Index { mut header, known, mut log, extra_keywords, .. } = old;
-                let mut hms = header.highest_modseq;
+                let mut hms = header.highest_modseq.max(self.dovecot_highest_modseq());
                 let mut next = || {
                     hms = hms.saturating_add(1);
                     hms
@@ -531,9 +563,18 @@ impl MaildirMailbox {
                 // none (an empty mailbox that never had a mail).
                 let has_mails = !current.is_empty();
                 let lost = has_mails || self.next_uid != 1;
-                let base = index::rebuilt_modseq(has_mails);
+                // The mails get what a fresh Dovecot index gives them: a low modseq, as the
+                // peer's importer compares it with its own changes' when both sides changed a
+                // mail. HIGHESTMODSEQ and the start of our history lie above Dovecot's
+                // HIGHESTMODSEQ, if it keeps one here and there is a history to lose: no state
+                // either tool printed before now may pass for a point in it.
+                let per_mail = index::rebuilt_modseq(has_mails);
+                let base = match self.dovecot_highest_modseq() {
+                    0 => per_mail,
+                    theirs => per_mail.max(theirs + u64::from(lost)),
+                };
                 for m in &mut current {
-                    m.modseq = base;
+                    m.modseq = per_mail;
                 }
                 if lost {
                     tracing::info!(

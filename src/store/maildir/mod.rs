@@ -17,6 +17,7 @@
 
 mod delete;
 mod dotlock;
+mod dovecot_log;
 mod fasthash;
 mod filename;
 mod fsutil;
@@ -112,6 +113,9 @@ pub(crate) struct Ctx {
     pub(crate) names: filename::UniqueNames,
     pub(crate) lock_wait: Duration,
     pub(crate) sep: char,
+    /// Dovecot's index root (`:INDEX=`), when not the mail root: where Dovecot's index of a
+    /// mailbox is, whose HIGHESTMODSEQ ours follows (see `dovecot_log`).
+    pub(crate) index_root: Option<PathBuf>,
 }
 
 /// Name of the directory Dovecot renames a Maildir++ mailbox to while deleting it.
@@ -165,6 +169,7 @@ impl Maildir {
             names: filename::UniqueNames::new(&settings.hostname),
             lock_wait: settings.lock_wait,
             sep: settings.layout.separator(),
+            index_root: settings.index_root.clone(),
         });
         let store = Self { settings, ctx };
         store.ensure_inbox()?;

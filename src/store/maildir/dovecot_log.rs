@@ -1,0 +1,243 @@
+//! Dovecot's HIGHESTMODSEQ for a Maildir mailbox, read from its transaction log.
+//!
+//! Dovecot and mailreplica each keep an index of the same Maildir, each with modseqs of its
+//! own. A sync state (`-s`) carries one modseq per mailbox, the last common point, which each
+//! end looks up in its own index; a state that `doveadm sync` printed names a point in
+//! Dovecot's numbering. It is safe in ours only if every change we record after that sync
+//! gets a modseq above it, so our HIGHESTMODSEQ is never left below Dovecot's (see
+//! [`super::mailbox`]), and a state we print never names a point above Dovecot's (else
+//! doveadm, given it, finds its index "behind" the state and starts over with a full sync).
+//!
+//! Dovecot's HIGHESTMODSEQ is where its transaction log `dovecot.index.log` ends: the file's
+//! initial modseq, plus one for every record that changes mails visibly, or the value a modseq
+//! update record sets (Dovecot's `mail_transaction_update_modseq`). Only that file is read,
+//! and only for this number; nothing of Dovecot's is ever written.
+
+use std::fs;
+use std::path::Path;
+
+use crate::store::Modseq;
+
+/// The transaction log's name in a mailbox's Dovecot index directory.
+pub(crate) const LOG_NAME: &str = "dovecot.index.log";
+
+/// Dovecot's HIGHESTMODSEQ for the mailbox whose Dovecot index lives in `dir`; `None` when
+/// there is no log there that we can read (none, unreadable, another format or byte order),
+/// `Some(0)` when Dovecot does not count modseqs there yet.
+pub(crate) fn highest_modseq(dir: &Path) -> Option<Modseq> {
+    // The log is rotated at about 1 MiB; a larger one is not Dovecot's usual and is not read.
+    const MAX_LOG: u64 = 64 << 20;
+    let path = dir.join(LOG_NAME);
+    let meta = fs::metadata(&path).ok()?;
+    if !meta.is_file() || meta.len() > MAX_LOG {
+        return None;
+    }
+    parse(&fs::read(&path).ok()?)
+}
+
+// Record types (`enum mail_transaction_type`).
+const EXPUNGE: u32 = 0x1;
+const APPEND: u32 = 0x2;
+const FLAG_UPDATE: u32 = 0x4;
+const EXT_INTRO: u32 = 0x40;
+const KEYWORD_UPDATE: u32 = 0x400;
+const KEYWORD_RESET: u32 = 0x800;
+const EXPUNGE_GUID: u32 = 0x2000;
+const MODSEQ_UPDATE: u32 = 0x8000;
+const ATTRIBUTE_UPDATE: u32 = 0x10_0000;
+const TYPE_MASK: u32 = 0x0fff_ffff;
+const EXPUNGE_PROT: u32 = 0xcd90;
+const EXTERNAL: u32 = 0x1000_0000;
+/// \Answered \Flagged \Deleted \Seen \Draft: a flag update touching none of them (and not
+/// forcing a modseq) is internal and, from log version 1.3 on, counts for nothing.
+const VISIBLE_FLAGS: u8 = 0x1f;
+/// `mail_transaction_log_header.compat_flags`: the file was written little-endian.
+const COMPAT_LITTLE_ENDIAN: u8 = 0x01;
+
+/// The log's HIGHESTMODSEQ, from its bytes. A record cut short at the end (being written, or
+/// left by a crash) ends the reading there, as it ends Dovecot's.
+fn parse(data: &[u8]) -> Option<Modseq> {
+    let u16_at = |p: usize| u16::from_le_bytes([data[p], data[p + 1]]);
+    if data.len() < 24 || data[0] != 1 {
+        return None;
+    }
+    let version = u16::from(data[0]) << 8 | u16::from(data[1]);
+    let hdr_size = usize::from(u16_at(2));
+    if hdr_size < 24 || hdr_size > data.len() {
+        return None;
+    }
+    if version >= 0x102 && hdr_size > 32 && data[32] & COMPAT_LITTLE_ENDIAN == 0 {
+        return None;
+    }
+    let mut modseq = if hdr_size >= 32 { le_u64(&data[24..32]) } else { 0 };
+    let mut pos = hdr_size;
+    while data.len() - pos >= 8 {
+        let size = offset_to_u32(u32::from_be_bytes(data[pos..pos + 4].try_into().ok()?)) as usize;
+        if size < 8 || size > data.len() - pos {
+            break;
+        }
+        let kind = le_u32(&data[pos + 4..pos + 8]);
+        update(kind, &data[pos + 8..pos + size], &mut modseq, version);
+        pos += size;
+    }
+    Some(modseq)
+}
+
+/// A record's size as the log stores it (`mail_index_offset_to_uint32`): four bytes of seven
+/// bits each, the high bit set in every byte, counting 4-byte units. 0 if malformed.
+fn offset_to_u32(v: u32) -> u32 {
+    if v & 0x8080_8080 != 0x8080_8080 {
+        return 0;
+    }
+    ((v & 0x7f) | ((v & 0x7f00) >> 8 << 7) | ((v & 0x7f_0000) >> 16 << 14) | ((v & 0x7f00_0000) >> 24 << 21)) << 2
+}
+
+/// What one record does to the modseq (Dovecot's `mail_transaction_update_modseq`).
+fn update(kind: u32, body: &[u8], modseq: &mut Modseq, version: u16) {
+    let t = kind & TYPE_MASK;
+    if *modseq == 0 {
+        // Not counting yet: only the introduction of the modseq extension starts it.
+        if t == EXT_INTRO && body.len() >= 20 {
+            let name_len = usize::from(u16::from_le_bytes([body[18], body[19]]));
+            if body.get(20..20 + name_len) == Some(b"modseq".as_slice()) {
+                *modseq = 1;
+            }
+        }
+        return;
+    }
+    match t {
+        // Expunges count once they are done (external), not when requested.
+        _ if t == EXPUNGE | EXPUNGE_PROT || t == EXPUNGE_GUID | EXPUNGE_PROT => {
+            if kind & EXTERNAL != 0 {
+                *modseq += 1;
+            }
+        }
+        APPEND | KEYWORD_UPDATE | KEYWORD_RESET | ATTRIBUTE_UPDATE => *modseq += 1,
+        FLAG_UPDATE => {
+            // struct mail_transaction_flag_update: uid1, uid2, add, remove, modseq_inc, pad.
+            let visible =
+                version < 0x103 || body.chunks_exact(12).any(|r| (r[8] | r[9]) & VISIBLE_FLAGS != 0 || r[10] != 0);
+            if visible {
+                *modseq += 1;
+            }
+        }
+        MODSEQ_UPDATE => {
+            // struct mail_transaction_modseq_update: uid, modseq low and high halves.
+            for r in body.chunks_exact(12) {
+                let m = u64::from(le_u32(&r[4..8])) | u64::from(le_u32(&r[8..12])) << 32;
+                *modseq = (*modseq).max(m);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    u64::from(le_u32(&b[0..4])) | u64::from(le_u32(&b[4..8])) << 32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn to_offset(n: u32) -> u32 {
+        let o = n >> 2;
+        0x8080_8080
+            | (o & 0x7f)
+            | ((o & 0x3f80) >> 7 << 8)
+            | ((o & 0x1f_c000) >> 14 << 16)
+            | ((o & 0x0fe0_0000) >> 21 << 24)
+    }
+
+    /// A log header of version 1.3 with `initial` as its initial modseq.
+    fn header(initial: u64) -> Vec<u8> {
+        let mut h = vec![1u8, 3];
+        h.extend(40u16.to_le_bytes());
+        h.extend([0u8; 20]);
+        h.extend(initial.to_le_bytes());
+        h.push(COMPAT_LITTLE_ENDIAN);
+        h.extend([0u8; 7]);
+        h
+    }
+
+    fn record(log: &mut Vec<u8>, kind: u32, body: &[u8]) {
+        let padded = body.len().div_ceil(4) * 4;
+        log.extend(to_offset(8 + padded as u32).to_be_bytes());
+        log.extend(kind.to_le_bytes());
+        log.extend(body);
+        log.extend(std::iter::repeat_n(0u8, padded - body.len()));
+    }
+
+    fn flag_update(add: u8, remove: u8, inc: u8) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend(1u32.to_le_bytes());
+        b.extend(3u32.to_le_bytes());
+        b.extend([add, remove, inc, 0]);
+        b
+    }
+
+    #[test]
+    fn sizes_decode_as_dovecot_encodes_them() {
+        for n in [8u32, 12, 124, 128, 4096, 65_532, 1 << 20, (1 << 30) - 4] {
+            assert_eq!(offset_to_u32(to_offset(n)), n);
+        }
+        assert_eq!(offset_to_u32(0x0000_0010), 0, "high bits missing");
+    }
+
+    #[test]
+    fn counts_as_dovecot_does() {
+        let mut log = header(10);
+        record(&mut log, APPEND, &[0; 16]); // 11
+        record(&mut log, FLAG_UPDATE, &flag_update(0x08, 0, 0)); // \Seen: 12
+        record(&mut log, FLAG_UPDATE, &flag_update(0x40, 0, 0)); // internal only: no change
+        record(&mut log, FLAG_UPDATE, &flag_update(0, 0, 1)); // forced modseq: 13
+        record(&mut log, EXPUNGE_GUID | EXPUNGE_PROT, &[0; 20]); // a request: no change
+        record(&mut log, EXPUNGE_GUID | EXPUNGE_PROT | EXTERNAL, &[0; 20]); // 14
+        record(&mut log, KEYWORD_UPDATE, &[0; 12]); // 15
+        record(&mut log, 0x20, &[0; 8]); // a header update: no change
+        assert_eq!(parse(&log), Some(15));
+        let mut up = Vec::new();
+        up.extend(0u32.to_le_bytes());
+        up.extend(7u32.to_le_bytes());
+        up.extend(1u32.to_le_bytes());
+        record(&mut log, MODSEQ_UPDATE, &up);
+        assert_eq!(parse(&log), Some((1 << 32) + 7));
+        // A record cut short ends the log.
+        let mut cut = header(10);
+        record(&mut cut, APPEND, &[0; 16]);
+        record(&mut cut, APPEND, &[0; 16]);
+        cut.truncate(cut.len() - 4);
+        assert_eq!(parse(&cut), Some(11));
+    }
+
+    #[test]
+    fn counting_starts_with_the_modseq_extension() {
+        let mut log = header(0);
+        record(&mut log, APPEND, &[0; 16]);
+        assert_eq!(parse(&log), Some(0));
+        let mut intro = vec![0u8; 18];
+        intro.extend(6u16.to_le_bytes());
+        intro.extend(b"modseq");
+        record(&mut log, EXT_INTRO, &intro);
+        record(&mut log, APPEND, &[0; 16]);
+        assert_eq!(parse(&log), Some(2));
+    }
+
+    #[test]
+    fn other_formats_are_not_read() {
+        assert_eq!(parse(b""), None);
+        let mut v2 = header(5);
+        v2[0] = 2;
+        assert_eq!(parse(&v2), None);
+        let mut big_endian = header(5);
+        big_endian[32] = 0;
+        assert_eq!(parse(&big_endian), None);
+        let mut short = header(5);
+        short[2] = 200;
+        assert_eq!(parse(&short), None);
+    }
+}
