@@ -373,6 +373,14 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
         if let Some(reason) = self.incremental_unusable(&cur.mb, &last) {
             return Ok(Some(reason));
         }
+        if last.uid != 0 || last.modseq != 0 {
+            tracing::debug!(
+                mailbox = %cur.name.join('/'),
+                last_common_uid = last.uid,
+                last_common_modseq = last.modseq,
+                "incremental: only changes since the saved state are exchanged"
+            );
+        }
         let backup_send = self.settings.backup_send;
         let backup_recv = self.settings.backup_recv;
         let mail_requests = self.settings.send_mail_requests;
@@ -687,12 +695,14 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
     }
 
     /// Whether either side changed the mailbox since the last sync, as far as our records of
-    /// it say (`st`, and the peer's HIGHESTMODSEQ now), or it was just merged by name: then
-    /// counters equal to the peer's are a coincidence, not equal contents.
+    /// it say (`st`, and the peer's HIGHESTMODSEQ now), or it was just merged by name, or our
+    /// records of it were lost (an index rebuilt from the Maildir: its HIGHESTMODSEQ follows
+    /// Dovecot's, which may equal the peer's by chance): then counters equal to the peer's
+    /// are a coincidence, not equal contents.
     fn changed_since_last_sync(&self, st: &MailboxStatus, remote_hms: u64, guid: &Guid128) -> bool {
         let changed_here = st.replicated_modseq != 0 && st.highest_modseq > st.replicated_modseq;
         let changed_there = st.peer_modseq != 0 && remote_hms != st.peer_modseq;
-        changed_here || changed_there || self.merged_by_name.contains(guid)
+        changed_here || changed_there || st.history_lost || self.merged_by_name.contains(guid)
     }
 
     /// Sends what this mailbox's send side can send now.
