@@ -64,6 +64,8 @@ struct Pair<'a> {
     /// Where views note what doveadm warned about instead of failing (see
     /// [`Runs::lenient_views`]).
     view_warnings: Option<&'a RefCell<Vec<String>>>,
+    /// `sync` or `backup` (see [`Runs::verb`]).
+    verb: &'static str,
 }
 
 /// What one side shows: the common harness's [`View`] without the modseq-dependent parts.
@@ -71,11 +73,11 @@ type SideView = View;
 
 impl<'a> Pair<'a> {
     fn dovecot(u: &'a TestUser, mode: Mode, state: &'a RefCell<String>) -> Self {
-        Self { u, master: "A", slave: "B", kind: Slave::Dovecot, mode, state, view_warnings: None }
+        Self { u, master: "A", slave: "B", kind: Slave::Dovecot, mode, state, view_warnings: None, verb: "sync" }
     }
 
     fn ours(u: &'a TestUser, mode: Mode, state: &'a RefCell<String>) -> Self {
-        Self { u, master: "A2", slave: "S", kind: Slave::Ours, mode, state, view_warnings: None }
+        Self { u, master: "A2", slave: "S", kind: Slave::Ours, mode, state, view_warnings: None, verb: "sync" }
     }
 
     fn loc(&self, side: Side) -> &'static str {
@@ -148,7 +150,7 @@ impl<'a> Pair<'a> {
         let loc = format!("mail_location=maildir:~/{}", self.master);
         let cmd = self.slave_command();
         let state = self.state.borrow().clone();
-        let mut args = vec!["-o", &loc, "sync"];
+        let mut args = vec!["-o", &loc, self.verb];
         if self.mode == Mode::Stateful {
             args.extend(["-s", &state]);
         }
@@ -439,6 +441,8 @@ struct Runs {
     /// UIDVALIDITY change Dovecot's Maildir code warns about mails it meets again
     /// ("Expunged message reappeared"), in both runs alike.
     lenient_views: Option<[RefCell<Vec<String>>; 2]>,
+    /// `sync` (two-way), or `backup` (the slave becomes a copy of the master).
+    verb: &'static str,
 }
 
 impl Runs {
@@ -464,6 +468,7 @@ impl Runs {
             sync_args: Vec::new(),
             dovecot_second_sync_broken: false,
             lenient_views: None,
+            verb: "sync",
         }
     }
 
@@ -474,6 +479,7 @@ impl Runs {
             d.view_warnings = Some(wd);
             m.view_warnings = Some(wm);
         }
+        (d.verb, m.verb) = (self.verb, self.verb);
         [d, m]
     }
 
@@ -508,7 +514,10 @@ impl Runs {
         let ds = d.view(Side::Slave);
         // (A one-way sync leaves the slave's own changes on the slave alone, and filters leave
         // the mails they exclude where they are.)
-        if self.mode == Mode::Stateful && self.sync_args.is_empty() {
+        // (A stateful backup leaves the slave's own changes to mails the master did not change
+        // since the state, in Dovecot's pair alike; a stateless one reverts them.)
+        let converges = matches!((self.verb, self.mode), ("sync", Mode::Stateful) | ("backup", Mode::Stateless));
+        if converges && self.sync_args.is_empty() {
             assert_views_equal_labeled(
                 &dm,
                 &ds,
@@ -750,6 +759,8 @@ scenario!(uidvalidity_changed_on_one_side);
 scenario!(one_way_sync_keeps_the_slaves_own_changes);
 scenario!(changes_during_the_sync);
 scenario!(filters_by_date_size_and_flag);
+scenario!(backup_undoes_the_slaves_own_changes);
+scenario!(backup_over_a_slave_that_changed_its_mailboxes);
 
 fn initial_sync_into_an_empty_slave(mode: Mode) {
     let r = seeded(mode);
@@ -862,6 +873,153 @@ fn one_way_sync_keeps_the_slaves_own_changes(mode: Mode) {
         p.create(Side::Slave, "OnlyHere", &mguid(12), 12000);
     });
     r.sync_and_compare("one-way sync");
+}
+
+/// Like [`seeded`], but every sync of the scenario is a `backup`.
+fn seeded_backup(mode: Mode) -> Runs {
+    let mut r = Runs::new(mode);
+    r.verb = "backup";
+    seed_masters(&r);
+    r.sync_and_compare("initial backup");
+    r
+}
+
+/// `backup`: whatever the slave did since the last one, it ends a copy of the master. Its own
+/// new mail, flag changes and expunges are undone; the master's changes arrive.
+fn backup_undoes_the_slaves_own_changes(mode: Mode) {
+    let r = seeded_backup(mode);
+    r.both(|p| {
+        p.deliver(Side::Master, "INBOX", "1700003000.M1P1.master");
+        p.flags(Side::Master, "add", "\\Seen $Label1", "INBOX", IN1);
+        p.expunge(Side::Master, "Work", WK1);
+        // (A new mail or an expunge in the slave's INBOX makes Dovecot's own backup fail: it
+        // would delete INBOX to recreate it. In another mailbox it does so.)
+        p.flags(Side::Slave, "add", "\\Flagged $Label2", "INBOX", IN2);
+        p.flags(Side::Slave, "remove", "$Label1", "INBOX", IN1);
+        p.deliver(Side::Slave, "Work", "1700003000.M2P1.slave");
+        p.expunge(Side::Slave, "Work", "1700000001.M2P1.seed");
+        // A mail the slave has and the master gets too, under different UIDs.
+        p.deliver(Side::Slave, "Work", "1700003000.M3P1.both");
+        p.deliver(Side::Master, "Work", "1700003000.M4P1.master");
+        p.deliver(Side::Master, "Work", "1700003000.M3P1.both");
+    });
+    let v = r.sync_and_compare("backup over the slave's own changes");
+    assert_eq!(v.mails_of("INBOX").len(), 4, "the master's three and its new one");
+    assert_eq!(v.mails_of("Work").len(), 3, "the master's three, not the slave's own");
+    r.both(|p| {
+        p.flags(Side::Slave, "add", "\\Answered", "INBOX", IN1);
+        p.expunge(Side::Slave, "Work", "1700003000.M4P1.master");
+    });
+    r.sync_and_compare("backup after changes on the slave only");
+}
+
+/// `backup` over a slave whose mailboxes changed: a mailbox of its own goes, a renamed one
+/// gets the master's name back, subscriptions follow the master, and a mailbox new on the
+/// master arrives.
+fn backup_over_a_slave_that_changed_its_mailboxes(mode: Mode) {
+    let r = seeded_backup(mode);
+    r.both(|p| {
+        p.create(Side::Slave, "OnlyHere", &mguid(30), 30000);
+        p.deliver(Side::Slave, "OnlyHere", "1700003100.M1P1.only");
+        p.mailbox_cmd(Side::Slave, &["rename", "Work", "Elsewhere"]);
+        p.mailbox_cmd(Side::Slave, &["unsubscribe", "INBOX"]);
+        p.mailbox_cmd(Side::Slave, &["subscribe", "OnlyHere"]);
+        p.create(Side::Master, "Fresh", &mguid(31), 31000);
+        p.deliver(Side::Master, "Fresh", "1700003100.M2P1.fresh");
+        p.mailbox_cmd(Side::Master, &["subscribe", "Fresh"]);
+    });
+    let v = r.sync_and_compare("backup over a slave with mailboxes of its own");
+    assert!(!v.status.contains_key("OnlyHere") && !v.status.contains_key("Elsewhere"), "{:?}", v.status.keys());
+    r.both(|p| {
+        p.mailbox_cmd(Side::Slave, &["delete", "Fresh"]);
+        p.mailbox_cmd(Side::Master, &["rename", "Work", "Work2"]);
+    });
+    r.sync_and_compare("backup after the slave deleted a mailbox and the master renamed one");
+}
+
+/// States between doveadm and us, on the same master Maildir (Dovecot's slave in both runs):
+/// a state `doveadm sync -s` printed makes `mailreplica sync -s` exchange only what changed
+/// since (no "retry with a full sync"), once our index of the Maildir has synced; a state we
+/// printed hides its mailboxes from doveadm, which then compares
+/// them in full (Dovecot's index may count modseqs behind ours, see `dsync/master.rs`). The
+/// Maildirs end as Dovecot's own pair leaves them, round after round.
+#[test]
+fn states_interchange_with_doveadm() {
+    let r = Runs::new(Mode::Stateful);
+    let [d, m] = r.pairs();
+    let m = Pair { kind: Slave::Dovecot, ..m };
+    for p in [&d, &m] {
+        p.create(Side::Master, "INBOX", &mguid(1), 1000);
+        p.create(Side::Master, "Work", &mguid(2), 2000);
+        for name in [IN1, IN2, IN3] {
+            p.deliver(Side::Master, "INBOX", name);
+        }
+        p.deliver(Side::Master, "Work", WK1);
+    }
+    d.sync();
+    let loc = format!("mail_location=maildir:~/{}", m.master);
+    let slave = m.slave_command();
+    // Our run starts with our master: our index of the Maildir has synced once.
+    let out = m.u.mr(&["-o", &loc, "sync", "-s", "", &slave]);
+    assert!(out.success(), "the first sync: {}", out.describe());
+    *m.state.borrow_mut() = out.text().trim().to_owned();
+    let change = |p: &Pair<'_>, tag: &str| {
+        p.deliver(Side::Master, "INBOX", &format!("1700004000.M1P1.{tag}master"));
+        p.flags(Side::Master, "add", &format!("$M{tag}"), "INBOX", IN1);
+        p.deliver(Side::Master, "Work", &format!("1700004000.M2P1.{tag}master"));
+        p.deliver(Side::Slave, "INBOX", &format!("1700004000.M3P1.{tag}slave"));
+        p.flags(Side::Slave, "add", &format!("$S{tag}"), "INBOX", IN2);
+    };
+    let compare = |what: &str| {
+        for p in [&d, &m] {
+            assert_views_equal_labeled(&p.view(Side::Master), &p.view(Side::Slave), &format!("{what}: not converged"));
+        }
+        assert_views_equal_labeled(&d.view(Side::Master), &m.view(Side::Master), &format!("{what}: masters differ"));
+    };
+    let clean = |out: &Output, what: &str| {
+        assert!(out.success(), "{what}: {}", out.describe());
+        assert!(
+            !out.stderr.contains("retry with a full sync") && !out.stderr.contains("Error:"),
+            "{what}: not a clean stateful sync: {}",
+            out.describe()
+        );
+        let new = out.text().trim().to_owned();
+        assert!(!new.is_empty() && !new.contains('\n'), "{what}: odd state: {}", out.describe());
+        *m.state.borrow_mut() = new;
+    };
+    for round in 1..=3 {
+        // doveadm on our master Maildir, with the state our last run printed.
+        change(&d, &format!("a{round}"));
+        change(&m, &format!("a{round}"));
+        d.sync();
+        let state = m.state.borrow().clone();
+        let out = m.u.doveadm(&["-D", "-o", &loc, "sync", "-s", &state, &slave]);
+        let what = format!("round {round}: doveadm sync -s STATE");
+        let imported = out.stderr.split("Exported mailbox states").next().unwrap_or_default();
+        assert!(
+            imported.contains("Imported mailbox states") && !imported.contains(&format!("Mailbox {} state:", mguid(1))),
+            "{what}: doveadm found INBOX in our state: {}",
+            out.describe()
+        );
+        clean(&out, &what);
+        compare(&what);
+        // Ours, with the state doveadm just printed.
+        change(&d, &format!("b{round}"));
+        change(&m, &format!("b{round}"));
+        d.sync();
+        let state = m.state.borrow().clone();
+        let mut c = m.u.mr_cmd(&["-o", &loc, "sync", "-s", &state, &slave]);
+        c.env("MAILREPLICA_LOG", "debug");
+        let out = common::run(c, None);
+        let what = format!("round {round}: mailreplica sync -s DOVEADM-STATE");
+        assert!(
+            out.stderr.lines().any(|l| l.contains("incremental:") && l.contains("mailbox=INBOX")),
+            "{what}: INBOX was not synced incrementally: {}",
+            out.describe()
+        );
+        clean(&out, &what);
+        compare(&what);
+    }
 }
 
 /// Passes the master's stream to the slave command; just before the first mail change record
