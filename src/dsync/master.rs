@@ -287,6 +287,6 @@ mod tests {
         assert_eq!(back, [st]);
         // A state doveadm printed is taken as it is.
         let theirs = convert::state_to_wire(&st);
-        assert_eq!(unhide(theirs.clone()), theirs);
+        assert_eq!(unhide(theirs), theirs);
     }
 }

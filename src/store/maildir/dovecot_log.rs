@@ -108,9 +108,7 @@ fn update(kind: u32, body: &[u8], modseq: &mut Modseq, version: u16) {
     match t {
         // Expunges count once they are done (external), not when requested.
         _ if t == EXPUNGE | EXPUNGE_PROT || t == EXPUNGE_GUID | EXPUNGE_PROT => {
-            if kind & EXTERNAL != 0 {
-                *modseq += 1;
-            }
+            *modseq += u64::from(kind & EXTERNAL != 0)
         }
         APPEND | KEYWORD_UPDATE | KEYWORD_RESET | ATTRIBUTE_UPDATE => *modseq += 1,
         FLAG_UPDATE => {
