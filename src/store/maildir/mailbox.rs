@@ -571,7 +571,7 @@ impl MaildirMailbox {
                 let per_mail = index::rebuilt_modseq(has_mails);
                 let base = match self.dovecot_highest_modseq() {
                     0 => per_mail,
-                    theirs => per_mail.max(theirs + u64::from(lost)),
+                    theirs => per_mail.max(theirs.saturating_add(u64::from(lost))),
                 };
                 for m in &mut current {
                     m.modseq = per_mail;
