@@ -280,9 +280,18 @@ fn modseqs(u: &TestUser) -> Vec<(u32, u64)> {
     common::parse_tab(&t, &["uid", "modseq"]).iter().map(|r| (r[0].parse().unwrap(), r[1].parse().unwrap())).collect()
 }
 
-fn highest(u: &TestUser) -> u64 {
-    let t = u.mr_ok(&["-f", "tab", "mailbox", "status", "highestmodseq", "INBOX"]);
+/// INBOX's HIGHESTMODSEQ as `tool` reports it.
+fn highest_by(u: &TestUser, tool: Tool) -> u64 {
+    let t = u.ok(tool, &["-f", "tab", "mailbox", "status", "highestmodseq", "INBOX"]);
     common::parse_tab(&t, &["mailbox", "highestmodseq"])[0][1].parse().unwrap()
+}
+
+fn highest(u: &TestUser) -> u64 {
+    highest_by(u, Tool::Ours)
+}
+
+fn dovecot_highest(u: &TestUser) -> u64 {
+    highest_by(u, Tool::Dovecot)
 }
 
 #[test]
@@ -362,11 +371,6 @@ fn a_maildir_without_our_index_starts_at_dovecots_modseqs() {
     let dovecots = dovecot_highest(&u);
     assert_eq!(highest(&u), dovecots + 1);
     u.assert_same_view();
-}
-
-fn dovecot_highest(u: &TestUser) -> u64 {
-    let t = u.dv_ok(&["-f", "tab", "mailbox", "status", "highestmodseq", "INBOX"]);
-    common::parse_tab(&t, &["mailbox", "highestmodseq"])[0][1].parse().unwrap()
 }
 
 /// Our HIGHESTMODSEQ of a Maildir that Dovecot indexes too never stays below Dovecot's: a
