@@ -84,6 +84,11 @@ pub(super) fn modseq_above(modseq: u64, mailbox: impl FnOnce() -> String) -> Res
     modseq.checked_add(1).ok_or_else(|| BrainError::Failed(format!("mailbox {}: HIGHESTMODSEQ exhausted", mailbox())))
 }
 
+/// Whether our side changed the mailbox since the last completed sync, by our records.
+fn changed_here(st: &MailboxStatus) -> bool {
+    st.replicated_modseq != 0 && st.highest_modseq > st.replicated_modseq
+}
+
 fn dsync_box<M: Mailbox>(mb: &M) -> DsyncMailbox {
     let st = mb.status();
     DsyncMailbox {
@@ -142,10 +147,7 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
             // every counter equal, and the slave would skip the mailbox): when we know ours
             // changed since the last sync, our HIGHESTMODSEQ takes one more step.
             let st = mb.status();
-            if self.sync_kind == SyncKind::Changed
-                && st.replicated_modseq != 0
-                && st.highest_modseq > st.replicated_modseq
-            {
+            if self.sync_kind == SyncKind::Changed && changed_here(&st) {
                 let modseq = modseq_above(st.highest_modseq, || name.join('/'))?;
                 mb.update(&MailboxUpdate { min_highest_modseq: Some(modseq), ..Default::default() })?;
                 mb.sync_point()?;
@@ -700,9 +702,8 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
     /// Dovecot's, which may equal the peer's by chance): then counters equal to the peer's
     /// are a coincidence, not equal contents.
     fn changed_since_last_sync(&self, st: &MailboxStatus, remote_hms: u64, guid: &Guid128) -> bool {
-        let changed_here = st.replicated_modseq != 0 && st.highest_modseq > st.replicated_modseq;
         let changed_there = st.peer_modseq != 0 && remote_hms != st.peer_modseq;
-        changed_here || changed_there || st.history_lost || self.merged_by_name.contains(guid)
+        changed_here(st) || changed_there || st.history_lost || self.merged_by_name.contains(guid)
     }
 
     /// Sends what this mailbox's send side can send now.

@@ -220,7 +220,8 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                 // the larger GUID wins in a two-way sync; a backup destination takes the
                 // source's GUID.
                 let mut b = self.store.open(&mb)?;
-                let local = b.status().guid;
+                let st = b.status();
+                let local = st.guid;
                 let ord = guid.0.cmp(&local.0);
                 let backup = self.settings.backup_recv || self.settings.backup_send;
                 let mut update = MailboxUpdate::default();
@@ -233,7 +234,7 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                     // that the next sync still compares both when this one loses the mailbox
                     // half-way (Dovecot 2.3's slave can, after a GUID change by name).
                     update.min_highest_modseq =
-                        Some(super::box_sync::modseq_above(b.status().highest_modseq, || name.join("/"))?);
+                        Some(super::box_sync::modseq_above(st.highest_modseq, || name.join("/"))?);
                 }
                 let change_ours = (ord == std::cmp::Ordering::Greater && !backup)
                     || (ord != std::cmp::Ordering::Equal && self.settings.backup_recv);
