@@ -105,29 +105,26 @@ fn update(kind: u32, body: &[u8], modseq: &mut Modseq, version: u16) {
         }
         return;
     }
-    match t {
+    // (Saturating: the log is the user's own file, and may claim any value.)
+    let step = match t {
         // Expunges count once they are done (external), not when requested.
-        _ if t == EXPUNGE | EXPUNGE_PROT || t == EXPUNGE_GUID | EXPUNGE_PROT => {
-            *modseq += u64::from(kind & EXTERNAL != 0)
-        }
-        APPEND | KEYWORD_UPDATE | KEYWORD_RESET | ATTRIBUTE_UPDATE => *modseq += 1,
-        FLAG_UPDATE => {
-            // struct mail_transaction_flag_update: uid1, uid2, add, remove, modseq_inc, pad.
-            let visible =
-                version < 0x103 || body.chunks_exact(12).any(|r| (r[8] | r[9]) & VISIBLE_FLAGS != 0 || r[10] != 0);
-            if visible {
-                *modseq += 1;
-            }
-        }
+        _ if t == EXPUNGE | EXPUNGE_PROT || t == EXPUNGE_GUID | EXPUNGE_PROT => u64::from(kind & EXTERNAL != 0),
+        APPEND | KEYWORD_UPDATE | KEYWORD_RESET | ATTRIBUTE_UPDATE => 1,
+        // struct mail_transaction_flag_update: uid1, uid2, add, remove, modseq_inc, pad.
+        FLAG_UPDATE => u64::from(
+            version < 0x103 || body.chunks_exact(12).any(|r| (r[8] | r[9]) & VISIBLE_FLAGS != 0 || r[10] != 0),
+        ),
         MODSEQ_UPDATE => {
             // struct mail_transaction_modseq_update: uid, modseq low and high halves.
             for r in body.chunks_exact(12) {
                 let m = u64::from(le_u32(&r[4..8])) | u64::from(le_u32(&r[8..12])) << 32;
                 *modseq = (*modseq).max(m);
             }
+            0
         }
-        _ => {}
-    }
+        _ => 0,
+    };
+    *modseq = modseq.saturating_add(step);
 }
 
 fn le_u32(b: &[u8]) -> u32 {
@@ -210,6 +207,10 @@ mod tests {
         record(&mut cut, APPEND, &[0; 16]);
         cut.truncate(cut.len() - 4);
         assert_eq!(parse(&cut), Some(11));
+        // A log claiming the largest modseq stays there.
+        let mut top = header(u64::MAX);
+        record(&mut top, APPEND, &[0; 16]);
+        assert_eq!(parse(&top), Some(u64::MAX));
     }
 
     #[test]
