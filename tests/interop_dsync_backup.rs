@@ -386,8 +386,18 @@ impl Reverse<'_> {
 
     /// The same mail delivered into both sources (same file name, so the same GUID).
     fn deliver_both(&self, mailbox: &str, base: &str, body: &[u8]) {
+        // One received date (the file's mtime) for both copies, even when the two deliveries
+        // fall in different seconds: the sessions compared carry it.
+        let received = std::time::SystemTime::now();
         for s in [Slave::Dovecot, Slave::Ours] {
-            self.u.deliver(&self.src_dir(s), mailbox, base, body);
+            let root = self.src_dir(s);
+            self.u.deliver(&root, mailbox, base, body);
+            let dir = if mailbox == "INBOX" { root } else { root.join(format!(".{mailbox}")) };
+            std::fs::File::options()
+                .write(true)
+                .open(dir.join("new").join(base))
+                .and_then(|f| f.set_modified(received))
+                .expect("set the received date");
         }
     }
 }
