@@ -120,6 +120,7 @@ pub(crate) fn state_from_wire(s: &wire::MailboxState) -> MailboxState {
         last_common_pvt_modseq: s.last_common_pvt_modseq,
         last_messages_count: s.last_messages_count,
         changes_during_sync: s.changes_during_sync,
+        shared_modseq: None,
     }
 }
 

@@ -11,9 +11,8 @@ use std::time::Duration;
 use super::brain::ibc::SyncKind;
 use super::brain::limits::Limits;
 use super::brain::session::{Backup, MasterConfig, Outcome, Role, SlaveConfig, run};
-use super::brain::types::MailboxState;
 use super::server::{FailureKind, SessionError, SyncStats};
-use super::{convert, pipe, wire};
+use super::{pipe, saved_state};
 use crate::store::MailStore;
 
 /// Which way mails and changes flow.
@@ -86,10 +85,10 @@ impl MasterOptions {
         if let Some(s) = self.state.as_deref().filter(|s| !s.is_empty())
             && !self.full
         {
-            match wire::decode_state(s) {
+            match saved_state::decode(s) {
                 Ok(states) => {
                     cfg.sync_kind = SyncKind::State;
-                    cfg.states = states.into_iter().map(unhide).map(|s| convert::state_from_wire(&s)).collect();
+                    cfg.states = states;
                     for st in &cfg.states {
                         tracing::debug!(
                             "imported mailbox {} state: uidvalidity={} uid={} modseq={} messages={} changes_during_sync={}",
@@ -146,50 +145,13 @@ pub struct MasterReport {
 }
 
 fn report(o: Outcome) -> MasterReport {
-    let state = if o.require_full_resync { String::new() } else { encode_states(&o.states) };
+    let state = if o.require_full_resync { String::new() } else { saved_state::encode(&o.states) };
     MasterReport {
         state,
         changes_during_sync: o.changes_during_sync,
         require_full_resync: o.require_full_resync,
         stats: o.stats,
     }
-}
-
-fn encode_states(states: &[MailboxState]) -> String {
-    let wire: Vec<wire::MailboxState> = states.iter().map(convert::state_to_wire).map(hide_from_doveadm).collect();
-    wire::encode_state(&wire)
-}
-
-/// XORed into the mailbox GUIDs of the states we print (see [`hide_from_doveadm`]).
-const HIDDEN_GUID_MASK: [u8; 16] = *b"mailreplica-own.";
-/// Set in `last_messages_count` of a record whose GUID we hid; no mailbox holds 2^31 mails.
-const HIDDEN_MARK: u32 = 1 << 31;
-
-/// The states we print are in Dovecot's format, but their mailboxes are hidden from doveadm:
-/// a state's modseq is a point in the master's own index, and Dovecot's index of the same
-/// Maildir may count behind ours. Given our state, doveadm could find its index already past
-/// that point and skip a change it recorded below it. Hidden, doveadm finds no state for the
-/// mailbox and compares it in full (it does not fail), then prints a state of its own, which
-/// we take as it is: ours follows Dovecot's HIGHESTMODSEQ upwards, so the other way is safe
-/// (see `store::maildir::dovecot_log`).
-fn hide_from_doveadm(mut s: wire::MailboxState) -> wire::MailboxState {
-    let mut g = s.mailbox_guid.to_bytes();
-    for (b, m) in g.iter_mut().zip(HIDDEN_GUID_MASK) {
-        *b ^= m;
-    }
-    s.mailbox_guid = wire::Guid128::from_bytes(g);
-    s.last_messages_count |= HIDDEN_MARK;
-    s
-}
-
-/// Undoes [`hide_from_doveadm`] for a record we printed; a record of doveadm's is left alone.
-fn unhide(s: wire::MailboxState) -> wire::MailboxState {
-    if s.last_messages_count & HIDDEN_MARK == 0 {
-        return s;
-    }
-    let mut s = hide_from_doveadm(s);
-    s.last_messages_count &= !HIDDEN_MARK;
-    s
 }
 
 /// Runs a master session against the slave behind `input`/`output`. `timeout` bounds a
@@ -262,31 +224,4 @@ where
             (Ok(_), Err(e)) => Err(e),
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn our_states_hide_their_mailboxes_from_doveadm_and_come_back_whole() {
-        let st = MailboxState {
-            guid: crate::store::Guid128([7; 16]),
-            last_uidvalidity: 1000,
-            last_common_uid: 12,
-            last_common_modseq: 40,
-            last_common_pvt_modseq: 0,
-            last_messages_count: 11,
-            changes_during_sync: false,
-        };
-        let text = encode_states(&[st]);
-        let raw = wire::decode_state(&text).expect("Dovecot's format");
-        assert_eq!(raw.len(), 1);
-        assert_ne!(raw[0].mailbox_guid.to_bytes(), [7; 16], "doveadm must not find the mailbox");
-        let back: Vec<MailboxState> = raw.into_iter().map(unhide).map(|s| convert::state_from_wire(&s)).collect();
-        assert_eq!(back, [st]);
-        // A state doveadm printed is taken as it is.
-        let theirs = convert::state_to_wire(&st);
-        assert_eq!(unhide(theirs), theirs);
-    }
 }

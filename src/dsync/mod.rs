@@ -15,6 +15,7 @@ mod convert;
 mod io;
 pub mod master;
 mod pipe;
+mod saved_state;
 pub mod server;
 mod stream;
 pub mod wire;

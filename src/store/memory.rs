@@ -384,6 +384,7 @@ impl Mailbox for MemoryMailbox {
             peer_modseq: mb.peer_modseq,
             history_lost: mb.history_lost,
             log_floor: mb.log_floor,
+            other_index_modseq: None,
         })
         .unwrap_or(MailboxStatus {
             guid: self.guid,
@@ -398,6 +399,7 @@ impl Mailbox for MemoryMailbox {
             peer_modseq: 0,
             history_lost: false,
             log_floor: 0,
+            other_index_modseq: None,
         })
     }
 

@@ -135,6 +135,12 @@ pub struct MailboxStatus {
     /// The lowest modseq [`Mailbox::changes_since`] can start from (besides 0): the log
     /// holds every change above it. After a rebuild it is the rebuilt HIGHESTMODSEQ.
     pub log_floor: Modseq,
+    /// Another index of the same mails numbers its changes apart from ours (Dovecot's own
+    /// index of a Maildir): the highest of its modseqs whose changes were all in the mails
+    /// when this handle first read them, so that everything up to it is in what this handle
+    /// reports. `None` when there is no such index (or it could not be read at every load).
+    /// A sync state printed for the other index's tool must not name a point above it.
+    pub other_index_modseq: Option<Modseq>,
 }
 
 /// One mail as the store lists it.

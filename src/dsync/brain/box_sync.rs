@@ -891,6 +891,9 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
             }
         }
         if self.master {
+            if cur.synced {
+                cur.state.shared_modseq = shared_point(&cur.state, &cur.mb.status());
+            }
             self.remote_mailbox_states.push(cur.state);
             self.state = State::MasterSendMailbox;
         } else {
@@ -961,4 +964,12 @@ impl<M> BoxSync<M> {
             reoffered: false,
         }
     }
+}
+
+/// The master's state for a mailbox it just synced, as a point in the other index's numbering
+/// (see [`MailboxState::shared_modseq`]): every change that index counted up to it was in
+/// the mails this sync compared, and it is not above the common point.
+fn shared_point(state: &MailboxState, st: &MailboxStatus) -> Option<u64> {
+    let theirs = st.other_index_modseq?;
+    (state.last_uidvalidity != 0 && !st.history_lost).then(|| state.last_common_modseq.min(theirs))
 }

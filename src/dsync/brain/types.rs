@@ -103,6 +103,10 @@ pub(crate) struct MailboxState {
     pub(crate) last_common_pvt_modseq: u64,
     pub(crate) last_messages_count: u32,
     pub(crate) changes_during_sync: bool,
+    /// Not on the wire: the same point in the numbering of the other index of the master's
+    /// mails (Dovecot's, on the same Maildir), when there is one; then doveadm may use the
+    /// printed state too (see `dsync::saved_state`).
+    pub(crate) shared_modseq: Option<u64>,
 }
 
 /// A cache field decision inside `B.cache_fields`.

@@ -157,6 +157,9 @@ pub struct MaildirMailbox {
     /// Opened for appending only ([`MaildirAppender`]): `mails` and `log` hold only what this
     /// handle saved, the header is the index's latest.
     partial: bool,
+    /// [`MailboxStatus::other_index_modseq`]: the lowest `applied` point of Dovecot's log
+    /// over this handle's loads (`None` once a load found no log); unset before the first.
+    dovecot_applied: Option<Option<Modseq>>,
 }
 
 fn is_fresh(s: Option<Stamp>) -> bool {
@@ -300,6 +303,7 @@ impl MaildirMailbox {
             importing: false,
             import_modseq: None,
             partial: false,
+            dovecot_applied: None,
         };
         Ok(mb)
     }
@@ -308,6 +312,7 @@ impl MaildirMailbox {
     /// and the identity in the uidlist's header, nothing else. Returns false (and loads
     /// nothing) when they are missing, damaged or disagree; then a full load must follow.
     fn load_header_only(&mut self) -> StoreResult<bool> {
+        let theirs = self.read_dovecot_log();
         let Some(header) = index::read_last_header(&self.dir)? else {
             return Ok(false);
         };
@@ -325,14 +330,15 @@ impl MaildirMailbox {
         self.guid = header.guid.unwrap_or_default();
         self.next_uid = header.next_uid;
         self.header = header;
-        self.follow_dovecot_modseq();
+        self.follow_dovecot_modseq(theirs);
         self.partial = true;
         Ok(true)
     }
 
-    /// Dovecot's HIGHESTMODSEQ of this mailbox, from Dovecot's own index of it; 0 if there is
-    /// none we can read.
-    fn dovecot_highest_modseq(&self) -> Modseq {
+    /// Dovecot's modseqs of this mailbox, from Dovecot's own index of it, if it keeps one we
+    /// can read. Read at the start of every load, before any file of the mailbox: then every
+    /// change counted up to `applied` is in what the load finds.
+    fn read_dovecot_log(&mut self) -> Option<dovecot_log::LogModseqs> {
         let dir = match &self.ctx.index_root {
             None => self.dir.clone(),
             Some(ix) => match self.dir.strip_prefix(&self.ctx.root) {
@@ -340,15 +346,21 @@ impl MaildirMailbox {
                 Err(_) => ix.clone(),
             },
         };
-        dovecot_log::highest_modseq(&dir).unwrap_or(0)
+        let theirs = dovecot_log::read(&dir);
+        let applied = theirs.map(|t| t.applied);
+        self.dovecot_applied = Some(match self.dovecot_applied {
+            None => applied,
+            Some(before) => before.zip(applied).map(|(a, b)| a.min(b)),
+        });
+        theirs
     }
 
     /// Raises our HIGHESTMODSEQ to Dovecot's, before anything of this load gets a modseq: then
     /// every change we record from now on lies above every point of Dovecot's numbering a
     /// state printed by `doveadm sync` can name, and such a state may be used with our index
     /// (see `dovecot_log`). Only ever raises; nothing is written for it.
-    fn follow_dovecot_modseq(&mut self) {
-        let theirs = self.dovecot_highest_modseq();
+    fn follow_dovecot_modseq(&mut self, theirs: Option<dovecot_log::LogModseqs>) {
+        let theirs = theirs.map_or(0, |t| t.highest);
         if theirs > self.header.highest_modseq {
             tracing::debug!(
                 mailbox = %self.dir.display(),
@@ -377,6 +389,7 @@ impl MaildirMailbox {
     /// Loads state from the index, or scans the Maildir when the index cannot be trusted.
     fn load(&mut self) -> StoreResult<()> {
         self.appender = None;
+        let theirs = self.read_dovecot_log();
         let stamps = self.current_stamps()?;
         let old = Index::read(&self.dir, Some(&stamps))?;
         let valid = old.as_ref().is_some_and(|old| {
@@ -390,7 +403,7 @@ impl MaildirMailbox {
             Some(old) if valid => {
                 self.keywords = KeywordMap::read(&self.dir)?;
                 self.header = old.header;
-                self.follow_dovecot_modseq();
+                self.follow_dovecot_modseq(theirs);
                 self.uid_validity = old.header.uid_validity;
                 self.guid = old.header.guid.unwrap_or_default();
                 self.next_uid = old.header.next_uid;
@@ -402,7 +415,7 @@ impl MaildirMailbox {
                 self.after_load();
                 Ok(())
             }
-            old => self.full_scan(old, stamps),
+            old => self.full_scan(old, stamps, theirs.map_or(0, |t| t.highest)),
         }
     }
 
@@ -432,7 +445,8 @@ impl MaildirMailbox {
         }
     }
 
-    fn full_scan(&mut self, old: Option<Index>, stamps_before: Stamps) -> StoreResult<()> {
+    /// `dovecot_highest`: Dovecot's HIGHESTMODSEQ as the load read it (0: none).
+    fn full_scan(&mut self, old: Option<Index>, stamps_before: Stamps, dovecot_highest: Modseq) -> StoreResult<()> {
         let mut stamps = stamps_before;
         let mut old = old;
         if let Some(o) = &mut old
@@ -509,7 +523,7 @@ impl MaildirMailbox {
         match old {
             Some(old) => {
                 let Index { mut header, known, mut log, extra_keywords, .. } = old;
-                let mut hms = header.highest_modseq.max(self.dovecot_highest_modseq());
+                let mut hms = header.highest_modseq.max(dovecot_highest);
                 let mut next = || {
                     hms = hms.saturating_add(1);
                     hms
@@ -569,7 +583,7 @@ impl MaildirMailbox {
                 // HIGHESTMODSEQ, if it keeps one here and there is a history to lose: no state
                 // either tool printed before now may pass for a point in it.
                 let per_mail = index::rebuilt_modseq(has_mails);
-                let base = match self.dovecot_highest_modseq() {
+                let base = match dovecot_highest {
                     0 => per_mail,
                     theirs => per_mail.max(theirs.saturating_add(u64::from(lost))),
                 };
@@ -1427,6 +1441,7 @@ impl Mailbox for MaildirMailbox {
             peer_modseq: self.header.peer_modseq,
             history_lost: self.header.history_lost,
             log_floor: self.header.log_floor,
+            other_index_modseq: self.dovecot_applied.flatten(),
         }
     }
 
