@@ -2,7 +2,9 @@
 //! twice from the same starting point, once with Dovecot's own `doveadm dsync-server` as the
 //! slave and once with ours, and both must end the same way: the same mailboxes, identities,
 //! UIDs, GUIDs, flags, subscriptions and bytes (as Dovecot reads them), the same exit code, and
-//! the same session as the master saw it (see `common::dsync::Transcript`).
+//! the same session as the master saw it (see `common::dsync::Transcript`). Each run also
+//! goes the other way round, our master (`mailreplica backup`) into Dovecot's slave, whose
+//! replica must end as Dovecot's pair leaves its own.
 //!
 //! Layout of a test user's home:
 //!
@@ -10,6 +12,7 @@
 //!   ~/Maildir   the master (doveadm's side); for `backup -R` the destinations are ~/MD, ~/MO
 //!   ~/SD        replica written by Dovecot's slave (the oracle)
 //!   ~/SO        replica written by ours
+//!   ~/SM        replica written by Dovecot's slave for our master
 //! ```
 
 mod common;
@@ -19,16 +22,54 @@ use common::{TestUser, Tool, mail, mail_snapshot};
 
 const MASTER: &str = "maildir:~/Maildir";
 
-/// The two replicas of a one-way scenario: Dovecot's and ours.
+/// The replicas of a one-way scenario: Dovecot's and ours, and a third one that our master
+/// (`mailreplica backup`) writes through Dovecot's slave, which must end as Dovecot's pair
+/// leaves its replica.
 struct Replicas<'a> {
     u: &'a TestUser,
     dv: String,
     ours: String,
+    mine: String,
+    /// Our master's last run into `mine`, for the checks that follow it.
+    last_mine: std::cell::RefCell<Option<common::Output>>,
+    /// The state our master printed last for `mine` (see `state_round`).
+    mine_state: std::cell::RefCell<String>,
 }
 
 impl<'a> Replicas<'a> {
     fn new(u: &'a TestUser) -> Self {
-        Self { u, dv: maildir_at("SD"), ours: maildir_at("SO") }
+        Self {
+            u,
+            dv: maildir_at("SD"),
+            ours: maildir_at("SO"),
+            mine: maildir_at("SM"),
+            last_mine: Default::default(),
+            mine_state: Default::default(),
+        }
+    }
+
+    /// `mailreplica backup ARGS` from the master into `mine`, through Dovecot's slave.
+    fn run_mine(&self, args: &[&str]) -> common::Output {
+        let loc = format!("mail_location={MASTER}");
+        let mut all = vec!["-o", &loc, "backup"];
+        all.extend_from_slice(args);
+        let slave = self.u.slave_command(Slave::Dovecot, &self.mine);
+        all.push(&slave);
+        self.u.mr(&all)
+    }
+
+    /// Our master's run must have ended as Dovecot's master did (`code`), its replica as
+    /// Dovecot's; where Dovecot's replica lost changes, `mine` may have them (as the master).
+    #[track_caller]
+    fn check_mine(&self, code: Option<i32>, what: &str, dovecot_diverges: &[&str]) {
+        let Some(m) = self.last_mine.borrow_mut().take() else { return };
+        assert_eq!(m.code, code, "{what}: our master, Dovecot's slave: {}", m.describe());
+        let what = format!("{what} (our master, Dovecot's slave)");
+        let diverged = self.u.compare_with_oracle(MASTER, &self.dv, &self.mine, &what);
+        assert!(
+            diverged.iter().all(|d| dovecot_diverges.contains(&d.as_str())),
+            "{what}: differs from Dovecot's pair in {diverged:?}"
+        );
     }
 
     /// `doveadm backup ARGS` into both replicas; both must succeed quietly and the master must
@@ -53,6 +94,7 @@ impl<'a> Replicas<'a> {
         self.u.checked_view(&self.ours, true);
         let diverged = self.u.compare_with_oracle(MASTER, &self.dv, &self.ours, what);
         assert_eq!(diverged, dovecot_diverges, "{what}: where Dovecot's replica lost changes that ours kept");
+        self.check_mine(d.out.code, what, dovecot_diverges);
     }
 
     /// Both runs, without checks.
@@ -69,6 +111,10 @@ impl<'a> Replicas<'a> {
         }
         let d = self.u.dsync(MASTER, &with(dv_args), Slave::Dovecot, &self.dv);
         let o = self.u.dsync(MASTER, &with(our_args), Slave::Ours, &self.ours);
+        // (A saved state belongs to the replica it was printed for; `mine` keeps none.)
+        if dv_args == our_args && !dv_args.contains(&"-s") {
+            *self.last_mine.borrow_mut() = Some(self.run_mine(dv_args));
+        }
         (d, o)
     }
 
@@ -198,6 +244,7 @@ fn backup_into_empty_then_incremental_changes() {
 /// rejects every warning).
 #[track_caller]
 fn state_round(r: &Replicas<'_>, states: &mut (String, String), what: &str) -> (DsyncRun, DsyncRun) {
+    let fresh = states.0.is_empty();
     let (d, o) = r.run_each(&["-s", &states.0], &["-s", &states.1]);
     r.check(&d, &o, what, &[]);
     for run in [&d, &o] {
@@ -208,6 +255,22 @@ fn state_round(r: &Replicas<'_>, states: &mut (String, String), what: &str) -> (
         assert!(!run.state().is_empty(), "{what}: no state printed: {}", run.describe());
     }
     *states = (d.state(), o.state());
+    // Our master into Dovecot's slave, with the state it printed for that replica (none when
+    // the others start afresh): as incremental, and the replica as Dovecot's pair leaves it.
+    if fresh {
+        r.mine_state.borrow_mut().clear();
+    }
+    let before = r.mine_state.borrow().clone();
+    let m = r.run_mine(&["-s", &before]);
+    let text = m.text().trim().to_owned();
+    assert!(
+        m.success() && !text.is_empty() && !m.stderr.contains("retry with a full sync"),
+        "{what}: our master, Dovecot's slave: {}",
+        m.describe()
+    );
+    *r.mine_state.borrow_mut() = text;
+    *r.last_mine.borrow_mut() = Some(m);
+    r.check_mine(Some(0), what, &[]);
     (d, o)
 }
 
@@ -268,8 +331,16 @@ fn backup_with_saved_states_stays_incremental() {
         let _ = std::fs::remove_file(u.home.join("SD/.Archive.2025").join(f));
     }
     std::fs::remove_file(u.home.join("SO/.Archive.2025/mailreplica-index")).expect("our index");
+    for f in ["dovecot.index", "dovecot.index.log", "dovecot.index.cache"] {
+        let _ = std::fs::remove_file(u.home.join("SM/.Archive.2025").join(f));
+    }
     dv(&["flags", "add", "\\Seen", "mailbox", "Archive.2025", "all"]);
     let (d, o) = r.run_each(&["-s", &states.0], &["-s", &states.1]);
+    let before = r.mine_state.borrow().clone();
+    let m = r.run_mine(&["-s", &before]);
+    assert_eq!(m.code, d.out.code, "lost index, our master: {}", m.describe());
+    assert_eq!(m.text().trim(), "", "our master must forget its state: {}", m.describe());
+    r.mine_state.borrow_mut().clear();
     assert_eq!(d.out.code, o.out.code, "lost index: exit codes differ:\n{}\n{}", d.describe(), o.describe());
     assert_same_transcripts(&d, &o, "lost index");
     for run in [&d, &o] {
@@ -455,6 +526,7 @@ impl Replicas<'_> {
     fn change_replicas(&self, ours: Tool, args: &[&str]) {
         self.u.ok_at(Tool::Dovecot, Some(&self.dv), args);
         self.u.ok_at(ours, Some(&self.ours), args);
+        self.u.ok_at(Tool::Dovecot, Some(&self.mine), args);
     }
 
     /// A backup that both slaves must fail the same way (same exit code, same session as the
@@ -468,6 +540,7 @@ impl Replicas<'_> {
         self.u.checked_view(&self.ours, true);
         let diverged = self.u.compare_with_oracle(MASTER, &self.dv, &self.ours, what);
         assert!(diverged.is_empty(), "{what}: {diverged:?}");
+        self.check_mine(d.out.code, what, &[]);
         (d, o)
     }
 }
@@ -496,7 +569,7 @@ fn destination_conflicts_are_resolved_as_dovecot_does() {
     r.backup(&[], "backup after the replicas deleted the damaged mailbox", &[]);
 
     // A replica mail at the UID the master uses for another mail.
-    for (tool, loc) in [(Tool::Dovecot, &r.dv), (Tool::Ours, &r.ours)] {
+    for (tool, loc) in [(Tool::Dovecot, &r.dv), (Tool::Ours, &r.ours), (Tool::Dovecot, &r.mine)] {
         u.ok_in(tool, &["-o", &format!("mail_location={loc}"), "save", "-m", "Archive"], &mail("replica only"));
     }
     u.save(Tool::Dovecot, "Archive", &mail("master's next"));
@@ -505,7 +578,7 @@ fn destination_conflicts_are_resolved_as_dovecot_does() {
 
     // A replica-only mail above the master's UIDNEXT: the replica's UIDNEXT is now above the
     // master's, so the mailbox tree sync deletes and recreates the mailbox in the same run.
-    for (tool, loc) in [(Tool::Dovecot, &r.dv), (Tool::Ours, &r.ours)] {
+    for (tool, loc) in [(Tool::Dovecot, &r.dv), (Tool::Ours, &r.ours), (Tool::Dovecot, &r.mine)] {
         u.ok_in(tool, &["-o", &format!("mail_location={loc}"), "save", "-m", "Box"], &mail("replica only"));
     }
     let (_, o) = r.backup(&[], "backup with a replica-only mail", &[]);
@@ -530,7 +603,7 @@ fn destination_conflicts_are_resolved_as_dovecot_does() {
 fn backup_over_a_replica_with_mail_of_its_own() {
     let u = TestUser::new();
     let r = Replicas::new(&u);
-    for (tool, loc) in [(Tool::Dovecot, &r.dv), (Tool::Ours, &r.ours)] {
+    for (tool, loc) in [(Tool::Dovecot, &r.dv), (Tool::Ours, &r.ours), (Tool::Dovecot, &r.mine)] {
         u.ok_at(tool, Some(loc), &["mailbox", "create", "-s", "Stale"]);
         for mb in ["INBOX", "Stale"] {
             u.ok_in(tool, &["-o", &format!("mail_location={loc}"), "save", "-m", mb], &mail("replica's own"));
@@ -545,6 +618,10 @@ fn backup_over_a_replica_with_mail_of_its_own() {
     let (d, o) = r.run(&[]);
     assert_eq!(d.out.code, Some(75), "Dovecot's slave was expected to fail: {}", d.describe());
     assert!(d.out.stderr.contains("INBOX can't be deleted"), "{}", d.describe());
+    // Our master meets the same refusal from Dovecot's slave, and says so.
+    let m = r.last_mine.borrow_mut().take().expect("our master ran");
+    assert_eq!(m.code, Some(75), "{}", m.describe());
+    assert!(m.stderr.contains("INBOX can't be deleted"), "{}", m.describe());
     o.ok();
     u.checked_view(&r.ours, true);
     let diverged = u.compare_with_oracle(MASTER, MASTER, &r.ours, "our replica against the master");
