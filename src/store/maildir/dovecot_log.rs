@@ -91,8 +91,10 @@ fn parse(data: &[u8]) -> Option<LogModseqs> {
     let mut highest = initial;
     let mut tail = 0usize;
     let mut last_set_tail = 0usize;
+    let mut records_end = hdr_size;
     for (pos, kind, body) in Records::new(data, hdr_size) {
         let end = pos + 8 + body.len();
+        records_end = end;
         update(kind, body, &mut highest, version);
         if kind & EXTERNAL == 0 {
             // A change not synced to the Maildir yet: the tail stays before it.
@@ -115,7 +117,11 @@ fn parse(data: &[u8]) -> Option<LogModseqs> {
             tail = end;
         }
     }
-    // Second pass: the modseq where the tail lies.
+    // Second pass: the modseq where the tail lies. Usually, with nothing pending, that is the
+    // end (a sync's last record moves the tail past itself), and no pass is needed.
+    if tail >= records_end {
+        return Some(LogModseqs { highest, applied: highest });
+    }
     let mut applied = initial;
     for (pos, kind, body) in Records::new(data, hdr_size) {
         if pos + 8 + body.len() > tail {
