@@ -13,6 +13,7 @@
 //!   ~/SD        replica written by Dovecot's slave (the oracle)
 //!   ~/SO        replica written by ours
 //!   ~/SM        replica written by Dovecot's slave for our master
+//!   ~/MM        for `backup -R`: the destination our master writes from Dovecot's source
 //! ```
 
 mod common;
@@ -385,6 +386,8 @@ fn backup_options_full_one_mailbox_and_excludes() {
 /// round; the two destinations must end the same.
 struct Reverse<'a> {
     u: &'a TestUser,
+    /// The state our master printed last for `DEST_MINE`.
+    mine_state: std::cell::RefCell<String>,
 }
 
 impl Reverse<'_> {
@@ -392,6 +395,9 @@ impl Reverse<'_> {
     const SRC_OURS: &'static str = "maildir:~/SrcO";
     const DEST_DV: &'static str = "maildir:~/MD";
     const DEST_OURS: &'static str = "maildir:~/MO";
+    /// Written by our master (`mailreplica backup -R`) from Dovecot's source through Dovecot's
+    /// slave: it must end as `DEST_DV`, which Dovecot's pair wrote.
+    const DEST_MINE: &'static str = "maildir:~/MM";
 
     fn src_dir(&self, slave: Slave) -> std::path::PathBuf {
         self.u.home.join(if slave == Slave::Dovecot { "SrcD" } else { "SrcO" })
@@ -437,6 +443,39 @@ impl Reverse<'_> {
         self.u.checked_view(Self::SRC_OURS, true);
         let diverged = self.u.compare_with_oracle(Self::SRC_DV, Self::DEST_DV, Self::DEST_OURS, what);
         assert!(diverged.is_empty(), "{what}: Dovecot's destination diverged from its source in {diverged:?}");
+        // Our master the same way; a state given is replaced by the one it printed for its
+        // own destination.
+        let stateful = dv_args.contains(&"-s");
+        let mine_state = self.mine_state.borrow().clone();
+        let args: Vec<&str> = match dv_args.iter().position(|a| *a == "-s") {
+            Some(i) if dv_args.get(i + 1).is_some_and(|s| !s.is_empty()) => {
+                let mut v = dv_args.to_vec();
+                v[i + 1] = &mine_state;
+                v
+            }
+            _ => dv_args.to_vec(),
+        };
+        {
+            let loc = format!("mail_location={}", Self::DEST_MINE);
+            let slave = self.u.slave_command(Slave::Dovecot, Self::SRC_DV);
+            let mut all = vec!["-o", &loc, "backup", "-R"];
+            all.extend_from_slice(&args);
+            all.push(&slave);
+            let m = self.u.mr(&all);
+            assert!(
+                m.success() && !m.stderr.contains("retry with a full sync"),
+                "{what}: our master, Dovecot's slave: {}",
+                m.describe()
+            );
+            if stateful {
+                let printed = m.text().trim().to_owned();
+                assert!(!printed.is_empty(), "{what}: our master printed no state: {}", m.describe());
+                *self.mine_state.borrow_mut() = printed;
+            }
+            let what = format!("{what} (our master, Dovecot's slave)");
+            let diverged = self.u.compare_with_oracle(Self::SRC_DV, Self::DEST_DV, Self::DEST_MINE, &what);
+            assert!(diverged.is_empty(), "{what}: differs from Dovecot's pair in {diverged:?}");
+        }
         (d, o)
     }
 
@@ -476,7 +515,7 @@ impl Reverse<'_> {
 #[test]
 fn backup_reverse_from_our_maildir() {
     let u = TestUser::new();
-    let r = Reverse { u: &u };
+    let r = Reverse { u: &u, mine_state: Default::default() };
     let src = Some(Reverse::SRC_DV);
     let dv = |args: &[&str]| {
         u.ok_at(Tool::Dovecot, src, args);
