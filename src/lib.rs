@@ -24,6 +24,7 @@ pub mod dsync;
 pub mod fleet;
 pub mod logging;
 pub mod privdrop;
+pub mod replicator;
 pub mod store;
 pub mod sys;
 pub mod transport;
