@@ -27,5 +27,6 @@ pub mod privdrop;
 pub mod replicator;
 pub mod store;
 pub mod sys;
+pub mod tabescape;
 pub mod transport;
 pub mod userdb;

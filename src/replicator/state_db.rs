@@ -17,6 +17,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use super::queue::{Priority, UserRecord};
+use crate::tabescape::{escape as tab_escape, unescape_strict as tab_unescape};
 
 /// The most a record file may hold: a dsync state carries 44 bytes per mailbox, so this is
 /// room for some 100,000 mailboxes. A larger file is refused, not read.
@@ -195,41 +196,6 @@ fn parse_fields(line: &str) -> Result<UserRecord, String> {
         state: tab_unescape(f[6])?,
         last_success: if f.len() == 8 { num(7, "last successful sync")? } else { 0 },
     })
-}
-
-/// Dovecot's `str_append_tabescaped`: 0x01, TAB, CR and LF become 0x01 followed by `1`, `t`,
-/// `r`, `n`.
-fn tab_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '\x01' => out.push_str("\x011"),
-            '\t' => out.push_str("\x01t"),
-            '\r' => out.push_str("\x01r"),
-            '\n' => out.push_str("\x01n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-fn tab_unescape(s: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars();
-    while let Some(c) = it.next() {
-        if c != '\x01' {
-            out.push(c);
-            continue;
-        }
-        out.push(match it.next() {
-            Some('1') => '\x01',
-            Some('t') => '\t',
-            Some('r') => '\r',
-            Some('n') => '\n',
-            other => return Err(format!("bad escape \\x01{other:?}")),
-        });
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

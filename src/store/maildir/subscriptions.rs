@@ -13,6 +13,7 @@ use super::dotlock::Dotlock;
 use super::fsutil;
 use crate::store::error::StoreResult;
 use crate::store::{MailboxName, mutf7};
+use crate::tabescape::{escape as tabescape, unescape_lenient as tabunescape};
 
 const NAME: &str = "subscriptions";
 const HEADER: &str = "V\t2\n\n";
@@ -32,43 +33,6 @@ impl NameCodec {
     fn decode(&self, level: &str) -> Option<String> {
         if self.utf8 { Some(level.to_owned()) } else { mutf7::decode(level).ok() }
     }
-}
-
-/// Tab-escaping as in Dovecot's `str_append_tabescaped`.
-pub(crate) fn tabescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '\x01' => out.push_str("\x011"),
-            '\t' => out.push_str("\x01t"),
-            '\r' => out.push_str("\x01r"),
-            '\n' => out.push_str("\x01n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// Inverse of [`tabescape`].
-pub(crate) fn tabunescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars();
-    while let Some(c) = it.next() {
-        if c == '\x01' {
-            match it.next() {
-                Some('1') => out.push('\x01'),
-                Some('t') => out.push('\t'),
-                Some('r') => out.push('\r'),
-                Some('n') => out.push('\n'),
-                Some('0') => out.push('\0'),
-                Some(o) => out.push(o),
-                None => {}
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn encode_line(name: &MailboxName, codec: NameCodec) -> String {
