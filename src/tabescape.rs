@@ -20,6 +20,15 @@ pub fn escape(s: &str) -> String {
 /// Undoes [`escape`] as Dovecot's `str_tabunescape` does: `\x010` is NUL, an unknown escape
 /// gives its second character, a lone 0x01 at the end is dropped.
 pub fn unescape_lenient(s: &str) -> String {
+    unescape(s, false).unwrap_or_default()
+}
+
+/// Undoes [`escape`], refusing anything [`escape`] does not write.
+pub fn unescape_strict(s: &str) -> Result<String, String> {
+    unescape(s, true)
+}
+
+fn unescape(s: &str, strict: bool) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut it = s.chars();
     while let Some(c) = it.next() {
@@ -32,30 +41,11 @@ pub fn unescape_lenient(s: &str) -> String {
             Some('t') => out.push('\t'),
             Some('r') => out.push('\r'),
             Some('n') => out.push('\n'),
+            other if strict => return Err(format!("bad escape \\x01{other:?}")),
             Some('0') => out.push('\0'),
             Some(o) => out.push(o),
             None => {}
         }
-    }
-    out
-}
-
-/// Undoes [`escape`], refusing anything [`escape`] does not write.
-pub fn unescape_strict(s: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(s.len());
-    let mut it = s.chars();
-    while let Some(c) = it.next() {
-        if c != '\x01' {
-            out.push(c);
-            continue;
-        }
-        out.push(match it.next() {
-            Some('1') => '\x01',
-            Some('t') => '\t',
-            Some('r') => '\r',
-            Some('n') => '\n',
-            other => return Err(format!("bad escape \\x01{other:?}")),
-        });
     }
     Ok(out)
 }
