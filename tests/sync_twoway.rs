@@ -1765,7 +1765,9 @@ struct Model {
 /// its uidlist keeps none. Ours have a `Q<n>` after the pid, and the test's deliveries name
 /// other hosts.
 fn is_dovecot_save_name(g: &str) -> bool {
-    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let host =
+        HOST.get_or_init(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default());
     let base = g.split(',').next().unwrap_or_default();
     let mut parts = base.splitn(3, '.');
     let (secs, unique, name) = (parts.next(), parts.next(), parts.next());
@@ -1981,6 +1983,8 @@ fn random_ops(
         log.push_str(&format!("{side:?} @{t}: {op:?}\n"));
         ops.push((side, op, t));
     };
+    // A GUID twice in a mailbox (see `Model::already_twice`) cannot name one mail.
+    let dup = twice(view);
     for _ in 0..n {
         // Most operations happen a second after the one before, some in the same second.
         if rng.below(4) != 0 {
@@ -1988,8 +1992,6 @@ fn random_ops(
         }
         let t = *clock;
         let mbox = pick(rng, &boxes).cloned().unwrap_or_else(|| "INBOX".to_owned());
-        // A GUID twice in the mailbox (see `Model::already_twice`) cannot name one mail.
-        let dup = twice(view);
         let mails: Vec<String> = view
             .mails
             .get(&mbox)

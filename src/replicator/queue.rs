@@ -173,7 +173,7 @@ impl Queue {
         if !self.users.contains_key(user) {
             self.add(UserRecord { user: user.to_owned(), ..Default::default() });
         }
-        let e = self.users.get_mut(user).expect("just added");
+        let Some(e) = self.users.get_mut(user) else { return false };
         if priority <= e.rec.priority {
             return false;
         }
@@ -201,13 +201,13 @@ impl Queue {
     /// [`Queue::finish`].
     pub fn pop(&mut self, now: u64) -> Option<Job> {
         self.drop_stale();
-        let Reverse((due, _, _)) = self.heap.peek()?;
-        if *due > now {
+        if self.heap.peek().is_none_or(|Reverse((due, _, _))| *due > now) {
             return None;
         }
-        let Reverse((_, _, user)) = self.heap.pop().expect("peeked");
+        let Reverse((_, _, user)) = self.heap.pop()?;
         let interval = self.policy.full_sync_interval;
-        let e = self.users.get_mut(&user).expect("live heap entries name known users");
+        // (`drop_stale` left a live entry on top: its user is known.)
+        let e = self.users.get_mut(&user)?;
         let full = e.rec.force_full || e.rec.last_full_sync == 0 || e.rec.last_full_sync + interval <= now;
         e.rec.last_fast_sync = now;
         if full {

@@ -290,7 +290,7 @@ mod tests {
         record(&mut log, EXPUNGE_GUID | EXPUNGE_PROT, &[0; 20]); // a request: no change
         record(&mut log, EXPUNGE_GUID | EXPUNGE_PROT | EXTERNAL, &[0; 20]); // 14
         record(&mut log, KEYWORD_UPDATE, &[0; 12]); // 15
-        record(&mut log, 0x20, &[0; 8]); // a header update: no change
+        record(&mut log, HEADER_UPDATE, &[0; 8]); // a header update: no change
         assert_eq!(highest(&log), Some(15));
         let mut up = Vec::new();
         up.extend(0u32.to_le_bytes());
