@@ -53,15 +53,15 @@ pub(crate) fn wanted(cli: &Cli, a: &SyncArgs) -> bool {
 
 /// One user's result.
 #[derive(Debug)]
-struct UserResult {
-    user: String,
-    code: u8,
+pub(crate) struct UserResult {
+    pub(crate) user: String,
+    pub(crate) code: u8,
     /// Why it failed, or what changed during the sync.
-    message: Option<String>,
-    state: Option<String>,
-    elapsed: Duration,
+    pub(crate) message: Option<String>,
+    pub(crate) state: Option<String>,
+    pub(crate) elapsed: Duration,
     /// Relayed bytes (sent, received), for destinations the parent relays.
-    bytes: Option<(u64, u64)>,
+    pub(crate) bytes: Option<(u64, u64)>,
 }
 
 impl UserResult {
@@ -112,7 +112,7 @@ pub(crate) fn run(cli: &Cli, config: Config, mode: Mode, a: &SyncArgs) -> Result
     let console = Console::new(std::io::stderr().is_terminal());
     let board = Board::new(users.len());
     let shared = remote.map(|r| Shared {
-        conn: Mutex::new(r.conn),
+        conn: Mutex::new(Some(r.conn)),
         settings: r.settings,
         prefix: r.prefix,
         login: r.login,
@@ -124,7 +124,11 @@ pub(crate) fn run(cli: &Cli, config: Config, mode: Mode, a: &SyncArgs) -> Result
         let ticker = console.tty.then(|| s.spawn(|| ticker(&console, &board)));
         let results = fleet::for_each_parallel(users, cli.parallel, |_, user| {
             let counters = board.start(&user);
-            let r = sync_user(&config, &template, shared.as_ref(), &user, &counters, &console, wait);
+            let log: Arc<dyn Fn(&str) + Send + Sync> = {
+                let (console, user) = (console.clone(), user.clone());
+                Arc::new(move |line: &str| console.line(&format!("{user}: {}", line.trim_start())))
+            };
+            let r = sync_user(&config, &template, shared.as_ref(), &user, &[], &counters, log, wait);
             board.finish(&user, &r);
             if r.code != exit::OK {
                 let text = r.message.as_deref().unwrap_or("failed");
@@ -140,8 +144,10 @@ pub(crate) fn run(cli: &Cli, config: Config, mode: Mode, a: &SyncArgs) -> Result
         results
     });
     console.clear();
-    if let Some(Shared { conn, .. }) = shared {
-        conn.into_inner().unwrap_or_else(PoisonError::into_inner).close();
+    if let Some(Shared { conn, .. }) = shared
+        && let Some(c) = conn.into_inner().unwrap_or_else(PoisonError::into_inner)
+    {
+        c.close();
     }
     if many {
         let _ = print_results(Format::Table, &results, false, std::io::stderr().lock());
@@ -193,7 +199,7 @@ fn users(cli: &Cli, config: &Config) -> Result<Vec<String>, Failure> {
 }
 
 /// What every child's command line has in common.
-struct ChildTemplate {
+pub(crate) struct ChildTemplate {
     /// Global options: `-c`, `-o`, `-D`, `-v`.
     global: Vec<OsString>,
     /// `sync|backup` and its options, up to the destination.
@@ -204,7 +210,7 @@ struct ChildTemplate {
 }
 
 impl ChildTemplate {
-    fn new(cli: &Cli, mode: Mode, a: &SyncArgs, relayed: bool) -> Result<Self, Failure> {
+    pub(crate) fn new(cli: &Cli, mode: Mode, a: &SyncArgs, relayed: bool) -> Result<Self, Failure> {
         let mut global: Vec<OsString> = Vec::new();
         if let Some(c) = &cli.config {
             global.push("-c".into());
@@ -259,10 +265,14 @@ impl ChildTemplate {
         Ok(Self { global, command: c, destination, env })
     }
 
-    fn for_user(&self, user: &str) -> ChildCommand {
+    /// `user`'s command line; `extra` options go after the template's (`-s STATE`, `-f`).
+    fn for_user(&self, user: &str, extra: &[OsString]) -> ChildCommand {
         let mut args = self.global.clone();
         args.push(format!("--user={user}").into());
-        args.extend(self.command.iter().cloned());
+        // The template's options end with `--`.
+        args.extend(self.command[..self.command.len() - 1].iter().cloned());
+        args.extend(extra.iter().cloned());
+        args.push("--".into());
         args.extend(self.destination.iter().cloned());
         ChildCommand {
             // This very binary, even if the file was replaced since it started.
@@ -275,32 +285,39 @@ impl ChildTemplate {
 }
 
 /// The one SSH connection every user's channel goes over, and how to make it again.
-struct Shared {
-    conn: Mutex<SshConnection>,
-    settings: ssh::SshSettings,
+pub(crate) struct Shared {
+    /// `None` until the first user needs it (the replicator connects lazily), or after a
+    /// connection attempt failed.
+    pub(crate) conn: Mutex<Option<SshConnection>>,
+    pub(crate) settings: ssh::SshSettings,
     /// `remoteprefix:`: each channel starts with the user name.
-    prefix: bool,
-    login: String,
-    host: String,
+    pub(crate) prefix: bool,
+    pub(crate) login: String,
+    pub(crate) host: String,
 }
 
-/// A new connection in place of `conn`, which has ended: the users still to come go over it
-/// (those whose channels were open on the old one have failed with it).
-fn reconnect(conn: &mut SshConnection, settings: &ssh::SshSettings, user: &str) -> Result<(), Failure> {
-    tracing::warn!("{}: the SSH connection was lost; connecting again for {user} and the users after", conn.label());
-    let fresh = SshConnection::connect(settings).map_err(Failure::from)?;
-    std::mem::replace(conn, fresh).close();
+/// A new connection in place of `conn`, which has ended (or was never made): the users still
+/// to come go over it (those whose channels were open on the old one have failed with it).
+fn reconnect(conn: &mut Option<SshConnection>, settings: &ssh::SshSettings, user: &str) -> Result<(), Failure> {
+    if let Some(old) = conn.take() {
+        tracing::warn!("{}: the SSH connection was lost; connecting again for {user} and the users after", old.label());
+        old.close();
+    }
+    *conn = Some(SshConnection::connect(settings).map_err(Failure::from)?);
     Ok(())
 }
 
-/// One user: checks, channel, child, verdict.
-fn sync_user(
+/// One user: checks, channel, child, verdict. `extra` goes on the child's command line
+/// (`-s STATE`, `-f`); each line the child logs goes to `log`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sync_user(
     config: &Config,
     template: &ChildTemplate,
     shared: Option<&Shared>,
     name: &str,
+    extra: &[OsString],
     counters: &Arc<Counters>,
-    console: &Console,
+    log: Arc<dyn Fn(&str) + Send + Sync>,
     wait: Duration,
 ) -> UserResult {
     let entry = match super::allowed_user(config, name) {
@@ -320,16 +337,19 @@ fn sync_user(
             let mut reconnected = false;
             let (label, channel) = loop {
                 let mut conn = sh.conn.lock().unwrap_or_else(PoisonError::into_inner);
-                // The connection dropped (another user's channel may have seen it first):
-                // one new connection, made by whichever user finds it gone.
-                if conn.is_closed() && !reconnected {
+                // The connection dropped (another user's channel may have seen it first), or
+                // was never made: one new connection, made by whichever user finds it gone.
+                if conn.as_ref().is_none_or(SshConnection::is_closed) && !reconnected {
                     reconnected = true;
                     if let Err(f) = reconnect(&mut conn, &sh.settings, &user) {
                         return UserResult::refused(&user, &f);
                     }
                 }
-                match conn.exec_tagged(&command, Some(&user)) {
-                    Ok(c) => break (conn.label().to_owned(), c),
+                let Some(c) = conn.as_mut() else {
+                    return UserResult::refused(&user, &Failure::new(exit::TEMPFAIL, anyhow!("no SSH connection")));
+                };
+                match c.exec_tagged(&command, Some(&user)) {
+                    Ok(ch) => break (c.label().to_owned(), ch),
                     Err(e) if e.is_channel_refused() && Instant::now() < deadline => {
                         drop(conn);
                         tracing::debug!("{user}: channel refused ({e}), trying again");
@@ -350,12 +370,7 @@ fn sync_user(
             Carrier::Ssh { channel, first, wait }
         }
     };
-    let log: Arc<dyn Fn(&str) + Send + Sync> = {
-        let console = console.clone();
-        let user = user.clone();
-        Arc::new(move |line: &str| console.line(&format!("{user}: {}", line.trim_start())))
-    };
-    let cmd = template.for_user(&user);
+    let cmd = template.for_user(&user, extra);
     let outcome = fleet::run_child(&cmd, carrier, counters, log);
     verdict(&user, remote_what.as_ref(), outcome)
 }

@@ -12,6 +12,7 @@ mod output;
 
 mod fleet;
 mod mail;
+mod replicator;
 mod search;
 mod sync;
 
@@ -151,6 +152,25 @@ pub(crate) enum Command {
     Backup(sync::SyncArgs),
     /// Two-way sync with the destination: both sides' changes go both ways.
     Sync(sync::SyncArgs),
+    /// Continuous replication of every configured user (the `[replicator]` table): the
+    /// service in the foreground, or its status.
+    Replicator {
+        /// What to do (default: run the service).
+        #[command(subcommand)]
+        command: Option<replicator::ReplicatorCommand>,
+    },
+    /// Ask the running replicator to sync users soon (`doveadm replicator replicate`).
+    Replicate {
+        /// A full sync (doveadm's `-f`, which is our global `-f FORMAT`).
+        #[arg(long = "full", visible_alias = "full-sync")]
+        full: bool,
+        /// How soon: none (only with --full), low or high.
+        #[arg(short = 'p', long = "priority", value_name = "PRIORITY", default_value = "high")]
+        priority: String,
+        /// Users (a mask with `*` or `?` matches the users the replicator knows).
+        #[arg(required = true, value_name = "USER")]
+        names: Vec<String>,
+    },
 }
 
 /// `mailbox` sub-commands.
@@ -472,9 +492,12 @@ fn hostname() -> String {
 }
 
 fn init_logging(cli: &Cli) {
+    // The service logs what it does (to the journal); a command, only what went wrong.
+    let service =
+        matches!(cli.command, Command::Replicator { command: None | Some(replicator::ReplicatorCommand::Run) });
     let default = if cli.debug {
         "debug"
-    } else if cli.verbose {
+    } else if cli.verbose || service {
         "info"
     } else {
         "warn"
@@ -504,6 +527,18 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         ));
     }
     let config = Config::load(cli.config.as_deref(), &cli.overrides)?;
+    match &cli.command {
+        Command::Replicator { command } if cli.users.is_empty() => {
+            return replicator::replicator(&cli, config, command.as_ref());
+        }
+        Command::Replicate { full, priority, names } if cli.users.is_empty() => {
+            return replicator::replicate(&config, *full, priority, names);
+        }
+        Command::Replicator { .. } | Command::Replicate { .. } => {
+            return Err(Failure::new(exit::USAGE, anyhow!("replicator and replicate take no -u")));
+        }
+        _ => {}
+    }
     if let Some((mode, a)) = sync_args
         && fleet::wanted(&cli, a)
     {
@@ -529,6 +564,9 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         Command::Backup(a) => sync::run(&session, sync::Mode::Backup, a, remote),
         Command::Sync(a) => sync::run(&session, sync::Mode::Sync, a, remote),
         Command::DsyncServer { timeout, extra, .. } => dsync_server(&session, *timeout, extra),
+        Command::Replicator { .. } | Command::Replicate { .. } => {
+            Err(Failure::new(exit::USAGE, anyhow!("replicator and replicate take no -u")))
+        }
     }
 }
 

@@ -156,18 +156,42 @@ fn running_user() -> String {
 /// Connects to a `remote:` or `remoteprefix:` destination (none for other destinations): as
 /// the invoking user, before the drop to `-u USER`.
 pub(crate) fn connect_remote(config: &Config, a: &SyncArgs) -> Result<Option<Remote>, Failure> {
-    let dest = a.destination.join(" ");
+    let Some(r) = remote_settings(config, &a.destination, a.accept_new_host_key, a.timeout)? else {
+        return Ok(None);
+    };
+    let conn = SshConnection::connect(&r.settings)?;
+    Ok(Some(Remote { conn, settings: r.settings, prefix: r.prefix, login: r.login, host: r.host }))
+}
+
+/// How to reach a `remote:` or `remoteprefix:` destination.
+pub(crate) struct RemoteSettings {
+    pub(crate) settings: SshSettings,
+    /// `remoteprefix:`.
+    pub(crate) prefix: bool,
+    pub(crate) login: String,
+    pub(crate) host: String,
+}
+
+/// The SSH settings for `destination` if it is `remote:` or `remoteprefix:` (none for other
+/// destinations); `timeout` is the stall timeout in seconds.
+pub(crate) fn remote_settings(
+    config: &Config,
+    destination: &[String],
+    accept_new_host_key: bool,
+    timeout: u64,
+) -> Result<Option<RemoteSettings>, Failure> {
+    let dest = destination.join(" ");
     let (prefix, rest) = if let Some(r) = dest.strip_prefix("remoteprefix:") {
         (true, r)
     } else if let Some(r) = dest.strip_prefix("remote:") {
         (false, r)
     } else {
-        if a.accept_new_host_key {
+        if accept_new_host_key {
             return Err(Failure::new(exit::USAGE, anyhow!("--accept-new-host-key is for remote: destinations")));
         }
         return Ok(None);
     };
-    if a.destination.len() > 1 {
+    if destination.len() > 1 {
         return Err(Failure::new(exit::USAGE, anyhow!("destination {dest:?}: one remote:[LOGIN@]HOST[:PORT]")));
     }
     let target = RemoteTarget::parse(rest).map_err(|e| Failure::new(exit::USAGE, e.into()))?;
@@ -183,11 +207,10 @@ pub(crate) fn connect_remote(config: &Config, a: &SyncArgs) -> Result<Option<Rem
     settings.key_file.clone_from(&ssh_cfg.key);
     settings.passphrase_file.clone_from(&ssh_cfg.key_passphrase_file);
     settings.known_hosts = ssh::known_hosts_or_default(ssh_cfg.known_hosts.as_deref());
-    settings.accept_new_host_key = a.accept_new_host_key;
+    settings.accept_new_host_key = accept_new_host_key;
     settings.connect_timeout = ssh_cfg.connect_timeout;
-    settings.inactivity_timeout = Duration::from_secs(a.timeout.max(60));
-    let conn = SshConnection::connect(&settings)?;
-    Ok(Some(Remote { conn, settings, prefix, login, host: target.host }))
+    settings.inactivity_timeout = Duration::from_secs(timeout.max(60));
+    Ok(Some(RemoteSettings { settings, prefix, login, host: target.host }))
 }
 
 /// `sync|backup DESTINATION`.

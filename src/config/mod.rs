@@ -19,6 +19,22 @@ use crate::userdb::Userdb;
 /// The default configuration file.
 pub const DEFAULT_PATH: &str = "/etc/mailreplica/mailreplica.toml";
 
+/// The keys of the `[replicator]` table.
+const REPLICATOR_KEYS: [&str; 12] = [
+    "destination",
+    "users",
+    "state_dir",
+    "max_parallel",
+    "full_sync_interval",
+    "retry_min",
+    "retry_max",
+    "sync_timeout",
+    "admin_socket",
+    "plugin_fifo",
+    "plugin_socket",
+    "plugin_mode",
+];
+
 /// The effective configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -37,6 +53,59 @@ pub struct Config {
     pub mail_max_lock_timeout: Duration,
     /// The SSH client's settings (`remote:` and `remoteprefix:` destinations).
     pub ssh: SshConfig,
+    /// The `[replicator]` table.
+    pub replicator: ReplicatorConfig,
+}
+
+/// The `[replicator]` table: `mailreplica replicator`'s settings (`-o replicator.KEY=VALUE`
+/// overrides one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicatorConfig {
+    /// `destination`: where every user is synced to, any destination `sync` takes.
+    pub destination: Option<String>,
+    /// `users`: the users replicated (absent: every userdb user within
+    /// first_valid_uid..last_valid_uid).
+    pub users: Option<Vec<String>>,
+    /// `state_dir`: where the per-user records live.
+    pub state_dir: PathBuf,
+    /// `max_parallel`: syncs at once.
+    pub max_parallel: u32,
+    /// `full_sync_interval`: every user gets a full sync this often.
+    pub full_sync_interval: Duration,
+    /// `retry_min`: the first retry after a failure waits this long; each further one doubles.
+    pub retry_min: Duration,
+    /// `retry_max`: no retry waits longer.
+    pub retry_max: Duration,
+    /// `sync_timeout`: a sync whose stream stalls this long fails (`sync -T`).
+    pub sync_timeout: Duration,
+    /// `admin_socket`: the `replicator-doveadm` socket (`doveadm replicator -a PATH`, and our
+    /// `replicate` and `replicator status`).
+    pub admin_socket: PathBuf,
+    /// `plugin_fifo`: serve Dovecot 2.3's `replication-notify-fifo` here (absent: not served).
+    pub plugin_fifo: Option<PathBuf>,
+    /// `plugin_socket`: serve Dovecot 2.3's `replication-notify` socket here (absent: not served).
+    pub plugin_socket: Option<PathBuf>,
+    /// `plugin_mode`: the mode of those two (mail processes of every user write to them).
+    pub plugin_mode: u32,
+}
+
+impl Default for ReplicatorConfig {
+    fn default() -> Self {
+        Self {
+            destination: None,
+            users: None,
+            state_dir: PathBuf::from("/var/lib/mailreplica"),
+            max_parallel: 4,
+            full_sync_interval: Duration::from_secs(24 * 3600),
+            retry_min: Duration::from_secs(30),
+            retry_max: Duration::from_secs(3600),
+            sync_timeout: Duration::from_secs(600),
+            admin_socket: PathBuf::from("/run/mailreplica/replicator-doveadm"),
+            plugin_fifo: None,
+            plugin_socket: None,
+            plugin_mode: 0o666,
+        }
+    }
 }
 
 /// Settings of the embedded SSH client.
@@ -89,6 +158,7 @@ impl Default for Config {
             hostname: None,
             mail_max_lock_timeout: Duration::ZERO,
             ssh: SshConfig::default(),
+            replicator: ReplicatorConfig::default(),
         }
     }
 }
@@ -192,6 +262,27 @@ impl Raw<'_> {
         Ok(p)
     }
 
+    /// A list of strings (TOML array; `-o`: comma-separated).
+    fn strings(&self) -> Result<Vec<String>, String> {
+        match self {
+            Raw::Toml(toml::Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| format!("expected strings, got {}", v.type_str())))
+                .collect(),
+            Raw::Toml(v) => Err(format!("expected an array of strings, got {}", v.type_str())),
+            Raw::Text(s) => Ok(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()),
+        }
+    }
+
+    /// A file mode, as an octal string (`"0666"`).
+    fn mode(&self) -> Result<u32, String> {
+        let s = self.string()?;
+        u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|m| *m <= 0o777)
+            .ok_or_else(|| format!("{s:?} is not an octal file mode like \"0666\""))
+    }
+
     fn duration(&self) -> Result<Duration, String> {
         match self {
             Raw::Toml(toml::Value::Integer(i)) => {
@@ -248,6 +339,27 @@ impl Config {
         let line_of = |offset: usize| text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1;
         for (k, v) in &table {
             let origin = Origin::File { path: path.to_path_buf(), line: line_of(k.span().start) };
+            if let ("replicator", toml::Value::Table(t)) = (k.get_ref().as_str(), v.get_ref()) {
+                // The table's keys, each with the line that sets it (the first after the
+                // table's header that starts with the key).
+                let from = k.span().start;
+                for (key, value) in t {
+                    let at = text[from..]
+                        .split_inclusive('\n')
+                        .scan(from, |pos, l| {
+                            let here = *pos;
+                            *pos += l.len();
+                            Some((here, l))
+                        })
+                        .find(|(_, l)| {
+                            l.trim_start().strip_prefix(key.as_str()).is_some_and(|r| r.trim_start().starts_with('='))
+                        })
+                        .map_or(from, |(p, _)| p);
+                    let origin = Origin::File { path: path.to_path_buf(), line: line_of(at) };
+                    self.set(&format!("replicator.{key}"), Raw::Toml(value), origin)?;
+                }
+                continue;
+            }
             self.set(k.get_ref(), Raw::Toml(v.get_ref()), origin)?;
         }
         Ok(())
@@ -300,9 +412,50 @@ impl Config {
                 }
                 self.ssh.dsync_remote_cmd = c;
             }
+            k if k.strip_prefix("replicator.").is_some_and(|k| REPLICATOR_KEYS.contains(&k)) => {
+                self.set_replicator(&k["replicator.".len()..], &raw).map_err(bad)?;
+            }
             _ => {
                 return Err(ConfigError::UnknownKey { origin, key: key.to_owned() });
             }
+        }
+        Ok(())
+    }
+
+    fn set_replicator(&mut self, key: &str, raw: &Raw<'_>) -> Result<(), String> {
+        let r = &mut self.replicator;
+        let at_least_a_second =
+            |d: Duration| if d.is_zero() { Err("must be at least 1 second".to_owned()) } else { Ok(d) };
+        match key {
+            "destination" => {
+                let d = raw.string()?;
+                if d.trim().is_empty() {
+                    return Err("must not be empty".into());
+                }
+                r.destination = Some(d);
+            }
+            "users" => {
+                let users = raw.strings()?;
+                if let Some(u) = users.iter().find(|u| !crate::replicator::protocol::valid_user(u)) {
+                    return Err(format!("{u:?} is not a user name"));
+                }
+                r.users = Some(users);
+            }
+            "state_dir" => r.state_dir = raw.path()?,
+            "max_parallel" => {
+                r.max_parallel = raw
+                    .u32()
+                    .and_then(|n| if (1..=1000).contains(&n) { Ok(n) } else { Err(format!("{n} is not 1..1000")) })?;
+            }
+            "full_sync_interval" => r.full_sync_interval = at_least_a_second(raw.duration()?)?,
+            "retry_min" => r.retry_min = at_least_a_second(raw.duration()?)?,
+            "retry_max" => r.retry_max = at_least_a_second(raw.duration()?)?,
+            "sync_timeout" => r.sync_timeout = at_least_a_second(raw.duration()?)?,
+            "admin_socket" => r.admin_socket = raw.path()?,
+            "plugin_fifo" => r.plugin_fifo = Some(raw.path()?),
+            "plugin_socket" => r.plugin_socket = Some(raw.path()?),
+            "plugin_mode" => r.plugin_mode = raw.mode()?,
+            _ => unreachable!("checked against REPLICATOR_KEYS"),
         }
         Ok(())
     }
@@ -351,6 +504,37 @@ mod tests {
         assert!(matches!(e, ConfigError::BadOverride(_)));
         let c = Config::load(Some(&f), &["mail_max_lock_timeout=5 mins".into()]).unwrap();
         assert_eq!(c.lock_wait(), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn the_replicator_table() {
+        let mut c = Config::default();
+        assert_eq!(c.replicator.max_parallel, 4);
+        c.apply_toml(
+            "first_valid_uid = 1000\n\n[replicator]\ndestination = \"remoteprefix:root@replica\"\n\
+             users = [\"alice\", \"bob\"]\nmax_parallel = 2\nfull_sync_interval = \"12h\"\n\
+             plugin_fifo = \"/run/dovecot/replication-notify-fifo\"\nplugin_mode = \"0660\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let r = &c.replicator;
+        assert_eq!(r.destination.as_deref(), Some("remoteprefix:root@replica"));
+        assert_eq!(r.users.as_deref(), Some(&["alice".to_owned(), "bob".to_owned()][..]));
+        assert_eq!((r.max_parallel, r.full_sync_interval), (2, Duration::from_secs(12 * 3600)));
+        assert_eq!((r.plugin_mode, r.plugin_socket.as_deref()), (0o660, None));
+        let e = c.apply_toml("[replicator]\n\nmax_parallel = 0\n", Path::new("x.toml")).unwrap_err();
+        assert_eq!(e.to_string(), "x.toml line 3: bad value for `replicator.max_parallel`: 0 is not 1..1000");
+        let e = c.apply_toml("[replicator]\nbogus = 1\n", Path::new("x.toml")).unwrap_err();
+        assert_eq!(e.to_string(), "x.toml line 2: unknown setting `replicator.bogus`");
+        let e = c.apply_toml("[replicator]\nusers = [\"a\\tb\"]\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("not a user name"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "").unwrap();
+        let c =
+            Config::load(Some(&f), &["replicator.users=alice, bob".into(), "replicator.retry_min=5s".into()]).unwrap();
+        assert_eq!(c.replicator.users.map(|u| u.len()), Some(2));
+        assert_eq!(c.replicator.retry_min, Duration::from_secs(5));
     }
 
     #[test]

@@ -1,7 +1,13 @@
-//! Continuous replication (`mailreplica replicator`), in the making: so far the queue that
-//! decides which user syncs next ([`queue`]) and the per-user records that survive a crash,
-//! with the import of Dovecot 2.3's `replicator.db` ([`state_db`]). The service that runs
-//! them (change feeds, syncs, status) is not built yet; no command uses these modules.
+//! Continuous replication (`mailreplica replicator`): which user syncs next ([`queue`]), the
+//! per-user records that survive a crash and the import of Dovecot 2.3's `replicator.db`
+//! ([`state_db`]), the service that runs the syncs ([`service`]), the change feeds of Dovecot
+//! 2.3's `replication` plugin ([`feeds`]) and the `doveadm replicator` admin socket
+//! ([`admin`]), with their line formats in [`protocol`]. How a sync is run (a child process
+//! per user over a shared SSH connection) is the binary's, behind [`service::Syncer`].
 
+pub mod admin;
+pub mod feeds;
+pub mod protocol;
 pub mod queue;
+pub mod service;
 pub mod state_db;

@@ -51,6 +51,16 @@ impl Priority {
         })
     }
 
+    /// The name Dovecot gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Low => "low",
+            Self::High => "high",
+            Self::Sync => "sync",
+        }
+    }
+
     /// The head start a pending change gets over the periodic syncs (2.3.20's values).
     fn head_start(self) -> u64 {
         match self {
@@ -200,6 +210,12 @@ impl Queue {
     /// The next due user's sync, if one is due at `now`; the user counts as running until
     /// [`Queue::finish`].
     pub fn pop(&mut self, now: u64) -> Option<Job> {
+        self.pop_with_record(now).map(|(job, _)| job)
+    }
+
+    /// [`Queue::pop`], with the user's record as it was before (what a record saved while the
+    /// sync runs must say, so that a crash during the sync leaves it owed).
+    pub fn pop_with_record(&mut self, now: u64) -> Option<(Job, UserRecord)> {
         self.drop_stale();
         if self.heap.peek().is_none_or(|Reverse((due, _, _))| *due > now) {
             return None;
@@ -208,6 +224,7 @@ impl Queue {
         let interval = self.policy.full_sync_interval;
         // (`drop_stale` left a live entry on top: its user is known.)
         let e = self.users.get_mut(&user)?;
+        let before = e.rec.clone();
         let full = e.rec.force_full || e.rec.last_full_sync == 0 || e.rec.last_full_sync + interval <= now;
         e.rec.last_fast_sync = now;
         if full {
@@ -219,7 +236,27 @@ impl Queue {
         e.running = true;
         e.generation += 1;
         self.running += 1;
-        Some(Job { user, full, state: e.rec.state.clone() })
+        Some((Job { user, full, state: e.rec.state.clone() }, before))
+    }
+
+    /// Another host synced `user` at `now` (Dovecot's `NOTIFY` from a `dsync-server -U`): the
+    /// periodic sync moves on. The state that host printed is not ours to use (a dsync state
+    /// names one side's modseqs), so the user's own state is kept.
+    pub fn synced_elsewhere(&mut self, user: &str, full: bool, now: u64) {
+        let Some(e) = self.users.get_mut(user) else { return };
+        if e.running {
+            return;
+        }
+        e.rec.last_fast_sync = now;
+        if full {
+            e.rec.last_full_sync = now;
+        }
+        self.schedule(user);
+    }
+
+    /// When `rec` is due under this queue's policy.
+    pub fn due_of(&self, rec: &UserRecord) -> u64 {
+        Self::due(&self.policy, rec)
     }
 
     /// Records how `user`'s running sync ended at `now`.

@@ -490,6 +490,19 @@ pub struct Sshd {
 impl Sshd {
     /// Starts sshd with `authorized_keys` as root's keys and `extra` appended to the config.
     pub fn start(keys: &SshKeys, tag: &str, authorized_keys: &str, extra: &str) -> Self {
+        Self::start_on(keys, tag, authorized_keys, extra, None)
+    }
+
+    /// Kills sshd and every connection it serves (each connection is a child process of its
+    /// own, which killing the listener alone leaves running): the replica is gone.
+    pub fn kill_all(self) {
+        let pid = self._child.0.id().to_string();
+        let _ = Command::new("pkill").args(["-KILL", "-P", &pid]).status();
+        drop(self);
+    }
+
+    /// [`Sshd::start`], on `port` if given (a restart where clients expect it).
+    pub fn start_on(keys: &SshKeys, tag: &str, authorized_keys: &str, extra: &str, port: Option<u16>) -> Self {
         // sshd's privilege-separation directory (Debian's path); created only when missing.
         if !Path::new("/run/sshd").exists() {
             fs::create_dir_all("/run/sshd").expect("mkdir /run/sshd");
@@ -501,7 +514,9 @@ impl Sshd {
         let log = keys.dir.join(format!("sshd_{tag}.log"));
         for _attempt in 0..5 {
             // sshd cannot take port 0: borrow a free port from the kernel, then hand it over.
-            let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+            let port = port.unwrap_or_else(|| {
+                std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+            });
             let cfg = keys.dir.join(format!("sshd_config_{tag}"));
             fs::write(
                 &cfg,
@@ -995,6 +1010,11 @@ pub struct Dovecot {
 
 impl Dovecot {
     pub fn start(sb: &Sandbox, mail_location: &str) -> Self {
+        Self::start_with(sb, mail_location, "")
+    }
+
+    /// [`Dovecot::start`] with `extra` at the end of the configuration.
+    pub fn start_with(sb: &Sandbox, mail_location: &str, extra: &str) -> Self {
         require_dovecot();
         let dir = sb.dir.join("dovecot");
         for d in [dir.clone(), dir.join("state")] {
@@ -1012,7 +1032,7 @@ impl Dovecot {
                  passdb {{\n  driver = passwd\n}}\nuserdb {{\n  driver = passwd\n}}\n\
                  namespace inbox {{\n  inbox = yes\n}}\n\
                  service anvil {{\n  chroot =\n}}\n\
-                 default_internal_user = dovecot\ndefault_login_user = dovenull\n",
+                 default_internal_user = dovecot\ndefault_login_user = dovenull\n{extra}\n",
                 run = dir.join("run").display(),
                 state = dir.join("state").display(),
                 log = log.display(),

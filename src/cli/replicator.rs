@@ -1,0 +1,501 @@
+//! `mailreplica replicator` (the service, in the foreground), `replicator status`,
+//! `replicator import`, and `mailreplica replicate`.
+//!
+//! ```text
+//!   mailreplica replicator                         (root; systemd Type=notify)
+//!     [replicator] destination, users, state_dir, max_parallel, full_sync_interval, …
+//!     feeds:  plugin_fifo / plugin_socket (Dovecot 2.3's replication plugin), admin_socket
+//!             (doveadm replicator -a PATH; mailreplica replicate)
+//!     queue → up to max_parallel syncs, each: a child `mailreplica -u USER sync -s STATE [-f]`
+//!             that drops to USER, its stream over one channel of the shared SSH connection
+//!             (as `sync -A` runs them), or to a `maildir:` or command destination itself
+//!     records: state_dir/users/*.user, each saved atomically as it changes
+//! ```
+//!
+//! SIGTERM or SIGINT stops starting syncs and waits for the running ones (each is bounded by
+//! `sync_timeout`); a second one exits at once. Either way no record is lost: each was saved
+//! when it changed, and a sync cut short leaves the last good state and the user still owed.
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use clap::Subcommand;
+use mailreplica::config::Config;
+use mailreplica::fleet::Counters;
+use mailreplica::replicator::protocol::{DOVEADM_CLIENT_HANDSHAKE, DOVEADM_SERVER_HANDSHAKE, valid_user};
+use mailreplica::replicator::queue::{Job, Policy, Priority};
+use mailreplica::replicator::service::{Directory, Service, Settings, SyncResult, Syncer, now};
+use mailreplica::replicator::state_db::{StateDir, import_replicator_db};
+use mailreplica::replicator::{admin, feeds};
+use mailreplica::tabescape::{escape, unescape_lenient};
+use nix::sys::signal::{SigSet, Signal};
+
+use super::fleet::{ChildTemplate, Shared, sync_user};
+use super::output::{Cell, Column, Printer};
+use super::sync::{Mode, SyncArgs, remote_settings};
+use super::{Cli, Failure, Format, exit};
+
+/// `replicator` sub-commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum ReplicatorCommand {
+    /// Run the service in the foreground (the default).
+    Run,
+    /// The queue and every user's replication, from the running service.
+    Status {
+        /// Only users matching this mask (`*`, `?`).
+        #[arg(default_value = "*")]
+        mask: String,
+    },
+    /// Import Dovecot 2.3's replicator.db into state_dir (with the service stopped), so that
+    /// a migrating site keeps its users' states.
+    Import {
+        /// The replicator.db file (e.g. /var/lib/dovecot/replicator.db).
+        file: std::path::PathBuf,
+    },
+}
+
+/// `mailreplica replicator [run|status|import]`.
+pub(crate) fn replicator(cli: &Cli, config: Config, command: Option<&ReplicatorCommand>) -> Result<(), Failure> {
+    match command {
+        None | Some(ReplicatorCommand::Run) => run(cli, config),
+        Some(ReplicatorCommand::Status { mask }) => status(&config, mask, cli.format.unwrap_or(Format::Table)),
+        Some(ReplicatorCommand::Import { file }) => import(&config, file),
+    }
+}
+
+/// Which users this replicator serves: the `users` list, or every userdb user within the
+/// uid range.
+struct UserDirectory {
+    config: Config,
+    only: Option<HashSet<String>>,
+}
+
+impl Directory for UserDirectory {
+    fn allowed(&self, user: &str) -> bool {
+        valid_user(user)
+            && self.only.as_ref().is_none_or(|o| o.contains(user))
+            && super::allowed_user(&self.config, user).is_ok()
+    }
+
+    fn list(&self) -> Result<Vec<String>, String> {
+        if let Some(users) = &self.config.replicator.users {
+            return Ok(users.clone());
+        }
+        let all = self.config.userdb.list().map_err(|e| e.to_string())?;
+        Ok(all
+            .into_iter()
+            .filter(|u| {
+                self.config.uid_allowed(u.uid)
+                    && !mailreplica::privdrop::forbidden_id(u.uid)
+                    && !mailreplica::privdrop::forbidden_id(u.gid)
+                    && valid_user(&u.name)
+            })
+            .map(|u| u.name)
+            .collect())
+    }
+
+    fn uid_of(&self, user: &str) -> Option<u32> {
+        self.config.userdb.lookup(user).ok().flatten().map(|e| e.uid)
+    }
+}
+
+/// Runs each sync as `sync -A` runs a user: a child process that drops to the user.
+struct ChildSyncer {
+    config: Config,
+    template: ChildTemplate,
+    shared: Option<Shared>,
+    wait: Duration,
+}
+
+impl Syncer for ChildSyncer {
+    fn sync(&self, job: &Job) -> SyncResult {
+        let mut extra: Vec<OsString> = vec!["-s".into(), job.state.clone().into()];
+        if job.full {
+            extra.push("-f".into());
+        }
+        let counters = Arc::new(Counters::default());
+        let log: Arc<dyn Fn(&str) + Send + Sync> = {
+            let user = job.user.clone();
+            Arc::new(move |line: &str| tracing::info!(user = %user, "{}", line.trim_start()))
+        };
+        let r =
+            sync_user(&self.config, &self.template, self.shared.as_ref(), &job.user, &extra, &counters, log, self.wait);
+        let why = || r.message.clone().unwrap_or_else(|| format!("exit code {}", r.code));
+        match r.code {
+            exit::OK | 2 => SyncResult::Done {
+                // A sync that printed no state (it always does with -s) keeps the old one.
+                state: r.state.clone().unwrap_or_else(|| job.state.clone()),
+                changed: r.code == 2,
+            },
+            exit::NOUSER => SyncResult::Gone(why()),
+            _ => SyncResult::Failed(why()),
+        }
+    }
+}
+
+/// The service.
+fn run(cli: &Cli, config: Config) -> Result<(), Failure> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Failure::new(exit::NOPERM, anyhow!("the replicator runs as root (each sync drops to its user)")));
+    }
+    let rc = config.replicator.clone();
+    let destination = rc.destination.clone().ok_or_else(|| {
+        Failure::new(exit::CONFIG, anyhow!("[replicator] destination is not set in the configuration"))
+    })?;
+    // Before any thread: the signals are taken by one thread that waits for them.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    signals.thread_block().context("blocking signals")?;
+    mailreplica::sys::cloexec_from(3).context("marking inherited file descriptors close-on-exec")?;
+
+    let directory = Arc::new(UserDirectory {
+        only: rc.users.as_ref().map(|u| u.iter().cloned().collect()),
+        config: config.clone(),
+    });
+    let users = directory.list().map_err(|e| Failure::new(exit::TEMPFAIL, anyhow!("listing the users: {e}")))?;
+    let words: Vec<String> = destination.split_whitespace().map(str::to_owned).collect();
+    let timeout = rc.sync_timeout.as_secs();
+    let args = SyncArgs {
+        reverse: false,
+        one_way: false,
+        full: false,
+        state: None,
+        mailbox: None,
+        exclude: Vec::new(),
+        since: None,
+        until: None,
+        max_size: None,
+        flag: None,
+        lock_timeout: None,
+        purge: false,
+        timeout,
+        accept_new_host_key: false,
+        report: false,
+        destination: words.clone(),
+    };
+    let remote = remote_settings(&config, &words, false, timeout)?;
+    let template = ChildTemplate::new(cli, Mode::Sync, &args, remote.is_some())?;
+    let shared = remote.map(|r| Shared {
+        conn: std::sync::Mutex::new(None),
+        settings: r.settings,
+        prefix: r.prefix,
+        login: r.login,
+        host: r.host,
+    });
+    let syncer = Arc::new(ChildSyncer { config, template, shared, wait: rc.sync_timeout });
+    let states = StateDir::open(&rc.state_dir).with_context(|| "opening the state directory".to_owned())?;
+    let settings = Settings {
+        max_parallel: rc.max_parallel as usize,
+        policy: Policy {
+            full_sync_interval: rc.full_sync_interval.as_secs(),
+            retry_base: rc.retry_min.as_secs(),
+            retry_max: rc.retry_max.as_secs().max(rc.retry_min.as_secs()),
+        },
+    };
+    let service = Service::new(settings, states, &users, syncer, directory).context("loading the saved records")?;
+
+    // The feeds. Sockets are made last, so that nobody talks to a service not ready.
+    let mut made: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(parent) = rc.admin_socket.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let listener = feeds::bind_socket(&rc.admin_socket, 0o600)
+        .with_context(|| format!("admin socket {}", rc.admin_socket.display()))?;
+    made.push(rc.admin_socket.clone());
+    spawn("admin", {
+        let s = Arc::clone(&service);
+        move || admin::serve(listener, s)
+    })?;
+    if let Some(p) = &rc.plugin_socket {
+        let l = feeds::bind_socket(p, rc.plugin_mode).with_context(|| format!("plugin socket {}", p.display()))?;
+        made.push(p.clone());
+        let s = Arc::clone(&service);
+        spawn("notify-socket", move || feeds::serve_notify_socket(l, s))?;
+    }
+    if let Some(p) = &rc.plugin_fifo {
+        feeds::make_fifo(p, rc.plugin_mode).with_context(|| format!("plugin FIFO {}", p.display()))?;
+        let (s, path) = (Arc::clone(&service), p.clone());
+        spawn("notify-fifo", move || {
+            if let Err(e) = feeds::serve_fifo(&path, &s) {
+                tracing::error!("{}: {e}; this feed is stopped", path.display());
+            }
+        })?;
+    }
+    spawn("signals", {
+        let s = Arc::clone(&service);
+        move || loop {
+            match signals.wait() {
+                Ok(Signal::SIGHUP) => {
+                    tracing::warn!("SIGHUP: the configuration is read at start only; restart to apply it")
+                }
+                Ok(sig) if s.stopping() => {
+                    tracing::warn!("{sig}: stopping now, without waiting for the running syncs");
+                    std::process::exit(0);
+                }
+                Ok(sig) => {
+                    tracing::info!("{sig}: stopping once the running syncs end");
+                    s.stop();
+                }
+                Err(e) => {
+                    tracing::error!("waiting for signals: {e}");
+                    return;
+                }
+            }
+        }
+    })?;
+    tracing::info!(
+        "replicating {} users to {destination}, {} at a time; admin socket {}",
+        users.len(),
+        rc.max_parallel,
+        rc.admin_socket.display()
+    );
+    sd_notify("READY=1");
+    service.run();
+    sd_notify("STOPPING=1");
+    for p in made {
+        let _ = std::fs::remove_file(p);
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), Failure> {
+    std::thread::Builder::new().name(name.into()).spawn(f).with_context(|| format!("starting the {name} thread"))?;
+    Ok(())
+}
+
+/// Tells systemd (`Type=notify`) how the service stands, if it runs under systemd.
+fn sd_notify(what: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let bytes = path.as_encoded_bytes();
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name),
+        None => SocketAddr::from_pathname(Path::new(&path)),
+    };
+    let sent = UnixDatagram::unbound().and_then(|s| addr.and_then(|a| s.send_to_addr(what.as_bytes(), &a)));
+    if let Err(e) = sent {
+        tracing::warn!("telling systemd {what}: {e}");
+    }
+}
+
+/// A connection to the running service's admin socket.
+struct Admin {
+    out: UnixStream,
+    input: BufReader<UnixStream>,
+}
+
+impl Admin {
+    fn connect(config: &Config) -> Result<Self, Failure> {
+        let path = &config.replicator.admin_socket;
+        let s = UnixStream::connect(path).with_context(|| {
+            format!("connecting to the replicator at {} (is `mailreplica replicator` running?)", path.display())
+        })?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).context("socket timeout")?;
+        let mut a = Self { out: s.try_clone().context("socket")?, input: BufReader::new(s) };
+        a.send(DOVEADM_CLIENT_HANDSHAKE)?;
+        let h = a.line()?;
+        if h != DOVEADM_SERVER_HANDSHAKE {
+            return Err(Failure::new(exit::TEMPFAIL, anyhow!("{}: unexpected handshake {h:?}", path.display())));
+        }
+        Ok(a)
+    }
+
+    fn send(&mut self, line: &str) -> Result<(), Failure> {
+        self.out.write_all(format!("{line}\n").as_bytes()).context("writing to the replicator")?;
+        Ok(())
+    }
+
+    fn line(&mut self) -> Result<String, Failure> {
+        let mut l = String::new();
+        if self.input.read_line(&mut l).context("reading from the replicator")? == 0 {
+            return Err(Failure::new(exit::TEMPFAIL, anyhow!("the replicator closed the connection")));
+        }
+        Ok(l.trim_end_matches('\n').to_owned())
+    }
+
+    /// Lines up to the empty one.
+    fn block(&mut self) -> Result<Vec<String>, Failure> {
+        let mut v = Vec::new();
+        loop {
+            let l = self.line()?;
+            if l.is_empty() {
+                return Ok(v);
+            }
+            if let Some(e) = l.strip_prefix('-') {
+                return Err(Failure::new(exit::TEMPFAIL, anyhow!("the replicator says: {e}")));
+            }
+            v.push(l);
+        }
+    }
+}
+
+/// `mailreplica replicate [-f] [-p PRIORITY] USER…`.
+pub(crate) fn replicate(config: &Config, full: bool, priority: &str, users: &[String]) -> Result<(), Failure> {
+    let p = Priority::from_name(priority)
+        .filter(|p| *p != Priority::Sync)
+        .ok_or_else(|| Failure::new(exit::USAGE, anyhow!("-p {priority}: use none, low or high")))?;
+    let mut admin = Admin::connect(config)?;
+    let mut refused = Vec::new();
+    for u in users {
+        admin.send(&format!("REPLICATE\t{}\t{}\t{}", p.name(), if full { "f" } else { "" }, escape(u)))?;
+        let reply = admin.line()?;
+        let n: usize = reply
+            .strip_prefix('+')
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| Failure::new(exit::TEMPFAIL, anyhow!("the replicator answered {reply:?}")))?;
+        if n == 0 {
+            refused.push(u.as_str());
+        } else {
+            eprintln!("{u}: {n} user{} queued", if n == 1 { "" } else { "s" });
+        }
+    }
+    if !refused.is_empty() {
+        return Err(Failure::new(
+            exit::NOUSER,
+            anyhow!("not replicated by this replicator (not in its users, or no such user): {}", refused.join(", ")),
+        ));
+    }
+    Ok(())
+}
+
+fn ago(now: u64, t: u64) -> String {
+    if t == 0 { "-".into() } else { format!("{} ago", span(now.saturating_sub(t))) }
+}
+
+fn span(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+/// `mailreplica replicator status [MASK]`.
+fn status(config: &Config, mask: &str, format: Format) -> Result<(), Failure> {
+    let mut admin = Admin::connect(config)?;
+    admin.send("STATUS")?;
+    let overview = admin.block()?;
+    admin.send("STATUS-DSYNC")?;
+    let running = admin.block()?.len();
+    admin.send(&format!("MR-STATUS\t{}", escape(mask)))?;
+    let rows = admin.block()?;
+    let t = now();
+    let human = format == Format::Table;
+    let mut out = std::io::stdout().lock();
+    if human {
+        for l in &overview {
+            let (k, v) = l.split_once('\t').unwrap_or((l, ""));
+            writeln!(out, "{k:<32}{v}").context("writing")?;
+        }
+        writeln!(out, "{:<32}{running}\n", "Syncs running").context("writing")?;
+    }
+    let titles = [
+        "user",
+        "priority",
+        "running",
+        "last_success",
+        "last_sync",
+        "last_full_sync",
+        "failures",
+        "next_sync",
+        "state",
+        "lag",
+        "last_error",
+    ];
+    let mut p = Printer::new(format, titles.iter().map(|t| Column::new(*t)).collect(), &mut out);
+    for row in rows {
+        let f: Vec<&str> = row.split('\t').collect();
+        if f.len() != 13 {
+            return Err(Failure::new(exit::TEMPFAIL, anyhow!("the replicator sent a bad status line: {row:?}")));
+        }
+        let n = |i: usize| f[i].parse::<u64>().unwrap_or(0);
+        let (last_update, last_fast, last_full, last_success, next) = (n(3), n(4), n(5), n(6), n(10));
+        let running = f[2] == "1";
+        // How long a change has waited for its sync: since the last notification still
+        // pending (or being synced now).
+        let lag = if (f[1] != "none" || running) && last_update > 0 { t.saturating_sub(last_update) } else { 0 };
+        let cells: Vec<String> = if human {
+            vec![
+                unescape_lenient(f[0]),
+                f[1].to_owned(),
+                if running { "yes".into() } else { "-".into() },
+                ago(t, last_success),
+                ago(t, last_fast),
+                ago(t, last_full),
+                f[7].to_owned(),
+                if running {
+                    "now".into()
+                } else if next <= t {
+                    "due".into()
+                } else {
+                    format!("in {}", span(next - t))
+                },
+                if f[8] == "1" { "kept".into() } else { "none".into() },
+                if lag > 0 { span(lag) } else { "-".into() },
+                unescape_lenient(f[12]).replace('\n', " "),
+            ]
+        } else {
+            vec![
+                unescape_lenient(f[0]),
+                f[1].to_owned(),
+                running.to_string(),
+                last_success.to_string(),
+                last_fast.to_string(),
+                last_full.to_string(),
+                f[7].to_owned(),
+                next.to_string(),
+                (f[8] == "1").to_string(),
+                lag.to_string(),
+                unescape_lenient(f[12]),
+            ]
+        };
+        p.row(&cells.into_iter().map(Cell::Text).collect::<Vec<_>>()).context("writing")?;
+    }
+    p.finish().context("writing")?;
+    if format == Format::Json {
+        writeln!(out).context("writing")?;
+    }
+    Ok(())
+}
+
+/// `mailreplica replicator import FILE`.
+fn import(config: &Config, file: &Path) -> Result<(), Failure> {
+    if UnixStream::connect(&config.replicator.admin_socket).is_ok() {
+        return Err(Failure::new(exit::TEMPFAIL, anyhow!("the replicator is running: stop it before an import")));
+    }
+    let meta = std::fs::metadata(file).with_context(|| format!("reading {}", file.display()))?;
+    if meta.len() > 4 << 30 {
+        return Err(Failure::new(exit::DATAERR, anyhow!("{}: {} bytes is too large", file.display(), meta.len())));
+    }
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let records = import_replicator_db(file, &text).map_err(|e| Failure::new(exit::DATAERR, e.into()))?;
+    let states = StateDir::open(&config.replicator.state_dir).context("opening the state directory")?;
+    let have: HashSet<String> =
+        states.load().context("reading the state directory")?.into_iter().map(|r| r.user).collect();
+    let (mut saved, mut kept) = (0, 0);
+    for r in &records {
+        if have.contains(&r.user) {
+            kept += 1;
+            continue;
+        }
+        states.save(r).context("saving a record")?;
+        saved += 1;
+    }
+    eprintln!(
+        "imported {saved} users from {} into {}; {kept} already had a record of ours and kept it",
+        file.display(),
+        config.replicator.state_dir.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,372 @@
+//! `mailreplica replicator` end to end: real Dovecot 2.3 with its `replication` plugin on the
+//! source, real OpenSSH sshd and `mailreplica-wrapper` in front of the replica.
+//!
+//! ```text
+//!   dovecot-lda / imap / doveadm (Dovecot 2.3, maildir:~/Source, plugin `replication`)
+//!      │ USER<TAB>high|low on replication-notify-fifo, USER<TAB>sync on replication-notify
+//!      ▼
+//!   mailreplica replicator ── one SSH connection ──► sshd ──root── mailreplica-wrapper --peer mx1
+//!      (a child per sync, dropped to USER)                          ──drop──► USER (~/Maildir)
+//! ```
+//!
+//! Shown here: every change (deliveries, IMAP flag changes, expunges, mailboxes, subscriptions)
+//! reaches the replica, which then equals the source; a delivery with
+//! `replication_sync_timeout` returns only once its mail is on the replica (the request that
+//! crashed 2.3's replicator); the replica's sshd killed for a while (the queue backs off, keeps
+//! each user's state, catches up); the service killed with SIGKILL amid syncs and started
+//! again (no record lost or torn, nobody left unsynced); `doveadm replicator` and our
+//! `replicate`/`replicator status` on the admin socket. Needs root, useradd, Dovecot 2.3 and
+//! OpenSSH (`tests/run` installs them), and the workspace built first.
+
+mod wrapper_common;
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use wrapper_common::*;
+
+/// The longest any change may take to reach the replica here.
+const CONVERGE: Duration = Duration::from_secs(60);
+
+/// Fields drop in this order: the replicator, Dovecot, sshd, users, then the sandbox.
+struct World {
+    replicator: Option<KillOnDrop>,
+    dovecot: Dovecot,
+    sshd: Option<Sshd>,
+    port: u16,
+    users: Vec<TestUser>,
+    keys: SshKeys,
+    config: PathBuf,
+    service_log: PathBuf,
+    sb: Sandbox,
+}
+
+impl World {
+    fn new() -> Self {
+        require_root();
+        let sb = Sandbox::new();
+        let users = vec![TestUser::new(&sb), TestUser::new(&sb)];
+        assert_ne!(users[0].uid, users[1].uid);
+        sb.write_policy(&format!(
+            "[peer.mx1]\nallow_users = [\"{}\", \"{}\"]\nfirst_valid_uid = 1000\nlast_valid_uid = 60000\n\
+             mail_location = \"maildir:~/Maildir\"\n",
+            users[0].name, users[1].name
+        ));
+        let keys = SshKeys::new(&sb, 1);
+        let sshd = Sshd::start(&keys, "r", &Self::authorized_keys(&sb, &keys), "");
+        let port = sshd.port;
+        // The source: Dovecot with the plugin, whose FIFO and socket are ours (its own
+        // aggregator's listeners are switched off with mode 0).
+        let dovecot = Dovecot::start_with(
+            &sb,
+            "maildir:~/Source",
+            "mail_plugins = $mail_plugins notify replication\n\
+             plugin {\n  mail_replica = remoteprefix:replica\n  replication_sync_timeout = 20\n}\n\
+             service aggregator {\n  fifo_listener replication-notify-fifo {\n    mode = 0\n  }\n\
+               unix_listener replication-notify {\n    mode = 0\n  }\n}\n",
+        );
+        let run = sb.dir.join("dovecot").join("run");
+        let config = sb.dir.join("mailreplica.toml");
+        fs::write(
+            &config,
+            format!(
+                "mail_location = \"maildir:~/Source\"\nfirst_valid_uid = 1000\nssh_key = \"{key}\"\n\
+                 ssh_known_hosts = \"{kh}\"\n\n[replicator]\n\
+                 destination = \"remoteprefix:root@127.0.0.1:{port}\"\nusers = [\"{a}\", \"{b}\"]\n\
+                 state_dir = \"{dir}/state\"\nadmin_socket = \"{dir}/replicator-doveadm\"\n\
+                 plugin_fifo = \"{run}/replication-notify-fifo\"\nplugin_socket = \"{run}/replication-notify\"\n\
+                 max_parallel = 2\nretry_min = \"1s\"\nretry_max = \"2s\"\nsync_timeout = 60\n",
+                key = keys.clients[0].display(),
+                kh = sshd.known_hosts.display(),
+                a = users[0].name,
+                b = users[1].name,
+                dir = sb.dir.display(),
+                run = run.display(),
+            ),
+        )
+        .expect("mailreplica.toml");
+        let service_log = sb.dir.join("replicator.log");
+        let mut w = Self { replicator: None, dovecot, sshd: Some(sshd), port, users, keys, config, service_log, sb };
+        w.start_replicator();
+        w
+    }
+
+    fn authorized_keys(sb: &Sandbox, keys: &SshKeys) -> String {
+        format!("restrict,command=\"{WRAPPER} {}\" {}\n", sb.args("mx1").join(" "), keys.client_pub(0))
+    }
+
+    /// `mailreplica -c CONFIG ARGS…`.
+    fn mr(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(mailreplica_bin());
+        c.arg("-c").arg(&self.config).args(args).env_clear().env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin");
+        c
+    }
+
+    fn ok(&self, cmd: Command, input: &[u8]) -> String {
+        let what = format!("{cmd:?}");
+        let mut live = Live::start(cmd);
+        live.send(input.to_vec());
+        live.close_input();
+        let (status, out, err) = live.finish(Duration::from_secs(120));
+        assert!(status.success(), "{what}: {status:?}\n{err}");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    fn start_replicator(&mut self) {
+        assert!(self.replicator.is_none());
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.service_log).expect("service log");
+        let child = self
+            .mr(&["replicator"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("start the replicator");
+        self.replicator = Some(KillOnDrop(child));
+        let sock = self.sb.dir.join("replicator-doveadm");
+        let until = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < until, "the replicator did not start:\n{}", self.log());
+            if let Some(st) = self.replicator.as_mut().and_then(|c| c.0.try_wait().ok().flatten()) {
+                panic!("the replicator exited ({st}):\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.service_log).unwrap_or_default()
+    }
+
+    /// Delivers a mail to `u` through Dovecot's LDA (the plugin notifies us).
+    fn deliver(&self, user: &str, subject: &str) {
+        let mut c = Command::new("/usr/lib/dovecot/dovecot-lda");
+        c.arg("-c").arg(&self.dovecot.conf).args(["-d", user, "-f", "sender@example.org"]).env_clear();
+        let mail = format!("From: sender@example.org\nTo: {user}@example.org\nSubject: {subject}\n\nbody\n");
+        self.ok(c, mail.as_bytes());
+    }
+
+    /// Runs IMAP commands as `u` with Dovecot's own imap process (preauthenticated).
+    fn imap(&self, user: &str, commands: &[&str]) -> String {
+        let mut c = self.dovecot.doveadm();
+        c.args(["exec", "imap", "-u", user]);
+        let mut script: String = commands.iter().enumerate().map(|(i, c)| format!("t{i} {c}\r\n")).collect();
+        script.push_str("z LOGOUT\r\n");
+        let out = self.ok(c, script.as_bytes());
+        for (i, command) in commands.iter().enumerate() {
+            assert!(out.contains(&format!("t{i} OK")), "IMAP {command:?} failed:\n{out}");
+        }
+        out
+    }
+
+    fn doveadm(&self, args: &[&str]) {
+        let mut c = self.dovecot.doveadm();
+        c.args(args);
+        self.ok(c, b"");
+    }
+
+    /// Mails (mailbox, uid, guid, flags without \Recent), mailbox counters and GUIDs, and
+    /// subscriptions of `u`'s Maildir at `~/{location}`.
+    fn listing(&self, user: &str, location: &str) -> String {
+        let loc = format!("mail_location=maildir:~/{location}");
+        let base = ["-u", user, "-o", &loc, "-f", "tab"];
+        let run = |extra: &[&str]| self.ok(self.mr(&[&base[..], extra].concat()), b"");
+        let mails: Vec<String> = run(&["fetch", "mailbox uid guid flags", "all"])
+            .lines()
+            .map(|l| l.replace("\\Recent", "").split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        let boxes = run(&["mailbox", "status", "messages uidnext uidvalidity guid", "*"]);
+        let subscribed = run(&["mailbox", "list", "-s"]);
+        format!("{}\n\n{boxes}\n{subscribed}", mails.join("\n"))
+    }
+
+    /// Waits until every user's replica equals their source.
+    fn converged(&self, what: &str) {
+        let until = Instant::now() + CONVERGE;
+        for u in &self.users {
+            loop {
+                let (source, replica) = (self.listing(&u.name, "Source"), self.listing(&u.name, "Maildir"));
+                if source == replica {
+                    break;
+                }
+                assert!(
+                    Instant::now() < until,
+                    "{what}: {}'s replica differs\nsource:\n{source}\nreplica:\n{replica}\nservice log:\n{}",
+                    u.name,
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+
+    fn status_json(&self) -> String {
+        self.ok(self.mr(&["-f", "json", "replicator", "status"]), b"")
+    }
+
+    /// A user's field in `replicator status -f json` (a crude reader: the values we look at
+    /// hold no quotes).
+    fn field(&self, user: &str, key: &str) -> String {
+        let json = self.status_json();
+        let obj = json.split('{').find(|o| o.contains(&format!("\"user\":\"{user}\""))).unwrap_or_else(|| {
+            panic!("{user} not in the status: {json}");
+        });
+        let at = obj.find(&format!("\"{key}\":\"")).unwrap_or_else(|| panic!("no {key} in {obj}")) + key.len() + 4;
+        obj[at..].split('"').next().unwrap_or_default().to_owned()
+    }
+
+    fn wait_for(&self, what: &str, cond: impl Fn() -> bool) {
+        let until = Instant::now() + CONVERGE;
+        while !cond() {
+            assert!(Instant::now() < until, "timed out waiting for {what}; service log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn state_files(&self) -> Vec<(String, String)> {
+        let dir = self.sb.dir.join("state").join("users");
+        let mut v: Vec<(String, String)> = fs::read_dir(&dir)
+            .expect("state dir")
+            .flatten()
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), fs::read_to_string(e.path()).unwrap_or_default()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn assert_no_errors_in(dovecot: &Dovecot) {
+    let log = dovecot.log_text();
+    let bad: Vec<&str> =
+        log.lines().filter(|l| l.contains("Error") || l.contains("Panic") || l.contains("Fatal")).collect();
+    assert!(bad.is_empty(), "Dovecot logged errors:\n{}", bad.join("\n"));
+}
+
+#[test]
+fn the_replicator_follows_dovecots_plugin_through_sshd_and_the_wrapper_and_survives_faults() {
+    let mut w = World::new();
+    let (alice, bob) = (w.users[0].name.clone(), w.users[1].name.clone());
+    let (alice, bob) = (alice.as_str(), bob.as_str());
+    // At start both users are new: synced at once (empty Maildirs).
+    w.wait_for("both first syncs", || [alice, bob].iter().all(|u| w.field(u, "last_success") != "0"));
+
+    // Deliveries wait for their sync (replication_sync_timeout): right after the LDA returns,
+    // the mail is on the replica, no polling. This is the request that crashed 2.3.
+    for i in 0..3 {
+        w.deliver(alice, &format!("alice {i}"));
+        w.deliver(bob, &format!("bob {i}"));
+    }
+    for u in [alice, bob] {
+        assert_eq!(w.listing(u, "Maildir"), w.listing(u, "Source"), "{u} right after delivery");
+    }
+
+    // IMAP: flags, a keyword, an expunge, a new mailbox with a subscription, a copy.
+    w.imap(
+        alice,
+        &[
+            "SELECT INBOX",
+            "STORE 1 +FLAGS (\\Flagged $Label1)",
+            "STORE 2 +FLAGS (\\Seen \\Deleted)",
+            "EXPUNGE",
+            "CREATE Work",
+            "SUBSCRIBE Work",
+            "COPY 1 Work",
+        ],
+    );
+    w.doveadm(&["mailbox", "create", "-u", bob, "Archive"]);
+    w.doveadm(&["mailbox", "subscribe", "-u", bob, "Archive"]);
+    w.doveadm(&["move", "-u", bob, "Archive", "mailbox", "INBOX", "uid", "1"]);
+    w.converged("after IMAP and doveadm changes");
+    let src = w.listing(alice, "Source");
+    assert!(src.contains("\\Flagged $Label1") && src.contains("Work"), "{src}");
+    assert_eq!(w.field(alice, "state"), "true");
+
+    // doveadm replicator speaks to our admin socket.
+    let mut c = w.dovecot.doveadm();
+    c.args(["replicator", "status", "-a"]).arg(w.sb.dir.join("replicator-doveadm"));
+    let overview = w.ok(c, b"");
+    assert!(overview.contains("Total number of known users") && overview.contains('2'), "{overview}");
+    let mut c = w.dovecot.doveadm();
+    c.args(["replicator", "status", "-a"]).arg(w.sb.dir.join("replicator-doveadm")).arg("*");
+    let users = w.ok(c, b"");
+    assert!(users.contains(alice) && users.contains(bob), "{users}");
+
+    // The replica goes away: its sshd and every connection it served.
+    let sshd = w.sshd.take().expect("sshd");
+    sshd.kill_all();
+    assert_eq!(w.field(alice, "failures"), "0");
+    // Without a replica the synchronous request fails; the plugin falls back to the FIFO.
+    w.deliver(alice, "while the replica is down");
+    w.wait_for("a failure", || w.field(alice, "failures") != "0");
+    assert_eq!(w.field(alice, "state"), "true", "the last good state is kept");
+    let errors = w.field(alice, "last_error");
+    assert!(!errors.is_empty(), "the failure is shown");
+    // Back on the same port: the backoff retries, the queue catches up.
+    let ak = World::authorized_keys(&w.sb, &w.keys);
+    w.sshd = Some(Sshd::start_on(&w.keys, "r2", &ak, "", Some(w.port)));
+    // (the host key is the same, so known_hosts still holds)
+    w.converged("after the replica came back");
+    w.wait_for("failures cleared", || w.field(alice, "failures") == "0");
+
+    // SIGKILL amid syncs: many changes queued for both users, the service killed while they
+    // run, then started again.
+    let running = |w: &World| {
+        let log = w.log();
+        log.matches("sync started").count() > log.matches("sync done").count() + log.matches("sync failed").count()
+    };
+    for i in 0..5 {
+        w.doveadm(&["mailbox", "create", "-u", alice, &format!("Box{i}")]);
+        w.doveadm(&["mailbox", "create", "-u", bob, &format!("Box{i}")]);
+    }
+    let until = Instant::now() + Duration::from_secs(10);
+    while !running(&w) {
+        // A sync of the last changes starts within a second of them.
+        assert!(Instant::now() < until, "no sync ran after the changes:\n{}", w.log());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut killed = w.replicator.take().expect("running");
+    killed.0.kill().expect("SIGKILL");
+    let _ = killed.0.wait();
+    drop(killed);
+    for (name, text) in w.state_files() {
+        assert!(name.ends_with(".user") || name.contains(".tmp."), "{name}");
+        if name.ends_with(".user") {
+            assert!(
+                text.starts_with("v1\t") && text.ends_with('\n') && text.split('\t').count() == 9,
+                "torn: {text:?}"
+            );
+        }
+    }
+    w.start_replicator();
+    w.converged("after SIGKILL and a restart");
+    assert!(w.state_files().iter().all(|(n, _)| n.ends_with(".user")), "leftovers removed");
+
+    // `mailreplica replicate --full` forces a full sync; an unknown user is refused.
+    let before = w.log().matches("sync started (full)").count();
+    w.ok(w.mr(&["replicate", "--full", bob]), b"");
+    w.wait_for("the forced full sync", || w.log().matches("sync started (full)").count() > before);
+    let out = w.mr(&["replicate", "nosuchuser"]).output().expect("replicate");
+    assert_eq!(out.status.code(), Some(67), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // A clean stop: SIGTERM, exit 0, its socket removed.
+    let mut r = w.replicator.take().expect("running");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(r.0.id() as i32), nix::sys::signal::SIGTERM).expect("SIGTERM");
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = r.0.try_wait().expect("wait") {
+            break st;
+        }
+        assert!(Instant::now() < until, "no clean stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}\n{}", w.log());
+    assert!(!Path::new(&w.sb.dir.join("replicator-doveadm")).exists());
+    assert_no_errors_in(&w.dovecot);
+    if std::env::var_os("MAILREPLICA_TEST_SHOW_LOG").is_some() {
+        eprintln!("service log:\n{}\nDovecot log:\n{}", w.log(), w.dovecot.log_text());
+    }
+    let _ = std::io::stderr().flush();
+}
