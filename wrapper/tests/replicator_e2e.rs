@@ -370,3 +370,60 @@ fn the_replicator_follows_dovecots_plugin_through_sshd_and_the_wrapper_and_survi
     }
     let _ = std::io::stderr().flush();
 }
+
+#[test]
+fn import_takes_over_dovecot_2_3_replicator_db_and_refuses_a_bad_one_whole() {
+    let dir = tempfile_dir();
+    let config = dir.join("mailreplica.toml");
+    fs::write(
+        &config,
+        format!(
+            "[replicator]\ndestination = \"maildir:~/Replica\"\nstate_dir = \"{d}/state\"\n\
+             admin_socket = \"{d}/admin\"\n",
+            d = dir.display()
+        ),
+    )
+    .expect("config");
+    let mr = |args: &[&str]| {
+        Command::new(mailreplica_bin()).arg("-c").arg(&config).args(args).output().expect("mailreplica")
+    };
+    // What 2.3.19 wrote at a clean stop (7 and 8 fields, tab-escaped names).
+    let db = dir.join("replicator.db");
+    fs::write(
+        &db,
+        "alice\t0\t1795866217\t1795866217\t1795866130\t0\tAQAAAHm4+Jk=\t1795866217\n\
+         b\x01tob\t2\t1795866300\t1795866217\t1795866130\t1\tAQAAAHm4+Jk=\n",
+    )
+    .expect("db");
+    let out = mr(&["replicator", "import", db.to_str().expect("path")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("imported 2 users"));
+    let users = dir.join("state").join("users");
+    let alice = fs::read_to_string(users.join(format!("{}.user", hex("alice")))).expect("alice's record");
+    assert_eq!(alice, "v1\talice\t0\t1795866217\t1795866217\t1795866130\t0\tAQAAAHm4+Jk=\t1795866217\n");
+    let bob = fs::read_to_string(users.join(format!("{}.user", hex("b\tob")))).expect("b\\tob's record");
+    assert!(bob.starts_with("v1\tb\x01tob\t2\t") && bob.contains("\t1\tAQAAAHm4+Jk=\t0\n"), "{bob:?}");
+    // Again: our records are kept, not overwritten.
+    let out = mr(&["replicator", "import", db.to_str().expect("path")]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 already had a record"), "{out:?}");
+    // A bad line stops the import with its number; nothing of the file is taken.
+    let bad = dir.join("bad.db");
+    fs::write(&bad, "carol\t0\t1\t1\t1\t0\tAQAAAHm4+Jk=\t1\ndave\tx\t1\t1\t1\t0\t\n").expect("bad db");
+    let out = mr(&["replicator", "import", bad.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(65), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"), "{out:?}");
+    assert!(!users.join(format!("{}.user", hex("carol"))).exists());
+    let _ = fs::remove_dir_all(&dir);
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A fresh directory under /tmp (this test needs no users).
+fn tempfile_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mr-import-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).expect("tmp dir");
+    d
+}
