@@ -190,6 +190,7 @@ fn run(cli: &Cli, config: Config) -> Result<(), Failure> {
         login: r.login,
         host: r.host,
     });
+    let config_for_roots = config.clone();
     let syncer = Arc::new(ChildSyncer { config, template, shared, wait: rc.sync_timeout });
     let states = StateDir::open(&rc.state_dir).with_context(|| "opening the state directory".to_owned())?;
     let settings = Settings {
@@ -229,6 +230,21 @@ fn run(cli: &Cli, config: Config) -> Result<(), Failure> {
             }
         })?;
     }
+    if rc.watch {
+        let roots: Vec<(String, Vec<std::path::PathBuf>)> =
+            users.iter().filter_map(|u| maildir_roots(&config_for_roots, u).map(|r| (u.clone(), r))).collect();
+        let s = Arc::clone(&service);
+        spawn("watcher", move || match mailreplica::replicator::watcher::Watcher::new(&roots) {
+            Ok(w) => {
+                if let Err(e) = w.run(|u, p| {
+                    s.notify(u, p);
+                }) {
+                    tracing::error!("the Maildir watcher stopped: {e}");
+                }
+            }
+            Err(e) => tracing::error!("starting the Maildir watcher: {e}"),
+        })?;
+    }
     spawn("signals", {
         let s = Arc::clone(&service);
         move || loop {
@@ -265,6 +281,18 @@ fn run(cli: &Cli, config: Config) -> Result<(), Failure> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The directories of `user`'s Maildir (its root, and INBOX if elsewhere), for the watcher.
+fn maildir_roots(config: &Config, user: &str) -> Option<Vec<std::path::PathBuf>> {
+    let entry = super::allowed_user(config, user).ok()?;
+    let location = match entry.mail_location() {
+        Some(l) => mailreplica::config::MailLocation::parse(l).ok()?,
+        None => config.mail_location.clone(),
+    };
+    let hostname = config.hostname.clone().unwrap_or_else(super::hostname);
+    let settings = location.expand(&entry.name, &entry.home, &hostname, config.lock_wait()).ok()?;
+    Some(std::iter::once(settings.root).chain(settings.inbox).collect())
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<(), Failure> {

@@ -20,7 +20,7 @@ use crate::userdb::Userdb;
 pub const DEFAULT_PATH: &str = "/etc/mailreplica/mailreplica.toml";
 
 /// The keys of the `[replicator]` table.
-const REPLICATOR_KEYS: [&str; 12] = [
+const REPLICATOR_KEYS: [&str; 13] = [
     "destination",
     "users",
     "state_dir",
@@ -33,6 +33,7 @@ const REPLICATOR_KEYS: [&str; 12] = [
     "plugin_fifo",
     "plugin_socket",
     "plugin_mode",
+    "watch",
 ];
 
 /// The effective configuration.
@@ -87,6 +88,8 @@ pub struct ReplicatorConfig {
     pub plugin_socket: Option<PathBuf>,
     /// `plugin_mode`: the mode of those two (mail processes of every user write to them).
     pub plugin_mode: u32,
+    /// `watch`: watch every user's Maildir with inotify (the change feed without a plugin).
+    pub watch: bool,
 }
 
 impl Default for ReplicatorConfig {
@@ -104,6 +107,7 @@ impl Default for ReplicatorConfig {
             plugin_fifo: None,
             plugin_socket: None,
             plugin_mode: 0o666,
+            watch: false,
         }
     }
 }
@@ -271,6 +275,16 @@ impl Raw<'_> {
                 .collect(),
             Raw::Toml(v) => Err(format!("expected an array of strings, got {}", v.type_str())),
             Raw::Text(s) => Ok(s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()),
+        }
+    }
+
+    fn bool(&self) -> Result<bool, String> {
+        match self {
+            Raw::Toml(toml::Value::Boolean(b)) => Ok(*b),
+            Raw::Toml(v) => Err(format!("expected true or false, got {}", v.type_str())),
+            Raw::Text("true" | "yes") => Ok(true),
+            Raw::Text("false" | "no") => Ok(false),
+            Raw::Text(s) => Err(format!("{s:?} is not true or false")),
         }
     }
 
@@ -455,6 +469,7 @@ impl Config {
             "plugin_fifo" => r.plugin_fifo = Some(raw.path()?),
             "plugin_socket" => r.plugin_socket = Some(raw.path()?),
             "plugin_mode" => r.plugin_mode = raw.mode()?,
+            "watch" => r.watch = raw.bool()?,
             _ => unreachable!("checked against REPLICATOR_KEYS"),
         }
         Ok(())

@@ -45,7 +45,8 @@ struct World {
 }
 
 impl World {
-    fn new() -> Self {
+    /// With `plugin`, Dovecot's replication plugin is the change feed; without, our watcher.
+    fn new(plugin: bool) -> Self {
         require_root();
         let sb = Sandbox::new();
         let users = vec![TestUser::new(&sb), TestUser::new(&sb)];
@@ -60,15 +61,20 @@ impl World {
         let port = sshd.port;
         // The source: Dovecot with the plugin, whose FIFO and socket are ours (its own
         // aggregator's listeners are switched off with mode 0).
-        let dovecot = Dovecot::start_with(
-            &sb,
-            "maildir:~/Source",
-            "mail_plugins = $mail_plugins notify replication\n\
+        let plugin_conf = "mail_plugins = $mail_plugins notify replication\n\
              plugin {\n  mail_replica = remoteprefix:replica\n  replication_sync_timeout = 20\n}\n\
              service aggregator {\n  fifo_listener replication-notify-fifo {\n    mode = 0\n  }\n\
-               unix_listener replication-notify {\n    mode = 0\n  }\n}\n",
-        );
+               unix_listener replication-notify {\n    mode = 0\n  }\n}\n";
+        let dovecot = Dovecot::start_with(&sb, "maildir:~/Source", if plugin { plugin_conf } else { "" });
         let run = sb.dir.join("dovecot").join("run");
+        let feed = if plugin {
+            format!(
+                "plugin_fifo = \"{run}/replication-notify-fifo\"\nplugin_socket = \"{run}/replication-notify\"\n",
+                run = run.display()
+            )
+        } else {
+            "watch = true\n".to_owned()
+        };
         let config = sb.dir.join("mailreplica.toml");
         fs::write(
             &config,
@@ -77,14 +83,12 @@ impl World {
                  ssh_known_hosts = \"{kh}\"\n\n[replicator]\n\
                  destination = \"remoteprefix:root@127.0.0.1:{port}\"\nusers = [\"{a}\", \"{b}\"]\n\
                  state_dir = \"{dir}/state\"\nadmin_socket = \"{dir}/replicator-doveadm\"\n\
-                 plugin_fifo = \"{run}/replication-notify-fifo\"\nplugin_socket = \"{run}/replication-notify\"\n\
-                 max_parallel = 2\nretry_min = \"1s\"\nretry_max = \"2s\"\nsync_timeout = 60\n",
+                 {feed}max_parallel = 2\nretry_min = \"1s\"\nretry_max = \"2s\"\nsync_timeout = 60\n",
                 key = keys.clients[0].display(),
                 kh = sshd.known_hosts.display(),
                 a = users[0].name,
                 b = users[1].name,
                 dir = sb.dir.display(),
-                run = run.display(),
             ),
         )
         .expect("mailreplica.toml");
@@ -247,7 +251,7 @@ fn assert_no_errors_in(dovecot: &Dovecot) {
 
 #[test]
 fn the_replicator_follows_dovecots_plugin_through_sshd_and_the_wrapper_and_survives_faults() {
-    let mut w = World::new();
+    let mut w = World::new(true);
     let (alice, bob) = (w.users[0].name.clone(), w.users[1].name.clone());
     let (alice, bob) = (alice.as_str(), bob.as_str());
     // At start both users are new: synced at once (empty Maildirs).
@@ -369,6 +373,41 @@ fn the_replicator_follows_dovecots_plugin_through_sshd_and_the_wrapper_and_survi
         eprintln!("service log:\n{}\nDovecot log:\n{}", w.log(), w.dovecot.log_text());
     }
     let _ = std::io::stderr().flush();
+}
+
+#[test]
+fn without_a_plugin_the_watcher_feeds_the_replicator() {
+    let w = World::new(false);
+    let (alice, bob) = (w.users[0].name.clone(), w.users[1].name.clone());
+    let (alice, bob) = (alice.as_str(), bob.as_str());
+    w.wait_for("both first syncs", || [alice, bob].iter().all(|u| w.field(u, "last_success") != "0"));
+    let log_has = |needle: &str| w.log().contains(needle);
+    assert!(log_has("watching"), "{}", w.log());
+    // Dovecot without any plugin: a delivery, an IMAP session, doveadm save.
+    w.deliver(alice, "to alice");
+    w.deliver(bob, "to bob");
+    w.converged("deliveries seen by the watcher");
+    w.imap(alice, &["SELECT INBOX", "STORE 1 +FLAGS (\\Answered $Work)", "CREATE Later", "SUBSCRIBE Later"]);
+    let mut save = w.dovecot.doveadm();
+    save.args(["save", "-u", bob, "-m", "INBOX"]);
+    w.ok(save, b"Subject: saved by doveadm\n\nbody\n");
+    w.converged("IMAP and doveadm save");
+    // A mail written into a Maildir by hand, as any delivery agent does (as the user).
+    let home = &w.users[1].home;
+    let tmp = home.join("Source/tmp/1700000000.M1P1.byhand");
+    fs::write(&tmp, "Subject: by hand\n\nbody\n").expect("write by hand");
+    chown(&tmp, w.users[1].uid, w.users[1].gid);
+    fs::rename(&tmp, home.join("Source/new/1700000000.M1P1.byhand")).expect("rename into new/");
+    w.converged("a mail written by hand");
+    let src = w.listing(alice, "Source");
+    assert!(src.contains("\\Answered $Work") && src.contains("Later"), "{src}");
+    // Our own writes cost at most one more sync each, not a loop: once converged, quiet.
+    std::thread::sleep(Duration::from_secs(2));
+    let count = || w.log().matches("sync started").count();
+    let settled = count();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(count(), settled, "syncs go on without changes:\n{}", w.log());
+    assert_no_errors_in(&w.dovecot);
 }
 
 #[test]
