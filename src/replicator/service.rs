@@ -125,6 +125,8 @@ struct Inner {
     in_flight: HashMap<String, Vec<Sender<bool>>>,
     waiters: usize,
     last_error: HashMap<String, (u64, String)>,
+    /// Syncs that ended whose records are not saved yet: a stop waits for them too.
+    saving: usize,
 }
 
 /// The replicator's core; shared by the feeds, the dispatcher and the sync threads.
@@ -173,6 +175,7 @@ impl Service {
                 in_flight: HashMap::new(),
                 waiters: 0,
                 last_error: HashMap::new(),
+                saving: 0,
             }),
             wake: Condvar::new(),
             states,
@@ -372,7 +375,7 @@ impl Service {
                         let _ = tx.send(false);
                     }
                 }
-                if g.running.is_empty() {
+                if g.running.is_empty() && g.saving == 0 {
                     break;
                 }
                 g = self.wake.wait(g).unwrap_or_else(PoisonError::into_inner);
@@ -427,6 +430,7 @@ impl Service {
         let ok = matches!(result, SyncResult::Done { .. });
         {
             let mut g = self.lock();
+            g.saving += 1;
             if g.running.remove(&job.user).is_none() {
                 // Removed while it ran.
                 answer(&mut g, &job.user, false, false);
@@ -461,6 +465,7 @@ impl Service {
             SyncResult::Gone(why) => tracing::warn!(user = %job.user, "user removed from the replicator: {why}"),
         }
         self.persist(&job.user);
+        self.lock().saving -= 1;
         self.wake.notify_all();
     }
 
@@ -594,7 +599,7 @@ mod tests {
         wait_for("six syncs", || fake.calls.lock().unwrap().len() == 6);
         assert!(fake.most.load(Ordering::SeqCst) <= 2, "at most max_parallel at once");
         assert!(fake.calls.lock().unwrap().iter().all(|j| j.full && j.state.is_empty()), "first syncs are full");
-        wait_for("nothing running", || s.running().is_empty());
+        // A stop waits for the running syncs and their records.
         s.stop();
         t.join().unwrap();
         for u in users {
@@ -644,6 +649,7 @@ mod tests {
         let t = start(&s);
         wait_for("the first syncs", || fake.calls.lock().unwrap().len() == 2 && s.running().is_empty());
         assert_eq!(s.overview().users, 1, "a user the sync says is gone is forgotten");
+        wait_for("alice's record", || saved_exists(dir.path(), "alice") && saved(dir.path(), "alice").last_success > 0);
         let good = saved(dir.path(), "alice");
         // A sync that hangs: meanwhile a notification is saved. Killed there, the service
         // would find alice still owed a sync, from her last good state.

@@ -14,7 +14,11 @@ A delivery's latency is the time from `dovecot-lda` returning (the mail is on th
 the mail's file being in the user's replica (`new/` or `cur/` of ~/Maildir, polled every
 10 ms). Deliveries are started at the rate asked for, each to a random user, by a pool of
 threads, so that a slow delivery does not slow the schedule. Reported per rate: deliveries,
-p50, p99 and max latency, and the replicator's peak RSS (VmHWM) over the whole run.
+p50, p99 and max latency. Then a full pass over every user with nothing changed: the
+replicator's (`replicate --full '*'`, until every user's full sync ended) against a cron loop
+of `doveadm sync -f -u USER remoteprefix:…` (Dovecot 2.3's master, one ssh per user, PARALLEL
+at once, into the same replicas; the replicator is stopped with SIGSTOP meanwhile). Last, the
+replicator's peak RSS (VmHWM) over the whole run.
 
 Needs root (throw-away users, removed at exit), Dovecot 2.3, sshd, ssh-keygen; the workspace
 built first (cargo build --release --workspace). Works in /run/mrrep.*; KEEP=1 keeps it.
@@ -156,6 +160,7 @@ namespace inbox {{
 service anvil {{
   chroot =
 }}
+dsync_remote_cmd = ssh -F /dev/null -i {ssh}/client -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes -o UserKnownHostsFile={ssh}/known_hosts -p {port} -l%{{login}} %{{host}} doveadm dsync-server -u%u -U
 mail_plugins = $mail_plugins notify replication
 plugin {{
   mail_replica = remoteprefix:replica
@@ -274,6 +279,33 @@ max_parallel = {PARALLEL}
         pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
         results.append((rate, n, len(lat), lost, pct(0.5), pct(0.99), lat[-1] if lat else float("nan")))
         pending.clear()
+    # A full pass over every user with nothing changed: ours (the replicator, PARALLEL at
+    # once over one SSH connection) against a cron loop of `doveadm sync -f` (one ssh each,
+    # PARALLEL at once), into the same replicas.
+    def full_done(since):
+        s = status()
+        return len(s) == USERS and all(int(r["last_full_sync"]) >= since and r["running"] == "false"
+                                       and r["priority"] == "none" for r in s)
+
+    time.sleep(2)
+    since = int(time.time()) + 1
+    time.sleep(since - time.time())
+    t0 = time.time()
+    subprocess.run([MR, "-c", cfg, "replicate", "--full", "-p", "low", "*"], check=True,
+                   stderr=subprocess.DEVNULL)
+    wait_for("the full pass", lambda: full_done(since), 3600)
+    ours = time.time() - t0
+
+    def doveadm_sync(user):
+        subprocess.run(["doveadm", "-c", conf, "sync", "-f", "-u", user, f"remoteprefix:root@127.0.0.1"],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    service.send_signal(signal.SIGSTOP)  # the replicator sits still meanwhile
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=PARALLEL) as pool:
+        list(pool.map(doveadm_sync, users))
+    cron = time.time() - t0
+    service.send_signal(signal.SIGCONT)
     hwm = 0
     with open(f"/proc/{service.pid}/status") as f:
         for line in f:
@@ -284,6 +316,8 @@ max_parallel = {PARALLEL}
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for rate, n, ok, lost, p50, p99, mx in results:
         print(f"| {rate:g} | {n} | {ok} | {lost} | {p50:.2f} s | {p99:.2f} s | {mx:.2f} s |")
+    print(f"full pass over {USERS} users, nothing changed, {PARALLEL} at once: replicator {ours:.1f} s, "
+          f"cron loop of doveadm sync -f {cron:.1f} s, ratio {ours / cron:.2f}")
     print(f"replicator peak RSS (VmHWM, whole run): {hwm} MiB")
     service.send_signal(signal.SIGTERM)
     service.wait(120)
