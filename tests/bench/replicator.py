@@ -130,7 +130,15 @@ def bench(work, prefix, users, procs):
                 "UsePAM no\nPermitRootLogin forced-commands-only\nPasswordAuthentication no\nMaxSessions 100\n"
                 "MaxStartups 100\nLogLevel ERROR\n")
     os.makedirs("/run/sshd", exist_ok=True)
-    procs.append(subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", f"{ssh}/sshd_config"],
+    # sshd runs each forced command through root's shell, which reads /root/.bashrc: where that
+    # does real work (this project's machine runs `pyenv init`), it would land on every session
+    # of both stacks. As tests/bench/many_users.sh: an empty one in sshd's private mount
+    # namespace (MASK_ROOT_BASHRC=0 keeps the host's).
+    sshd = ["/usr/sbin/sshd", "-D", "-e", "-f", f"{ssh}/sshd_config"]
+    if os.environ.get("MASK_ROOT_BASHRC", "1") == "1" and os.path.exists("/root/.bashrc"):
+        sshd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                'mount --bind /dev/null /root/.bashrc && exec "$@"', "sh"] + sshd
+    procs.append(subprocess.Popen(sshd,
                                   stdin=subprocess.DEVNULL, stdout=open(f"{work}/sshd.log", "w"),
                                   stderr=subprocess.STDOUT))
     with open(f"{ssh}/known_hosts", "w") as f:
