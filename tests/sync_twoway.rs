@@ -1791,8 +1791,8 @@ impl Model {
         for (mbox, mails) in &v.mails {
             let mut seen = BTreeSet::new();
             for x in mails {
-                if !seen.insert(&x[1]) && !self.already_twice.contains(&x[1]) && !(resaves_may_repeat && resaved(&x[1]))
-                {
+                let allowed = self.already_twice.contains(&x[1]) || (resaves_may_repeat && resaved(&x[1]));
+                if !seen.insert(&x[1]) && !allowed {
                     return Some(format!("{} is twice in {mbox}: {mails:#?}", x[1]));
                 }
             }

@@ -7,10 +7,9 @@
 use std::io::{self, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use super::feeds::{Line, MAX_CONNECTIONS, read_line};
+use super::feeds::{Line, read_line, serve_connections};
 use super::protocol::{
     DOVEADM_CLIENT_HANDSHAKE, DOVEADM_SERVER_HANDSHAKE, MAX_NOTIFY_LINE, Request, is_mask, parse_request,
 };
@@ -23,24 +22,7 @@ const IDLE: Duration = Duration::from_secs(300);
 
 /// Accepts admin connections for ever, each in a thread of its own.
 pub fn serve(listener: UnixListener, service: Arc<Service>) {
-    let live = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        if live.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            live.fetch_sub(1, Ordering::SeqCst);
-            continue;
-        }
-        let (service, live2) = (Arc::clone(&service), Arc::clone(&live));
-        let spawned = std::thread::Builder::new().name("admin".into()).spawn(move || {
-            if let Err(e) = connection(conn, &service) {
-                tracing::debug!("replicator-doveadm connection: {e}");
-            }
-            live2.fetch_sub(1, Ordering::SeqCst);
-        });
-        if spawned.is_err() {
-            live.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
+    serve_connections(listener, "replicator-doveadm", service, connection);
 }
 
 fn connection(conn: UnixStream, service: &Service) -> io::Result<()> {

@@ -26,7 +26,7 @@ use super::queue::Priority;
 use super::service::Service;
 
 /// Most connections served at once on one socket; more are closed at once.
-pub(crate) const MAX_CONNECTIONS: usize = 256;
+const MAX_CONNECTIONS: usize = 256;
 /// A connection that sends nothing for this long is closed.
 const IDLE: Duration = Duration::from_secs(60);
 /// The longest a `sync` request waits for its answer (the plugin gives up sooner: its own
@@ -137,21 +137,31 @@ pub fn serve_fifo(path: &Path, service: &Arc<Service>) -> io::Result<()> {
     }
 }
 
-/// Accepts connections on the plugin's socket for ever, each in a thread of its own (at
-/// most [`MAX_CONNECTIONS`]).
+/// Accepts connections on the plugin's socket for ever.
 pub fn serve_notify_socket(listener: UnixListener, service: Arc<Service>) {
+    serve_connections(listener, "replication-notify", service, notify_connection);
+}
+
+/// Accepts connections on `listener` for ever, each served by `handle` in a thread of its own,
+/// at most [`MAX_CONNECTIONS`] at once (more are closed at once).
+pub(crate) fn serve_connections(
+    listener: UnixListener,
+    what: &'static str,
+    service: Arc<Service>,
+    handle: fn(UnixStream, &Service) -> io::Result<()>,
+) {
     let live = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         if live.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             live.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!("replication-notify: too many connections, one refused");
+            tracing::warn!("{what}: too many connections, one refused");
             continue;
         }
         let (service, live2) = (Arc::clone(&service), Arc::clone(&live));
-        let spawned = std::thread::Builder::new().name("notify".into()).spawn(move || {
-            if let Err(e) = notify_connection(conn, &service) {
-                tracing::debug!("replication-notify connection: {e}");
+        let spawned = std::thread::Builder::new().name(what.into()).spawn(move || {
+            if let Err(e) = handle(conn, &service) {
+                tracing::debug!("{what} connection: {e}");
             }
             live2.fetch_sub(1, Ordering::SeqCst);
         });
