@@ -190,7 +190,12 @@ fn run(cli: &Cli, config: Config) -> Result<(), Failure> {
         login: r.login,
         host: r.host,
     });
-    let config_for_roots = config.clone();
+    // The watcher's directories, while the configuration is at hand.
+    let roots: Vec<(String, Vec<std::path::PathBuf>)> = if rc.watch {
+        users.iter().filter_map(|u| maildir_roots(&config, u).map(|r| (u.clone(), r))).collect()
+    } else {
+        Vec::new()
+    };
     let syncer = Arc::new(ChildSyncer { config, template, shared, wait: rc.sync_timeout });
     let states = StateDir::open(&rc.state_dir).with_context(|| "opening the state directory".to_owned())?;
     let settings = Settings {
@@ -231,8 +236,6 @@ fn run(cli: &Cli, config: Config) -> Result<(), Failure> {
         })?;
     }
     if rc.watch {
-        let roots: Vec<(String, Vec<std::path::PathBuf>)> =
-            users.iter().filter_map(|u| maildir_roots(&config_for_roots, u).map(|r| (u.clone(), r))).collect();
         let s = Arc::clone(&service);
         spawn("watcher", move || match mailreplica::replicator::watcher::Watcher::new(&roots) {
             Ok(w) => {
@@ -511,15 +514,10 @@ fn import(config: &Config, file: &Path) -> Result<(), Failure> {
     let states = StateDir::open(&config.replicator.state_dir).context("opening the state directory")?;
     let have: HashSet<String> =
         states.load().context("reading the state directory")?.into_iter().map(|r| r.user).collect();
-    let (mut saved, mut kept) = (0, 0);
-    for r in &records {
-        if have.contains(&r.user) {
-            kept += 1;
-            continue;
-        }
-        states.save(r).context("saving a record")?;
-        saved += 1;
-    }
+    let total = records.len();
+    let new: Vec<_> = records.into_iter().filter(|r| !have.contains(&r.user)).collect();
+    let (saved, kept) = (new.len(), total - new.len());
+    states.save_all(&new).context("saving the records")?;
     eprintln!(
         "imported {saved} users from {} into {}; {kept} already had a record of ours and kept it",
         file.display(),

@@ -19,23 +19,6 @@ use crate::userdb::Userdb;
 /// The default configuration file.
 pub const DEFAULT_PATH: &str = "/etc/mailreplica/mailreplica.toml";
 
-/// The keys of the `[replicator]` table.
-const REPLICATOR_KEYS: [&str; 13] = [
-    "destination",
-    "users",
-    "state_dir",
-    "max_parallel",
-    "full_sync_interval",
-    "retry_min",
-    "retry_max",
-    "sync_timeout",
-    "admin_socket",
-    "plugin_fifo",
-    "plugin_socket",
-    "plugin_mode",
-    "watch",
-];
-
 /// The effective configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -426,8 +409,10 @@ impl Config {
                 }
                 self.ssh.dsync_remote_cmd = c;
             }
-            k if k.strip_prefix("replicator.").is_some_and(|k| REPLICATOR_KEYS.contains(&k)) => {
-                self.set_replicator(&k["replicator.".len()..], &raw).map_err(bad)?;
+            k if let Some(rk) = k.strip_prefix("replicator.") => {
+                if !self.set_replicator(rk, &raw).map_err(bad)? {
+                    return Err(ConfigError::UnknownKey { origin: origin.clone(), key: key.to_owned() });
+                }
             }
             _ => {
                 return Err(ConfigError::UnknownKey { origin, key: key.to_owned() });
@@ -436,7 +421,8 @@ impl Config {
         Ok(())
     }
 
-    fn set_replicator(&mut self, key: &str, raw: &Raw<'_>) -> Result<(), String> {
+    /// Sets a key of the `[replicator]` table; false if there is no such key.
+    fn set_replicator(&mut self, key: &str, raw: &Raw<'_>) -> Result<bool, String> {
         let r = &mut self.replicator;
         let at_least_a_second =
             |d: Duration| if d.is_zero() { Err("must be at least 1 second".to_owned()) } else { Ok(d) };
@@ -470,9 +456,9 @@ impl Config {
             "plugin_socket" => r.plugin_socket = Some(raw.path()?),
             "plugin_mode" => r.plugin_mode = raw.mode()?,
             "watch" => r.watch = raw.bool()?,
-            _ => unreachable!("checked against REPLICATOR_KEYS"),
+            _ => return Ok(false),
         }
-        Ok(())
+        Ok(true)
     }
 
     /// True if `uid` may own mail under `first_valid_uid`/`last_valid_uid`.

@@ -384,14 +384,7 @@ impl Service {
             let t = now();
             while g.running.len() < self.settings.max_parallel {
                 let Some((job, before)) = g.queue.pop_with_record(t) else { break };
-                let kind = if job.full {
-                    "full"
-                } else if job.state.is_empty() {
-                    "normal"
-                } else {
-                    "incremental"
-                };
-                let info = RunningSync { user: job.user.clone(), kind, started: t };
+                let info = RunningSync { user: job.user.clone(), kind: kind(&job), started: t };
                 g.running.insert(job.user.clone(), (info, before));
                 if let Some(w) = g.waiting.remove(&job.user) {
                     g.in_flight.entry(job.user.clone()).or_default().extend(w);
@@ -423,7 +416,7 @@ impl Service {
     }
 
     fn sync_one(&self, job: Job) {
-        tracing::info!(user = %job.user, "sync started ({})", if job.full { "full" } else if job.state.is_empty() { "no state yet" } else { "incremental" });
+        tracing::info!(user = %job.user, "sync started ({})", kind(&job));
         let started = std::time::Instant::now();
         let result = self.syncer.sync(&job);
         let t = now();
@@ -495,6 +488,18 @@ impl Service {
         if let Err(e) = res {
             tracing::error!(user = %user, "saving the replicator record: {e}");
         }
+    }
+}
+
+/// `full`, `incremental` (from a state) or `normal` (no state yet): doveadm's words for a
+/// sync.
+fn kind(job: &Job) -> &'static str {
+    if job.full {
+        "full"
+    } else if job.state.is_empty() {
+        "normal"
+    } else {
+        "incremental"
     }
 }
 

@@ -73,19 +73,27 @@ impl StateDir {
 
     /// Replaces `rec`'s file atomically and durably.
     pub fn save(&self, rec: &UserRecord) -> Result<(), StateError> {
-        let path = self.path_of(&rec.user);
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let write = || -> io::Result<()> {
-            let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-            f.write_all(encode(rec).as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            fs::File::open(&self.users)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io_err(&path)(e)
-        })
+        self.save_all(std::slice::from_ref(rec))
+    }
+
+    /// Replaces many records at once (an import): each file written and fsynced, then renamed into
+    /// place, and the directory fsynced once for all of them.
+    pub fn save_all(&self, recs: &[UserRecord]) -> Result<(), StateError> {
+        for rec in recs {
+            let path = self.path_of(&rec.user);
+            let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+            let write = || -> io::Result<()> {
+                let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+                f.write_all(encode(rec).as_bytes())?;
+                f.sync_all()?;
+                fs::rename(&tmp, &path)
+            };
+            write().map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                io_err(&path)(e)
+            })?;
+        }
+        fs::File::open(&self.users).and_then(|d| d.sync_all()).map_err(io_err(&self.users))
     }
 
     /// Removes a user's record (durably).
