@@ -54,6 +54,9 @@ pub const STDIN_SOCKET_DEST: &str = "stdin-socket:";
 /// per mailbox).
 const MAX_REPORT: u64 = 16 << 20;
 
+/// A child's log line longer than this is passed on in pieces.
+const MAX_LOG_LINE: u64 = 64 << 10;
+
 /// What a child reports about its sync: one `key=value` line per field, values escaped
 /// (`\\`, `\n`, `\r`), ended by `end` so that a cut-off report is told from a complete one.
 ///
@@ -173,6 +176,18 @@ pub struct ChildCommand {
     pub args: Vec<OsString>,
     /// The environment (nothing else of the parent's is passed on).
     pub env: Vec<(OsString, OsString)>,
+    /// What the child writes on stdout.
+    pub output: ChildOutput,
+}
+
+/// What a child's stdout carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildOutput {
+    /// One [`Report`] (our own binary, `--report-stdout`).
+    Report,
+    /// The new state on its first line, as `doveadm sync -s STATE` prints it; the exit status
+    /// is the code, and the last line logged on stderr says why it failed.
+    StateLine,
 }
 
 /// How a child's dsync stream reaches its destination.
@@ -284,32 +299,43 @@ pub fn run_child(
     let stderr_thread = child.stderr.take().map(|err| {
         let log = Arc::clone(&log);
         thread::Builder::new().name("child-stderr".into()).spawn(move || {
+            // Lines are bounded: a child can't make the parent hold more than this at once.
             let mut r = BufReader::new(err);
             let mut line = Vec::new();
-            while let Ok(n) = r.read_until(b'\n', &mut line) {
+            let mut last = String::new();
+            while let Ok(n) = r.by_ref().take(MAX_LOG_LINE).read_until(b'\n', &mut line) {
                 if n == 0 {
                     break;
                 }
                 let text = String::from_utf8_lossy(&line);
-                log(text.trim_end_matches(['\n', '\r']));
+                let text = text.trim_end_matches(['\n', '\r']);
+                log(text);
+                if !text.trim().is_empty() {
+                    text.clone_into(&mut last);
+                }
                 line.clear();
             }
+            last
         })
     });
     let relay = ssh.map(|(ours, channel, first, wait)| Relay::start(ours, channel, first, counters, wait));
     let mut report_text = String::new();
     let read = child.stdout.take().map(|out| out.take(MAX_REPORT).read_to_string(&mut report_text));
     let status = child.wait();
-    if let Some(Ok(t)) = stderr_thread {
-        let _ = t.join();
-    }
+    let last_line = match stderr_thread {
+        Some(Ok(t)) => t.join().unwrap_or_default(),
+        _ => String::new(),
+    };
     let status_text = match &status {
         Ok(s) => describe_status(*s),
         Err(e) => format!("wait failed: {e}"),
     };
-    let report = match read {
-        Some(Ok(_)) if report_text.is_empty() => Err(ChildError::NoReport { status: status_text }),
-        Some(Ok(_)) => {
+    let report = match (cmd.output, read) {
+        (ChildOutput::StateLine, Some(Ok(_))) => state_line_report(status.ok(), &report_text, last_line, status_text),
+        (ChildOutput::Report, Some(Ok(_))) if report_text.is_empty() => {
+            Err(ChildError::NoReport { status: status_text })
+        }
+        (ChildOutput::Report, Some(Ok(_))) => {
             Report::decode(&report_text).map_err(|source| ChildError::Report { source, status: status_text })
         }
         _ => Err(ChildError::NoReport { status: status_text }),
@@ -340,6 +366,27 @@ pub fn run_child(
         received: counters.received.load(Ordering::Relaxed),
         elapsed: started.elapsed(),
     }
+}
+
+/// The report of a child that prints only a state line (`doveadm sync -s`): its exit status
+/// is the code; a failure's reason is the last line it logged.
+fn state_line_report(
+    status: Option<ExitStatus>,
+    stdout: &str,
+    last_line: String,
+    status_text: String,
+) -> Result<Report, ChildError> {
+    let Some(code) = status.and_then(|s| s.code()).and_then(|c| u8::try_from(c).ok()) else {
+        return Err(ChildError::NoReport { status: status_text });
+    };
+    let state = stdout.lines().next().map(str::trim).filter(|_| code == 0 || code == 2).map(str::to_owned);
+    let why = if last_line.is_empty() { status_text } else { format!("{last_line} ({status_text})") };
+    Ok(Report {
+        code,
+        state,
+        changes: (code == 2).then(|| why.clone()),
+        error: (code != 0 && code != 2).then_some(why),
+    })
 }
 
 fn describe_status(s: ExitStatus) -> String {
@@ -487,6 +534,22 @@ mod tests {
         assert!(Report::decode("code=0\nerror=\\q\nend\n").is_err());
         assert!(Report::decode("code=0\nwho=me\nend\n").is_err());
         assert!(Report::decode("code=0\nend\ncode=1\n").is_err());
+    }
+
+    #[test]
+    fn a_state_line_child_reports_as_doveadm_exits() {
+        use std::os::unix::process::ExitStatusExt;
+        let st = |code: i32| Some(ExitStatus::from_raw(code << 8));
+        let r = state_line_report(st(0), "AQAAAA\n", String::new(), "exit status 0".into()).unwrap();
+        assert_eq!((r.code, r.state.as_deref(), r.error), (0, Some("AQAAAA"), None));
+        let r = state_line_report(st(2), "AQ\n", "Warning: changed".into(), "exit status 2".into()).unwrap();
+        assert_eq!((r.code, r.state.as_deref()), (2, Some("AQ")));
+        assert!(r.changes.is_some_and(|c| c.contains("changed")));
+        let r = state_line_report(st(75), "junk\n", "Error: no route".into(), "exit status 75".into()).unwrap();
+        assert_eq!((r.code, r.state), (75, None), "no state from a failed run");
+        assert_eq!(r.error.as_deref(), Some("Error: no route (exit status 75)"));
+        let killed = Some(ExitStatus::from_raw(9));
+        assert!(state_line_report(killed, "", String::new(), "killed by signal 9".into()).is_err());
     }
 
     #[test]

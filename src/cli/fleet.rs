@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use mailreplica::config::Config;
-use mailreplica::fleet::{self, Carrier, ChildCommand, Counters, Outcome, STDIN_SOCKET_DEST};
+use mailreplica::fleet::{self, Carrier, ChildCommand, ChildOutput, Counters, Outcome, STDIN_SOCKET_DEST};
 use mailreplica::transport::ssh::{self, SshConnection};
 
 use super::output::{Cell, Column, Printer};
@@ -65,7 +65,7 @@ pub(crate) struct UserResult {
 }
 
 impl UserResult {
-    fn refused(user: &str, f: &Failure) -> Self {
+    pub(crate) fn refused(user: &str, f: &Failure) -> Self {
         Self {
             user: user.to_owned(),
             code: f.code,
@@ -265,6 +265,62 @@ impl ChildTemplate {
         Ok(Self { global, command: c, destination, env })
     }
 
+    /// The same children, syncing to `destination` instead (`relayed`: over a shared SSH
+    /// connection, the child's stream on its stdin socket).
+    pub(crate) fn with_destination(&self, destination: &[String], relayed: bool) -> Self {
+        Self {
+            global: self.global.clone(),
+            command: self.command.clone(),
+            destination: if relayed {
+                vec![STDIN_SOCKET_DEST.into()]
+            } else {
+                destination.iter().map(OsString::from).collect()
+            },
+            env: self.env.clone(),
+        }
+    }
+
+    /// `doveadm sync` for the job's user (whose mail is in a format our store does not read), to
+    /// `destination`: a `remote:`/`remoteprefix:` one through `relay` over our SSH client,
+    /// anything else (a location, a command) as doveadm takes it. `doveadm` is its command
+    /// line; `timeout` is doveadm's `-T` (and the relay's).
+    pub(crate) fn delegated(
+        &self,
+        doveadm: &[String],
+        relay: Option<&std::path::Path>,
+        job: &mailreplica::replicator::queue::Job,
+        timeout: u64,
+        destination: &[String],
+    ) -> ChildCommand {
+        let user = job.user.as_str();
+        let mut args: Vec<OsString> = doveadm[1..].iter().map(OsString::from).collect();
+        args.extend(["sync".into(), "-u".into(), user.into(), "-s".into(), job.state.clone().into()]);
+        args.extend(["-T".into(), timeout.to_string().into()]);
+        if job.full {
+            args.push("-f".into());
+        }
+        // Whatever follows is the destination, even words that look like options.
+        args.push("--".into());
+        match relay {
+            // Several words: doveadm runs them as a command (as root, before its drop) and
+            // appends `dsync-server`, which `relay` ignores.
+            Some(exe) => {
+                args.push(exe.into());
+                args.extend(self.global.iter().cloned());
+                args.extend(["relay".into(), "-T".into(), timeout.to_string().into(), "--".into(), user.into()]);
+                args.extend(destination.iter().map(OsString::from));
+            }
+            None => args.extend(destination.iter().map(OsString::from)),
+        }
+        ChildCommand {
+            program: doveadm[0].clone().into(),
+            arg0: doveadm[0].clone().into(),
+            args,
+            env: self.env.clone(),
+            output: ChildOutput::StateLine,
+        }
+    }
+
     /// `user`'s command line; `extra` options go after the template's (`-s STATE`, `-f`).
     fn for_user(&self, user: &str, extra: &[OsString]) -> ChildCommand {
         let mut args = self.global.clone();
@@ -280,6 +336,7 @@ impl ChildTemplate {
             arg0: "mailreplica".into(),
             args,
             env: self.env.clone(),
+            output: ChildOutput::Report,
         }
     }
 }
@@ -373,6 +430,21 @@ pub(crate) fn sync_user(
     let cmd = template.for_user(&user, extra);
     let outcome = fleet::run_child(&cmd, carrier, counters, log);
     verdict(&user, remote_what.as_ref(), outcome)
+}
+
+/// Runs a delegated sync ([`ChildTemplate::delegated`]) to its end.
+pub(crate) fn sync_delegated(
+    cmd: &ChildCommand,
+    user: &str,
+    counters: &Arc<Counters>,
+    log: Arc<dyn Fn(&str) + Send + Sync>,
+) -> UserResult {
+    let mut r = verdict(user, None, fleet::run_child(cmd, Carrier::Own, counters, log));
+    if r.code != exit::OK && r.code != 2 {
+        let program = cmd.program.display();
+        r.message = Some(format!("{program} sync: {}", r.message.as_deref().unwrap_or("failed")));
+    }
+    r
 }
 
 /// The user's exit code and message from the child's report and, over SSH, how the remote

@@ -12,6 +12,7 @@ mod output;
 
 mod fleet;
 mod mail;
+mod relay;
 mod replicator;
 mod search;
 mod sync;
@@ -170,6 +171,19 @@ pub(crate) enum Command {
         /// Users (a mask with `*` or `?` matches the users the replicator knows).
         #[arg(required = true, value_name = "USER")]
         names: Vec<String>,
+    },
+    /// Internal: one user's dsync stream between stdin/stdout and a remote: destination (the
+    /// command the replicator gives `doveadm sync` for users in another mail format).
+    #[command(hide = true)]
+    Relay {
+        /// I/O timeout in seconds.
+        #[arg(short = 'T', default_value_t = 600)]
+        timeout: u64,
+        /// The user (for remoteprefix:'s first line and %u).
+        user: String,
+        /// The destination; a trailing `dsync-server` (doveadm appends it) is ignored.
+        #[arg(required = true, allow_hyphen_values = true, trailing_var_arg = true)]
+        destination: Vec<String>,
     },
 }
 
@@ -466,7 +480,9 @@ impl Session {
     /// Settings of a Maildir location (the configured one when `location` is `None`).
     pub(crate) fn maildir_settings(&self, location: Option<&str>) -> Result<MaildirSettings, Failure> {
         let loc = match location.or(self.userdb_mail.as_deref()) {
-            Some(s) => mailreplica::config::MailLocation::parse(s).map_err(|e| Failure::new(exit::CONFIG, e.into()))?,
+            Some(s) => {
+                mailreplica::config::MailLocation::parse_any(s).map_err(|e| Failure::new(exit::CONFIG, e.into()))?
+            }
             None => self.config.mail_location.clone(),
         };
         let hostname = self.config.hostname.clone().unwrap_or_else(hostname);
@@ -537,6 +553,11 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         Command::Replicator { .. } | Command::Replicate { .. } => {
             return Err(Failure::new(exit::USAGE, anyhow!("replicator and replicate take no -u")));
         }
+        // As the invoking user (root, from doveadm before its drop): root's key, no mail.
+        Command::Relay { timeout, user, destination } if cli.users.is_empty() => {
+            return relay::relay(&config, user, destination, *timeout);
+        }
+        Command::Relay { .. } => return Err(Failure::new(exit::USAGE, anyhow!("relay takes no -u"))),
         _ => {}
     }
     if let Some((mode, a)) = sync_args
@@ -564,8 +585,8 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         Command::Backup(a) => sync::run(&session, sync::Mode::Backup, a, remote),
         Command::Sync(a) => sync::run(&session, sync::Mode::Sync, a, remote),
         Command::DsyncServer { timeout, extra, .. } => dsync_server(&session, *timeout, extra),
-        Command::Replicator { .. } | Command::Replicate { .. } => {
-            Err(Failure::new(exit::USAGE, anyhow!("replicator and replicate take no -u")))
+        Command::Replicator { .. } | Command::Replicate { .. } | Command::Relay { .. } => {
+            Err(Failure::new(exit::USAGE, anyhow!("replicator, replicate and relay take no -u")))
         }
     }
 }

@@ -7,8 +7,12 @@
 //!     feeds:  plugin_fifo / plugin_socket (Dovecot 2.3's replication plugin), admin_socket
 //!             (doveadm replicator -a PATH; mailreplica replicate)
 //!     queue → up to max_parallel syncs, each: a child `mailreplica -u USER sync -s STATE [-f]`
-//!             that drops to USER, its stream over one channel of the shared SSH connection
-//!             (as `sync -A` runs them), or to a `maildir:` or command destination itself
+//!             that drops to USER, its stream over one channel of the destination's shared
+//!             SSH connection (as `sync -A` runs them), or to a `maildir:` or command
+//!             destination itself
+//!           · the destination: the user's own `mail_replica` from the userdb, or `destination`
+//!           · mail in another format (sdbox, mdbox: the userdb's `mail`, or mail_location):
+//!             `doveadm sync -u USER -s STATE [-f]`, to a remote through `mailreplica relay`
 //!     records: state_dir/users/*.user, each saved atomically as it changes
 //! ```
 //!
@@ -16,17 +20,17 @@
 //! `sync_timeout`); a second one exits at once. Either way no record is lost: each was saved
 //! when it changed, and a sync cut short leaves the last good state and the user still owed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::Subcommand;
-use mailreplica::config::Config;
+use mailreplica::config::{Config, MailLocation};
 use mailreplica::fleet::Counters;
 use mailreplica::replicator::protocol::{DOVEADM_CLIENT_HANDSHAKE, DOVEADM_SERVER_HANDSHAKE, valid_user};
 use mailreplica::replicator::queue::{Job, Policy, Priority};
@@ -36,7 +40,7 @@ use mailreplica::replicator::{admin, feeds};
 use mailreplica::tabescape::{escape, unescape_lenient};
 use nix::sys::signal::{SigSet, Signal};
 
-use super::fleet::{ChildTemplate, Shared, sync_user};
+use super::fleet::{ChildTemplate, Shared, UserResult, sync_delegated, sync_user};
 use super::output::{Cell, Column, Printer};
 use super::sync::{Mode, SyncArgs, remote_settings};
 use super::{Cli, Failure, Format, exit};
@@ -105,37 +109,132 @@ impl Directory for UserDirectory {
     }
 }
 
-/// Runs each sync as `sync -A` runs a user: a child process that drops to the user.
-struct ChildSyncer {
-    config: Config,
+/// Where syncs go: one route per destination (the configured one, and each user's own
+/// `mail_replica` from the userdb), each with its SSH connection, made when first needed and
+/// remade when it drops.
+struct Route {
     template: ChildTemplate,
     shared: Option<Shared>,
+    words: Vec<String>,
+}
+
+/// At most this many distinct destinations (a userdb can name one per user; each holds an SSH
+/// connection).
+const MAX_ROUTES: usize = 256;
+
+/// Runs each sync as `sync -A` runs a user: a child process that drops to the user; or, for
+/// a user whose mail is in a format our store does not read, `doveadm sync`.
+struct ChildSyncer {
+    config: Config,
+    /// The children's command line, to which each route sets its destination.
+    template: ChildTemplate,
+    default_destination: String,
+    routes: Mutex<HashMap<String, Arc<Route>>>,
+    /// This binary, for `doveadm sync`'s command destination (`relay`).
+    exe: PathBuf,
     wait: Duration,
+}
+
+impl ChildSyncer {
+    fn route(&self, destination: &str) -> Result<Arc<Route>, Failure> {
+        let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = routes.get(destination) {
+            return Ok(Arc::clone(r));
+        }
+        if routes.len() >= MAX_ROUTES {
+            return Err(Failure::new(
+                exit::CONFIG,
+                anyhow!(
+                    "more than {MAX_ROUTES} different destinations (userdb mail_replica); {destination} is not served"
+                ),
+            ));
+        }
+        let words: Vec<String> = destination.split_whitespace().map(str::to_owned).collect();
+        let remote = remote_settings(&self.config, &words, false, self.wait.as_secs())?;
+        let route = Arc::new(Route {
+            template: self.template.with_destination(&words, remote.is_some()),
+            shared: remote.map(|r| Shared {
+                conn: Mutex::new(None),
+                settings: r.settings,
+                prefix: r.prefix,
+                login: r.login,
+                host: r.host,
+            }),
+            words,
+        });
+        if destination != self.default_destination {
+            tracing::info!("a user's own destination (userdb mail_replica): {destination}");
+        }
+        routes.insert(destination.to_owned(), Arc::clone(&route));
+        Ok(route)
+    }
+}
+
+/// A sync's result as the queue takes it.
+fn outcome(r: &UserResult, old_state: &str) -> SyncResult {
+    let why = || r.message.clone().unwrap_or_else(|| format!("exit code {}", r.code));
+    match r.code {
+        exit::OK | 2 => SyncResult::Done {
+            // A sync that printed no state (it always does with -s) keeps the old one.
+            state: r.state.clone().unwrap_or_else(|| old_state.to_owned()),
+            changed: r.code == 2,
+        },
+        exit::NOUSER => SyncResult::Gone(why()),
+        _ => SyncResult::Failed(why()),
+    }
 }
 
 impl Syncer for ChildSyncer {
     fn sync(&self, job: &Job) -> SyncResult {
-        let mut extra: Vec<OsString> = vec!["-s".into(), job.state.clone().into()];
-        if job.full {
-            extra.push("-f".into());
-        }
+        let refused = |f: Failure| {
+            let r = UserResult::refused(&job.user, &f);
+            outcome(&r, &job.state)
+        };
+        let entry = match super::allowed_user(&self.config, &job.user) {
+            Ok(e) => e,
+            Err(f) => return refused(f),
+        };
+        let location = match entry.mail_location().map(MailLocation::parse_any).transpose() {
+            Ok(l) => l.unwrap_or_else(|| self.config.mail_location.clone()),
+            Err(e) => return refused(Failure::new(exit::CONFIG, anyhow!("the userdb's mail field: {e}"))),
+        };
+        let route = match self.route(entry.mail_replica().unwrap_or(&self.default_destination)) {
+            Ok(r) => r,
+            Err(f) => return refused(f),
+        };
         let counters = Arc::new(Counters::default());
         let log: Arc<dyn Fn(&str) + Send + Sync> = {
             let user = job.user.clone();
             Arc::new(move |line: &str| tracing::info!(user = %user, "{}", line.trim_start()))
         };
-        let r =
-            sync_user(&self.config, &self.template, self.shared.as_ref(), &job.user, &extra, &counters, log, self.wait);
-        let why = || r.message.clone().unwrap_or_else(|| format!("exit code {}", r.code));
-        match r.code {
-            exit::OK | 2 => SyncResult::Done {
-                // A sync that printed no state (it always does with -s) keeps the old one.
-                state: r.state.clone().unwrap_or_else(|| job.state.clone()),
-                changed: r.code == 2,
-            },
-            exit::NOUSER => SyncResult::Gone(why()),
-            _ => SyncResult::Failed(why()),
-        }
+        let r = if location.foreign.is_some() {
+            // Dovecot reads this mail; a remote destination is reached through our relay.
+            let relay = route.shared.is_some().then_some(self.exe.as_path());
+            let cmd = route.template.delegated(
+                &self.config.replicator.doveadm,
+                relay,
+                job,
+                self.wait.as_secs(),
+                &route.words,
+            );
+            sync_delegated(&cmd, &entry.name, &counters, log)
+        } else {
+            let mut extra: Vec<OsString> = vec!["-s".into(), job.state.clone().into()];
+            if job.full {
+                extra.push("-f".into());
+            }
+            sync_user(
+                &self.config,
+                &route.template,
+                route.shared.as_ref(),
+                &job.user,
+                &extra,
+                &counters,
+                log,
+                self.wait,
+            )
+        };
+        outcome(&r, &job.state)
     }
 }
 
@@ -179,24 +278,33 @@ fn run(cli: &Cli, config: Config) -> Result<(), Failure> {
         timeout,
         accept_new_host_key: false,
         report: false,
-        destination: words.clone(),
+        destination: words,
     };
-    let remote = remote_settings(&config, &words, false, timeout)?;
-    let template = ChildTemplate::new(cli, Mode::Sync, &args, remote.is_some())?;
-    let shared = remote.map(|r| Shared {
-        conn: std::sync::Mutex::new(None),
-        settings: r.settings,
-        prefix: r.prefix,
-        login: r.login,
-        host: r.host,
-    });
+    let template = ChildTemplate::new(cli, Mode::Sync, &args, false)?;
     // The watcher's directories, while the configuration is at hand.
     let roots: Vec<(String, Vec<std::path::PathBuf>)> = if rc.watch {
         users.iter().filter_map(|u| maildir_roots(&config, u).map(|r| (u.clone(), r))).collect()
     } else {
         Vec::new()
     };
-    let syncer = Arc::new(ChildSyncer { config, template, shared, wait: rc.sync_timeout });
+    let foreign = users.iter().filter(|u| delegated(&config, u)).count();
+    if foreign > 0 {
+        tracing::info!(
+            "{foreign} users' mail is in another format than Maildir: doveadm sync ({}) syncs them{}",
+            rc.doveadm.join(" "),
+            if rc.watch { ", and the watcher does not see their changes" } else { "" }
+        );
+    }
+    let syncer = Arc::new(ChildSyncer {
+        exe: std::env::current_exe().context("finding this program's path")?,
+        routes: Mutex::new(HashMap::new()),
+        default_destination: destination.clone(),
+        config,
+        template,
+        wait: rc.sync_timeout,
+    });
+    // The configured destination is checked now: a wrong one stops the service at start.
+    syncer.route(&destination)?;
     let states = StateDir::open(&rc.state_dir).with_context(|| "opening the state directory".to_owned())?;
     let settings = Settings {
         max_parallel: rc.max_parallel as usize,
@@ -286,11 +394,22 @@ fn run(cli: &Cli, config: Config) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Whether `user`'s mail is in a format `doveadm sync` syncs for us.
+fn delegated(config: &Config, user: &str) -> bool {
+    config.userdb.lookup(user).ok().flatten().map_or(config.mail_location.foreign.is_some(), |e| {
+        match e.mail_location().map(MailLocation::parse_any) {
+            Some(Ok(l)) => l.foreign.is_some(),
+            Some(Err(_)) => false,
+            None => config.mail_location.foreign.is_some(),
+        }
+    })
+}
+
 /// The directories of `user`'s Maildir (its root, and INBOX if elsewhere), for the watcher.
 fn maildir_roots(config: &Config, user: &str) -> Option<Vec<std::path::PathBuf>> {
     let entry = super::allowed_user(config, user).ok()?;
     let location = match entry.mail_location() {
-        Some(l) => mailreplica::config::MailLocation::parse(l).ok()?,
+        Some(l) => MailLocation::parse(l).ok()?,
         None => config.mail_location.clone(),
     };
     let hostname = config.hostname.clone().unwrap_or_else(super::hostname);

@@ -14,6 +14,10 @@ use crate::store::maildir::{Layout, MaildirSettings};
 /// A parsed, not yet expanded, mail location.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailLocation {
+    /// Another format's driver (`sdbox`, `mdbox`, …), from [`MailLocation::parse_any`]: our
+    /// store can't open it ([`MailLocation::expand`] refuses it), but the replicator hands such
+    /// users to `doveadm sync`.
+    pub foreign: Option<String>,
     /// The root path template.
     pub root: String,
     /// INBOX path template.
@@ -42,7 +46,8 @@ impl MailLocation {
         if root.is_empty() {
             return Err(err(format!("{s:?}: the maildir path is missing")));
         }
-        let mut loc = Self { root, inbox: None, index: None, layout: Layout::MaildirPlusPlus, utf8: false };
+        let mut loc =
+            Self { foreign: None, root, inbox: None, index: None, layout: Layout::MaildirPlusPlus, utf8: false };
         for p in parts {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
             match k.to_ascii_uppercase().as_str() {
@@ -64,6 +69,23 @@ impl MailLocation {
         Ok(loc)
     }
 
+    /// Parses a location of any format: a `maildir:` one as [`MailLocation::parse`] does,
+    /// any other `DRIVER:…` (Dovecot's rule: the driver is the alphanumeric word before the
+    /// first `:`) kept as foreign, to be named in errors and handed to Dovecot.
+    pub fn parse_any(s: &str) -> Result<Self, MailLocationError> {
+        match driver(s) {
+            Some("maildir") | None => Self::parse(s),
+            Some(d) => Ok(Self {
+                foreign: Some(d.to_owned()),
+                root: s[d.len() + 1..].split(':').next().unwrap_or_default().to_owned(),
+                inbox: None,
+                index: None,
+                layout: Layout::MaildirPlusPlus,
+                utf8: false,
+            }),
+        }
+    }
+
     /// Expands the templates for one user into store settings.
     pub fn expand(
         &self,
@@ -72,6 +94,12 @@ impl MailLocation {
         hostname: &str,
         lock_wait: Duration,
     ) -> Result<MaildirSettings, MailLocationError> {
+        if let Some(d) = &self.foreign {
+            return Err(MailLocationError(format!(
+                "the mail location is {d}:, and mailreplica's own store reads Maildir only \
+                 (the replicator hands {d} users to doveadm sync)"
+            )));
+        }
         let root = expand(&self.root, user, home)?;
         let inbox = self.inbox.as_deref().map(|i| expand(i, user, home)).transpose()?;
         let index = self.index.as_deref().map(|i| expand(i, user, home)).transpose()?;
@@ -85,6 +113,13 @@ impl MailLocation {
         s.home = Some(home.to_path_buf());
         Ok(s)
     }
+}
+
+/// The driver of a location string (`maildir`, `sdbox`, …): the alphanumeric word before its
+/// first `:`, as Dovecot tells a location from a path or a command.
+pub(crate) fn driver(s: &str) -> Option<&str> {
+    let (d, _) = s.split_once(':')?;
+    (!d.is_empty() && d.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(d)
 }
 
 /// Expands `~` and `%` variables in a path template.
@@ -161,6 +196,19 @@ mod tests {
         let s = l.expand("bob@ex.org", Path::new("/x"), "h", Duration::ZERO).unwrap();
         assert_eq!(s.root, PathBuf::from("/srv/ex.org/bob/Maildir"));
         assert!(s.utf8);
+    }
+
+    #[test]
+    fn other_formats_are_kept_but_not_opened() {
+        let l = MailLocation::parse_any("sdbox:~/sdbox:INDEX=/var/idx/%u").unwrap();
+        assert_eq!(l.foreign.as_deref(), Some("sdbox"));
+        let e = l.expand("u", Path::new("/h"), "h", Duration::ZERO).unwrap_err();
+        assert!(e.0.contains("sdbox:") && e.0.contains("Maildir only"), "{e}");
+        assert_eq!(MailLocation::parse_any("maildir:~/M").unwrap(), MailLocation::parse("maildir:~/M").unwrap());
+        assert!(MailLocation::parse_any("maildir:~/M:CONTROL=/x").is_err());
+        assert!(MailLocation::parse_any("/no/driver").is_err());
+        assert_eq!(driver("mdbox:~/m"), Some("mdbox"));
+        assert_eq!(driver("~/x:y"), None);
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub struct ReplicatorConfig {
     pub plugin_mode: u32,
     /// `watch`: watch every user's Maildir with inotify (the change feed without a plugin).
     pub watch: bool,
+    /// `doveadm`: the command line (words) that syncs users whose mail is in a format our
+    /// store does not read (sdbox, mdbox, …): `doveadm sync` is run with it.
+    pub doveadm: Vec<String>,
 }
 
 impl Default for ReplicatorConfig {
@@ -91,6 +94,7 @@ impl Default for ReplicatorConfig {
             plugin_socket: None,
             plugin_mode: 0o666,
             watch: false,
+            doveadm: vec!["doveadm".to_owned()],
         }
     }
 }
@@ -366,8 +370,10 @@ impl Config {
         let bad = |reason: String| ConfigError::BadValue { origin: origin.clone(), key: key.to_owned(), reason };
         match key {
             "mail_location" => {
+                // Another format loads (the replicator hands its users to doveadm sync); our
+                // store refuses it when it is opened.
                 self.mail_location =
-                    MailLocation::parse(&raw.string().map_err(bad)?).map_err(|e| bad(e.to_string()))?;
+                    MailLocation::parse_any(&raw.string().map_err(bad)?).map_err(|e| bad(e.to_string()))?;
             }
             "userdb" => self.userdb = Userdb::parse(&raw.string().map_err(bad)?).map_err(bad)?,
             "first_valid_uid" => self.first_valid_uid = raw.u32().map_err(bad)?,
@@ -456,6 +462,13 @@ impl Config {
             "plugin_socket" => r.plugin_socket = Some(raw.path()?),
             "plugin_mode" => r.plugin_mode = raw.mode()?,
             "watch" => r.watch = raw.bool()?,
+            "doveadm" => {
+                let words: Vec<String> = raw.string()?.split_whitespace().map(str::to_owned).collect();
+                if words.is_empty() {
+                    return Err("must not be empty".into());
+                }
+                r.doveadm = words;
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -487,8 +500,10 @@ mod tests {
         assert_eq!(err.to_string(), "x.toml line 3: unknown setting `bogus`");
         let err = c.apply_toml("first_valid_uid = \"x\"\n", Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().starts_with("x.toml line 1: bad value for `first_valid_uid`"), "{err}");
-        let err = c.apply_toml("mail_location = \"mbox:~/mail\"\n", Path::new("x.toml")).unwrap_err();
+        let err = c.apply_toml("mail_location = \"maildir:~/M:CONTROL=/x\"\n", Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("mail_location"), "{err}");
+        c.apply_toml("mail_location = \"mdbox:~/mdbox\"\n", Path::new("x.toml")).unwrap();
+        assert_eq!(c.mail_location.foreign.as_deref(), Some("mdbox"));
         assert!(matches!(c.apply_toml("a = = 1", Path::new("x.toml")), Err(ConfigError::Syntax { .. })));
     }
 

@@ -30,6 +30,17 @@ impl UserEntry {
     pub fn mail_location(&self) -> Option<&str> {
         self.extra.iter().find(|(k, _)| k == "userdb_mail" || k == "mail").map(|(_, v)| v.as_str())
     }
+
+    /// The user's own replica from the userdb (Dovecot's `mail_replica` plugin setting, as a
+    /// `userdb_mail_replica` or `mail_replica` field), which overrides the replicator's
+    /// `destination`.
+    pub fn mail_replica(&self) -> Option<&str> {
+        self.extra
+            .iter()
+            .find(|(k, _)| k == "userdb_mail_replica" || k == "mail_replica")
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.trim().is_empty())
+    }
 }
 
 /// Lookup failures.

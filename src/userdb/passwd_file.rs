@@ -93,13 +93,15 @@ mod tests {
 
     #[test]
     fn parses_dovecot_lines() {
-        let t = "# comment\n\nalice@example.com:{PLAIN}x:5000:5000::/var/vmail/alice::userdb_mail=maildir:~/M quota=1G\nbob:x:root:root::/home/bob\n";
+        let t = "# comment\n\nalice@example.com:{PLAIN}x:5000:5000::/var/vmail/alice::userdb_mail=maildir:~/M quota=1G userdb_mail_replica=remoteprefix:root@r2\nbob:x:root:root::/home/bob\n";
         let f = PasswdFile::parse(t, Path::new("users")).unwrap();
         assert_eq!(f.users.len(), 2);
         let a = f.lookup("alice@example.com").unwrap();
         assert_eq!(a.uid, 5000);
         assert_eq!(a.mail_location(), Some("maildir:~/M"));
+        assert_eq!(a.mail_replica(), Some("remoteprefix:root@r2"));
         assert_eq!(f.lookup("bob").unwrap().uid, 0);
+        assert_eq!(f.lookup("bob").unwrap().mail_replica(), None);
     }
 
     #[test]

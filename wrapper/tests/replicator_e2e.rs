@@ -31,8 +31,20 @@ use wrapper_common::*;
 /// The longest any change may take to reach the replica here.
 const CONVERGE: Duration = Duration::from_secs(60);
 
+/// Who the source's users are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Users {
+    /// Two Maildir users from the system's passwd.
+    Plain,
+    /// Three users from a passwd-file userdb (Dovecot's and ours): [0] Maildir; [1] sdbox
+    /// (`userdb_mail`), which the replicator hands to `doveadm sync`; [2] Maildir with its own
+    /// replica (`userdb_mail_replica=maildir:~/Replica`).
+    Formats,
+}
+
 /// Fields drop in this order: the replicator, Dovecot, sshd, users, then the sandbox.
 struct World {
+    kind: Users,
     replicator: Option<KillOnDrop>,
     dovecot: Dovecot,
     sshd: Option<Sshd>,
@@ -40,6 +52,7 @@ struct World {
     users: Vec<TestUser>,
     keys: SshKeys,
     config: PathBuf,
+    listing_config: PathBuf,
     service_log: PathBuf,
     sb: Sandbox,
 }
@@ -47,15 +60,31 @@ struct World {
 impl World {
     /// With `plugin`, Dovecot's replication plugin is the change feed; without, our watcher.
     fn new(plugin: bool) -> Self {
+        Self::with(plugin, Users::Plain)
+    }
+
+    fn with(plugin: bool, kind: Users) -> Self {
         require_root();
         let sb = Sandbox::new();
-        let users = vec![TestUser::new(&sb), TestUser::new(&sb)];
+        let n = if kind == Users::Plain { 2 } else { 3 };
+        let users: Vec<TestUser> = (0..n).map(|_| TestUser::new(&sb)).collect();
         assert_ne!(users[0].uid, users[1].uid);
+        let names: Vec<String> = users.iter().map(|u| format!("\"{}\"", u.name)).collect();
+        let names = names.join(", ");
         sb.write_policy(&format!(
-            "[peer.mx1]\nallow_users = [\"{}\", \"{}\"]\nfirst_valid_uid = 1000\nlast_valid_uid = 60000\n\
-             mail_location = \"maildir:~/Maildir\"\n",
-            users[0].name, users[1].name
+            "[peer.mx1]\nallow_users = [{names}]\nfirst_valid_uid = 1000\nlast_valid_uid = 60000\n\
+             mail_location = \"maildir:~/Maildir\"\n"
         ));
+        // The Formats userdb, in Dovecot's passwd-file format, read by Dovecot and by us.
+        let passwd_file = sb.dir.join("users.passwd");
+        let line =
+            |u: &TestUser, extra: &str| format!("{}:x:{}:{}::{}::{extra}\n", u.name, u.uid, u.gid, u.home.display());
+        if kind == Users::Formats {
+            let text = line(&users[0], "")
+                + &line(&users[1], "userdb_mail=sdbox:~/sdbox")
+                + &line(&users[2], "userdb_mail_replica=maildir:~/Replica");
+            fs::write(&passwd_file, text).expect("users.passwd");
+        }
         let keys = SshKeys::new(&sb, 1);
         let sshd = Sshd::start(&keys, "r", &Self::authorized_keys(&sb, &keys), "");
         let port = sshd.port;
@@ -65,7 +94,11 @@ impl World {
              plugin {\n  mail_replica = remoteprefix:replica\n  replication_sync_timeout = 20\n}\n\
              service aggregator {\n  fifo_listener replication-notify-fifo {\n    mode = 0\n  }\n\
                unix_listener replication-notify {\n    mode = 0\n  }\n}\n";
-        let dovecot = Dovecot::start_with(&sb, "maildir:~/Source", if plugin { plugin_conf } else { "" });
+        let userdb = match kind {
+            Users::Plain => "driver = passwd".to_owned(),
+            Users::Formats => format!("driver = passwd-file\n  args = {}", passwd_file.display()),
+        };
+        let dovecot = Dovecot::start_userdb(&sb, "maildir:~/Source", &userdb, if plugin { plugin_conf } else { "" });
         let run = sb.dir.join("dovecot").join("run");
         let feed = if plugin {
             format!(
@@ -75,25 +108,45 @@ impl World {
         } else {
             "watch = true\n".to_owned()
         };
+        let formats = if kind == Users::Formats {
+            format!("userdb = \"passwd-file:{}\"\n", passwd_file.display())
+        } else {
+            String::new()
+        };
+        let delegate = format!("doveadm = \"/usr/bin/doveadm -c {}\"\n", dovecot.conf.display());
         let config = sb.dir.join("mailreplica.toml");
         fs::write(
             &config,
             format!(
                 "mail_location = \"maildir:~/Source\"\nfirst_valid_uid = 1000\nssh_key = \"{key}\"\n\
-                 ssh_known_hosts = \"{kh}\"\n\n[replicator]\n\
-                 destination = \"remoteprefix:root@127.0.0.1:{port}\"\nusers = [\"{a}\", \"{b}\"]\n\
+                 ssh_known_hosts = \"{kh}\"\n{formats}\n[replicator]\n\
+                 destination = \"remoteprefix:root@127.0.0.1:{port}\"\nusers = [{names}]\n\
                  state_dir = \"{dir}/state\"\nadmin_socket = \"{dir}/replicator-doveadm\"\n\
-                 {feed}max_parallel = 2\nretry_min = \"1s\"\nretry_max = \"2s\"\nsync_timeout = 60\n",
+                 {feed}{delegate}max_parallel = 2\nretry_min = \"1s\"\nretry_max = \"2s\"\nsync_timeout = 60\n",
                 key = keys.clients[0].display(),
                 kh = sshd.known_hosts.display(),
-                a = users[0].name,
-                b = users[1].name,
                 dir = sb.dir.display(),
             ),
         )
         .expect("mailreplica.toml");
+        // Listings read every Maildir with the system's passwd and a location given each time.
+        let listing_config = sb.dir.join("listing.toml");
+        fs::write(&listing_config, "mail_location = \"maildir:~/Source\"\nfirst_valid_uid = 1000\n")
+            .expect("listing.toml");
         let service_log = sb.dir.join("replicator.log");
-        let mut w = Self { replicator: None, dovecot, sshd: Some(sshd), port, users, keys, config, service_log, sb };
+        let mut w = Self {
+            kind,
+            replicator: None,
+            dovecot,
+            sshd: Some(sshd),
+            port,
+            users,
+            keys,
+            config,
+            listing_config,
+            service_log,
+            sb,
+        };
         w.start_replicator();
         w
     }
@@ -176,8 +229,12 @@ impl World {
     /// subscriptions of `u`'s Maildir at `~/{location}`.
     fn listing(&self, user: &str, location: &str) -> String {
         let loc = format!("mail_location=maildir:~/{location}");
-        let base = ["-u", user, "-o", &loc, "-f", "tab"];
-        let run = |extra: &[&str]| self.ok(self.mr(&[&base[..], extra].concat()), b"");
+        let base = ["-c", self.listing_config.to_str().expect("path"), "-u", user, "-o", &loc, "-f", "tab"];
+        let run = |extra: &[&str]| {
+            let mut c = Command::new(mailreplica_bin());
+            c.args([&base[..], extra].concat()).env_clear().env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin");
+            self.ok(c, b"")
+        };
         let mails: Vec<String> = run(&["fetch", "mailbox uid guid flags", "all"])
             .lines()
             .map(|l| l.replace("\\Recent", "").split_whitespace().collect::<Vec<_>>().join(" "))
@@ -187,12 +244,34 @@ impl World {
         format!("{}\n\n{boxes}\n{subscribed}", mails.join("\n"))
     }
 
+    /// The mails of an sdbox user, as Dovecot reads them: mailbox, uid, guid, then the flags
+    /// sorted (the two implementations may order them differently).
+    fn dovecot_mails(&self, user: &str) -> Vec<String> {
+        let mut c = self.dovecot.doveadm();
+        c.args(["-f", "tab", "fetch", "-u", user, "mailbox uid guid flags", "all"]);
+        let out = self.ok(c, b"");
+        normalized_mails(&out)
+    }
+
+    /// User `i`'s source and replica, each as one text (equal once replicated).
+    fn pair(&self, i: usize) -> (String, String) {
+        let u = &self.users[i].name;
+        match (self.kind, i) {
+            (Users::Formats, 1) => {
+                let replica = normalized_mails(self.listing(u, "Maildir").split("\n\n").next().unwrap_or_default());
+                (self.dovecot_mails(u).join("\n"), replica.join("\n"))
+            }
+            (Users::Formats, 2) => (self.listing(u, "Source"), self.listing(u, "Replica")),
+            _ => (self.listing(u, "Source"), self.listing(u, "Maildir")),
+        }
+    }
+
     /// Waits until every user's replica equals their source.
     fn converged(&self, what: &str) {
         let until = Instant::now() + CONVERGE;
-        for u in &self.users {
+        for (i, u) in self.users.iter().enumerate() {
             loop {
-                let (source, replica) = (self.listing(&u.name, "Source"), self.listing(&u.name, "Maildir"));
+                let (source, replica) = self.pair(i);
                 if source == replica {
                     break;
                 }
@@ -240,6 +319,25 @@ impl World {
         v.sort();
         v
     }
+}
+
+/// `fetch -f tab "mailbox uid guid flags"` output without its header, each line's flags
+/// sorted and `\\Recent` left out, the lines sorted (mailboxes come in either order).
+fn normalized_mails(text: &str) -> Vec<String> {
+    let mut v: Vec<String> = text
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let (head, flags) = words.split_at(words.len().min(3));
+            let mut flags: Vec<&str> = flags.iter().copied().filter(|f| *f != "\\Recent").collect();
+            flags.sort_unstable();
+            [head.join(" "), flags.join(" ")].join(" ")
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 fn assert_no_errors_in(dovecot: &Dovecot) {
@@ -407,6 +505,51 @@ fn without_a_plugin_the_watcher_feeds_the_replicator() {
     let settled = count();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(count(), settled, "syncs go on without changes:\n{}", w.log());
+    assert_no_errors_in(&w.dovecot);
+}
+
+#[test]
+fn sdbox_users_go_to_doveadm_sync_and_a_userdb_mail_replica_picks_the_destination() {
+    let w = World::with(true, Users::Formats);
+    let names: Vec<String> = w.users.iter().map(|u| u.name.clone()).collect();
+    let (plain, sdbox, own) = (names[0].as_str(), names[1].as_str(), names[2].as_str());
+    w.wait_for("every first sync", || names.iter().all(|u| w.field(u, "last_success") != "0"));
+    assert!(w.log().contains("1 users' mail is in another format"), "{}", w.log());
+    for (i, u) in names.iter().enumerate() {
+        for n in 0..2 {
+            w.deliver(u, &format!("mail {n} for user {i}"));
+        }
+    }
+    // The sdbox user through IMAP: flags, a keyword, an expunge, a new mailbox, a copy.
+    w.imap(
+        sdbox,
+        &[
+            "SELECT INBOX",
+            "STORE 1 +FLAGS (\\Flagged $Label1)",
+            "APPEND INBOX {22+}\r\nSubject: appended\r\n\r\nx",
+            "STORE 2 +FLAGS (\\Deleted)",
+            "EXPUNGE",
+            "CREATE Work",
+            "COPY 1 Work",
+        ],
+    );
+    w.converged("deliveries and IMAP changes");
+    let src = w.dovecot_mails(sdbox).join("\n");
+    assert!(src.contains("Work") && src.contains("$Label1") && src.lines().count() == 3, "{src}");
+    assert!(w.users[1].home.join("sdbox").is_dir() && !w.users[1].home.join("Source").exists());
+    // The user with their own replica got nothing at the configured destination.
+    assert!(w.users[2].home.join("Replica").is_dir());
+    assert!(!w.users[2].home.join("Maildir").exists(), "{own}'s mail went to the configured destination too");
+    assert!(w.users[0].home.join("Maildir").is_dir(), "{plain}");
+    // doveadm's state is kept, as ours is; a forced full sync goes to doveadm as -f.
+    assert_eq!(w.field(sdbox, "state"), "true");
+    assert_eq!(w.field(sdbox, "failures"), "0", "{}", w.log());
+    let before = w.log().matches("sync started (full)").count();
+    w.ok(w.mr(&["replicate", "--full", sdbox]), b"");
+    w.wait_for("the forced full sync", || w.log().matches("sync started (full)").count() > before);
+    w.deliver(sdbox, "after the full sync");
+    w.converged("after a full sync of the sdbox user");
+    assert_eq!(w.field(sdbox, "failures"), "0", "{}", w.log());
     assert_no_errors_in(&w.dovecot);
 }
 

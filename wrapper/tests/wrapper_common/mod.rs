@@ -1015,6 +1015,11 @@ impl Dovecot {
 
     /// [`Dovecot::start`] with `extra` at the end of the configuration.
     pub fn start_with(sb: &Sandbox, mail_location: &str, extra: &str) -> Self {
+        Self::start_userdb(sb, mail_location, "driver = passwd", extra)
+    }
+
+    /// As [`Dovecot::start_with`], with `userdb` the body of its userdb block.
+    pub fn start_userdb(sb: &Sandbox, mail_location: &str, userdb: &str, extra: &str) -> Self {
         require_dovecot();
         let dir = sb.dir.join("dovecot");
         for d in [dir.clone(), dir.join("state")] {
@@ -1029,7 +1034,7 @@ impl Dovecot {
                 "# a mailreplica-wrapper test's private Dovecot: nothing outside this directory\n\
                  base_dir = {run}\nstate_dir = {state}\nlog_path = {log}\ninfo_log_path = {log}\n\
                  protocols =\nlisten = 127.0.0.1\nssl = no\nmail_location = {mail_location}\nfirst_valid_uid = 1000\n\
-                 passdb {{\n  driver = passwd\n}}\nuserdb {{\n  driver = passwd\n}}\n\
+                 passdb {{\n  driver = passwd\n}}\nuserdb {{\n  {userdb}\n}}\n\
                  namespace inbox {{\n  inbox = yes\n}}\n\
                  service anvil {{\n  chroot =\n}}\n\
                  default_internal_user = dovecot\ndefault_login_user = dovenull\n{extra}\n",
