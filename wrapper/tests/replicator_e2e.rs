@@ -40,6 +40,8 @@ enum Users {
     /// (`userdb_mail`), which the replicator hands to `doveadm sync`; [2] Maildir with its own
     /// replica (`userdb_mail_replica=maildir:~/Replica`).
     Formats,
+    /// Two Maildir users, and Dovecot 2.4.1 (from a Debian 13 root) on the source: no plugin.
+    Dovecot24,
 }
 
 /// Fields drop in this order: the replicator, Dovecot, sshd, users, then the sandbox.
@@ -79,11 +81,18 @@ impl World {
         let passwd_file = sb.dir.join("users.passwd");
         let line =
             |u: &TestUser, extra: &str| format!("{}:x:{}:{}::{}::{extra}\n", u.name, u.uid, u.gid, u.home.display());
-        if kind == Users::Formats {
-            let text = line(&users[0], "")
-                + &line(&users[1], "userdb_mail=sdbox:~/sdbox")
-                + &line(&users[2], "userdb_mail_replica=maildir:~/Replica");
-            fs::write(&passwd_file, text).expect("users.passwd");
+        match kind {
+            Users::Formats => {
+                let text = line(&users[0], "")
+                    + &line(&users[1], "userdb_mail=sdbox:~/sdbox")
+                    + &line(&users[2], "userdb_mail_replica=maildir:~/Replica");
+                fs::write(&passwd_file, text).expect("users.passwd");
+            }
+            Users::Dovecot24 => {
+                assert!(!plugin, "Dovecot 2.4 has no replication plugin");
+                fs::write(&passwd_file, line(&users[0], "") + &line(&users[1], "")).expect("users.passwd");
+            }
+            Users::Plain => {}
         }
         let keys = SshKeys::new(&sb, 1);
         let sshd = Sshd::start(&keys, "r", &Self::authorized_keys(&sb, &keys), "");
@@ -94,11 +103,15 @@ impl World {
              plugin {\n  mail_replica = remoteprefix:replica\n  replication_sync_timeout = 20\n}\n\
              service aggregator {\n  fifo_listener replication-notify-fifo {\n    mode = 0\n  }\n\
                unix_listener replication-notify {\n    mode = 0\n  }\n}\n";
-        let userdb = match kind {
-            Users::Plain => "driver = passwd".to_owned(),
-            Users::Formats => format!("driver = passwd-file\n  args = {}", passwd_file.display()),
+        let extra = if plugin { plugin_conf } else { "" };
+        let dovecot = match kind {
+            Users::Plain => Dovecot::start_with(&sb, "maildir:~/Source", extra),
+            Users::Formats => {
+                let userdb = format!("driver = passwd-file\n  args = {}", passwd_file.display());
+                Dovecot::start_userdb(&sb, "maildir:~/Source", &userdb, extra)
+            }
+            Users::Dovecot24 => Dovecot::start24(&sb, "~/Source", &passwd_file),
         };
-        let dovecot = Dovecot::start_userdb(&sb, "maildir:~/Source", &userdb, if plugin { plugin_conf } else { "" });
         let run = sb.dir.join("dovecot").join("run");
         let feed = if plugin {
             format!(
@@ -200,8 +213,8 @@ impl World {
 
     /// Delivers a mail to `u` through Dovecot's LDA (the plugin notifies us).
     fn deliver(&self, user: &str, subject: &str) {
-        let mut c = Command::new("/usr/lib/dovecot/dovecot-lda");
-        c.arg("-c").arg(&self.dovecot.conf).args(["-d", user, "-f", "sender@example.org"]).env_clear();
+        let mut c = self.dovecot.command("/usr/lib/dovecot/dovecot-lda");
+        c.arg("-c").arg(&self.dovecot.conf).args(["-d", user, "-f", "sender@example.org"]);
         let mail = format!("From: sender@example.org\nTo: {user}@example.org\nSubject: {subject}\n\nbody\n");
         self.ok(c, mail.as_bytes());
     }
@@ -247,8 +260,13 @@ impl World {
     /// The mails of an sdbox user, as Dovecot reads them: mailbox, uid, guid, then the flags
     /// sorted (the two implementations may order them differently).
     fn dovecot_mails(&self, user: &str) -> Vec<String> {
+        self.dovecot_mails_with(user, &[])
+    }
+
+    /// [`World::dovecot_mails`] with more doveadm options (`-o mail_path=…`).
+    fn dovecot_mails_with(&self, user: &str, options: &[&str]) -> Vec<String> {
         let mut c = self.dovecot.doveadm();
-        c.args(["-f", "tab", "fetch", "-u", user, "mailbox uid guid flags", "all"]);
+        c.args(options).args(["-f", "tab", "fetch", "-u", user, "mailbox uid guid flags", "all"]);
         let out = self.ok(c, b"");
         normalized_mails(&out)
     }
@@ -550,6 +568,48 @@ fn sdbox_users_go_to_doveadm_sync_and_a_userdb_mail_replica_picks_the_destinatio
     w.deliver(sdbox, "after the full sync");
     w.converged("after a full sync of the sdbox user");
     assert_eq!(w.field(sdbox, "failures"), "0", "{}", w.log());
+    assert_no_errors_in(&w.dovecot);
+}
+
+#[test]
+fn dovecot_2_4_on_the_source_without_a_plugin_is_followed_by_the_watcher() {
+    let w = World::with(false, Users::Dovecot24);
+    let (alice, bob) = (w.users[0].name.clone(), w.users[1].name.clone());
+    let (alice, bob) = (alice.as_str(), bob.as_str());
+    w.wait_for("both first syncs", || [alice, bob].iter().all(|u| w.field(u, "last_success") != "0"));
+    // Dovecot 2.4.1's LDA, IMAP and doveadm write the source; the watcher sees each change.
+    for i in 0..3 {
+        w.deliver(alice, &format!("alice {i}"));
+        w.deliver(bob, &format!("bob {i}"));
+    }
+    w.converged("Dovecot 2.4.1's deliveries");
+    w.imap(
+        alice,
+        &[
+            "SELECT INBOX",
+            "STORE 1 +FLAGS (\\Flagged $Label1)",
+            "STORE 2 +FLAGS (\\Seen \\Deleted)",
+            "EXPUNGE",
+            "CREATE Work",
+            "SUBSCRIBE Work",
+            "COPY 1 Work",
+        ],
+    );
+    w.doveadm(&["mailbox", "create", "-u", bob, "Archive"]);
+    w.doveadm(&["move", "-u", bob, "Archive", "mailbox", "INBOX", "uid", "1"]);
+    let mut save = w.dovecot.doveadm();
+    save.args(["save", "-u", bob, "-m", "INBOX"]);
+    w.ok(save, b"Subject: saved by doveadm 2.4\n\nbody\n");
+    w.converged("Dovecot 2.4.1's IMAP and doveadm changes");
+    let src = w.listing(alice, "Source");
+    assert!(src.contains("\\Flagged $Label1") && src.contains("Work"), "{src}");
+    // Dovecot 2.4.1 reads each replica as it reads the source.
+    for u in [alice, bob] {
+        let source = w.dovecot_mails_with(u, &["-o", "mail_path=~/Source"]);
+        let replica = w.dovecot_mails_with(u, &["-o", "mail_path=~/Maildir"]);
+        assert!(source.len() >= 3, "{source:?}");
+        assert_eq!(replica, source, "{u}: Dovecot 2.4.1 reads the replica differently");
+    }
     assert_no_errors_in(&w.dovecot);
 }
 

@@ -1006,6 +1006,22 @@ pub struct Dovecot {
     pub conf: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    /// What every Dovecot program is run through: nothing for the host's Dovecot 2.3; for
+    /// Dovecot 2.4, entering the Debian 13 root ([`Dovecot::start24`]).
+    prefix: Vec<String>,
+}
+
+/// The Debian 13 root with Dovecot 2.4 (`tests/lab/trixie-root.sh DIR` makes it; `tests/run`
+/// runs that): `MAILREPLICA_TEST_TRIXIE_ROOT`, by default /var/lib/mailreplica-tests/trixie.
+pub fn trixie_root() -> PathBuf {
+    let root = std::env::var_os("MAILREPLICA_TEST_TRIXIE_ROOT")
+        .map_or_else(|| PathBuf::from("/var/lib/mailreplica-tests/trixie"), PathBuf::from);
+    assert!(
+        root.join("usr/sbin/dovecot").exists(),
+        "no Debian 13 root with Dovecot 2.4 at {r}: make it with `tests/lab/trixie-root.sh {r}` (tests/run does)",
+        r = root.display()
+    );
+    root
 }
 
 impl Dovecot {
@@ -1057,7 +1073,7 @@ impl Dovecot {
             .stderr(early)
             .spawn()
             .expect("start dovecot");
-        let mut me = Self { conf, log, child: Some(child) };
+        let mut me = Self { conf, log, child: Some(child), prefix: Vec::new() };
         let socket = dir.join("run").join("auth-userdb");
         let until = Instant::now() + Duration::from_secs(20);
         while !socket.exists() {
@@ -1070,12 +1086,90 @@ impl Dovecot {
         me
     }
 
+    /// Dovecot 2.4.1 from the Debian 13 root, as a second host's Dovecot would be: Maildir at
+    /// `mail_path`, users from the passwd-file `users`. Every program of it runs entered
+    /// into the root with `unshare --mount` and `chroot`, /dev, /proc and the tests' base
+    /// directory mounted in its own mount namespace (gone with the process), so that paths
+    /// are the same inside and out.
+    pub fn start24(sb: &Sandbox, mail_path: &str, users: &Path) -> Self {
+        let root = trixie_root();
+        fs::create_dir_all(root.join(BASE.trim_start_matches('/'))).expect("the base directory in the root");
+        let script = "r=$1; b=$2; shift 2; mount --rbind /dev \"$r/dev\" && mount -t proc proc \"$r/proc\" \
+                      && mount --bind \"$b\" \"$r$b\" && exec chroot \"$r\" \"$@\"";
+        let prefix: Vec<String> = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain([root.display().to_string(), BASE.to_owned()])
+            .collect();
+        let dir = sb.dir.join("dovecot24");
+        for d in [dir.clone(), dir.join("state")] {
+            fs::create_dir(&d).expect("mkdir dovecot dir");
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let conf = dir.join("dovecot.conf");
+        let log = dir.join("dovecot.log");
+        fs::write(
+            &conf,
+            format!(
+                "dovecot_config_version = 2.4.1\ndovecot_storage_version = 2.4.1\n\
+                 base_dir = {run}\nstate_dir = {state}\nlog_path = {log}\ninfo_log_path = {log}\n\
+                 protocols =\nmail_driver = maildir\nmail_path = {mail_path}\nmail_home = {homes}/%{{user}}\n\
+                 first_valid_uid = 1000\n\
+                 passdb passwd-file {{\n  passwd_file_path = {users}\n}}\n\
+                 userdb passwd-file {{\n  passwd_file_path = {users}\n}}\n\
+                 namespace inbox {{\n  inbox = yes\n}}\nservice anvil {{\n  chroot =\n}}\n\
+                 default_internal_user = dovecot\ndefault_login_user = dovenull\n",
+                run = dir.join("run").display(),
+                state = dir.join("state").display(),
+                log = log.display(),
+                homes = sb.dir.join("home").display(),
+                users = users.display(),
+            ),
+        )
+        .expect("write dovecot.conf");
+        let early = File::create(&log).expect("dovecot log");
+        let mut me = Self { conf, log, child: None, prefix };
+        let mut start = me.command("/usr/sbin/dovecot");
+        start.arg("-F").arg("-c").arg(&me.conf);
+        let child = start
+            .stdin(Stdio::null())
+            .stdout(early.try_clone().expect("dup log"))
+            .stderr(early)
+            .spawn()
+            .expect("start dovecot 2.4");
+        me.child = Some(child);
+        let socket = dir.join("run").join("auth-userdb");
+        let until = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if let Some(st) = me.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("dovecot 2.4 exited ({st}) at start; log:\n{}", me.log_text());
+            }
+            assert!(Instant::now() < until, "dovecot 2.4 did not start; log:\n{}", me.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        me
+    }
+
+    /// One of this Dovecot's programs (`/usr/lib/dovecot/dovecot-lda`, …), with a clean
+    /// environment; for Dovecot 2.4, entered into its root.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = match self.prefix.split_first() {
+            None => Command::new(program),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+        };
+        c.env_clear().env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin");
+        c
+    }
+
     /// `doveadm -c CONF ARGS…` with a clean environment (not started).
     pub fn doveadm(&self) -> Command {
-        let mut c = Command::new("/usr/bin/doveadm");
+        let mut c = self.command("/usr/bin/doveadm");
         c.arg("-c")
             .arg(&self.conf)
-            .env_clear()
             .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
             .env("TZ", "UTC")
             .env("LANG", "C.UTF-8");
