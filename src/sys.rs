@@ -163,6 +163,72 @@ pub(crate) fn bounding_cap_present(cap: u32) -> io::Result<bool> {
     if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc == 1) }
 }
 
+/// `fanotify_init(2)`: a new fanotify group.
+pub fn fanotify_init(flags: u32, event_f_flags: u32) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: no pointers are passed; on success the descriptor is new and ours alone.
+    let fd = unsafe { libc::fanotify_init(flags, event_f_flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// `fanotify_mark(2)` on `path` (not followed if it is a symlink only when `flags` says so).
+pub fn fanotify_mark(group: BorrowedFd<'_>, flags: u32, mask: u64, path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: `group` is a live descriptor for the call; `c` is NUL-terminated and outlives it.
+    let r = unsafe { libc::fanotify_mark(group.as_raw_fd(), flags, mask, libc::AT_FDCWD, c.as_ptr()) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// The largest file handle the kernel makes (`MAX_HANDLE_SZ`).
+pub const MAX_HANDLE_BYTES: usize = 128;
+
+/// `open_by_handle_at(2)` with `O_PATH`: the object a file handle (from fanotify) names, on
+/// the filesystem of `mount`. Needs `CAP_DAC_READ_SEARCH`. Nothing is read or followed: an
+/// `O_PATH` descriptor only names the object.
+pub fn open_by_handle(mount: BorrowedFd<'_>, handle_type: i32, handle: &[u8]) -> io::Result<std::os::fd::OwnedFd> {
+    if handle.len() > MAX_HANDLE_BYTES {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    // `struct file_handle`: u32 handle_bytes, i32 handle_type, then the bytes; built in u32s
+    // so that it is aligned as the struct is.
+    let mut buf: Vec<u32> = Vec::with_capacity(2 + handle.len().div_ceil(4));
+    buf.push(handle.len() as u32);
+    buf.push(handle_type as u32);
+    for chunk in handle.chunks(4) {
+        let mut b = [0u8; 4];
+        b[..chunk.len()].copy_from_slice(chunk);
+        buf.push(u32::from_ne_bytes(b));
+    }
+    // SAFETY: `buf` is a complete, 4-aligned `struct file_handle` whose `handle_bytes` bytes
+    // follow its header within the allocation; it lives for the call.
+    let fd =
+        unsafe { libc::open_by_handle_at(mount.as_raw_fd(), buf.as_mut_ptr().cast(), libc::O_PATH | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// The filesystem id of `path` (`statfs(2)`'s `f_fsid`), as fanotify reports it in events.
+pub fn filesystem_id(path: &std::path::Path) -> io::Result<[i32; 2]> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is NUL-terminated; `st` is writable and the kernel fills it on success.
+    if unsafe { libc::statfs(c.as_ptr(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statfs succeeded, so `st` is initialised.
+    let st = unsafe { st.assume_init() };
+    // SAFETY: `fsid_t` is a `repr(C)` struct of two `c_int` (its field is private in libc).
+    Ok(unsafe { std::mem::transmute::<libc::fsid_t, [i32; 2]>(st.f_fsid) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -316,6 +316,15 @@ fn run(cli: &Cli, config: Config) -> Result<(), Failure> {
     };
     let service = Service::new(settings, states, &users, syncer, directory).context("loading the saved records")?;
 
+    // The watcher starts before any socket exists: if it can't, nothing is left behind.
+    let feed = if rc.watch {
+        Some(
+            mailreplica::replicator::watcher::Feed::start(&roots, rc.watch_with)
+                .context("starting the Maildir watcher")?,
+        )
+    } else {
+        None
+    };
     // The feeds. Sockets are made last, so that nobody talks to a service not ready.
     let mut made: Vec<std::path::PathBuf> = Vec::new();
     if let Some(parent) = rc.admin_socket.parent() {
@@ -343,17 +352,14 @@ fn run(cli: &Cli, config: Config) -> Result<(), Failure> {
             }
         })?;
     }
-    if rc.watch {
+    if let Some(feed) = feed {
         let s = Arc::clone(&service);
-        spawn("watcher", move || match mailreplica::replicator::watcher::Watcher::new(&roots) {
-            Ok(w) => {
-                if let Err(e) = w.run(|u, p| {
-                    s.notify(u, p);
-                }) {
-                    tracing::error!("the Maildir watcher stopped: {e}");
-                }
+        spawn("watcher", move || {
+            if let Err(e) = feed.run(|u, p| {
+                s.notify(u, p);
+            }) {
+                tracing::error!("the Maildir watcher stopped: {e}");
             }
-            Err(e) => tracing::error!("starting the Maildir watcher: {e}"),
         })?;
     }
     spawn("signals", {

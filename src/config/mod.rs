@@ -71,8 +71,10 @@ pub struct ReplicatorConfig {
     pub plugin_socket: Option<PathBuf>,
     /// `plugin_mode`: the mode of those two (mail processes of every user write to them).
     pub plugin_mode: u32,
-    /// `watch`: watch every user's Maildir with inotify (the change feed without a plugin).
+    /// `watch`: watch every user's Maildir (the change feed without a plugin).
     pub watch: bool,
+    /// `watch_with`: `auto` (fanotify where possible, else inotify), `fanotify` or `inotify`.
+    pub watch_with: crate::replicator::watcher::Method,
     /// `doveadm`: the command line (words) that syncs users whose mail is in a format our
     /// store does not read (sdbox, mdbox, …): `doveadm sync` is run with it.
     pub doveadm: Vec<String>,
@@ -94,6 +96,7 @@ impl Default for ReplicatorConfig {
             plugin_socket: None,
             plugin_mode: 0o666,
             watch: false,
+            watch_with: crate::replicator::watcher::Method::Auto,
             doveadm: vec!["doveadm".to_owned()],
         }
     }
@@ -462,6 +465,11 @@ impl Config {
             "plugin_socket" => r.plugin_socket = Some(raw.path()?),
             "plugin_mode" => r.plugin_mode = raw.mode()?,
             "watch" => r.watch = raw.bool()?,
+            "watch_with" => {
+                let v = raw.string()?;
+                r.watch_with = crate::replicator::watcher::Method::parse(&v)
+                    .ok_or_else(|| format!("{v:?} is not auto, fanotify or inotify"))?;
+            }
             "doveadm" => {
                 let words: Vec<String> = raw.string()?.split_whitespace().map(str::to_owned).collect();
                 if words.is_empty() {

@@ -36,7 +36,7 @@ pub const MAX_DEPTH: usize = 32;
 
 /// What a watched directory is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     /// A mailbox directory (or the root): subdirectories, `subscriptions`.
     Mailbox,
     /// `new/`: mail arrives here.
@@ -79,7 +79,7 @@ fn mask(depth: usize) -> AddWatchFlags {
 }
 
 /// Files whose changes are not changes of mail: indexes, uidlists, keyword files, locks.
-fn ignored(name: &OsStr) -> bool {
+pub(super) fn ignored(name: &OsStr) -> bool {
     let n = name.as_encoded_bytes();
     n.starts_with(b"dovecot")
         || n.starts_with(b"mailreplica-index")
@@ -87,6 +87,75 @@ fn ignored(name: &OsStr) -> bool {
         || n == b"maildirfolder"
         || n.starts_with(b".dovecot")
         || n.starts_with(b".mailreplica")
+}
+
+/// How the Maildirs are watched (`[replicator] watch_with`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Method {
+    /// fanotify where this process may use it, inotify otherwise.
+    #[default]
+    Auto,
+    /// fanotify only (fails to start without it).
+    Fanotify,
+    /// inotify only.
+    Inotify,
+}
+
+impl Method {
+    /// Parses `auto`, `fanotify` or `inotify`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            "fanotify" => Some(Self::Fanotify),
+            "inotify" => Some(Self::Inotify),
+            _ => None,
+        }
+    }
+}
+
+/// A started watcher, of either kind.
+pub enum Feed {
+    /// inotify watches on every directory.
+    Inotify(Watcher),
+    /// fanotify marks on the filesystems.
+    Fanotify(super::fanotify::FsWatcher),
+}
+
+impl From<Watcher> for Feed {
+    fn from(w: Watcher) -> Self {
+        Self::Inotify(w)
+    }
+}
+
+impl From<super::fanotify::FsWatcher> for Feed {
+    fn from(w: super::fanotify::FsWatcher) -> Self {
+        Self::Fanotify(w)
+    }
+}
+
+impl Feed {
+    /// Starts watching every user's Maildir roots with `method`.
+    pub fn start(roots: &[(String, Vec<PathBuf>)], method: Method) -> io::Result<Self> {
+        Ok(match method {
+            Method::Inotify => Self::Inotify(Watcher::new(roots)?),
+            Method::Fanotify => Self::Fanotify(super::fanotify::FsWatcher::new(roots)?),
+            Method::Auto => match super::fanotify::FsWatcher::new(roots) {
+                Ok(w) => Self::Fanotify(w),
+                Err(e) => {
+                    tracing::info!("fanotify is not available here ({e}); watching with inotify");
+                    Self::Inotify(Watcher::new(roots)?)
+                }
+            },
+        })
+    }
+
+    /// Passes each change to `notify` (a user and a priority), for ever, in the calling thread.
+    pub fn run(self, notify: impl Fn(&str, Priority)) -> io::Result<()> {
+        match self {
+            Self::Inotify(w) => w.run(notify),
+            Self::Fanotify(w) => w.run(notify),
+        }
+    }
 }
 
 impl Watcher {
@@ -182,7 +251,7 @@ impl Watcher {
 
     /// Reads events for ever, passing each change to `notify` (a user and a priority).
     pub fn run(mut self, notify: impl Fn(&str, Priority)) -> io::Result<()> {
-        tracing::info!("watching {} directories of {} users", self.watched.len(), self.users.len());
+        tracing::info!("watching {} directories of {} users with inotify", self.watched.len(), self.users.len());
         loop {
             let events = match self.inotify.read_events() {
                 Ok(e) => e,
@@ -276,10 +345,11 @@ mod tests {
     }
 
     impl Probe {
-        fn start(w: Watcher) -> Self {
+        fn start(w: impl Into<Feed>) -> Self {
+            let feed: Feed = w.into();
             let seen = Arc::new(Mutex::new(Vec::new()));
             let s = Arc::clone(&seen);
-            std::thread::spawn(move || w.run(move |u, p| s.lock().unwrap().push((u.to_owned(), p))));
+            std::thread::spawn(move || feed.run(move |u, p| s.lock().unwrap().push((u.to_owned(), p))));
             Self { seen }
         }
 
@@ -307,20 +377,39 @@ mod tests {
         }
     }
 
-    #[test]
-    fn maildir_changes_map_to_users_and_priorities_and_index_files_do_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("alice"), dir.path().join("bob"));
+    /// Two users' Maildirs under `dir`, one with a symlink out of its tree.
+    fn two_users(dir: &Path) -> (PathBuf, PathBuf, PathBuf, Vec<(String, Vec<PathBuf>)>) {
+        let (a, b) = (dir.join("alice"), dir.join("bob"));
         maildir(&a, &["Work"]);
         maildir(&b, &[]);
         // A symlink out of the tree is not followed.
-        let outside = dir.path().join("outside");
+        let outside = dir.join("outside");
         fs::create_dir(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, a.join(".Evil")).unwrap();
-        let w = Watcher::new(&[("alice".into(), vec![a.clone()]), ("bob".into(), vec![b.clone()])]).unwrap();
-        assert_eq!(w.watches(), 2 * 3 + 3, "the directory, new and cur of each mailbox; no tmp, no symlink");
-        let p = Probe::start(w);
+        let roots = vec![("alice".into(), vec![a.clone()]), ("bob".into(), vec![b.clone()])];
+        (a, b, outside, roots)
+    }
 
+    #[test]
+    fn maildir_changes_map_to_users_and_priorities_and_index_files_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, outside, roots) = two_users(dir.path());
+        let w = Watcher::new(&roots).unwrap();
+        assert_eq!(w.watches(), 2 * 3 + 3, "the directory, new and cur of each mailbox; no tmp, no symlink");
+        changes_map_to_users(Probe::start(w), &a, &b, &outside);
+    }
+
+    #[test]
+    fn with_fanotify_too() {
+        assert!(nix::unistd::geteuid().is_root(), "fanotify filesystem marks need root: run the tests as root");
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, outside, roots) = two_users(dir.path());
+        let w = crate::replicator::fanotify::FsWatcher::new(&roots).expect("fanotify as root");
+        assert_eq!(w.filesystems(), 1);
+        changes_map_to_users(Probe::start(w), &a, &b, &outside);
+    }
+
+    fn changes_map_to_users(p: Probe, a: &Path, b: &Path, outside: &Path) {
         // A delivery: written in tmp/, renamed into new/.
         fs::write(a.join("tmp/1.host"), "mail").unwrap();
         fs::rename(a.join("tmp/1.host"), a.join("new/1.host")).unwrap();
@@ -363,10 +452,23 @@ mod tests {
         fs::create_dir(dir.path().join("carol")).unwrap();
         let w = Watcher::new(&[("carol".into(), vec![root.clone()])]).unwrap();
         assert_eq!(w.watches(), 1, "the home, for the Maildir to come");
-        let p = Probe::start(w);
-        fs::write(dir.path().join("carol/.profile"), "x").unwrap();
+        appears_later(Probe::start(w), dir.path(), &root);
+    }
+
+    #[test]
+    fn a_maildir_that_appears_later_is_seen_with_fanotify_too() {
+        assert!(nix::unistd::geteuid().is_root(), "fanotify filesystem marks need root: run the tests as root");
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("carol/Maildir");
+        fs::create_dir(dir.path().join("carol")).unwrap();
+        let w = crate::replicator::fanotify::FsWatcher::new(&[("carol".into(), vec![root.clone()])]).unwrap();
+        appears_later(Probe::start(w), dir.path(), &root);
+    }
+
+    fn appears_later(p: Probe, dir: &Path, root: &Path) {
+        fs::write(dir.join("carol/.profile"), "x").unwrap();
         p.expect(&[]);
-        maildir(&root, &[]);
+        maildir(root, &[]);
         p.expect(&[("carol", Priority::High)]);
         fs::write(root.join("tmp/1.host"), "mail").unwrap();
         fs::rename(root.join("tmp/1.host"), root.join("new/1.host")).unwrap();

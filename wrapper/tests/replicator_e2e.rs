@@ -118,6 +118,9 @@ impl World {
                 "plugin_fifo = \"{run}/replication-notify-fifo\"\nplugin_socket = \"{run}/replication-notify\"\n",
                 run = run.display()
             )
+        } else if kind == Users::Dovecot24 {
+            // (the other watcher test runs fanotify, which `auto` picks as root)
+            "watch = true\nwatch_with = \"inotify\"\n".to_owned()
         } else {
             "watch = true\n".to_owned()
         };
@@ -498,7 +501,7 @@ fn without_a_plugin_the_watcher_feeds_the_replicator() {
     let (alice, bob) = (alice.as_str(), bob.as_str());
     w.wait_for("both first syncs", || [alice, bob].iter().all(|u| w.field(u, "last_success") != "0"));
     let log_has = |needle: &str| w.log().contains(needle);
-    assert!(log_has("watching"), "{}", w.log());
+    assert!(log_has("Maildirs with fanotify"), "as root, `auto` watches with fanotify: {}", w.log());
     // Dovecot without any plugin: a delivery, an IMAP session, doveadm save.
     w.deliver(alice, "to alice");
     w.deliver(bob, "to bob");
@@ -577,6 +580,7 @@ fn dovecot_2_4_on_the_source_without_a_plugin_is_followed_by_the_watcher() {
     let (alice, bob) = (w.users[0].name.clone(), w.users[1].name.clone());
     let (alice, bob) = (alice.as_str(), bob.as_str());
     w.wait_for("both first syncs", || [alice, bob].iter().all(|u| w.field(u, "last_success") != "0"));
+    assert!(w.log().contains("users with inotify"), "{}", w.log());
     // Dovecot 2.4.1's LDA, IMAP and doveadm write the source; the watcher sees each change.
     for i in 0..3 {
         w.deliver(alice, &format!("alice {i}"));
