@@ -108,7 +108,7 @@ impl Userdb {
                     extra: Vec::new(),
                 }))
             }
-            Self::PasswdFile(p) => Ok(PasswdFile::read(p)?.lookup(name).cloned()),
+            Self::PasswdFile(p) => Ok(PasswdFile::cached(p)?.lookup(name).cloned()),
         }
     }
 
@@ -126,7 +126,7 @@ impl Userdb {
                     extra: Vec::new(),
                 })
                 .collect()),
-            Self::PasswdFile(p) => Ok(PasswdFile::read(p)?.users),
+            Self::PasswdFile(p) => Ok(PasswdFile::cached(p)?.users.clone()),
         }
     }
 }
