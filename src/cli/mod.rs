@@ -11,6 +11,7 @@
 mod output;
 
 mod fleet;
+mod generate;
 mod mail;
 mod relay;
 mod replicator;
@@ -52,10 +53,13 @@ pub(crate) mod exit {
     pub(crate) const NOPERM: u8 = 77;
 }
 
+/// What `--version` says: ours, and the dsync protocol version spoken.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (dsync protocol 3.5: Dovecot 2.3 and 2.4)");
+
 /// `mailreplica`: replicate Dovecot Maildirs with Dovecot's dsync protocol, and inspect them
 /// with doveadm's mail commands.
 #[derive(Debug, Parser)]
-#[command(name = "mailreplica", version, about, max_term_width = 100)]
+#[command(name = "mailreplica", version = VERSION, about, max_term_width = 100)]
 pub(crate) struct Cli {
     /// Configuration file [default: /etc/mailreplica/mailreplica.toml if it exists].
     #[arg(short = 'c', long = "config", global = true, value_name = "FILE")]
@@ -171,6 +175,12 @@ pub(crate) enum Command {
         /// Users (a mask with `*` or `?` matches the users the replicator knows).
         #[arg(required = true, value_name = "USER")]
         names: Vec<String>,
+    },
+    /// Print a man page or a shell completion script on stdout (for packagers).
+    Generate {
+        /// Which one.
+        #[arg(value_enum)]
+        what: generate::What,
     },
     /// Internal: one user's dsync stream between stdin/stdout and a remote: destination (the
     /// command the replicator gives `doveadm sync` for users in another mail format).
@@ -524,6 +534,9 @@ fn init_logging(cli: &Cli) {
 /// Runs a parsed command line.
 pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
     init_logging(&cli);
+    if let Command::Generate { what } = &cli.command {
+        return generate::generate(*what);
+    }
     let sync_args = match &cli.command {
         Command::Backup(a) => Some((sync::Mode::Backup, a)),
         Command::Sync(a) => Some((sync::Mode::Sync, a)),
@@ -585,7 +598,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         Command::Backup(a) => sync::run(&session, sync::Mode::Backup, a, remote),
         Command::Sync(a) => sync::run(&session, sync::Mode::Sync, a, remote),
         Command::DsyncServer { timeout, extra, .. } => dsync_server(&session, *timeout, extra),
-        Command::Replicator { .. } | Command::Replicate { .. } | Command::Relay { .. } => {
+        Command::Replicator { .. } | Command::Replicate { .. } | Command::Relay { .. } | Command::Generate { .. } => {
             Err(Failure::new(exit::USAGE, anyhow!("replicator, replicate and relay take no -u")))
         }
     }

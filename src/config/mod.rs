@@ -5,6 +5,7 @@
 //! table of known settings, and an unknown key or a bad value is an error that names the file,
 //! the line and the key (or the `-o` argument).
 
+mod keys;
 mod mail_location;
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use keys::{KEYS, KeyDoc};
 pub use mail_location::{MailLocation, MailLocationError, expand as expand_path};
 
 use crate::userdb::Userdb;
