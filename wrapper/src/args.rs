@@ -97,6 +97,42 @@ pub(crate) fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Args, St
 mod tests {
     use super::*;
 
+    /// The man page (wrapper/doc/mailreplica-wrapper.8) describes every option this parser
+    /// takes and every key of the policy, so that it cannot drift from them.
+    #[test]
+    fn the_man_page_names_every_option_and_policy_key() {
+        let page = include_str!("../doc/mailreplica-wrapper.8").replace("\\-", "-");
+        let args = include_str!("args.rs");
+        // The parser, not these tests (which try options it refuses).
+        let args = &args[..args.find("#[cfg(test)]").unwrap()];
+        let options: Vec<&str> = args
+            .split('"')
+            .filter(|w| {
+                w.starts_with("--") && w.len() > 2 && w[2..].bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+            })
+            .collect();
+        assert!(options.len() >= 4, "{options:?}");
+        for o in options {
+            assert!(page.contains(o), "the man page does not describe {o}");
+        }
+        let policy = include_str!("policy.rs");
+        let raw = &policy[policy.find("struct RawPolicy").unwrap()..policy.find("/// What one peer may do").unwrap()];
+        let mut keys = 0;
+        for line in raw.lines() {
+            let t = line.trim();
+            if let Some((field, _)) = t.split_once(':')
+                && !t.starts_with("//")
+                && !t.starts_with('#')
+                && field.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                && field != "peer"
+            {
+                keys += 1;
+                assert!(page.contains(field), "the man page does not describe the policy key {field}");
+            }
+        }
+        assert!(keys >= 10, "{keys} keys found");
+    }
+
     fn p(a: &[&str]) -> Result<Args, String> {
         parse(a.iter().map(OsString::from))
     }
