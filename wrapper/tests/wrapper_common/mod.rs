@@ -1011,14 +1011,17 @@ pub struct Dovecot {
     prefix: Vec<String>,
 }
 
-/// The Debian 13 root with Dovecot 2.4 (`tests/lab/trixie-root.sh DIR` makes it; `tests/run`
-/// runs that): `MAILREPLICA_TEST_TRIXIE_ROOT`, by default /var/lib/mailreplica-tests/trixie.
+/// The Debian 13 root with Dovecot 2.4 (`tests/lab/debian-root.sh trixie DIR …` makes it;
+/// `tests/run` runs that): `$MAILREPLICA_TEST_ROOTS/trixie`, by default
+/// /var/lib/mailreplica-tests/trixie.
 pub fn trixie_root() -> PathBuf {
-    let root = std::env::var_os("MAILREPLICA_TEST_TRIXIE_ROOT")
-        .map_or_else(|| PathBuf::from("/var/lib/mailreplica-tests/trixie"), PathBuf::from);
+    let roots = std::env::var_os("MAILREPLICA_TEST_ROOTS")
+        .map_or_else(|| PathBuf::from("/var/lib/mailreplica-tests"), PathBuf::from);
+    let root = roots.join("trixie");
     assert!(
         root.join("usr/sbin/dovecot").exists(),
-        "no Debian 13 root with Dovecot 2.4 at {r}: make it with `tests/lab/trixie-root.sh {r}` (tests/run does)",
+        "no Debian 13 root with Dovecot 2.4 at {r}: make it with \
+         `tests/lab/debian-root.sh trixie {r} dovecot-core,dovecot-imapd` (tests/run does)",
         r = root.display()
     );
     root
