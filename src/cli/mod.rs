@@ -10,6 +10,7 @@
 
 mod output;
 
+mod doctor;
 mod fleet;
 mod generate;
 mod mail;
@@ -176,6 +177,9 @@ pub(crate) enum Command {
         #[arg(required = true, value_name = "USER")]
         names: Vec<String>,
     },
+    /// Check this host's deployment (sending and receiving side) and say what is wrong;
+    /// exit 0 only when every check holds.
+    Doctor(doctor::DoctorArgs),
     /// Print a man page or a shell completion script on stdout (for packagers).
     Generate {
         /// Which one.
@@ -537,6 +541,12 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
     if let Command::Generate { what } = &cli.command {
         return generate::generate(*what);
     }
+    if let Command::Doctor(a) = &cli.command {
+        if !cli.users.is_empty() {
+            return Err(Failure::new(exit::USAGE, anyhow!("doctor takes no -u (see --sample-user)")));
+        }
+        return doctor::doctor(cli.config.as_deref(), &cli.overrides, a);
+    }
     let sync_args = match &cli.command {
         Command::Backup(a) => Some((sync::Mode::Backup, a)),
         Command::Sync(a) => Some((sync::Mode::Sync, a)),
@@ -598,9 +608,11 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         Command::Backup(a) => sync::run(&session, sync::Mode::Backup, a, remote),
         Command::Sync(a) => sync::run(&session, sync::Mode::Sync, a, remote),
         Command::DsyncServer { timeout, extra, .. } => dsync_server(&session, *timeout, extra),
-        Command::Replicator { .. } | Command::Replicate { .. } | Command::Relay { .. } | Command::Generate { .. } => {
-            Err(Failure::new(exit::USAGE, anyhow!("replicator, replicate and relay take no -u")))
-        }
+        Command::Replicator { .. }
+        | Command::Replicate { .. }
+        | Command::Relay { .. }
+        | Command::Generate { .. }
+        | Command::Doctor(_) => Err(Failure::new(exit::USAGE, anyhow!("replicator, replicate and relay take no -u"))),
     }
 }
 
