@@ -6,12 +6,23 @@
 //! which `tests/run` makes) and lintian; the release binaries built first (`tests/run` builds
 //! the workspace before it tests). The root is entered per command with `unshare --mount` +
 //! `chroot`, and left as it was found: the package is purged even when the test fails.
+//!
+//! The README's deployment, followed literally in that root (one host playing both sides:
+//! the sender's mail in `~/Source`, the replica's in `~/Maildir`): install the package, edit
+//! the two files, add one `authorized_keys` line, `mailreplica doctor`, then replicate a user
+//! through the root's own OpenSSH sshd into `mailreplica-wrapper`.
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The tests share one root: one at a time.
+static ROOT: Mutex<()> = Mutex::new(());
 
 fn roots() -> PathBuf {
     std::env::var_os("MAILREPLICA_TEST_ROOTS")
@@ -30,9 +41,9 @@ impl Bookworm {
         assert!(nix::unistd::geteuid().is_root(), "the package test installs into a chroot: run it as root");
         let root = roots().join("bookworm");
         assert!(
-            root.join("usr/bin/man").exists(),
-            "no Debian 12 root with man-db at {r}: make it with `tests/lab/debian-root.sh bookworm {r} man-db` \
-             (tests/run does)",
+            root.join("usr/bin/man").exists() && root.join("usr/sbin/sshd").exists(),
+            "no Debian 12 root with man-db and openssh-server at {r}: make it with \
+             `tests/lab/debian-root.sh bookworm {r} man-db,openssh-server` (tests/run does)",
             r = root.display()
         );
         let debs = root.join(format!("tmp/mailreplica-package-test-{}", std::process::id()));
@@ -43,17 +54,37 @@ impl Bookworm {
         me
     }
 
-    /// Runs `args` inside the root, with a clean environment.
-    fn run(&self, args: &[&str]) -> Output {
+    /// `args` inside the root, with a clean environment (not started).
+    fn command(&self, args: &[&str]) -> Command {
         let script = "r=$1; shift; mount --rbind /dev \"$r/dev\" && mount -t proc proc \"$r/proc\" \
                       && exec chroot \"$r\" \"$@\"";
-        Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
             .arg(&self.root)
             .args(["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND=noninteractive", "LANG=C"])
-            .args(args)
-            .output()
-            .expect("run a command in the root")
+            .args(args);
+        c
+    }
+
+    /// Runs `args` inside the root.
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).stdin(Stdio::null()).output().expect("run a command in the root")
+    }
+
+    /// Runs `args` inside the root with `input` on its stdin; panics unless it succeeds.
+    #[track_caller]
+    fn ok_with_input(&self, args: &[&str], input: &[u8]) -> String {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run a command in the root");
+        child.stdin.take().expect("stdin").write_all(input).expect("write stdin");
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "{args:?} in the root: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     #[track_caller]
@@ -69,8 +100,10 @@ impl Bookworm {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The package purged, and what an admin (a test) added next to it removed.
     fn purge(&self) {
         let _ = self.run(&["dpkg", "--purge", "mailreplica"]);
+        let _ = self.run(&["rm", "-rf", "/etc/mailreplica"]);
     }
 
     fn path(&self, p: &str) -> PathBuf {
@@ -126,6 +159,7 @@ fn mode_owner(p: &Path) -> (u32, u32, u32) {
 
 #[test]
 fn the_package_installs_upgrades_and_purges_cleanly_and_lintian_finds_no_error() {
+    let _one = ROOT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let bw = Bookworm::open();
     let before = bw.files();
     let old = build("0.0.1~test1", &bw.debs);
@@ -204,4 +238,132 @@ fn the_package_installs_upgrades_and_purges_cleanly_and_lintian_finds_no_error()
         (vec![&"etc/mailreplica".to_owned(), &"etc/mailreplica/known_hosts".to_owned()], vec![]),
         "after the purge only the admin's own file (and its directory) is left"
     );
+}
+
+/// What the walk-through adds to the root besides the package, undone even on failure.
+struct Walk<'a> {
+    bw: &'a Bookworm,
+    user: &'static str,
+    sshd: Option<Child>,
+}
+
+impl Drop for Walk<'_> {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.sshd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = self.bw.run(&["userdel", "-r", self.user]);
+        let _ = self.bw.run(&["rm", "-rf", "/root/.ssh", "/etc/ssh/sshd_config.d/mailreplica-wrapper.conf"]);
+        self.bw.purge();
+        let _ = self.bw.run(&["rm", "-f", "/var/log/mailreplica-wrapper.log"]);
+    }
+}
+
+#[test]
+fn the_readme_deployment_from_the_package_replicates_a_user_through_sshd() {
+    let _one = ROOT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let bw = Bookworm::open();
+    let deb = build(env!("CARGO_PKG_VERSION"), &bw.debs);
+    let deb_inside = format!("/{}", deb.strip_prefix(&bw.root).expect("in the root").display());
+    let mut walk = Walk { bw: &bw, user: "mrwalk", sshd: None };
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+
+    // 1. Install the package.
+    bw.ok(&["apt-get", "install", "-y", &deb_inside]);
+    // A mail user with mail on the sending side (~/Source here).
+    bw.ok(&["useradd", "-m", "-s", "/usr/sbin/nologin", walk.user]);
+    for i in 0..3 {
+        let mail = format!("From: a@example.org\nSubject: walk {i}\n\nbody {i}\n");
+        bw.ok_with_input(
+            &["mailreplica", "-u", walk.user, "-o", "mail_location=maildir:~/Source", "save"],
+            mail.as_bytes(),
+        );
+    }
+    // 2. Edit the two files: the replica's policy, the sender's configuration.
+    let policy = bw.path("/etc/mailreplica/wrapper.toml");
+    let mut text = fs::read_to_string(&policy).expect("wrapper.toml");
+    text.push_str(&format!(
+        "\n[peer.mx1]\nallow_users = [\"{}\"]\nfirst_valid_uid = 1000\nlast_valid_uid = 60000\n\
+         mail_location = \"maildir:~/Maildir\"\n",
+        walk.user
+    ));
+    fs::write(&policy, text).expect("edit wrapper.toml");
+    bw.ok(&["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "root@mx1", "-f", "/etc/mailreplica/id_ed25519"]);
+    let host_key = fs::read_to_string(bw.path("/etc/ssh/ssh_host_ed25519_key.pub")).expect("the root's host key");
+    fs::write(bw.path("/etc/mailreplica/known_hosts"), format!("[127.0.0.1]:{port} {}", host_key.trim()) + "\n")
+        .expect("known_hosts");
+    let config = bw.path("/etc/mailreplica/mailreplica.toml");
+    let text = fs::read_to_string(&config).expect("mailreplica.toml");
+    let edited = text
+        .replace("mail_location = \"maildir:~/Maildir\"", "mail_location = \"maildir:~/Source\"")
+        .replace("# ssh_key = ", "ssh_key = ")
+        .replace("# ssh_known_hosts = ", "ssh_known_hosts = ")
+        .replace(
+            "# destination = \"remoteprefix:root@replica.example.org\"",
+            &format!("destination = \"remoteprefix:root@127.0.0.1:{port}\""),
+        );
+    assert_ne!(edited, text);
+    fs::write(&config, edited).expect("edit mailreplica.toml");
+    // 3. One authorized_keys line (and the sshd snippet from the examples).
+    let client_pub = fs::read_to_string(bw.path("/etc/mailreplica/id_ed25519.pub")).expect("pub");
+    fs::create_dir_all(bw.path("/root/.ssh")).expect(".ssh");
+    fs::set_permissions(bw.path("/root/.ssh"), fs::Permissions::from_mode(0o700)).expect("chmod");
+    fs::write(
+        bw.path("/root/.ssh/authorized_keys"),
+        format!("restrict,command=\"/usr/sbin/mailreplica-wrapper --peer mx1\" {}", client_pub.trim()) + "\n",
+    )
+    .expect("authorized_keys");
+    bw.ok(&[
+        "cp",
+        "/usr/share/doc/mailreplica/examples/sshd_config.mailreplica-wrapper.conf",
+        "/etc/ssh/sshd_config.d/mailreplica-wrapper.conf",
+    ]);
+    // The root's own sshd, on a free port of this host's loopback.
+    fs::create_dir_all(bw.path("/run/sshd")).expect("/run/sshd");
+    let log = bw.debs.join("sshd.log");
+    let logf = fs::File::create(&log).expect("sshd log");
+    let port_s = port.to_string();
+    walk.sshd = Some(
+        bw.command(&["/usr/sbin/sshd", "-D", "-e", "-p", &port_s, "-o", "ListenAddress=127.0.0.1"])
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("dup"))
+            .stderr(logf)
+            .spawn()
+            .expect("start sshd in the root"),
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    while !fs::read_to_string(&log).unwrap_or_default().contains("Server listening") {
+        assert!(Instant::now() < until, "sshd did not start: {}", fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // 4. doctor confirms it.
+    let out = bw.run(&["mailreplica", "doctor", "--sample-user", walk.user]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "doctor:\n{said}");
+    assert!(said.contains("all checks hold") && said.contains("peer mx1"), "{said}");
+
+    // 5. Replicate the user through sshd and the wrapper.
+    let dest = format!("remoteprefix:root@127.0.0.1:{port}");
+    bw.ok(&["mailreplica", "-u", walk.user, "backup", &dest]);
+    let list = |loc: &str| {
+        bw.ok(&[
+            "mailreplica",
+            "-u",
+            walk.user,
+            "-o",
+            &format!("mail_location=maildir:~/{loc}"),
+            "-f",
+            "tab",
+            "fetch",
+            "guid flags",
+            "all",
+        ])
+    };
+    let (source, replica) = (list("Source"), list("Maildir"));
+    assert_eq!(source.lines().count(), 4, "a header and three mails: {source}");
+    assert_eq!(replica, source, "the replica equals the source");
+    let auth = fs::read_to_string(bw.path("/var/log/mailreplica-wrapper.log")).unwrap_or_default();
+    assert!(auth.contains("peer=mx1") || auth.contains("mx1"), "the wrapper logged the session: {auth}");
 }

@@ -8,15 +8,17 @@
 #   tests/lab/debian-root.sh bookworm /var/lib/mailreplica-tests/bookworm man-db
 #
 # Nothing is mounted in it: the tests enter it with `unshare --mount` + `chroot`, so that
-# their mounts (/dev, /proc, the test's sandbox) vanish with their processes. A root that is
-# there already (its /etc/debian_version exists) is left as it is.
+# their mounts (/dev, /proc, the test's sandbox) vanish with their processes. A root made
+# already with the same suite and packages (recorded in its /.mailreplica-root) is left as it
+# is; one made with others is made again.
 set -euo pipefail
 suite=${1:?usage: debian-root.sh SUITE DIR [PACKAGES]}
 dir=${2:?usage: debian-root.sh SUITE DIR [PACKAGES]}
 packages=${3:-}
-if [ -f "$dir/etc/debian_version" ]; then
+if [ -f "$dir/etc/debian_version" ] && [ "$(cat "$dir/.mailreplica-root" 2>/dev/null)" = "$suite $packages" ]; then
   exit 0
 fi
+rm -rf "$dir"
 command -v debootstrap >/dev/null 2>&1 || {
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -qq debootstrap >/dev/null
@@ -40,6 +42,7 @@ debootstrap --variant=minbase ${packages:+--include=$packages} "$suite" "$tmp" "
 rm -f "$tmp.log"
 # A clean, offline root: no apt caches.
 rm -rf "$tmp"/var/cache/apt/archives/*.deb "$tmp"/var/lib/apt/lists/*
+echo "$suite $packages" > "$tmp/.mailreplica-root"
 mv "$tmp" "$dir"
 trap - EXIT
 echo "debian-root.sh: Debian $(cat "$dir/etc/debian_version") in $dir" >&2
