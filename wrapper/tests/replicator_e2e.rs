@@ -28,6 +28,18 @@ use std::time::{Duration, Instant};
 
 use wrapper_common::*;
 
+/// An IMAP session's changes: flags, a keyword, an expunge, a new mailbox with a
+/// subscription, a copy.
+const IMAP_CHANGES: &[&str] = &[
+    "SELECT INBOX",
+    "STORE 1 +FLAGS (\\Flagged $Label1)",
+    "STORE 2 +FLAGS (\\Seen \\Deleted)",
+    "EXPUNGE",
+    "CREATE Work",
+    "SUBSCRIBE Work",
+    "COPY 1 Work",
+];
+
 /// The longest any change may take to reach the replica here.
 const CONVERGE: Duration = Duration::from_secs(60);
 
@@ -387,18 +399,7 @@ fn the_replicator_follows_dovecots_plugin_through_sshd_and_the_wrapper_and_survi
     }
 
     // IMAP: flags, a keyword, an expunge, a new mailbox with a subscription, a copy.
-    w.imap(
-        alice,
-        &[
-            "SELECT INBOX",
-            "STORE 1 +FLAGS (\\Flagged $Label1)",
-            "STORE 2 +FLAGS (\\Seen \\Deleted)",
-            "EXPUNGE",
-            "CREATE Work",
-            "SUBSCRIBE Work",
-            "COPY 1 Work",
-        ],
-    );
+    w.imap(alice, IMAP_CHANGES);
     w.doveadm(&["mailbox", "create", "-u", bob, "Archive"]);
     w.doveadm(&["mailbox", "subscribe", "-u", bob, "Archive"]);
     w.doveadm(&["move", "-u", bob, "Archive", "mailbox", "INBOX", "uid", "1"]);
@@ -587,18 +588,7 @@ fn dovecot_2_4_on_the_source_without_a_plugin_is_followed_by_the_watcher() {
         w.deliver(bob, &format!("bob {i}"));
     }
     w.converged("Dovecot 2.4.1's deliveries");
-    w.imap(
-        alice,
-        &[
-            "SELECT INBOX",
-            "STORE 1 +FLAGS (\\Flagged $Label1)",
-            "STORE 2 +FLAGS (\\Seen \\Deleted)",
-            "EXPUNGE",
-            "CREATE Work",
-            "SUBSCRIBE Work",
-            "COPY 1 Work",
-        ],
-    );
+    w.imap(alice, IMAP_CHANGES);
     w.doveadm(&["mailbox", "create", "-u", bob, "Archive"]);
     w.doveadm(&["move", "-u", bob, "Archive", "mailbox", "INBOX", "uid", "1"]);
     let mut save = w.dovecot.doveadm();

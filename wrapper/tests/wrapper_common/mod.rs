@@ -1040,13 +1040,7 @@ impl Dovecot {
     /// As [`Dovecot::start_with`], with `userdb` the body of its userdb block.
     pub fn start_userdb(sb: &Sandbox, mail_location: &str, userdb: &str, extra: &str) -> Self {
         require_dovecot();
-        let dir = sb.dir.join("dovecot");
-        for d in [dir.clone(), dir.join("state")] {
-            fs::create_dir(&d).expect("mkdir dovecot dir");
-            fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
-        let conf = dir.join("dovecot.conf");
-        let log = dir.join("dovecot.log");
+        let (dir, conf, log) = Self::home(sb, "dovecot");
         fs::write(
             &conf,
             format!(
@@ -1077,16 +1071,31 @@ impl Dovecot {
             .spawn()
             .expect("start dovecot");
         let mut me = Self { conf, log, child: Some(child), prefix: Vec::new() };
-        let socket = dir.join("run").join("auth-userdb");
-        let until = Instant::now() + Duration::from_secs(20);
+        me.wait_started(&dir.join("run").join("auth-userdb"));
+        me
+    }
+
+    /// The instance's directory (with `state/`), its dovecot.conf and its log.
+    fn home(sb: &Sandbox, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = sb.dir.join(name);
+        for d in [dir.clone(), dir.join("state")] {
+            fs::create_dir(&d).expect("mkdir dovecot dir");
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        let (conf, log) = (dir.join("dovecot.conf"), dir.join("dovecot.log"));
+        (dir, conf, log)
+    }
+
+    /// Waits until `socket` exists (Dovecot's auth is up), or panics with the log.
+    fn wait_started(&mut self, socket: &Path) {
+        let until = Instant::now() + Duration::from_secs(30);
         while !socket.exists() {
-            if let Some(st) = me.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("dovecot exited ({st}) at start; log:\n{}", me.log_text());
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("dovecot exited ({st}) at start; log:\n{}", self.log_text());
             }
-            assert!(Instant::now() < until, "dovecot did not start; log:\n{}", me.log_text());
+            assert!(Instant::now() < until, "dovecot did not start; log:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
-        me
     }
 
     /// Dovecot 2.4.1 from the Debian 13 root, as a second host's Dovecot would be: Maildir at
@@ -1104,13 +1113,7 @@ impl Dovecot {
             .map(|s| (*s).to_owned())
             .chain([root.display().to_string(), BASE.to_owned()])
             .collect();
-        let dir = sb.dir.join("dovecot24");
-        for d in [dir.clone(), dir.join("state")] {
-            fs::create_dir(&d).expect("mkdir dovecot dir");
-            fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).expect("chmod");
-        }
-        let conf = dir.join("dovecot.conf");
-        let log = dir.join("dovecot.log");
+        let (dir, conf, log) = Self::home(sb, "dovecot24");
         fs::write(
             &conf,
             format!(
@@ -1141,15 +1144,7 @@ impl Dovecot {
             .spawn()
             .expect("start dovecot 2.4");
         me.child = Some(child);
-        let socket = dir.join("run").join("auth-userdb");
-        let until = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
-            if let Some(st) = me.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("dovecot 2.4 exited ({st}) at start; log:\n{}", me.log_text());
-            }
-            assert!(Instant::now() < until, "dovecot 2.4 did not start; log:\n{}", me.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        me.wait_started(&dir.join("run").join("auth-userdb"));
         me
     }
 
