@@ -158,6 +158,7 @@ impl Service {
         directory: Arc<dyn Directory>,
     ) -> Result<Arc<Self>, StateError> {
         let mut queue = Queue::new(settings.policy);
+        states.remove_leftovers()?;
         let mut saved: HashMap<String, UserRecord> = states.load()?.into_iter().map(|r| (r.user.clone(), r)).collect();
         for u in users {
             let rec = saved.remove(u).unwrap_or_else(|| UserRecord { user: u.clone(), ..Default::default() });

@@ -106,8 +106,29 @@ impl StateDir {
         }
     }
 
-    /// Every record; temporary files a crash left are removed. A record that cannot be read
-    /// is an error naming it (the admin decides; it is not silently dropped).
+    /// Removes the temporary files of saves whose writer died before the rename (a SIGKILL,
+    /// a power loss): the service's first step. A file whose writer still runs (this process,
+    /// or any live one, say a service started by mistake twice) is left alone: removing it
+    /// would make that save fail.
+    pub fn remove_leftovers(&self) -> Result<usize, StateError> {
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.users).map_err(io_err(&self.users))? {
+            let entry = entry.map_err(io_err(&self.users))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let Some((_, pid)) = name.rsplit_once(".tmp.") else { continue };
+            let alive =
+                pid.parse::<u32>().is_ok_and(|p| p == std::process::id() || Path::new(&format!("/proc/{p}")).exists());
+            if !alive && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Every record; temporary files are skipped (see [`StateDir::remove_leftovers`]). A
+    /// record that cannot be read is an error naming it (the admin decides; it is not
+    /// silently dropped).
     pub fn load(&self) -> Result<Vec<UserRecord>, StateError> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.users).map_err(io_err(&self.users))? {
@@ -115,8 +136,8 @@ impl StateDir {
             let path = entry.path();
             let name = entry.file_name();
             let name = name.to_string_lossy();
+            // A save in flight (or one whose writer died: see `remove_leftovers`).
             if name.contains(".tmp.") {
-                let _ = fs::remove_file(&path);
                 continue;
             }
             if !name.ends_with(".user") {
@@ -211,6 +232,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_the_leftovers_of_dead_writers_are_removed_and_loading_removes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = StateDir::open(dir.path()).unwrap();
+        let users = dir.path().join("users");
+        let dead = users.join("616c696365.user.tmp.99999999");
+        let mine = users.join(format!("626f62.user.tmp.{}", std::process::id()));
+        fs::write(&dead, "v1\thalf").unwrap();
+        fs::write(&mine, "v1\tbeing written").unwrap();
+        assert!(sd.load().unwrap().is_empty());
+        assert!(dead.exists() && mine.exists(), "loading (say, a poller) must not break a save in flight");
+        assert_eq!(sd.remove_leftovers().unwrap(), 1);
+        assert!(!dead.exists() && mine.exists());
+    }
+
+    #[test]
     fn dovecots_replicator_db_imports() {
         // The sample a clean stop of Dovecot 2.3.19's replicator wrote, and a 7-field line
         // of an older one, and a failed user whose state 2.3 threw away.
@@ -293,10 +329,12 @@ mod tests {
         let sd = StateDir::open(dir.path()).unwrap();
         let rec = UserRecord { user: "alice".into(), state: "good".into(), ..Default::default() };
         sd.save(&rec).unwrap();
-        // A crash between the write and the rename leaves a temporary file: ignored, removed.
-        let tmp = sd.path_of("alice").with_extension("tmp.4242");
+        // A crash between the write and the rename leaves a temporary file (its writer, here a
+        // pid above any pid_max, is gone): ignored, and removed at the next start.
+        let tmp = sd.path_of("alice").with_extension("tmp.99999999");
         fs::write(&tmp, "v1\tali").unwrap();
         assert_eq!(sd.load().unwrap(), [rec]);
+        assert_eq!(sd.remove_leftovers().unwrap(), 1);
         assert!(!tmp.exists());
         // A record damaged by other hands is an error naming the file, not a silent loss.
         fs::write(sd.path_of("alice"), "v1\talice\t0\n").unwrap();
