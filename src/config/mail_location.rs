@@ -96,8 +96,9 @@ impl MailLocation {
     ) -> Result<MaildirSettings, MailLocationError> {
         if let Some(d) = &self.foreign {
             return Err(MailLocationError(format!(
-                "the mail location is {d}:, and mailreplica's own store reads Maildir only \
-                 (the replicator hands {d} users to doveadm sync)"
+                "mail_location {d}:{}: mailreplica's own store reads maildir: locations only \
+                 (the replicator hands {d} users to doveadm sync)",
+                self.root
             )));
         }
         let root = expand(&self.root, user, home)?;
@@ -203,7 +204,7 @@ mod tests {
         let l = MailLocation::parse_any("sdbox:~/sdbox:INDEX=/var/idx/%u").unwrap();
         assert_eq!(l.foreign.as_deref(), Some("sdbox"));
         let e = l.expand("u", Path::new("/h"), "h", Duration::ZERO).unwrap_err();
-        assert!(e.0.contains("sdbox:") && e.0.contains("Maildir only"), "{e}");
+        assert!(e.0.contains("mail_location sdbox:~/sdbox") && e.0.contains("maildir: locations only"), "{e}");
         assert_eq!(MailLocation::parse_any("maildir:~/M").unwrap(), MailLocation::parse("maildir:~/M").unwrap());
         assert!(MailLocation::parse_any("maildir:~/M:CONTROL=/x").is_err());
         assert!(MailLocation::parse_any("/no/driver").is_err());
