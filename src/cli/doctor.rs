@@ -216,10 +216,7 @@ fn sending(r: &mut Report, config: &Config, destination: Option<&str>, a: &Docto
         match super::allowed_user(config, user) {
             Err(f) => r.bad(format!("user {user}: {}", error_text(&f.error))),
             Ok(entry) => {
-                let location = match entry.mail_location() {
-                    Some(l) => mailreplica::config::MailLocation::parse_any(l).map_err(|e| e.to_string()),
-                    None => Ok(config.mail_location.clone()),
-                };
+                let location = super::user_location(config, &entry).map_err(|f| error_text(&f.error));
                 let hostname = config.hostname.clone().unwrap_or_else(super::hostname);
                 match location.and_then(|l| {
                     if let Some(d) = &l.foreign {

@@ -198,6 +198,12 @@ fn users(cli: &Cli, config: &Config) -> Result<Vec<String>, Failure> {
     Ok(names)
 }
 
+/// A child's destination words: the socket on its stdin when the parent relays the stream
+/// (`relayed`), else the destination itself.
+fn destination_words(destination: &[String], relayed: bool) -> Vec<OsString> {
+    if relayed { vec![STDIN_SOCKET_DEST.into()] } else { destination.iter().map(OsString::from).collect() }
+}
+
 /// What every child's command line has in common.
 pub(crate) struct ChildTemplate {
     /// Global options: `-c`, `-o`, `-D`, `-v`.
@@ -255,8 +261,7 @@ impl ChildTemplate {
         opt("-l", a.lock_timeout.map(|v| v.to_string()));
         opt("-T", Some(a.timeout.to_string()));
         c.push("--".into());
-        let destination =
-            if relayed { vec![STDIN_SOCKET_DEST.into()] } else { a.destination.iter().map(OsString::from).collect() };
+        let destination = destination_words(&a.destination, relayed);
         // A small, fixed environment: the child needs no more of root's.
         let env = ["PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "MAILREPLICA_LOG", "RUST_BACKTRACE"]
             .iter()
@@ -271,11 +276,7 @@ impl ChildTemplate {
         Self {
             global: self.global.clone(),
             command: self.command.clone(),
-            destination: if relayed {
-                vec![STDIN_SOCKET_DEST.into()]
-            } else {
-                destination.iter().map(OsString::from).collect()
-            },
+            destination: destination_words(destination, relayed),
             env: self.env.clone(),
         }
     }

@@ -449,6 +449,19 @@ pub(crate) fn allowed_user(config: &Config, name: &str) -> Result<mailreplica::u
     Ok(entry)
 }
 
+/// `entry`'s mail location: the userdb's own `mail` field, else the configured one. Another
+/// format than Maildir is returned as foreign (see [`mailreplica::config::MailLocation::parse_any`]).
+pub(crate) fn user_location(
+    config: &Config,
+    entry: &mailreplica::userdb::UserEntry,
+) -> Result<mailreplica::config::MailLocation, Failure> {
+    match entry.mail_location() {
+        Some(l) => mailreplica::config::MailLocation::parse_any(l)
+            .map_err(|e| Failure::new(exit::CONFIG, anyhow!("user {}: the userdb's mail field: {e}", entry.name))),
+        None => Ok(config.mail_location.clone()),
+    }
+}
+
 impl Session {
     /// Becomes the mail user (dropping root for `-u USER`), with the configuration read.
     pub(crate) fn establish(cli: &Cli, config: Config) -> Result<Self, Failure> {

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::Subcommand;
-use mailreplica::config::{Config, MailLocation};
+use mailreplica::config::Config;
 use mailreplica::fleet::Counters;
 use mailreplica::replicator::protocol::{DOVEADM_CLIENT_HANDSHAKE, DOVEADM_SERVER_HANDSHAKE, valid_user};
 use mailreplica::replicator::queue::{Job, Policy, Priority};
@@ -194,9 +194,9 @@ impl Syncer for ChildSyncer {
             Ok(e) => e,
             Err(f) => return refused(f),
         };
-        let location = match entry.mail_location().map(MailLocation::parse_any).transpose() {
-            Ok(l) => l.unwrap_or_else(|| self.config.mail_location.clone()),
-            Err(e) => return refused(Failure::new(exit::CONFIG, anyhow!("the userdb's mail field: {e}"))),
+        let location = match super::user_location(&self.config, &entry) {
+            Ok(l) => l,
+            Err(f) => return refused(f),
         };
         let route = match self.route(entry.mail_replica().unwrap_or(&self.default_destination)) {
             Ok(r) => r,
@@ -403,21 +403,14 @@ fn run(cli: &Cli, config: Config) -> Result<(), Failure> {
 /// Whether `user`'s mail is in a format `doveadm sync` syncs for us.
 fn delegated(config: &Config, user: &str) -> bool {
     config.userdb.lookup(user).ok().flatten().map_or(config.mail_location.foreign.is_some(), |e| {
-        match e.mail_location().map(MailLocation::parse_any) {
-            Some(Ok(l)) => l.foreign.is_some(),
-            Some(Err(_)) => false,
-            None => config.mail_location.foreign.is_some(),
-        }
+        super::user_location(config, &e).is_ok_and(|l| l.foreign.is_some())
     })
 }
 
 /// The directories of `user`'s Maildir (its root, and INBOX if elsewhere), for the watcher.
 fn maildir_roots(config: &Config, user: &str) -> Option<Vec<std::path::PathBuf>> {
     let entry = super::allowed_user(config, user).ok()?;
-    let location = match entry.mail_location() {
-        Some(l) => MailLocation::parse(l).ok()?,
-        None => config.mail_location.clone(),
-    };
+    let location = super::user_location(config, &entry).ok()?;
     let hostname = config.hostname.clone().unwrap_or_else(super::hostname);
     let settings = location.expand(&entry.name, &entry.home, &hostname, config.lock_wait()).ok()?;
     Some(std::iter::once(settings.root).chain(settings.inbox).collect())

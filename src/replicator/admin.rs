@@ -13,7 +13,7 @@ use super::feeds::{Line, read_line, serve_connections};
 use super::protocol::{
     DOVEADM_CLIENT_HANDSHAKE, DOVEADM_SERVER_HANDSHAKE, MAX_NOTIFY_LINE, Request, is_mask, parse_request,
 };
-use super::queue::Priority;
+
 use super::service::{Service, now};
 use crate::tabescape::escape;
 use crate::userdb::wildcard_match;
@@ -134,18 +134,7 @@ fn answer(service: &Service, req: Request) -> String {
         }
         Request::Replicate { priority, full, mask } => {
             let users = if is_mask(&mask) { service.known_matching(&mask) } else { vec![mask] };
-            let mut n = 0;
-            for u in &users {
-                let done = if full {
-                    service.force_full(u, priority)
-                } else if priority == Priority::None {
-                    service.add(u)
-                } else {
-                    service.notify(u, priority)
-                };
-                n += usize::from(done);
-            }
-            format!("+{n}\n")
+            format!("+{}\n", service.replicate(&users, priority, full))
         }
         Request::Add(mask) => {
             if is_mask(&mask) {

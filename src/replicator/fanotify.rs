@@ -71,7 +71,10 @@ pub struct FsWatcher {
     /// The parent of each root → (the root's name, its user).
     parents: HashMap<PathBuf, Vec<(OsString, Arc<str>)>>,
     users: Vec<Arc<str>>,
-    cache: HashMap<([i32; 2], i32, Vec<u8>), Class>,
+    /// Each directory's class, by filesystem and handle type, then handle.
+    cache: HashMap<([i32; 2], i32), HashMap<Vec<u8>, Class>>,
+    /// Entries in `cache`.
+    cached: usize,
 }
 
 /// `path` with symlinks resolved as far as it exists; the rest appended as it is.
@@ -108,6 +111,7 @@ impl FsWatcher {
             parents: HashMap::new(),
             users: Vec::new(),
             cache: HashMap::new(),
+            cached: 0,
         };
         for (user, dirs) in roots {
             let user: Arc<str> = Arc::from(user.as_str());
@@ -215,6 +219,7 @@ impl FsWatcher {
                 if is_dir && ev.mask & libc::FAN_MOVED_TO != 0 {
                     // A directory moved in may have been cached as someone else's or nobody's.
                     self.cache.clear();
+                    self.cached = 0;
                 }
                 let p = if kind == Kind::New && arrived { Priority::High } else { Priority::Low };
                 raise(&user, p);
@@ -222,20 +227,22 @@ impl FsWatcher {
         }
     }
 
-    /// The class of the event's directory, from the cache or resolved now.
+    /// The class of the event's directory, from the cache (looked up without copying the
+    /// handle: every event on the filesystem comes here) or resolved now.
     fn class(&mut self, ev: &Event) -> Class {
-        let key = (ev.fsid, ev.handle_type, ev.handle.clone());
-        if let Some(c) = self.cache.get(&key) {
+        if let Some(c) = self.cache.get(&(ev.fsid, ev.handle_type)).and_then(|m| m.get(ev.handle.as_slice())) {
             return c.clone();
         }
         let class = match self.path_of(ev) {
             Some(dir) => self.classify(&dir),
             None => Class::Outside,
         };
-        if self.cache.len() >= MAX_CACHED {
+        if self.cached >= MAX_CACHED {
             self.cache.clear();
+            self.cached = 0;
         }
-        self.cache.insert(key, class.clone());
+        self.cache.entry((ev.fsid, ev.handle_type)).or_default().insert(ev.handle.clone(), class.clone());
+        self.cached += 1;
         class
     }
 
@@ -396,6 +403,7 @@ mod tests {
             parents: HashMap::from([(PathBuf::from("/home/alice"), vec![("Maildir".into(), Arc::clone(&alice))])]),
             users: vec![Arc::clone(&alice)],
             cache: HashMap::new(),
+            cached: 0,
         };
         let c = |p: &str| w.classify(Path::new(p));
         assert_eq!(c("/home/alice/Maildir"), Class::In(Arc::clone(&alice), Kind::Mailbox));

@@ -265,6 +265,40 @@ impl Service {
         true
     }
 
+    /// `replicate` for many users at once (a mask over a whole host): the queue is updated
+    /// under one lock and the changed records are saved as one batch, with one directory
+    /// fsync, so that the request is answered in time. How many users it applied to.
+    pub fn replicate(&self, users: &[String], priority: Priority, full: bool) -> usize {
+        let allowed: Vec<&String> = users.iter().filter(|u| self.directory.allowed(u)).collect();
+        let t = now();
+        let changed: Vec<&str> = {
+            let mut g = self.lock();
+            allowed
+                .iter()
+                .filter(|u| {
+                    if full {
+                        g.queue.force_full(u, priority, t);
+                        true
+                    } else if priority == Priority::None {
+                        let new = g.queue.get(u).is_none();
+                        if new {
+                            g.queue.add(UserRecord { user: (**u).clone(), ..Default::default() });
+                        }
+                        new
+                    } else {
+                        g.queue.notify(u, priority, t)
+                    }
+                })
+                .map(|u| u.as_str())
+                .collect()
+        };
+        if !changed.is_empty() {
+            self.persist_all(&changed);
+            self.wake.notify_all();
+        }
+        allowed.len()
+    }
+
     /// Forgets `user` and their record; false if unknown.
     pub fn remove(&self, user: &str) -> bool {
         let known = {
@@ -464,30 +498,47 @@ impl Service {
     }
 
     /// Saves `user`'s record as the queue holds it now (or removes it if the user is gone).
-    /// A running user's record keeps the timestamps from before the sync, so that it stays
-    /// owed if the service dies before the sync ends.
     fn persist(&self, user: &str) {
+        self.persist_all(&[user]);
+    }
+
+    /// Saves these users' records as the queue holds them now, the saved ones in one batch
+    /// (one directory fsync); a user the queue no longer has loses their record. A running
+    /// user's record keeps the timestamps from before the sync, so that it stays owed if the
+    /// service dies before the sync ends.
+    fn persist_all(&self, users: &[&str]) {
         let _serial = self.save_lock.lock().unwrap_or_else(PoisonError::into_inner);
-        let rec = {
+        let (records, gone): (Vec<UserRecord>, Vec<&str>) = {
             let g = self.lock();
-            g.queue.get(user).map(|(r, running)| {
-                let mut r = r.clone();
-                if running && let Some((_, before)) = g.running.get(user) {
-                    r.last_fast_sync = before.last_fast_sync;
-                    r.last_full_sync = before.last_full_sync;
-                    r.force_full = before.force_full;
-                    r.priority = r.priority.max(before.priority);
-                    r.last_update = r.last_update.max(before.last_update);
+            let mut records = Vec::with_capacity(users.len());
+            let mut gone = Vec::new();
+            for &user in users {
+                match g.queue.get(user) {
+                    Some((r, running)) => {
+                        let mut r = r.clone();
+                        if running && let Some((_, before)) = g.running.get(user) {
+                            r.last_fast_sync = before.last_fast_sync;
+                            r.last_full_sync = before.last_full_sync;
+                            r.force_full = before.force_full;
+                            r.priority = r.priority.max(before.priority);
+                            r.last_update = r.last_update.max(before.last_update);
+                        }
+                        records.push(r);
+                    }
+                    None => gone.push(user),
                 }
-                r
-            })
+            }
+            (records, gone)
         };
-        let res = match &rec {
-            Some(r) => self.states.save(r),
-            None => self.states.remove(user),
-        };
-        if let Err(e) = res {
-            tracing::error!(user = %user, "saving the replicator record: {e}");
+        if !records.is_empty()
+            && let Err(e) = self.states.save_all(&records)
+        {
+            tracing::error!("saving {} replicator records: {e}", records.len());
+        }
+        for user in gone {
+            if let Err(e) = self.states.remove(user) {
+                tracing::error!(user = %user, "removing the replicator record: {e}");
+            }
         }
     }
 }
