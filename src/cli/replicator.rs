@@ -26,7 +26,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use clap::Subcommand;
@@ -116,7 +116,34 @@ struct Route {
     template: ChildTemplate,
     shared: Option<Shared>,
     words: Vec<String>,
+    /// When a sync over it last ended (or it was made).
+    last_used: Mutex<Instant>,
 }
+
+/// A user's own destination (not the configured one) that no sync used for this long is
+/// forgotten and its SSH connection closed; the next sync there connects again.
+const ROUTE_IDLE: Duration = Duration::from_secs(600);
+
+/// The routes in `routes` that nobody holds (a running sync holds its route) and that were last
+/// used `idle` or longer before `now`, except `keep`.
+fn idle_routes<T>(
+    routes: &HashMap<String, Arc<T>>,
+    keep: &str,
+    now: Instant,
+    idle: Duration,
+    last_used: impl Fn(&T) -> Instant,
+) -> Vec<String> {
+    routes
+        .iter()
+        .filter(|(d, r)| {
+            d.as_str() != keep && Arc::strong_count(r) == 1 && now.saturating_duration_since(last_used(r)) >= idle
+        })
+        .map(|(d, _)| d.clone())
+        .collect()
+}
+
+/// How many malloc arenas the service's threads share (see [`mailreplica::sys::limit_malloc_arenas`]).
+const MALLOC_ARENAS: i32 = 2;
 
 /// At most this many distinct destinations (a userdb can name one per user; each holds an SSH
 /// connection).
@@ -138,6 +165,13 @@ struct ChildSyncer {
 impl ChildSyncer {
     fn route(&self, destination: &str) -> Result<Arc<Route>, Failure> {
         let mut routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        let last = |r: &Route| *r.last_used.lock().unwrap_or_else(PoisonError::into_inner);
+        for d in idle_routes(&routes, &self.default_destination, Instant::now(), ROUTE_IDLE, last) {
+            if let Some(conn) = routes.remove(&d).and_then(|r| r.shared.as_ref()?.conn.lock().ok()?.take()) {
+                tracing::info!("closing the idle SSH connection to {d}");
+                conn.close();
+            }
+        }
         if let Some(r) = routes.get(destination) {
             return Ok(Arc::clone(r));
         }
@@ -161,6 +195,7 @@ impl ChildSyncer {
                 host: r.host,
             }),
             words,
+            last_used: Mutex::new(Instant::now()),
         });
         if destination != self.default_destination {
             tracing::info!("a user's own destination (userdb mail_replica): {destination}");
@@ -234,6 +269,7 @@ impl Syncer for ChildSyncer {
                 self.wait,
             )
         };
+        *route.last_used.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
         outcome(&r, &job.state)
     }
 }
@@ -253,6 +289,9 @@ fn run(cli: &Cli, config: Config) -> Result<(), Failure> {
         signals.add(s);
     }
     signals.thread_block().context("blocking signals")?;
+    if !mailreplica::sys::limit_malloc_arenas(MALLOC_ARENAS) {
+        tracing::debug!("malloc did not take M_ARENA_MAX");
+    }
     mailreplica::sys::cloexec_from(3).context("marking inherited file descriptors close-on-exec")?;
 
     let directory = Arc::new(UserDirectory {
@@ -642,4 +681,25 @@ fn import(config: &Config, file: &Path) -> Result<(), Failure> {
         config.replicator.state_dir.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_unheld_routes_idle_long_enough_are_closed_and_never_the_configured_one() {
+        let t0 = Instant::now();
+        let at = |secs: u64| Arc::new(t0 + Duration::from_secs(secs));
+        let mut routes: HashMap<String, Arc<Instant>> = HashMap::new();
+        routes.insert("default".into(), at(0));
+        routes.insert("old".into(), at(0));
+        routes.insert("recent".into(), at(590));
+        routes.insert("busy".into(), at(0));
+        let _running_sync = Arc::clone(&routes["busy"]);
+        let now = t0 + Duration::from_secs(600);
+        let idle = idle_routes(&routes, "default", now, ROUTE_IDLE, |t| *t);
+        assert_eq!(idle, ["old"]);
+        assert!(idle_routes(&routes, "default", t0, ROUTE_IDLE, |t| *t).is_empty());
+    }
 }

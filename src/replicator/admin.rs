@@ -4,7 +4,7 @@
 //! way. The socket is root's (mode 0600 by default): whoever can write to it can make the
 //! replicator sync or forget any user.
 
-use std::io::{self, BufReader, Write};
+use std::io::{self, BufReader, BufWriter, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +27,7 @@ pub fn serve(listener: UnixListener, service: Arc<Service>) {
 
 fn connection(conn: UnixStream, service: &Service) -> io::Result<()> {
     conn.set_read_timeout(Some(IDLE))?;
-    let mut out = conn.try_clone()?;
+    let mut out = BufWriter::with_capacity(64 * 1024, conn.try_clone()?);
     let mut r = BufReader::new(conn);
     let mut buf = Vec::new();
     match read_line(&mut r, 256, &mut buf)? {
@@ -40,6 +40,7 @@ fn connection(conn: UnixStream, service: &Service) -> io::Result<()> {
         }
     }
     out.write_all(format!("{DOVEADM_SERVER_HANDSHAKE}\n").as_bytes())?;
+    out.flush()?;
     loop {
         let line = match read_line(&mut r, MAX_NOTIFY_LINE, &mut buf)? {
             Line::Eof => return Ok(()),
@@ -50,11 +51,12 @@ fn connection(conn: UnixStream, service: &Service) -> io::Result<()> {
             Line::Text(l) => l,
         };
         match parse_request(&line) {
-            Ok(req) => out.write_all(answer(service, req).as_bytes())?,
+            Ok(req) => answer(service, req, &mut out)?,
             Err(e) => {
                 // As Dovecot: an unknown command closes the connection (after saying why).
                 tracing::warn!("replicator-doveadm: {e}");
                 out.write_all(format!("-{e}\n").as_bytes())?;
+                out.flush()?;
                 return Ok(());
             }
         }
@@ -68,8 +70,8 @@ fn handshake_ok(line: &str) -> bool {
 }
 
 /// The reply to one request, in Dovecot's form.
-fn answer(service: &Service, req: Request) -> String {
-    match req {
+fn answer(service: &Service, req: Request, out: &mut impl Write) -> io::Result<()> {
+    let short: String = match req {
         Request::Status(None) => {
             let o = service.overview();
             format!(
@@ -81,11 +83,11 @@ fn answer(service: &Service, req: Request) -> String {
         }
         Request::Status(Some(mask)) => {
             let t = now();
-            let mut s = String::new();
             for u in service.users(&mask) {
                 let r = &u.record;
-                s.push_str(&format!(
-                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                writeln!(
+                    out,
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}",
                     escape(&r.user),
                     r.priority.name(),
                     r.last_fast_sync,
@@ -93,19 +95,18 @@ fn answer(service: &Service, req: Request) -> String {
                     u8::from(r.failures > 0),
                     r.last_success,
                     u.next_due.saturating_sub(t)
-                ));
+                )?;
             }
-            s.push('\n');
-            s
+            "\n".into()
         }
         Request::StatusDetail(mask) => {
             // Ours: every field, for `mailreplica replicator status`.
-            let mut s = String::new();
             for u in service.users(&mask) {
                 let r = &u.record;
                 let (err_at, err) = u.last_error.map_or((0, String::new()), |(t, e)| (t, e));
-                s.push_str(&format!(
-                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                writeln!(
+                    out,
+                    "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
                     escape(&r.user),
                     r.priority.name(),
                     u8::from(u.running),
@@ -114,23 +115,20 @@ fn answer(service: &Service, req: Request) -> String {
                     r.last_full_sync,
                     r.last_success,
                     r.failures,
-                    u8::from(!r.state.is_empty()),
+                    u8::from(u.has_state),
                     u8::from(r.force_full),
                     u.next_due,
                     err_at,
                     escape(&err)
-                ));
+                )?;
             }
-            s.push('\n');
-            s
+            "\n".into()
         }
         Request::StatusDsync => {
-            let mut s = String::new();
             for r in service.running() {
-                s.push_str(&format!("{}\t{}\tWaiting for dsync to finish\n", escape(&r.user), r.kind));
+                writeln!(out, "{}\t{}\tWaiting for dsync to finish", escape(&r.user), r.kind)?;
             }
-            s.push('\n');
-            s
+            "\n".into()
         }
         Request::Replicate { priority, full, mask } => {
             let users = if is_mask(&mask) { service.known_matching(&mask) } else { vec![mask] };
@@ -164,7 +162,9 @@ fn answer(service: &Service, req: Request) -> String {
             service.synced_elsewhere(&user, full);
             "+\n".into()
         }
-    }
+    };
+    out.write_all(short.as_bytes())?;
+    out.flush()
 }
 
 #[cfg(test)]

@@ -113,6 +113,24 @@ pub struct UserRecord {
     pub state: String,
 }
 
+impl UserRecord {
+    /// A copy without the state string, which can be long (one entry per mailbox) and which
+    /// status answers only report as present or not.
+    pub fn without_state(&self) -> Self {
+        Self {
+            user: self.user.clone(),
+            priority: self.priority,
+            last_update: self.last_update,
+            last_fast_sync: self.last_fast_sync,
+            last_full_sync: self.last_full_sync,
+            last_success: self.last_success,
+            failures: self.failures,
+            force_full: self.force_full,
+            state: String::new(),
+        }
+    }
+}
+
 /// A sync the caller should run now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Job {

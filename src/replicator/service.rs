@@ -87,8 +87,11 @@ pub struct RunningSync {
 /// One user's line of the status.
 #[derive(Debug, Clone)]
 pub struct UserStatus {
-    /// The record (as the queue holds it; a running user's shows the sync's start).
+    /// The record (as the queue holds it; a running user's shows the sync's start), without
+    /// its state string: a status of every user must not copy every state.
     pub record: UserRecord,
+    /// The record holds a state (the next sync can be incremental).
+    pub has_state: bool,
     /// A sync of theirs runs now.
     pub running: bool,
     /// When their next sync is due (Unix seconds; in the past: as soon as a slot is free).
@@ -377,7 +380,8 @@ impl Service {
             .records()
             .filter(|(r, _)| wildcard_match(mask, &r.user))
             .map(|(r, running)| UserStatus {
-                record: r.clone(),
+                record: r.without_state(),
+                has_state: !r.state.is_empty(),
                 running,
                 next_due: if running { 0 } else { g.queue.due_of(r) },
                 last_error: g.last_error.get(&r.user).cloned(),
@@ -732,6 +736,50 @@ mod tests {
         assert!(!saved_exists(dir.path(), "gone1"));
         s.stop();
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_request_over_many_users_is_saved_for_all_before_it_is_answered_and_each_gets_a_full_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = Arc::new(Fake::default());
+        let names: Vec<String> = (0..300).map(|i| format!("u{i:03}")).collect();
+        let users: Vec<&str> = names.iter().map(String::as_str).collect();
+        let s = service(dir.path(), &users, Arc::clone(&fake), 1);
+        let t = start(&s);
+        wait_for("the first syncs", || fake.calls.lock().unwrap().len() == 300 && s.running().is_empty());
+        let before = fake.calls.lock().unwrap().len();
+        // One sync at a time, and the first one held: the request's records must already be on
+        // disk for every user while the syncs have not run.
+        let (open, gate) = mpsc::channel();
+        *fake.gate.lock().unwrap() = Some(gate);
+        let mut asked = names.clone();
+        asked.push("xavier".into());
+        assert_eq!(s.replicate(&asked, Priority::Low, true), 300, "the refused user is not counted");
+        let on_disk = StateDir::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(on_disk.len(), 300);
+        for r in &on_disk {
+            let running = s.running().iter().any(|x| x.user == r.user);
+            assert!(
+                running || (r.force_full && r.priority == Priority::Low),
+                "{r:?} running: {:?}",
+                s.running().iter().map(|x| x.user.clone()).collect::<Vec<_>>()
+            );
+            assert!(r.state.starts_with('s'), "the state is kept for the full sync: {r:?}");
+        }
+        open.send(()).unwrap();
+        wait_for("a full sync of every user", || {
+            fake.calls.lock().unwrap().len() == before + 300 && s.running().is_empty()
+        });
+        let calls = fake.calls.lock().unwrap().clone();
+        let mut synced: Vec<&str> = calls[before..].iter().map(|j| j.user.as_str()).collect();
+        assert!(calls[before..].iter().all(|j| j.full), "every one full");
+        synced.sort_unstable();
+        assert_eq!(synced, users, "each user once");
+        s.stop();
+        t.join().unwrap();
+        assert!(
+            StateDir::open(dir.path()).unwrap().load().unwrap().iter().all(|r| !r.force_full && r.last_full_sync > 0)
+        );
     }
 
     fn saved_exists(dir: &std::path::Path, user: &str) -> bool {

@@ -10,7 +10,9 @@
 //! The format is Dovecot's `replicator.db` line with a version in front, so that the import
 //! and our own records share one parser: `v1`, then the user, priority, last update, last
 //! fast sync, last full sync, failed (0/1, or our count of failures), the dsync state and the
-//! last success, TAB-separated and tab-escaped as Dovecot escapes them.
+//! last success, TAB-separated and tab-escaped as Dovecot escapes them; then one field of ours,
+//! which `replicator.db` does not have: 1 when the next sync must be a full one (a
+//! `replicate --full` still owed survives a restart).
 
 use std::fs;
 use std::io::{self, Write};
@@ -152,7 +154,7 @@ impl StateDir {
             let rec = line
                 .strip_prefix("v1\t")
                 .ok_or_else(|| "not a v1 record".to_owned())
-                .and_then(parse_fields)
+                .and_then(|l| parse_fields(l, true))
                 .map_err(|why| StateError::Corrupt { path: path.clone(), line: 1, why })?;
             if self.path_of(&rec.user) != path {
                 return Err(StateError::Corrupt { path, line: 1, why: format!("holds user {:?}", rec.user) });
@@ -167,7 +169,7 @@ impl StateDir {
 /// Our record file's text for `rec`.
 fn encode(rec: &UserRecord) -> String {
     format!(
-        "v1\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+        "v1\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
         tab_escape(&rec.user),
         rec.priority as u32,
         rec.last_update,
@@ -175,7 +177,8 @@ fn encode(rec: &UserRecord) -> String {
         rec.last_full_sync,
         rec.failures,
         tab_escape(&rec.state),
-        rec.last_success
+        rec.last_success,
+        u8::from(rec.force_full)
     )
 }
 
@@ -192,7 +195,7 @@ pub fn import_replicator_db(path: &Path, text: &str) -> Result<Vec<UserRecord>, 
             return Err(StateError::Corrupt { path: path.to_owned(), line: i + 1, why: "too many users".into() });
         }
         let mut rec =
-            parse_fields(line).map_err(|why| StateError::Corrupt { path: path.to_owned(), line: i + 1, why })?;
+            parse_fields(line, false).map_err(|why| StateError::Corrupt { path: path.to_owned(), line: i + 1, why })?;
         // 2.3's sixth field is a flag (whose failed syncs also threw the state away).
         rec.failures = rec.failures.min(1);
         out.push(rec);
@@ -200,10 +203,13 @@ pub fn import_replicator_db(path: &Path, text: &str) -> Result<Vec<UserRecord>, 
     Ok(out)
 }
 
-fn parse_fields(line: &str) -> Result<UserRecord, String> {
+/// One record's fields; `ours` allows the ninth field (the owed full sync), which
+/// `replicator.db` never has.
+fn parse_fields(line: &str, ours: bool) -> Result<UserRecord, String> {
     let f: Vec<&str> = line.split('\t').collect();
-    if f.len() < 7 || f.len() > 8 {
-        return Err(format!("{} fields, 7 or 8 wanted", f.len()));
+    let most = if ours { 9 } else { 8 };
+    if f.len() < 7 || f.len() > most {
+        return Err(format!("{} fields, 7 to {most} wanted", f.len()));
     }
     let num = |i: usize, what: &str| f[i].parse::<u64>().map_err(|_| format!("{what} {:?} is not a number", f[i]));
     let user = tab_unescape(f[0])?;
@@ -221,9 +227,13 @@ fn parse_fields(line: &str) -> Result<UserRecord, String> {
         last_fast_sync: num(3, "last fast sync")?,
         last_full_sync: num(4, "last full sync")?,
         failures: u32::try_from(num(5, "failed")?).map_err(|_| format!("failed {:?} is too large", f[5]))?,
-        force_full: false,
+        force_full: match f.get(8) {
+            None | Some(&"0") => false,
+            Some(&"1") => true,
+            Some(x) => return Err(format!("full sync owed {x:?} is not 0 or 1")),
+        },
         state: tab_unescape(f[6])?,
-        last_success: if f.len() == 8 { num(7, "last successful sync")? } else { 0 },
+        last_success: if f.len() >= 8 { num(7, "last successful sync")? } else { 0 },
     })
 }
 
@@ -282,6 +292,7 @@ mod tests {
             ("u\t0\tx\t2\t3\t0\ts\n", "last update"),
             ("u\t0\t1\t2\t3\t0\ts\x01x\n", "bad escape"),
             ("\t0\t1\t2\t3\t0\ts\n", "empty user"),
+            ("u\t0\t1\t2\t3\t0\ts\t4\t1\n", "9 fields"),
         ] {
             let text = format!("ok\t0\t1\t2\t3\t0\ts\n{bad}");
             let e = import_replicator_db(Path::new("db"), &text).unwrap_err().to_string();
@@ -309,10 +320,17 @@ mod tests {
         sd.save(&UserRecord { user: "bob".into(), ..Default::default() }).unwrap();
         assert_eq!(sd.load().unwrap()[0], rec, "sorted by name: '.' before 'b'");
         rec.state = "newer".into();
+        rec.force_full = true;
         sd.save(&rec).unwrap();
         let all = sd.load().unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].state, "newer");
+        assert!(all[0].force_full, "an owed full sync is kept");
+        assert!(!all[1].force_full);
+        // A record written before the ninth field existed still loads.
+        fs::write(sd.path_of("carol"), "v1\tcarol\t0\t1\t2\t3\t0\ts\t4\n").unwrap();
+        assert!(sd.load().unwrap().iter().any(|r| r.user == "carol" && !r.force_full && r.last_success == 4));
+        fs::remove_file(sd.path_of("carol")).unwrap();
         // Every file is inside users/, named by hex: nothing of the name reaches a path.
         for e in fs::read_dir(dir.path().join("users")).unwrap() {
             let n = e.unwrap().file_name().into_string().unwrap();

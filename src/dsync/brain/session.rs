@@ -471,16 +471,18 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
     }
 
     /// Settings a peer may send that change nothing here: said once, so that an admin does
-    /// not believe they took effect.
+    /// not believe they took effect. `-N` and `-P` are satisfied as they are (one namespace;
+    /// nothing to purge in a Maildir), and Dovecot's replicator sends `-N` on every sync while
+    /// Dovecot logs a remote's stderr as errors: those two are only debug lines.
     fn warn_ignored_settings(&self, s: &Settings) {
         if s.purge_remote {
-            tracing::warn!("the master asked for a purge (-P): a Maildir has nothing to purge");
+            tracing::debug!("the master asked for a purge (-P): a Maildir has nothing to purge");
         }
         if let Some(b) = &s.virtual_all_box {
             tracing::warn!("the master named a virtual all-mails mailbox ({b}); it is not used here");
         }
         if s.sync_visible_namespaces {
-            tracing::warn!("the master asked for all visible namespaces (-N); only the default one exists here");
+            tracing::debug!("the master asked for all visible namespaces (-N): the default one is all there is");
         }
     }
 
