@@ -190,6 +190,8 @@ impl Exporter {
         drop(log);
         let uids: Vec<u32> = mb.uids().into_iter().map(Uid::get).collect();
         let snapshot_max = uids.last().copied().unwrap_or(0);
+        // Every mail above the last common UID is sent as a save, and only saves are indexed.
+        let saves = uids.len() - uids.partition_point(|&u| u <= last_common_uid);
         Ok(Self {
             opts,
             last_common_uid,
@@ -202,7 +204,7 @@ impl Exporter {
             kept: HashMap::new(),
             current: MailChange::new(ChangeType::Save, 0),
             exhausted: false,
-            sent: GuidIndex::new(),
+            sent: GuidIndex::with_capacity(saves),
             requested: Vec::new(),
             requested_uids: Vec::new(),
             relocated: HashMap::new(),

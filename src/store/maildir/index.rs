@@ -62,6 +62,7 @@ use std::path::{Path, PathBuf};
 
 use super::filename::KeywordMask;
 use super::fsutil::{self, Stamp};
+use super::names::{MAX_NAME, NameRef, Names};
 use crate::store::error::{IoContext, StoreResult};
 use crate::store::{Flags, Guid128, Keyword, Modseq};
 
@@ -74,22 +75,26 @@ const MAGIC: &str = "mailreplica-index 1";
 const LOG_KEEP_MIN: usize = 10_000;
 
 /// A mail as the index remembers it, and as an open mailbox keeps it in memory: one per mail,
-/// so it is kept small (48 bytes, plus its file name).
+/// so it is kept small (32 bytes; its file name, base and info, is in the mailbox's
+/// [`Names`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct IndexedMail {
     pub(crate) modseq: Modseq,
-    /// Full file name (base and info).
-    pub(crate) file: Box<str>,
     /// What few mails have, kept aside so that the others do not pay for it.
     rare: Option<Box<Rare>>,
+    /// The file name's place in [`Names`] (a [`NameRef`] in two fields, which packs tighter).
+    name_off: u32,
     pub(crate) uid: u32,
     /// Keyword letters and flags, as the file name says.
     pub(crate) kw: KeywordMask,
     pub(crate) flags: Flags,
+    name_len: u8,
     pub(crate) in_new: bool,
     /// Expunged: marked, and swept out of the vector in bulk.
     pub(crate) gone: bool,
 }
+
+const _: () = assert!(std::mem::size_of::<IndexedMail>() == 32);
 
 /// The parts of an [`IndexedMail`] that most mails lack.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -124,34 +129,74 @@ impl IndexedMail {
         rare.extras
     }
 
-    /// A mail with the flags its file name carries.
+    /// A mail with the flags its file name carries, the name stored in `names`.
     pub(crate) fn new(
         uid: u32,
         modseq: Modseq,
         in_new: bool,
         guid_ext: Option<Box<str>>,
-        file: Box<str>,
+        file: &str,
+        names: &mut Names,
+        extras: Box<[u16]>,
+    ) -> StoreResult<Self> {
+        let name = names.push(file)?;
+        Ok(Self::with_name(uid, modseq, in_new, guid_ext, name, names, extras))
+    }
+
+    /// A mail whose file name is already in `names`, at `name`.
+    pub(crate) fn with_name(
+        uid: u32,
+        modseq: Modseq,
+        in_new: bool,
+        guid_ext: Option<Box<str>>,
+        name: NameRef,
+        names: &Names,
         extras: Box<[u16]>,
     ) -> Self {
-        let (flags, kw) = super::filename::parse_flags(&file);
-        Self { modseq, file, rare: Rare::boxed(guid_ext, extras), uid, kw, flags, in_new, gone: false }
+        let (flags, kw) = super::filename::parse_flags(names.get(name));
+        Self {
+            modseq,
+            rare: Rare::boxed(guid_ext, extras),
+            name_off: name.off,
+            uid,
+            kw,
+            flags,
+            name_len: name.len,
+            in_new,
+            gone: false,
+        }
+    }
+
+    /// Where the file name is in [`Names`].
+    pub(crate) fn name(&self) -> NameRef {
+        NameRef { off: self.name_off, len: self.name_len }
+    }
+
+    /// Points the mail at another name (see [`Names::replace`], [`Names::compact`]).
+    pub(crate) fn set_name(&mut self, r: NameRef) {
+        (self.name_off, self.name_len) = (r.off, r.len);
+    }
+
+    /// The full file name (base and info).
+    pub(crate) fn file<'a>(&self, names: &'a Names) -> &'a str {
+        names.get(self.name())
     }
 
     /// This mail as a [`MailLine`].
-    pub(crate) fn line(&self) -> MailLine<'_> {
+    pub(crate) fn line<'a>(&'a self, names: &'a Names) -> MailLine<'a> {
         MailLine {
             uid: self.uid,
             modseq: self.modseq,
             in_new: self.in_new,
             guid_ext: self.guid_ext(),
-            file: &self.file,
+            file: self.file(names),
             extras: self.extras(),
         }
     }
 
     /// The mail's GUID: the uidlist's `G` extension, else the base file name.
-    pub(crate) fn guid(&self) -> &str {
-        self.guid_ext().unwrap_or_else(|| super::filename::base(&self.file))
+    pub(crate) fn guid<'a>(&'a self, names: &'a Names) -> &'a str {
+        self.guid_ext().unwrap_or_else(|| super::filename::base(self.file(names)))
     }
 }
 
@@ -172,16 +217,32 @@ pub(crate) struct KnownMail {
 }
 
 impl KnownMail {
-    pub(crate) fn of(mut m: IndexedMail) -> Self {
+    pub(crate) fn of(mut m: IndexedMail, names: &Names) -> Self {
+        let file = m.file(names);
         Self {
             modseq: m.modseq,
-            ident: mail_ident(&m.file, m.guid_ext()),
-            guid128: Guid128::from_mail_guid(m.guid()),
+            ident: mail_ident(file, m.guid_ext()),
+            guid128: Guid128::from_mail_guid(m.guid(names)),
             extras: m.replace_extras(Box::default()),
             uid: m.uid,
             kw: m.kw,
             flags: m.flags,
             gone: m.gone,
+        }
+    }
+
+    /// The same from an index line, without storing the name anywhere.
+    fn from_line(m: &MailLine<'_>) -> Self {
+        let (flags, kw) = super::filename::parse_flags(m.file);
+        Self {
+            modseq: m.modseq,
+            ident: mail_ident(m.file, m.guid_ext),
+            guid128: Guid128::from_mail_guid(m.guid_ext.unwrap_or_else(|| super::filename::base(m.file))),
+            extras: m.extras.into(),
+            uid: m.uid,
+            kw,
+            flags,
+            gone: false,
         }
     }
 }
@@ -271,6 +332,8 @@ pub(crate) struct Index {
     pub(crate) extra_keywords: Vec<Keyword>,
     /// Mails in ascending UID order (empty when `known` holds them).
     pub(crate) mails: Vec<IndexedMail>,
+    /// Their file names.
+    pub(crate) names: Names,
     /// The same in the form a merge needs, when the snapshot could not be trusted as it is
     /// (see [`Index::read`]).
     pub(crate) known: Vec<KnownMail>,
@@ -477,17 +540,20 @@ impl Parser {
                 let extras =
                     if with_extras { parse_ids(next()?, idx.extra_keywords.len()).ok_or(n)? } else { Box::default() };
                 let file = next()?;
-                if uid == 0 || file.is_empty() {
+                if uid == 0 || file.is_empty() || file.len() > MAX_NAME {
                     return Err(n);
                 }
-                let m = IndexedMail::new(uid, modseq, in_new, guid_ext, Box::from(file), extras);
                 if section == 1 {
                     return Err(n);
                 }
                 idx.appended += usize::from(section == 2);
                 if lean {
-                    self.gone -= usize::from(place(&mut idx.known, KnownMail::of(m), |k| (k.uid, k.gone), section, n)?);
+                    let line = MailLine { uid, modseq, in_new, guid_ext: guid_ext.as_deref(), file, extras: &extras };
+                    let k = KnownMail::from_line(&line);
+                    self.gone -= usize::from(place(&mut idx.known, k, |k| (k.uid, k.gone), section, n)?);
                 } else {
+                    let m =
+                        IndexedMail::new(uid, modseq, in_new, guid_ext, file, &mut idx.names, extras).map_err(|_| n)?;
                     self.gone -= usize::from(place(&mut idx.mails, m, |k| (k.uid, k.gone), section, n)?);
                 }
             }
@@ -884,9 +950,10 @@ mod tests {
             history_lost: false,
             peer_modseq: 9,
         };
+        let mut names = Names::default();
         let mails = [
-            IndexedMail::new(1, 2, false, None, "a,S=1:2,S".into(), Box::default()),
-            IndexedMail::new(2, 5, true, Some("g2".into()), "b".into(), Box::default()),
+            IndexedMail::new(1, 2, false, None, "a,S=1:2,S", &mut names, Box::default()).unwrap(),
+            IndexedMail::new(2, 5, true, Some("g2".into()), "b", &mut names, Box::default()).unwrap(),
         ];
         let mut log = VecDeque::from(vec![LogEntry::Flags {
             modseq: 2,
@@ -902,7 +969,7 @@ mod tests {
             &h,
             Some(&Stamps::default()),
             &[],
-            &mut mails.iter().map(IndexedMail::line),
+            &mut mails.iter().map(|m| m.line(&names)),
             &mut log,
             2,
         )
@@ -925,7 +992,7 @@ mod tests {
         let idx = Index::read(dir.path(), None).unwrap().unwrap();
         assert_eq!(idx.header.highest_modseq, 7);
         assert_eq!(idx.mails.iter().map(|m| m.uid).collect::<Vec<_>>(), [1, 3]);
-        assert_eq!(&*idx.mails[1].file, "c with space:2,");
+        assert_eq!(idx.mails[1].file(&idx.names), "c with space:2,");
         assert_eq!(idx.log.len(), 2);
         assert_eq!(idx.appended, 3);
         assert!(!idx.torn);
@@ -958,7 +1025,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kws: Vec<Keyword> = (0..3).map(|i| Keyword::new(&format!("extra{i}")).unwrap()).collect();
         let h = Header { uid_validity: 1, next_uid: 3, highest_modseq: 4, log_floor: 1, ..Header::default() };
-        let mails = [IndexedMail::new(2, 3, false, None, "x y:2,Sa".into(), vec![2, 0].into_boxed_slice())];
+        let mut names = Names::default();
+        let mails =
+            [IndexedMail::new(2, 3, false, None, "x y:2,Sa", &mut names, vec![2, 0].into_boxed_slice()).unwrap()];
         let mut log = VecDeque::from(vec![LogEntry::Flags {
             modseq: 3,
             uid: 2,
@@ -968,7 +1037,7 @@ mod tests {
             kw_removed: 0,
             extra: ExtraChange::boxed(vec![2, 0].into_boxed_slice(), Box::default()),
         }]);
-        write_snapshot(dir.path(), &h, None, &kws, &mut mails.iter().map(IndexedMail::line), &mut log, 1).unwrap();
+        write_snapshot(dir.path(), &h, None, &kws, &mut mails.iter().map(|m| m.line(&names)), &mut log, 1).unwrap();
         let mut ap = Appender::open(dir.path()).unwrap();
         ap.append(&keyword_line(3, &Keyword::new("late").unwrap())).unwrap();
         ap.append(&log_line(&LogEntry::Flags {
@@ -988,7 +1057,7 @@ mod tests {
             ["extra0", "extra1", "extra2", "late"]
         );
         assert_eq!(idx.mails[0].extras(), &[2, 0]);
-        assert_eq!(&*idx.mails[0].file, "x y:2,Sa");
+        assert_eq!(idx.mails[0].file(&idx.names), "x y:2,Sa");
         assert_eq!((idx.mails[0].flags, idx.mails[0].kw), (Flags::SEEN, 1));
         assert_eq!(idx.log.len(), 2);
         assert!(matches!(&idx.log[1], LogEntry::Flags { extra: Some(x), .. }
@@ -1003,17 +1072,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let h = Header { uid_validity: 1, next_uid: 4, highest_modseq: 5, log_floor: 1, ..Header::default() };
         let stamps = Stamps { uidlist: Some(Stamp::default()), ..Stamps::default() };
+        let mut names = Names::default();
         let mails = [
-            IndexedMail::new(1, 2, false, None, "a,S=1:2,S".into(), Box::default()),
-            IndexedMail::new(2, 3, true, Some("g2".into()), "b".into(), vec![0].into_boxed_slice()),
+            IndexedMail::new(1, 2, false, None, "a,S=1:2,S", &mut names, Box::default()).unwrap(),
+            IndexedMail::new(2, 3, true, Some("g2".into()), "b", &mut names, vec![0].into_boxed_slice()).unwrap(),
         ];
         let kws = [Keyword::new("x").unwrap()];
         let mut log = VecDeque::new();
-        write_snapshot(dir.path(), &h, Some(&stamps), &kws, &mut mails.iter().map(IndexedMail::line), &mut log, 2)
+        write_snapshot(dir.path(), &h, Some(&stamps), &kws, &mut mails.iter().map(|m| m.line(&names)), &mut log, 2)
             .unwrap();
         let mut ap = Appender::open(dir.path()).unwrap();
         ap.append(&log_line(&LogEntry::Expunge { modseq: 6, uid: 1, guid: Guid128([1; 16]) })).unwrap();
-        ap.append(&mail_line(&IndexedMail::new(3, 7, false, None, "c:2,F".into(), Box::default()).line())).unwrap();
+        let c = IndexedMail::new(3, 7, false, None, "c:2,F", &mut names, Box::default()).unwrap();
+        ap.append(&mail_line(&c.line(&names))).unwrap();
         ap.sync().unwrap();
         let trusted = Index::read(dir.path(), Some(&stamps)).unwrap().unwrap();
         assert_eq!(trusted.mails.iter().map(|m| m.uid).collect::<Vec<_>>(), [2, 3]);

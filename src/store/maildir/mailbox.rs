@@ -38,6 +38,7 @@ use super::filename::{self, KeywordMask};
 use super::fsutil::{self, Stamp};
 use super::index::{self, ExtraChange, Header, Index, IndexedMail, KnownMail, LogEntry, Stamps};
 use super::keywords::{ExtraKeywords, KeywordMap};
+use super::names::{NameRef, Names};
 use super::uidlist::{self, Record, Salvage, Uidlist};
 use super::{Ctx, dotlock::Dotlock, dovecot_log, tmpclean, uidvalidity};
 use crate::store::error::{IoContext, StoreResult};
@@ -128,6 +129,8 @@ pub struct MaildirMailbox {
     extra_kw_written: usize,
     /// Mails by ascending UID, including expunged ones not yet swept out (`removed` of them).
     mails: Vec<Mail>,
+    /// Their file names.
+    names: Names,
     removed: usize,
     counts: Counts,
     /// Every keyword letter some mail carries or carried (a superset is harmless: it only
@@ -167,17 +170,20 @@ fn is_fresh(s: Option<Stamp>) -> bool {
     s.is_some_and(|s| now - s.mtime_ns < FRESH.as_nanos() as i128)
 }
 
-/// The files found in `new/` and `cur/`: one name per file, taken over from the directory
-/// entry without copying, and later moved on into the mails.
+/// The files found in `new/` and `cur/`: their names in one buffer, which a full load then
+/// keeps as the mailbox's own [`Names`] (the names of files without a UID become garbage
+/// there), so that no name is copied or held twice.
 #[derive(Debug, Default)]
 struct DirScan {
+    names: Names,
     /// (file name, in `new/`).
-    files: Vec<(Box<str>, bool)>,
+    files: Vec<(NameRef, bool)>,
 }
 
 impl DirScan {
     fn read(dir: &Path) -> StoreResult<Self> {
         let mut files = Vec::new();
+        let mut names = Names::default();
         for (sub, in_new) in [("new", true), ("cur", false)] {
             let d = dir.join(sub);
             let rd = match fs::read_dir(&d) {
@@ -194,10 +200,15 @@ impl DirScan {
                 if name.starts_with('.') {
                     continue;
                 }
-                files.push((name.into_boxed_str(), in_new));
+                files.push((names.push(&name)?, in_new));
             }
         }
-        Ok(Self { files })
+        Ok(Self { names, files })
+    }
+
+    /// The name of file `i`.
+    fn name(&self, i: usize) -> &str {
+        self.names.get(self.files[i].0)
     }
 
     /// Base name → index into `files`. A file seen in both directories (moved from new/ to
@@ -205,14 +216,14 @@ impl DirScan {
     fn by_base(&self) -> FastMap<&str, u32> {
         let mut map: FastMap<&str, u32> = FastMap::default();
         map.reserve(self.files.len());
-        for (i, (name, in_new)) in (0u32..).zip(self.files.iter()) {
-            let base = filename::base(name);
+        for (i, &(name, in_new)) in (0u32..).zip(self.files.iter()) {
+            let base = filename::base(self.names.get(name));
             match map.entry(base) {
                 std::collections::hash_map::Entry::Vacant(v) => {
                     v.insert(i);
                 }
                 std::collections::hash_map::Entry::Occupied(mut o) => {
-                    if !*in_new {
+                    if !in_new {
                         o.insert(i);
                     }
                 }
@@ -286,6 +297,7 @@ impl MaildirMailbox {
             extra_kw: ExtraKeywords::default(),
             extra_kw_written: 0,
             mails: Vec::new(),
+            names: Names::default(),
             removed: 0,
             counts: Counts::default(),
             used_kw: 0,
@@ -410,6 +422,7 @@ impl MaildirMailbox {
                 self.extra_kw_written = old.extra_keywords.len();
                 self.extra_kw = ExtraKeywords::from_names(old.extra_keywords);
                 self.mails = old.mails;
+                self.names = old.names;
                 self.log = old.log;
                 self.appended = old.appended;
                 self.after_load();
@@ -453,7 +466,8 @@ impl MaildirMailbox {
             && !o.mails.is_empty()
         {
             // Read in full (a torn index with a trusted snapshot): the merge needs less.
-            o.known = std::mem::take(&mut o.mails).into_iter().map(KnownMail::of).collect();
+            let names = std::mem::take(&mut o.names);
+            o.known = std::mem::take(&mut o.mails).into_iter().map(|m| KnownMail::of(m, &names)).collect();
         }
         // The common case, a uidlist that lists every file: matched against the directories
         // as it is read, holding no copy of the names.
@@ -473,8 +487,8 @@ impl MaildirMailbox {
             None => {
                 // Files without UIDs, no uidlist, a damaged one, or no mailbox GUID: fixed
                 // under the lock, from a fresh look (the first one's names dropped first: at
-                // 200,000 mails each look holds 14 MiB of them).
-                scan.files = Vec::new();
+                // 200,000 mails each look holds 10 MiB of them).
+                drop(std::mem::take(&mut scan));
                 let lock = Dotlock::acquire(&self.dir.join(uidlist::NAME), &self.ctx.hostname, self.ctx.lock_wait)?;
                 stamps.new = Stamp::read(&self.dir.join("new"))?;
                 stamps.cur = Stamp::read(&self.dir.join("cur"))?;
@@ -511,13 +525,16 @@ impl MaildirMailbox {
         self.next_uid = list.next_uid();
 
         // Files listed in the uidlist, in UID order; their names move over from the scan.
-        let mut files = scan.files;
+        let DirScan { mut names, files } = scan;
         let mut current: Vec<Mail> = Vec::with_capacity(found.len());
+        let mut live = 0;
         for (uid, i, guid_ext) in found {
-            let (file, in_new) = std::mem::take(&mut files[i as usize]);
-            current.push(Mail::new(uid, 0, in_new, guid_ext, file, Box::default()));
+            let (name, in_new) = files[i as usize];
+            live += usize::from(name.len);
+            current.push(Mail::with_name(uid, 0, in_new, guid_ext, name, &names, Box::default()));
         }
         drop(files);
+        names.set_live(live);
 
         let old = old.filter(|o| o.header.uid_validity == self.uid_validity && o.header.guid == Some(self.guid));
         match old {
@@ -535,7 +552,7 @@ impl MaildirMailbox {
                         log.push_back(LogEntry::Expunge { modseq: next(), uid: o.uid, guid: o.guid128 });
                     }
                     match oi.next_if(|o| o.uid == m.uid) {
-                        Some(o) if o.ident == index::mail_ident(&m.file, m.guid_ext()) => {
+                        Some(o) if o.ident == index::mail_ident(m.file(&names), m.guid_ext()) => {
                             // Keywords without a letter are only ever in our index: they stay.
                             m.replace_extras(o.extras);
                             let (of, okw) = (o.flags, o.kw);
@@ -620,6 +637,7 @@ impl MaildirMailbox {
         self.header.guid = Some(self.guid);
         self.header.next_uid = self.next_uid;
         self.mails = current;
+        self.names = names;
         self.after_load();
         let trusted = ![stamps.new, stamps.cur, stamps.uidlist, stamps.keywords].into_iter().any(is_fresh);
         self.write_snapshot(if trusted { Some(stamps) } else { None })?;
@@ -744,7 +762,8 @@ impl MaildirMailbox {
     fn write_snapshot(&mut self, stamps: Option<Stamps>) -> StoreResult<()> {
         self.sweep();
         let n = self.mails.len();
-        let mut mails = self.mails.iter().map(Mail::line);
+        let names = &self.names;
+        let mut mails = self.mails.iter().map(|m| m.line(names));
         let floor = index::write_snapshot(
             &self.dir,
             &self.header,
@@ -784,8 +803,29 @@ impl MaildirMailbox {
     /// Drops expunged mails from the vector.
     fn sweep(&mut self) {
         if self.removed > 0 {
-            self.mails.retain(|m| !m.gone);
+            let names = &mut self.names;
+            self.mails.retain(|m| {
+                if m.gone {
+                    names.release(m.name());
+                }
+                !m.gone
+            });
             self.removed = 0;
+        }
+        self.compact_names();
+    }
+
+    /// Bytes the file names take (for tests).
+    #[cfg(test)]
+    pub(crate) fn names_held(&self) -> usize {
+        self.names.held()
+    }
+
+    /// Reclaims the names that renames and sweeps left behind, once they outweigh the live
+    /// ones: O(1) amortised per rename.
+    fn compact_names(&mut self) {
+        if self.names.wants_compaction() {
+            self.names.compact(&mut self.mails, Mail::name, Mail::set_name);
         }
     }
 
@@ -802,7 +842,7 @@ impl MaildirMailbox {
     }
 
     fn path_of(&self, m: &Mail) -> PathBuf {
-        self.dir.join(if m.in_new { "new" } else { "cur" }).join(&*m.file)
+        self.dir.join(if m.in_new { "new" } else { "cur" }).join(m.file(&self.names))
     }
 
     /// After a file was not found where we expected it (Dovecot renamed or moved it), looks it
@@ -822,16 +862,18 @@ impl MaildirMailbox {
             if self.mails[i].gone {
                 continue;
             }
-            let Some(&j) = by_base.get(filename::base(&self.mails[i].file)) else {
+            let Some(&j) = by_base.get(filename::base(self.mails[i].file(&self.names))) else {
                 continue;
             };
             found |= i == idx;
-            let (file, in_new) = &scan.files[j as usize];
+            let (file, in_new) = (scan.name(j as usize), &scan.files[j as usize].1);
             let m = &mut self.mails[i];
-            if **file != *m.file || *in_new != m.in_new {
+            if *file != *m.file(&self.names) || *in_new != m.in_new {
                 self.counts.sub(m.flags, m.in_new);
                 let (f, kw) = filename::parse_flags(file);
-                m.file = file.clone();
+                let mut r = m.name();
+                self.names.replace(&mut r, file)?;
+                m.set_name(r);
                 m.in_new = *in_new;
                 m.flags = f;
                 m.kw = kw;
@@ -868,7 +910,7 @@ impl MaildirMailbox {
     fn record(&self, m: &Mail) -> MailRecord {
         MailRecord {
             uid: Uid::new(m.uid).unwrap_or(Uid::MIN),
-            guid: MailGuid::new(m.guid()).unwrap_or_else(|_| MailGuid::new("invalid").expect("valid")),
+            guid: MailGuid::new(m.guid(&self.names)).unwrap_or_else(|_| MailGuid::new("invalid").expect("valid")),
             flags: m.flags,
             keywords: self.keywords_of(m),
             modseq: m.modseq,
@@ -1136,7 +1178,7 @@ impl MaildirMailbox {
                 let uid = uids[i];
                 records.push(Record { uid, base: base.clone(), guid: guid_ext.clone(), other_exts: String::new() });
                 let guid_ext = guid_ext.map(String::into_boxed_str);
-                placed.push((i, Mail::new(uid, 0, in_new, guid_ext, dest.into_boxed_str(), extra)));
+                placed.push((i, Mail::new(uid, 0, in_new, guid_ext, &dest, &mut self.names, extra)?));
             }
             if used_new {
                 fsutil::fsync_dir(&self.dir.join("new"))?;
@@ -1180,16 +1222,16 @@ impl MaildirMailbox {
             let base = if per_mail { self.header.highest_modseq.saturating_add(1) } else { base_modseq };
             m.modseq = base.max(p.min_modseq);
             self.header.highest_modseq = self.header.highest_modseq.max(m.modseq);
-            index::push_mail_line(&mut lines, &m.line());
+            index::push_mail_line(&mut lines, &m.line(&self.names));
             saved[i] = Some(SavedMail {
                 requested: p.requested,
                 uid: Uid::new(m.uid).unwrap_or(Uid::MIN),
-                guid: MailGuid::new(m.guid())?,
+                guid: MailGuid::new(m.guid(&self.names))?,
             });
             self.counts.add(m.flags, m.in_new);
             self.used_kw |= m.kw;
             if let Some(h) = &mut self.base_hashes {
-                h.insert(base_hash(filename::base(&m.file)));
+                h.insert(base_hash(filename::base(m.file(&self.names))));
             }
             self.mails.push(m);
         }
@@ -1279,13 +1321,14 @@ impl MaildirMailbox {
             None => {
                 let mut set = FastSet::default();
                 set.reserve(self.mails.len() + self.pending.len());
-                set.extend(self.mails.iter().filter(|m| !m.gone).map(|m| base_hash(filename::base(&m.file))));
+                let names = &self.names;
+                set.extend(self.mails.iter().filter(|m| !m.gone).map(|m| base_hash(filename::base(m.file(names)))));
                 set.extend(self.pending.iter().map(|p| base_hash(&p.base)));
                 self.base_hashes.insert(set)
             }
         };
         set.contains(&h)
-            && (self.mails.iter().any(|m| !m.gone && filename::base(&m.file) == base)
+            && (self.mails.iter().any(|m| !m.gone && filename::base(m.file(&self.names)) == base)
                 || self.pending.iter().any(|p| p.base == base))
     }
 
@@ -1509,7 +1552,7 @@ impl Mailbox for MaildirMailbox {
 
     fn physical_size(&mut self, uid: Uid) -> StoreResult<u64> {
         let idx = self.find(uid).ok_or(StoreError::MailNotFound(uid.get()))?;
-        if let Some(s) = filename::size_field(&self.mails[idx].file, b'S') {
+        if let Some(s) = filename::size_field(self.mails[idx].file(&self.names), b'S') {
             return Ok(s);
         }
         let (f, idx) = self.open_file(uid)?;
@@ -1518,7 +1561,7 @@ impl Mailbox for MaildirMailbox {
 
     fn virtual_size(&mut self, uid: Uid) -> StoreResult<u64> {
         let idx = self.find(uid).ok_or(StoreError::MailNotFound(uid.get()))?;
-        if let Some(s) = filename::size_field(&self.mails[idx].file, b'W') {
+        if let Some(s) = filename::size_field(self.mails[idx].file(&self.names), b'W') {
             return Ok(s);
         }
         let (f, idx) = self.open_file(uid)?;
@@ -1667,7 +1710,7 @@ impl Mailbox for MaildirMailbox {
                     let modseq = self.import_modseq.unwrap_or(min_modseq).max(min_modseq);
                     self.header.highest_modseq = self.header.highest_modseq.max(modseq);
                     self.mails[idx].modseq = modseq;
-                    let mut lines = index::mail_line(&self.mails[idx].line());
+                    let mut lines = index::mail_line(&self.mails[idx].line(&self.names));
                     lines.push_str(&index::header_line(&self.header));
                     self.append_index(&lines)?;
                 }
@@ -1676,9 +1719,9 @@ impl Mailbox for MaildirMailbox {
             let mut newfile = None;
             if file_changes {
                 // Keywords without a letter are not in the file name: only letters rename it.
-                let name = filename::with_flags(&m.file, nf, nkw);
+                let name = filename::with_flags(m.file(&self.names), nf, nkw);
                 let sub = if m.in_new { "new" } else { "cur" };
-                let from = self.dir.join(sub).join(&*m.file);
+                let from = self.dir.join(sub).join(m.file(&self.names));
                 let to = self.dir.join(sub).join(&name);
                 match renameat2(AT_FDCWD, &from, AT_FDCWD, &to, RenameFlags::RENAME_NOREPLACE) {
                     Ok(()) => newfile = Some(name),
@@ -1695,7 +1738,9 @@ impl Mailbox for MaildirMailbox {
             let m = &mut self.mails[idx];
             let (of, okw) = (m.flags, m.kw);
             if let Some(name) = newfile {
-                m.file = name.into_boxed_str();
+                let mut r = m.name();
+                self.names.replace(&mut r, &name)?;
+                m.set_name(r);
                 self.dirs_dirty = true;
             }
             self.counts.sub(of, m.in_new);
@@ -1745,7 +1790,7 @@ impl Mailbox for MaildirMailbox {
                 self.log.push_back(entry);
             }
             let m = &self.mails[idx];
-            index::push_mail_line(&mut lines, &m.line());
+            index::push_mail_line(&mut lines, &m.line(&self.names));
             lines.push_str(&index::header_line(&self.header));
             return self.append_index(&lines);
         }
@@ -1777,14 +1822,15 @@ impl Mailbox for MaildirMailbox {
             if removed {
                 let modseq = self.next_modseq(0);
                 let m = &mut self.mails[idx];
-                let entry = LogEntry::Expunge { modseq, uid: m.uid, guid: Guid128::from_mail_guid(m.guid()) };
+                let entry =
+                    LogEntry::Expunge { modseq, uid: m.uid, guid: Guid128::from_mail_guid(m.guid(&self.names)) };
                 lines.push_str(&index::log_line(&entry));
                 self.log.push_back(entry);
                 m.gone = true;
                 self.removed += 1;
                 self.counts.sub(m.flags, m.in_new);
                 if let Some(h) = &mut self.base_hashes {
-                    h.remove(&base_hash(filename::base(&m.file)));
+                    h.remove(&base_hash(filename::base(m.file(&self.names))));
                 }
                 any = true;
             }
@@ -1827,13 +1873,13 @@ impl Mailbox for MaildirMailbox {
         // No descriptor: the linked mail is already durable, and the link itself becomes so
         // with the directory fsyncs of the commit.
         let m = &self.mails[idx];
-        let old_base = filename::base(&m.file);
+        let old_base = filename::base(m.file(&self.names));
         let sizes = old_base.find(",S=").map(|i| old_base[i..].to_owned()).unwrap_or_default();
         self.push_pending(Pending {
             tmp,
             file: None,
             base: format!("{}{}", self.ctx.names.next(), sizes),
-            guid_ext: Some(m.guid().to_owned()),
+            guid_ext: Some(m.guid(&self.names).to_owned()),
             requested: Some(to),
             flags: m.flags,
             keywords: self.keywords_of(m),
@@ -1940,6 +1986,7 @@ impl Mailbox for MaildirMailbox {
         if let Some(a) = &mut self.appender {
             a.sync()?;
         }
+        self.compact_names();
         Ok(())
     }
 }

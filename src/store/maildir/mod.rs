@@ -25,6 +25,7 @@ mod index;
 mod keywords;
 mod mailbox;
 mod mailbox_log;
+mod names;
 mod subscriptions;
 mod synclock;
 #[cfg(test)]

@@ -1,0 +1,133 @@
+//! The file names of an open mailbox's mails, in one buffer.
+//!
+//! An open Maildir mailbox keeps every mail's file name, to open, rename or match the file.
+//! Kept as one allocation each, a 42-byte name took a 64-byte heap block and a 16-byte pointer:
+//! at 400,000 mails that was 32 MiB, most of what an export of one large mailbox held. Here the
+//! names lie end to end in one buffer and a mail keeps a 4-byte offset and a 1-byte length
+//! (a file name has at most 255 bytes: `NAME_MAX`). A rename appends the new name and leaves
+//! the old one behind as garbage, which [`Names::compact`] reclaims once it outweighs the live
+//! names.
+
+use crate::store::error::{StoreError, StoreResult};
+
+/// Where a name lies in [`Names`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct NameRef {
+    pub(crate) off: u32,
+    pub(crate) len: u8,
+}
+
+/// The longest file name Linux allows (`NAME_MAX`).
+pub(crate) const MAX_NAME: usize = 255;
+
+/// Garbage below this is never worth a compaction.
+const MIN_GARBAGE: usize = 1 << 20;
+
+/// The names of one mailbox's mails.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Names {
+    buf: String,
+    garbage: usize,
+}
+
+impl Names {
+    /// Stores `name`. Fails for a name longer than any file name can be, or when the buffer
+    /// would pass 4 GiB (some 16 million names even at the longest).
+    pub(crate) fn push(&mut self, name: &str) -> StoreResult<NameRef> {
+        let len = u8::try_from(name.len())
+            .map_err(|_| StoreError::Limit(format!("a file name of {} bytes (at most {MAX_NAME})", name.len())))?;
+        let off = u32::try_from(self.buf.len())
+            .ok()
+            .filter(|o| o.checked_add(u32::from(len)).is_some())
+            .ok_or_else(|| StoreError::Limit("more than 4 GiB of file names in one mailbox".into()))?;
+        if self.buf.capacity() - self.buf.len() < name.len() {
+            // Grow by an eighth, not double: this buffer is the largest one an open mailbox has.
+            self.buf.reserve_exact((self.buf.len() / 8).max(4096));
+        }
+        self.buf.push_str(name);
+        Ok(NameRef { off, len })
+    }
+
+    /// The name at `r`.
+    pub(crate) fn get(&self, r: NameRef) -> &str {
+        let start = r.off as usize;
+        &self.buf[start..start + usize::from(r.len)]
+    }
+
+    /// `old` is no longer used; [`Names::compact`] will reclaim it.
+    pub(crate) fn release(&mut self, old: NameRef) {
+        self.garbage += usize::from(old.len);
+    }
+
+    /// Replaces the name at `*r` with `name`.
+    pub(crate) fn replace(&mut self, r: &mut NameRef, name: &str) -> StoreResult<()> {
+        let new = self.push(name)?;
+        self.release(*r);
+        *r = new;
+        Ok(())
+    }
+
+    /// Says that only `live` bytes of the buffer are in use (names taken over from a
+    /// directory scan whose other names are not kept).
+    pub(crate) fn set_live(&mut self, live: usize) {
+        self.garbage = self.buf.len().saturating_sub(live);
+    }
+
+    /// True when released names take more room than the live ones (and at least 1 MiB).
+    pub(crate) fn wants_compaction(&self) -> bool {
+        self.garbage >= MIN_GARBAGE && self.garbage > self.buf.len() - self.garbage
+    }
+
+    /// Copies the names that `items` still use into a new buffer of their size and points them
+    /// there (`get` reads an item's place, `set` changes it). Every name in use must belong to
+    /// one of `items`.
+    pub(crate) fn compact<T>(&mut self, items: &mut [T], get: impl Fn(&T) -> NameRef, set: impl Fn(&mut T, NameRef)) {
+        let mut buf = String::with_capacity(self.buf.len() - self.garbage);
+        for item in items {
+            let r = get(item);
+            // The new buffer is no larger than the old one: the offset fits.
+            let off = buf.len() as u32;
+            buf.push_str(self.get(r));
+            set(item, NameRef { off, len: r.len });
+        }
+        self.buf = buf;
+        self.garbage = 0;
+    }
+
+    /// Bytes held (for tests and figures).
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_compaction_keeps_only_the_live_ones() {
+        let mut n = Names::default();
+        let a = n.push("1700000000.M1P2.host,S=10:2,S").unwrap();
+        let mut b = n.push("").unwrap();
+        assert_eq!(n.get(a), "1700000000.M1P2.host,S=10:2,S");
+        assert_eq!(n.get(b), "");
+        assert!(n.push(&"x".repeat(256)).is_err(), "longer than NAME_MAX");
+        let long = "y".repeat(255);
+        let mut refs = vec![a, n.push(&long).unwrap()];
+        assert_eq!(n.get(refs[1]), long);
+        // Rename one mail many times: garbage grows until a compaction takes it back.
+        for i in 0..100_000 {
+            n.replace(&mut b, &format!("renamed-{i}:2,")).unwrap();
+        }
+        assert_eq!(n.get(b), "renamed-99999:2,");
+        assert!(n.wants_compaction());
+        refs.push(b);
+        n.compact(&mut refs, |r| *r, |r, new| *r = new);
+        assert!(!n.wants_compaction());
+        assert_eq!(n.get(refs[0]), "1700000000.M1P2.host,S=10:2,S");
+        assert_eq!(n.get(refs[1]), long);
+        assert_eq!(n.get(refs[2]), "renamed-99999:2,");
+        assert!(n.held() < 4096, "only the live names are kept: {}", n.held());
+    }
+}
