@@ -26,6 +26,7 @@ pub mod logging;
 pub mod privdrop;
 pub mod replicator;
 pub mod store;
+pub(crate) mod str_index;
 pub mod sys;
 pub mod tabescape;
 pub mod transport;

@@ -20,12 +20,12 @@
 use std::collections::HashMap;
 use std::io::Read;
 
-use super::guid_index::{GuidIndex, GuidSource};
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
 use crate::store::{
     Change, FlagOp, Flags, Keyword, MailRecord, Mailbox, MailboxName, MailboxStatus, MailboxUpdate, Modseq,
     SaveRequest, SavedMail, StoreError, StoreResult, Uid, UnixTime,
 };
+use crate::str_index::{KeySource, StrIndex};
 
 /// An `M` record to send: the header, and the UID of our mail whose body follows (`None`: all
 /// instances were expunged meanwhile, no body).
@@ -84,14 +84,14 @@ impl Kept {
     }
 }
 
-/// The GUIDs of our sent saves, as the [`GuidIndex`] of them checks a match.
+/// The GUIDs of our sent saves, as the [`StrIndex`] of them checks a match.
 struct SentGuids<'a, M> {
     mb: &'a M,
     kept: &'a HashMap<u32, Kept>,
 }
 
-impl<M: Mailbox> GuidSource for SentGuids<'_, M> {
-    fn guid_is(&self, v: u32, guid: &str) -> bool {
+impl<M: Mailbox> KeySource for SentGuids<'_, M> {
+    fn key_is(&self, v: u32, guid: &str) -> bool {
         match self.kept.get(&v) {
             Some(k) => k.guid() == guid,
             None => Uid::new(v).and_then(|u| self.mb.mail(u)).is_some_and(|m| m.guid.as_str() == guid),
@@ -119,7 +119,7 @@ pub(crate) struct Exporter {
     current: MailChange,
     exhausted: bool,
     /// GUID → UID of the first save sent with it; only saves may be asked for by GUID.
-    sent: GuidIndex,
+    sent: StrIndex,
     /// UIDs of the saves asked for by GUID (or all, with `auto_export`), the first instance
     /// of each GUID.
     requested: Vec<u32>,
@@ -204,7 +204,7 @@ impl Exporter {
             kept: HashMap::new(),
             current: MailChange::new(ChangeType::Save, 0),
             exhausted: false,
-            sent: GuidIndex::with_capacity(saves),
+            sent: StrIndex::with_capacity(saves),
             requested: Vec::new(),
             requested_uids: Vec::new(),
             relocated: HashMap::new(),

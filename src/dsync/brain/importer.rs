@@ -19,12 +19,12 @@ use std::hash::Hash;
 use std::io::Read;
 use std::ops::{Index, IndexMut};
 
-use super::guid_index::{GuidIndex, GuidSource};
 use super::limits::MAX_UID;
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
 use crate::store::{
     Change, FlagOp, Flags, Guid128, Keyword, MailGuid, MailRecord, Mailbox, MailboxUpdate, SaveRequest, StoreError, Uid,
 };
+use crate::str_index::{KeySource, StrIndex};
 
 /// How the importer behaves.
 #[derive(Debug, Clone)]
@@ -306,8 +306,8 @@ impl IndexMut<usize> for NewMails {
     }
 }
 
-impl GuidSource for NewMails {
-    fn guid_is(&self, v: u32, guid: &str) -> bool {
+impl KeySource for NewMails {
+    fn key_is(&self, v: u32, guid: &str) -> bool {
         self.guid(v as usize) == guid
     }
 }
@@ -316,13 +316,13 @@ impl GuidSource for NewMails {
 /// the groups were found in (which keeps requests deterministic).
 #[derive(Debug)]
 struct GuidGroups {
-    index: GuidIndex,
+    index: StrIndex,
     order: Vec<u32>,
 }
 
 impl GuidGroups {
     fn new() -> Self {
-        Self { index: GuidIndex::new(), order: Vec::new() }
+        Self { index: StrIndex::new(), order: Vec::new() }
     }
 
     fn get(&self, guid: &str, nm: &NewMails) -> Option<usize> {

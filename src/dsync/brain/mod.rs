@@ -12,7 +12,6 @@
 
 pub(crate) mod box_sync;
 pub(crate) mod exporter;
-pub(crate) mod guid_index;
 pub(crate) mod ibc;
 pub(crate) mod importer;
 pub(crate) mod limits;

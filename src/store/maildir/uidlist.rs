@@ -189,21 +189,23 @@ impl Uidlist {
     }
 
     /// Reads the uidlist matching its records against the files found in the directories
-    /// (`by_base`: base name → index in the scan) as it goes, keeping no names: what a full
+    /// (`by_base`: base name → index in the scan, of `files` files) as it goes, keeping no
+    /// names: what a full
     /// open of a large mailbox needs, in a fraction of the memory of [`Uidlist::read`].
     /// Returns the header-only view, and (UID, file index, `G` extension) for each record
     /// whose file exists, in UID order; `None` if there is no uidlist. Damage is an error,
     /// as in [`Uidlist::parse`] (a record listed twice is noticed when its file exists).
     pub(crate) fn read_matched(
         dir: &Path,
-        by_base: &super::fasthash::FastMap<&str, u32>,
+        by_base: impl Fn(&str) -> Option<u32>,
+        files: usize,
     ) -> StoreResult<Option<(Self, Vec<Found>)>> {
         let mut list: Option<Self> = None;
         let mut found: Vec<Found> = Vec::new();
-        let mut taken = vec![false; by_base.len()];
+        let mut taken = vec![false; files];
         let read = read_lines(dir, |line| match line {
             Line::Header(header) => {
-                found.reserve(by_base.len());
+                found.reserve(files);
                 list = Some(header);
                 Ok(())
             }
@@ -215,7 +217,7 @@ impl Uidlist {
                 }
                 l.last_uid = uid;
                 let guid = guid_ext(exts).map_err(|why| (lineno, why))?;
-                if let Some(&i) = by_base.get(base) {
+                if let Some(i) = by_base(base) {
                     let slot = usize::try_from(i).unwrap_or(usize::MAX);
                     if slot >= taken.len() {
                         taken.resize(slot + 1, false);
@@ -898,7 +900,8 @@ mod tests {
         let head = "3 V1 N2 G42d01a2e9bb20a6b6454000083ecc375\n";
         std::fs::write(&path, format!("{head}1 :a\n3 Gxx W9 :b\n5 Gyy :c:2,S\n6 :torn")).unwrap();
         let by_base: super::super::fasthash::FastMap<&str, u32> = [("a", 0), ("c", 7), ("z", 2)].into_iter().collect();
-        let (l, found) = Uidlist::read_matched(dir.path(), &by_base).unwrap().unwrap();
+        let (l, found) =
+            Uidlist::read_matched(dir.path(), |b| by_base.get(b).copied(), by_base.len()).unwrap().unwrap();
         assert_eq!(found, [(1, 0, None), (5, 7, Some(Box::from("yy")))]);
         assert_eq!((l.last_uid, l.next_uid(), l.complete), (5, 6, false));
         assert_eq!(l.read_len, std::fs::metadata(&path).unwrap().len() - "6 :torn".len() as u64);
@@ -906,12 +909,18 @@ mod tests {
         // The same checks as a full read.
         for bad in ["1 :a\n1 :x\n", "1 :a\n2 :c\n3 :a\n", "1 g1 :a\n", "0 :a\n"] {
             std::fs::write(&path, format!("{head}{bad}")).unwrap();
-            assert!(matches!(Uidlist::read_matched(dir.path(), &by_base), Err(StoreError::Corrupt { .. })), "{bad:?}");
+            assert!(
+                matches!(
+                    Uidlist::read_matched(dir.path(), |b| by_base.get(b).copied(), by_base.len()),
+                    Err(StoreError::Corrupt { .. })
+                ),
+                "{bad:?}"
+            );
         }
         std::fs::write(&path, "").unwrap();
-        assert!(Uidlist::read_matched(dir.path(), &by_base).is_err());
+        assert!(Uidlist::read_matched(dir.path(), |b| by_base.get(b).copied(), by_base.len()).is_err());
         std::fs::remove_file(&path).unwrap();
-        assert!(Uidlist::read_matched(dir.path(), &by_base).unwrap().is_none());
+        assert!(Uidlist::read_matched(dir.path(), |b| by_base.get(b).copied(), by_base.len()).unwrap().is_none());
     }
 
     #[test]

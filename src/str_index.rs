@@ -1,8 +1,11 @@
-//! Finding mails by GUID without a hash map of GUID strings.
+//! Finding entries by a string key (a mail's GUID, a file's base name) without a hash map of
+//! strings.
 //!
 //! The importer and the exporter each need "which of my entries has this GUID" for every mail
-//! of a mailbox: 200,000 entries in an initial sync. A `HashMap<String, _>` costs a string
-//! allocation and a 40-byte slot per entry, which was a third of the slave's memory. This index
+//! of a mailbox, and a Maildir's open "which scanned file has this base name" for every file:
+//! 200,000 entries in an initial sync, a million in a large mailbox. A `HashMap<String, _>`
+//! costs a string allocation and a 40-byte slot per entry (a `HashMap<&str, u32>` 24 bytes),
+//! which was a third of the slave's memory. This index
 //! keeps only 32 bits of a keyed hash and a `u32` per entry (9 bytes a slot) and asks the owner
 //! of the entries to confirm a match, so it is exact: two GUIDs that share a hash (SipHash with
 //! keys chosen at random per index, so a peer cannot aim for it; among 400,000 GUIDs a few
@@ -36,21 +39,21 @@ impl Hasher for Prehashed {
 
 type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<Prehashed>>;
 
-/// Whoever owns the entries: says whether entry `v` has GUID `guid`.
-pub(crate) trait GuidSource {
-    fn guid_is(&self, v: u32, guid: &str) -> bool;
+/// Whoever owns the entries: says whether entry `v` has the key `key`.
+pub(crate) trait KeySource {
+    fn key_is(&self, v: u32, key: &str) -> bool;
 }
 
-/// GUID → entry, one entry per GUID.
+/// Key → entry, one entry per key.
 #[derive(Debug, Default)]
-pub(crate) struct GuidIndex {
+pub(crate) struct StrIndex {
     keys: RandomState,
     by_hash: FastMap<u32, u32>,
-    /// Entries whose GUID's hash was taken by another GUID.
+    /// Entries whose key's hash was taken by another key.
     collided: HashMap<Box<str>, u32>,
 }
 
-impl GuidIndex {
+impl StrIndex {
     pub(crate) fn new() -> Self {
         Self::default()
     }
@@ -68,9 +71,9 @@ impl GuidIndex {
     }
 
     /// The entry with this GUID.
-    pub(crate) fn get(&self, guid: &str, src: &impl GuidSource) -> Option<u32> {
+    pub(crate) fn get(&self, guid: &str, src: &impl KeySource) -> Option<u32> {
         if let Some(&v) = self.by_hash.get(&self.hash(guid))
-            && src.guid_is(v, guid)
+            && src.key_is(v, guid)
         {
             return Some(v);
         }
@@ -78,7 +81,7 @@ impl GuidIndex {
     }
 
     /// Adds `v` for `guid` unless the GUID has an entry already; returns that entry then.
-    pub(crate) fn insert(&mut self, guid: &str, v: u32, src: &impl GuidSource) -> Option<u32> {
+    pub(crate) fn insert(&mut self, guid: &str, v: u32, src: &impl KeySource) -> Option<u32> {
         if let Some(old) = self.get(guid, src) {
             return Some(old);
         }
@@ -95,15 +98,25 @@ impl GuidIndex {
     }
 
     /// Removes the entry for `guid` and returns it.
-    pub(crate) fn remove(&mut self, guid: &str, src: &impl GuidSource) -> Option<u32> {
+    pub(crate) fn remove(&mut self, guid: &str, src: &impl KeySource) -> Option<u32> {
         let h = self.hash(guid);
         if let Some(&v) = self.by_hash.get(&h)
-            && src.guid_is(v, guid)
+            && src.key_is(v, guid)
         {
             self.by_hash.remove(&h);
             return Some(v);
         }
         if self.collided.is_empty() { None } else { self.collided.remove(guid) }
+    }
+
+    /// How many entries there are.
+    pub(crate) fn len(&self) -> usize {
+        self.by_hash.len() + self.collided.len()
+    }
+
+    /// Every entry, in no order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = u32> + '_ {
+        self.by_hash.values().chain(self.collided.values()).copied()
     }
 
     /// Forgets every entry, and the memory they took.
@@ -118,8 +131,8 @@ mod tests {
     use super::*;
 
     struct Names(Vec<&'static str>);
-    impl GuidSource for Names {
-        fn guid_is(&self, v: u32, guid: &str) -> bool {
+    impl KeySource for Names {
+        fn key_is(&self, v: u32, guid: &str) -> bool {
             self.0[v as usize] == guid
         }
     }
@@ -127,7 +140,7 @@ mod tests {
     #[test]
     fn exact_even_when_hashes_collide() {
         let names = Names(vec!["a", "b", "c"]);
-        let mut ix = GuidIndex::new();
+        let mut ix = StrIndex::new();
         assert_eq!(ix.insert("a", 0, &names), None);
         assert_eq!(ix.insert("a", 2, &names), Some(0));
         // Force a collision: "b" lands in the slot "a" holds.
