@@ -1,0 +1,77 @@
+#!/bin/bash
+# Peak memory of our master (and of our slave) on one large mailbox: what BENCHMARKS.md reports
+# under "Memory per mail".
+#
+#   sudo tests/bench/master-rss.sh MAILS [MAILREPLICA]     e.g. 400000, 1000000
+#
+# As a throw-away user (removed at exit, with the work directory), writes one mailbox of MAILS
+# mails of 200-400 bytes (gen-maildir.pl, no index of any tool), then runs our master into our
+# slave as a separate process (a command destination), each process's VmHWM polled from /proc
+# every 0.2 s (/usr/bin/time on the master would also count the slave, its child):
+#
+#   1. `backup` into an empty Maildir, the source without an index of ours (its first open
+#      scans the directory: the worst case);
+#   2. `sync` without a state, nothing changed, both sides indexed.
+#
+# Needs root and about 4 KiB of disk per mail on each side. WORK (default /var/tmp) is where
+# the work directory is made; KEEP=1 keeps it.
+set -euo pipefail
+MAILS=${1:?usage: master-rss.sh MAILS [MAILREPLICA]}
+HERE=$(cd "$(dirname "$0")" && pwd)
+BIN=$(readlink -f "${2:-$HERE/../../target/release/mailreplica}")
+[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+[ -x "$BIN" ] || { echo "$BIN: not built (cargo build --release)" >&2; exit 1; }
+
+DIR=$(mktemp -d "${WORK:-/var/tmp}/mrrss.XXXXXX")
+USER_NAME=mrrss$$
+cleanup() {
+    pkill -f "^$DIR/mailreplica " 2>/dev/null || true
+    userdel "$USER_NAME" 2>/dev/null || true
+    [ "${KEEP:-0}" = 1 ] || rm -rf "$DIR"
+}
+trap cleanup EXIT
+useradd -M -d "$DIR" "$USER_NAME"
+# A copy, so that a rebuild during the run does not change the binary mid-way.
+cp "$BIN" "$DIR/mailreplica"
+chmod 755 "$DIR" "$DIR/mailreplica"
+chown "$USER_NAME:" "$DIR"
+as_user() { setpriv --reuid "$USER_NAME" --regid "$USER_NAME" --init-groups env HOME="$DIR" "$@"; }
+
+echo "writing $MAILS mails ($(date -u +%H:%M:%S))" >&2
+as_user perl "$HERE/gen-maildir.pl" "$DIR/src" "$MAILS" 1 200 400
+
+hwm() { awk '/VmHWM/ { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
+
+# run MODE: one master run into $DIR/dst; prints wall time and both peaks.
+run() {
+    local mode=$1 master="$DIR/mailreplica -o mail_location=maildir:$DIR/src" \
+        slave="$DIR/mailreplica -o mail_location=maildir:$DIR/dst dsync-server"
+    local start end pid s h mpeak=0 speak=0 rc=0
+    start=$(date +%s.%N)
+    # Not through as_user: a function in the background is a subshell, and $! would be it.
+    setpriv --reuid "$USER_NAME" --regid "$USER_NAME" --init-groups env HOME="$DIR" \
+        $master "$mode" "$slave" > "$DIR/out" 2> "$DIR/err" &
+    pid=$!
+    # setpriv and env exec: $pid becomes the master; the slave is its only child.
+    while kill -0 "$pid" 2>/dev/null; do
+        s=$(pgrep -P "$pid" | head -1 || true)
+        h=$(hwm "$pid"); [ -n "$h" ] && [ "$h" -gt "$mpeak" ] && mpeak=$h
+        if [ -n "$s" ]; then h=$(hwm "$s"); [ -n "$h" ] && [ "$h" -gt "$speak" ] && speak=$h; fi
+        sleep 0.2
+    done
+    wait "$pid" || rc=$?
+    end=$(date +%s.%N)
+    if [ "$rc" != 0 ]; then
+        echo "$mode failed with exit $rc:" >&2
+        tail -5 "$DIR/err" >&2
+        exit 1
+    fi
+    awk -v what="$2" -v s="$start" -v e="$end" -v m="$mpeak" -v sl="$speak" 'BEGIN {
+        printf "%-40s wall %7.1f s   master peak RSS %5.1f MiB   slave peak RSS %5.1f MiB\n", what, e - s, m / 1024, sl / 1024
+    }'
+}
+
+as_user mkdir "$DIR/dst"
+echo "binary: $BIN, sha256 $(sha256sum "$BIN" | cut -c1-12); $MAILS mails in one mailbox" >&2
+run backup "backup into an empty Maildir (no index)"
+run sync "sync without a state, nothing changed"
