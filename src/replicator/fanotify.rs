@@ -199,11 +199,11 @@ impl FsWatcher {
             }
             return;
         }
-        if ev.name.is_empty() || ignored(&ev.name) {
+        let is_dir = ev.mask & libc::FAN_ONDIR != 0;
+        if ev.name.is_empty() || ignored(&ev.name, is_dir) {
             return;
         }
         let arrived = ev.mask & (libc::FAN_CREATE | libc::FAN_MOVED_TO) != 0;
-        let is_dir = ev.mask & libc::FAN_ONDIR != 0;
         match self.class(ev) {
             Class::Outside => {}
             Class::Parent(dir) => {
@@ -270,7 +270,7 @@ impl FsWatcher {
                 return Class::In(Arc::clone(user), kind);
             }
             // A directory of Dovecot's or ours inside a Maildir (an index directory) is not mail.
-            if here.file_name().is_some_and(ignored) {
+            if here.file_name().is_some_and(|n| ignored(n, true)) {
                 return Class::Outside;
             }
             match here.parent() {

@@ -78,14 +78,17 @@ fn mask(depth: usize) -> AddWatchFlags {
         | AddWatchFlags::IN_ONLYDIR
 }
 
-/// Files whose changes are not changes of mail: indexes, uidlists, keyword files, locks.
-pub(super) fn ignored(name: &OsStr) -> bool {
+/// Files whose changes are not changes of mail: indexes, uidlists, keyword files, locks, and
+/// Dovecot's dot files in a home that is also the Maildir (`.dovecot.sieve`,
+/// `.dovecot.lda-dupes`). A directory named `.dovecot…` is a Maildir++ folder (a mailbox
+/// called "dovecot…"), and is watched like any other.
+pub(super) fn ignored(name: &OsStr, is_dir: bool) -> bool {
     let n = name.as_encoded_bytes();
     n.starts_with(b"dovecot")
         || n.starts_with(b"mailreplica-index")
         || n.ends_with(b".lock")
         || n == b"maildirfolder"
-        || n.starts_with(b".dovecot")
+        || (n.starts_with(b".dovecot") && !is_dir)
         || n.starts_with(b".mailreplica")
 }
 
@@ -242,7 +245,7 @@ impl Watcher {
             let Ok(entries) = std::fs::read_dir(&d) else { continue };
             for e in entries.flatten() {
                 // `file_type` is the entry's own (lstat): a symlink is not a directory here.
-                if e.file_type().is_ok_and(|t| t.is_dir()) && !ignored(&e.file_name()) {
+                if e.file_type().is_ok_and(|t| t.is_dir()) && !ignored(&e.file_name(), true) {
                     stack.push((e.path(), depth + 1));
                 }
             }
@@ -291,7 +294,7 @@ impl Watcher {
         }
         let Some(w) = self.watched.get(&ev.wd) else { return };
         let Some(name) = ev.name.as_deref() else { return };
-        if ignored(name) {
+        if ignored(name, ev.mask.contains(AddWatchFlags::IN_ISDIR)) {
             return;
         }
         let (user, kind) = (Arc::clone(&w.user), w.kind);
@@ -419,8 +422,9 @@ mod tests {
         p.expect(&[("bob", Priority::Low)]);
         fs::rename(b.join("cur/2.host:2,"), b.join("cur/2.host:2,S")).unwrap();
         p.expect(&[("bob", Priority::Low)]);
-        // Index, uidlist and lock files: nothing.
-        for f in ["dovecot-uidlist", "dovecot.index.log", "dovecot-uidlist.lock", "mailreplica-index"] {
+        // Index, uidlist and lock files, Dovecot's dot files: nothing.
+        for f in ["dovecot-uidlist", "dovecot.index.log", "dovecot-uidlist.lock", "mailreplica-index", ".dovecot.sieve"]
+        {
             fs::write(a.join(f), "x").unwrap();
             fs::write(a.join(".Work").join(f), "x").unwrap();
         }
@@ -433,6 +437,15 @@ mod tests {
         p.expect(&[("bob", Priority::Low)]);
         fs::write(b.join(".Later/tmp/3.host"), "mail").unwrap();
         fs::rename(b.join(".Later/tmp/3.host"), b.join(".Later/new/3.host")).unwrap();
+        p.expect(&[("bob", Priority::High)]);
+        // A mailbox named "dovecot-lists" (".dovecot-lists") is a mailbox like any other.
+        fs::create_dir(b.join(".dovecot-lists")).unwrap();
+        for sub in ["new", "cur", "tmp"] {
+            fs::create_dir(b.join(".dovecot-lists").join(sub)).unwrap();
+        }
+        p.expect(&[("bob", Priority::Low)]);
+        fs::write(b.join(".dovecot-lists/tmp/4.host"), "mail").unwrap();
+        fs::rename(b.join(".dovecot-lists/tmp/4.host"), b.join(".dovecot-lists/new/4.host")).unwrap();
         p.expect(&[("bob", Priority::High)]);
         // Subscriptions replaced by a rename; an expunge.
         fs::write(a.join("subscriptions.lock"), "V\t2\n\nWork\n").unwrap();
