@@ -459,7 +459,7 @@ fn the_replicator_follows_dovecots_plugin_through_sshd_and_the_wrapper_and_survi
         assert!(name.ends_with(".user") || name.contains(".tmp."), "{name}");
         if name.ends_with(".user") {
             assert!(
-                text.starts_with("v1\t") && text.ends_with('\n') && text.split('\t').count() == 9,
+                text.starts_with("v1\t") && text.ends_with('\n') && text.split('\t').count() == 10,
                 "torn: {text:?}"
             );
         }
@@ -636,9 +636,10 @@ fn import_takes_over_dovecot_2_3_replicator_db_and_refuses_a_bad_one_whole() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("imported 2 users"));
     let users = dir.join("state").join("users");
     let alice = fs::read_to_string(users.join(format!("{}.user", hex("alice")))).expect("alice's record");
-    assert_eq!(alice, "v1\talice\t0\t1795866217\t1795866217\t1795866130\t0\tAQAAAHm4+Jk=\t1795866217\n");
+    // Dovecot's eight fields, then ours: no full sync owed.
+    assert_eq!(alice, "v1\talice\t0\t1795866217\t1795866217\t1795866130\t0\tAQAAAHm4+Jk=\t1795866217\t0\n");
     let bob = fs::read_to_string(users.join(format!("{}.user", hex("b\tob")))).expect("b\\tob's record");
-    assert!(bob.starts_with("v1\tb\x01tob\t2\t") && bob.contains("\t1\tAQAAAHm4+Jk=\t0\n"), "{bob:?}");
+    assert!(bob.starts_with("v1\tb\x01tob\t2\t") && bob.ends_with("\t1\tAQAAAHm4+Jk=\t0\t0\n"), "{bob:?}");
     // Again: our records are kept, not overwritten.
     let out = mr(&["replicator", "import", db.to_str().expect("path")]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 already had a record"), "{out:?}");
