@@ -259,6 +259,32 @@ impl BaseIndex<'_> {
     }
 }
 
+/// How many new uidlist records are made and appended at a time: a mailbox of files without
+/// UIDs (a Maildir no Dovecot has seen has no uidlist at all) is listed without holding a
+/// record, with its own copy of the name, for every file.
+const APPEND_CHUNK: usize = 8192;
+
+/// Gives the files `missing` (base name, file index; in Dovecot's order) the next UIDs of
+/// `list` (a header-only view, which the appends keep header-only), appending them to the
+/// uidlist in chunks and adding them to `found`.
+fn append_in_chunks(
+    dir: &Path,
+    list: &mut Uidlist,
+    missing: &[(&str, u32)],
+    found: &mut Vec<uidlist::Found>,
+) -> StoreResult<()> {
+    for chunk in missing.chunks(APPEND_CHUNK) {
+        let first = list.next_uid();
+        let new: Vec<Record> = (first..=MAX_UID)
+            .zip(chunk)
+            .map(|(uid, &(base, _))| Record { uid, base: base.to_owned(), guid: None, other_exts: String::new() })
+            .collect();
+        found.extend(new.iter().zip(chunk).map(|(r, &(_, i))| (r.uid, i, None)));
+        list.append(dir, new)?;
+    }
+    Ok(())
+}
+
 /// Reads the whole uidlist, for a repair.
 fn read_uidlist(dir: &Path) -> StoreResult<ListRead> {
     match Uidlist::read(dir) {
@@ -529,16 +555,10 @@ impl MaildirMailbox {
                         // The directories were read under the lock already.
                         let read = read_uidlist(&self.dir)?;
                         let by_base = scan.by_base();
-                        let mut l = self.fix_uidlist(read, &by_base, old.as_ref())?;
+                        let (l, found) = self.fix_uidlist(read, &by_base, old.as_ref())?;
                         stamps.uidlist = l.stamp;
                         lock.release()?;
-                        let found = std::mem::take(&mut l.records)
-                            .into_iter()
-                            .filter_map(|r| {
-                                Some((r.uid, by_base.get(r.base.as_str())?, r.guid.map(String::into_boxed_str)))
-                            })
-                            .collect();
-                        (l.header_only(), found)
+                        (l, found)
                     }
                 }
             }
@@ -693,18 +713,21 @@ impl MaildirMailbox {
             // Said (and handled) by the repair.
             return Ok(None);
         }
-        let new: Vec<Record> = (first..=MAX_UID)
-            .zip(&missing)
-            .map(|(uid, &(base, _))| Record { uid, base: base.to_owned(), guid: None, other_exts: String::new() })
-            .collect();
-        found.extend(new.iter().zip(&missing).map(|(r, &(_, i))| (r.uid, i, None)));
-        list.append(&self.dir, new)?;
+        append_in_chunks(&self.dir, &mut list, &missing, &mut found)?;
         Ok(Some((list, found)))
     }
 
     /// Under the uidlist lock: creates a missing uidlist, repairs a damaged one, adds a missing
     /// mailbox GUID, and gives UIDs to files that have none, in Dovecot's order.
-    fn fix_uidlist(&self, read: ListRead, files: &BaseIndex<'_>, old: Option<&Index>) -> StoreResult<Uidlist> {
+    ///
+    /// Returns the list's header and (UID, file index, `G` extension) of every file, in UID
+    /// order.
+    fn fix_uidlist(
+        &self,
+        read: ListRead,
+        files: &BaseIndex<'_>,
+        old: Option<&Index>,
+    ) -> StoreResult<(Uidlist, Vec<uidlist::Found>)> {
         let path = self.dir.join(uidlist::NAME);
         let mut salvage = None;
         // A new or rebuilt uidlist may give files other UIDs than Dovecot's index has.
@@ -751,8 +774,9 @@ impl MaildirMailbox {
             rewrite = true;
         }
         let known: FastSet<&str> = list.records.iter().map(|r| r.base.as_str()).collect();
-        let mut missing: Vec<&str> = files.iter().map(|(b, _)| b).filter(|b| !known.contains(b)).collect();
-        missing.sort_by(|a, b| filename::sort_cmp(a, b));
+        let mut missing: Vec<(&str, u32)> = files.iter().filter(|(b, _)| !known.contains(b)).collect();
+        drop(known);
+        missing.sort_by(|a, b| filename::sort_cmp(a.0, b.0));
         let first = list.next_uid();
         let room = (u64::from(MAX_UID) + 1).saturating_sub(u64::from(first));
         if missing.len() as u64 > room {
@@ -764,24 +788,27 @@ impl MaildirMailbox {
             missing.truncate(room as usize);
         }
         let new_uids = missing.len();
-        let new: Vec<Record> = (first..=MAX_UID)
-            .zip(missing)
-            .map(|(uid, base)| Record { uid, base: base.to_owned(), guid: None, other_exts: String::new() })
-            .collect();
         if rewrite {
-            list.records.extend(new);
-            list.last_uid = list.records.last().map_or(list.last_uid, |r| r.uid);
+            // The records kept first; the new ones are appended below, from `first` on (the
+            // rewrite keeps the header's next UID at `first` even when trailing records go).
             list.rewrite(&self.dir, |r| files.contains(r.base.as_str()))?;
-        } else {
-            list.append(&self.dir, new)?;
         }
+        let mut found: Vec<uidlist::Found> = Vec::with_capacity(list.records.len() + missing.len());
+        found.extend(
+            list.records
+                .iter()
+                .filter_map(|r| Some((r.uid, files.get(r.base.as_str())?, r.guid.as_deref().map(Box::from)))),
+        );
+        let mut list = list.header_only();
+        debug_assert!(missing.is_empty() || list.next_uid() == first);
+        append_in_chunks(&self.dir, &mut list, &missing, &mut found)?;
         if let Some(sv) = salvage {
             warn_salvaged(&path, &sv, &list, new_uids, first);
         }
         if renumbered {
             nudge_dovecot(&self.dir);
         }
-        Ok(list)
+        Ok((list, found))
     }
 
     fn write_snapshot(&mut self, stamps: Option<Stamps>) -> StoreResult<()> {

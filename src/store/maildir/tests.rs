@@ -471,3 +471,34 @@ fn names_freed_by_renames_and_expunges_are_reclaimed_and_every_mail_still_opens(
     assert_eq!(uids(&mb), left);
     assert!(mb.mails().iter().all(|m| m.flags == last));
 }
+
+#[test]
+fn files_without_uids_are_listed_in_chunks_in_dovecots_order() {
+    // A Maildir no Dovecot has seen: 20,000 files in cur/ (more than two chunks of appends),
+    // no uidlist. Then 9,000 more delivered to new/ with the uidlist in place.
+    let root = tempfile::tempdir().unwrap();
+    let md = maildir(root.path());
+    for sub in ["cur", "new", "tmp"] {
+        fs::create_dir_all(md.join(sub)).unwrap();
+    }
+    let name = |i: u32| format!("{}.M{i}P1.gen,S=5", 1_700_000_000 + i);
+    for i in 1..=20_000u32 {
+        fs::write(md.join("cur").join(format!("{}:2,S", name(i))), "mail\n").unwrap();
+    }
+    let mut st = store(root.path());
+    let check = |st: &mut Maildir, n: u32| {
+        let mb = st.open(&inbox()).unwrap();
+        assert_eq!(uids(&mb), (1..=n).collect::<Vec<_>>());
+        let list = uidlist::Uidlist::read(&md).unwrap().unwrap();
+        assert_eq!(list.records.len(), n as usize);
+        for (r, i) in list.records.iter().zip(1..) {
+            assert_eq!((r.uid, r.base.as_str()), (i, name(i).as_str()), "UIDs follow the names' order");
+        }
+        assert_eq!(list.next_uid(), n + 1);
+    };
+    check(&mut st, 20_000);
+    for i in 20_001..=29_000u32 {
+        fs::write(md.join("new").join(name(i)), "mail\n").unwrap();
+    }
+    check(&mut st, 29_000);
+}
