@@ -49,7 +49,8 @@ use crate::store::{
 use crate::str_index::{KeySource, StrIndex};
 
 /// A directory whose mtime is this close to "now" may still change within the same timestamp
-/// tick, so a snapshot taken from it is not trusted without a rescan.
+/// tick, so a snapshot taken from it is not trusted without a rescan (files are told apart by
+/// their size and inode as well).
 const FRESH: Duration = Duration::from_secs(2);
 
 /// One mail in memory: the index's form, which loads without conversion.
@@ -685,7 +686,12 @@ impl MaildirMailbox {
         self.mails = current;
         self.names = names;
         self.after_load();
-        let trusted = ![stamps.new, stamps.cur, stamps.uidlist, stamps.keywords].into_iter().any(is_fresh);
+        // Only the directories can change unseen within one mtime tick (a file added to cur/
+        // leaves its size as it was). The uidlist and the keywords file are appended to or
+        // replaced by a rename, which changes their size or inode, both in the stamp: our own
+        // write of the uidlist a moment ago (a Maildir that had none) does not make the
+        // snapshot untrusted, and the next open does not scan again.
+        let trusted = ![stamps.new, stamps.cur].into_iter().any(is_fresh);
         self.write_snapshot(if trusted { Some(stamps) } else { None })?;
         Ok(())
     }
