@@ -13,7 +13,7 @@ use super::feeds::{Line, read_line, serve_connections};
 use super::protocol::{
     DOVEADM_CLIENT_HANDSHAKE, DOVEADM_SERVER_HANDSHAKE, MAX_NOTIFY_LINE, Request, is_mask, parse_request,
 };
-
+use super::queue::Priority;
 use super::service::{Service, now};
 use crate::tabescape::escape;
 use crate::userdb::wildcard_match;
@@ -138,9 +138,8 @@ fn answer(service: &Service, req: Request, out: &mut impl Write) -> io::Result<(
             if is_mask(&mask) {
                 match service.directory().list() {
                     Ok(all) => {
-                        for u in all.iter().filter(|u| wildcard_match(&mask, u)) {
-                            service.add(u);
-                        }
+                        let matching: Vec<&String> = all.iter().filter(|u| wildcard_match(&mask, u)).collect();
+                        service.replicate(&matching, Priority::None, false);
                         "+\n".into()
                     }
                     Err(e) => format!("-{}\n", e.replace('\n', " ")),

@@ -214,17 +214,6 @@ impl Service {
         true
     }
 
-    /// `replicate -f`: a full sync of `user`, at `priority` or sooner.
-    pub fn force_full(&self, user: &str, priority: Priority) -> bool {
-        if !self.directory.allowed(user) {
-            return false;
-        }
-        self.lock().queue.force_full(user, priority, now());
-        self.persist(user);
-        self.wake.notify_all();
-        true
-    }
-
     /// Like [`Service::notify`] with priority sync, and a receiver that gets whether the
     /// user's next sync (one that starts after this call) succeeded.
     pub fn notify_sync(&self, user: &str) -> Receiver<bool> {
@@ -250,29 +239,19 @@ impl Service {
         rx
     }
 
-    /// Adds `user` if unknown (due at once when new).
+    /// Adds `user` if unknown (due at once when new). False for a user that may not be
+    /// replicated.
     pub fn add(&self, user: &str) -> bool {
-        if !self.directory.allowed(user) {
-            return false;
-        }
-        let added = {
-            let mut g = self.lock();
-            let new = g.queue.get(user).is_none();
-            g.queue.add(UserRecord { user: user.to_owned(), ..Default::default() });
-            new
-        };
-        if added {
-            self.persist(user);
-            self.wake.notify_all();
-        }
-        true
+        self.replicate(&[user], Priority::None, false) == 1
     }
 
     /// `replicate` for many users at once (a mask over a whole host): the queue is updated
     /// under one lock and the changed records are saved as one batch, with one directory
-    /// fsync, so that the request is answered in time. How many users it applied to.
-    pub fn replicate(&self, users: &[String], priority: Priority, full: bool) -> usize {
-        let allowed: Vec<&String> = users.iter().filter(|u| self.directory.allowed(u)).collect();
+    /// fsync, so that the request is answered in time. `full`: a full sync at `priority` or
+    /// sooner; else priority `None` adds the users not yet known, another raises theirs. How
+    /// many users it applied to (those this replicator may serve).
+    pub fn replicate(&self, users: &[impl AsRef<str>], priority: Priority, full: bool) -> usize {
+        let allowed: Vec<&str> = users.iter().map(AsRef::as_ref).filter(|u| self.directory.allowed(u)).collect();
         let t = now();
         let changed: Vec<&str> = {
             let mut g = self.lock();
@@ -285,14 +264,14 @@ impl Service {
                     } else if priority == Priority::None {
                         let new = g.queue.get(u).is_none();
                         if new {
-                            g.queue.add(UserRecord { user: (**u).clone(), ..Default::default() });
+                            g.queue.add(UserRecord { user: (**u).to_owned(), ..Default::default() });
                         }
                         new
                     } else {
                         g.queue.notify(u, priority, t)
                     }
                 })
-                .map(|u| u.as_str())
+                .copied()
                 .collect()
         };
         if !changed.is_empty() {

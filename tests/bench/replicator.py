@@ -445,32 +445,8 @@ def bench(work, prefix, cleanup):
     os.makedirs(f"{dv}/state")
     conf = f"{dv}/dovecot.conf"
     with open(conf, "w") as f:
-        f.write(f"""base_dir = {dv}/run
-state_dir = {dv}/state
-log_path = {dv}/dovecot.log
-protocols =
-ssl = no
-listen = 127.0.0.1
-mail_location = maildir:~/Source
-first_valid_uid = 1000
-passdb {{
-  driver = passwd
-}}
-userdb {{
-  driver = passwd
-}}
-namespace inbox {{
-  inbox = yes
-}}
-service anvil {{
-  chroot =
-}}
-dsync_remote_cmd = {remote_cmd}
-mail_plugins = $mail_plugins notify replication
-plugin {{
-  mail_replica = remoteprefix:replica
-}}
-service aggregator {{
+        f.write(dovecot_conf(dv, f"{dv}/dovecot.log", "driver = passwd", remote_cmd, "remoteprefix:replica")
+                + f"""service aggregator {{
   fifo_listener replication-notify-fifo {{
     mode = 0
   }}
@@ -669,6 +645,38 @@ def latency(conf, users, homes):
     return results
 
 
+def dovecot_conf(d, log, auth, remote_cmd, replica):
+    """What both Dovecot instances' configurations share (the source's and the one that runs
+    Dovecot's own replicator): directories under `d`, the users by `auth` (the inside of the
+    passdb and userdb blocks), the replication plugin sending to `replica` over `remote_cmd`."""
+    return f"""base_dir = {d}/run
+state_dir = {d}/state
+log_path = {log}
+protocols =
+ssl = no
+listen = 127.0.0.1
+mail_location = maildir:~/Source
+first_valid_uid = 1000
+passdb {{
+  {auth}
+}}
+userdb {{
+  {auth}
+}}
+namespace inbox {{
+  inbox = yes
+}}
+service anvil {{
+  chroot =
+}}
+dsync_remote_cmd = {remote_cmd}
+mail_plugins = $mail_plugins notify replication
+plugin {{
+  mail_replica = {replica}
+}}
+"""
+
+
 def dovecot_replicator(work, remote_cmd, users, homes, cleanup):
     """Dovecot 2.3's own replicator over the same users, replicas, sshd and wrapper. Returns
     {"startup": (secs, kinds), "replicate": [(secs, kinds)...], "replicate_f": [...]} and
@@ -686,34 +694,9 @@ def dovecot_replicator(work, remote_cmd, users, homes, cleanup):
 
     def start(params):
         with open(conf, "w") as f:
-            f.write(f"""base_dir = {d}/run
-state_dir = {d}/state
-log_path = {dlog}
-protocols =
-ssl = no
-listen = 127.0.0.1
-mail_location = maildir:~/Source
-first_valid_uid = 1000
-passdb {{
-  driver = passwd-file
-  args = {d}/users
-}}
-userdb {{
-  driver = passwd-file
-  args = {d}/users
-}}
-namespace inbox {{
-  inbox = yes
-}}
-service anvil {{
-  chroot =
-}}
-dsync_remote_cmd = {remote_cmd}
-mail_plugins = $mail_plugins notify replication
-plugin {{
-  mail_replica = remoteprefix:root@127.0.0.1
-}}
-replication_max_conns = {PARALLEL}
+            f.write(dovecot_conf(d, dlog, f"driver = passwd-file\n  args = {d}/users", remote_cmd,
+                                 "remoteprefix:root@127.0.0.1")
+                    + f"""replication_max_conns = {PARALLEL}
 {f"replication_dsync_parameters = {params}" if params else ""}
 service replicator {{
   process_min_avail = 1

@@ -172,9 +172,17 @@ impl IndexedMail {
         NameRef { off: self.name_off, len: self.name_len }
     }
 
-    /// Points the mail at another name (see [`Names::replace`], [`Names::compact`]).
+    /// Points the mail at another name (see [`Names::compact`]).
     pub(crate) fn set_name(&mut self, r: NameRef) {
         (self.name_off, self.name_len) = (r.off, r.len);
+    }
+
+    /// The mail's file has a new name (a rename by us or by another writer).
+    pub(crate) fn rename(&mut self, names: &mut Names, file: &str) -> StoreResult<()> {
+        let mut r = self.name();
+        names.replace(&mut r, file)?;
+        self.set_name(r);
+        Ok(())
     }
 
     /// The full file name (base and info).
@@ -217,18 +225,8 @@ pub(crate) struct KnownMail {
 }
 
 impl KnownMail {
-    pub(crate) fn of(mut m: IndexedMail, names: &Names) -> Self {
-        let file = m.file(names);
-        Self {
-            modseq: m.modseq,
-            ident: mail_ident(file, m.guid_ext()),
-            guid128: Guid128::from_mail_guid(m.guid(names)),
-            extras: m.replace_extras(Box::default()),
-            uid: m.uid,
-            kw: m.kw,
-            flags: m.flags,
-            gone: m.gone,
-        }
+    pub(crate) fn of(m: &IndexedMail, names: &Names) -> Self {
+        Self { kw: m.kw, flags: m.flags, gone: m.gone, ..Self::from_line(&m.line(names)) }
     }
 
     /// The same from an index line, without storing the name anywhere.

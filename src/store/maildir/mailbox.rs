@@ -520,7 +520,7 @@ impl MaildirMailbox {
         {
             // Read in full (a torn index with a trusted snapshot): the merge needs less.
             let names = std::mem::take(&mut o.names);
-            o.known = std::mem::take(&mut o.mails).into_iter().map(|m| KnownMail::of(m, &names)).collect();
+            o.known = std::mem::take(&mut o.mails).into_iter().map(|m| KnownMail::of(&m, &names)).collect();
         }
         // The common case, a uidlist that lists every file: matched against the directories
         // as it is read, holding no copy of the names.
@@ -924,18 +924,16 @@ impl MaildirMailbox {
                 continue;
             };
             found |= i == idx;
-            let (file, in_new) = (scan.name(j as usize), &scan.files[j as usize].1);
+            let (file, in_new) = (scan.name(j as usize), scan.files[j as usize].1);
             let m = &mut self.mails[i];
-            if *file != *m.file(&self.names) || *in_new != m.in_new {
+            if file != m.file(&self.names) || in_new != m.in_new {
                 self.counts.sub(m.flags, m.in_new);
                 let (f, kw) = filename::parse_flags(file);
-                let mut r = m.name();
-                self.names.replace(&mut r, file)?;
-                m.set_name(r);
-                m.in_new = *in_new;
+                m.rename(&mut self.names, file)?;
+                m.in_new = in_new;
                 m.flags = f;
                 m.kw = kw;
-                self.counts.add(f, *in_new);
+                self.counts.add(f, in_new);
                 self.used_kw |= kw;
             }
         }
@@ -1796,9 +1794,7 @@ impl Mailbox for MaildirMailbox {
             let m = &mut self.mails[idx];
             let (of, okw) = (m.flags, m.kw);
             if let Some(name) = newfile {
-                let mut r = m.name();
-                self.names.replace(&mut r, &name)?;
-                m.set_name(r);
+                m.rename(&mut self.names, &name)?;
                 self.dirs_dirty = true;
             }
             self.counts.sub(of, m.in_new);
