@@ -241,9 +241,190 @@ pub fn filesystem_id(path: &std::path::Path) -> io::Result<[i32; 2]> {
     Ok(unsafe { std::mem::transmute::<libc::fsid_t, [i32; 2]>(st.f_fsid) })
 }
 
+/// A vector of plain `Copy` values kept in an unlinked file of `dir`, mapped shared into
+/// memory: the store's per-mail lists of a very large mailbox, which would otherwise hold
+/// tens of megabytes of heap for the whole sync (see [`crate::spill`]). The kernel keeps the
+/// pages in its page cache, writes them back and evicts them under pressure like any file;
+/// [`FileVec::release`] drops them from this process's mappings, so that its resident size
+/// is what it touched since, not the whole list.
+///
+/// The file has no name (`O_TMPFILE`): nothing is left behind by a crash, and no other
+/// process can open it except through `/proc/PID/fd` (root or the same user, who could as
+/// well write into our memory). Its blocks are allocated (`fallocate`) before they are
+/// mapped, so a full disk or quota fails the growth with an error, never a `SIGBUS` on a
+/// write. Elements `[0, len)` were each written as a `T` by this value, which is what makes
+/// reading them back as `T` sound.
+pub struct FileVec<T: Copy> {
+    file: std::fs::File,
+    ptr: std::ptr::NonNull<T>,
+    cap: usize,
+    len: usize,
+}
+
+// SAFETY: a FileVec owns its mapping exclusively, as a Vec owns its buffer.
+unsafe impl<T: Copy + Send> Send for FileVec<T> {}
+// SAFETY: shared access only reads, as for a Vec; `release` changes no element's value.
+unsafe impl<T: Copy + Sync> Sync for FileVec<T> {}
+
+impl<T: Copy> FileVec<T> {
+    const SIZE: usize = {
+        assert!(std::mem::size_of::<T>() > 0 && std::mem::align_of::<T>() <= 4096);
+        std::mem::size_of::<T>()
+    };
+
+    /// An empty vector with room for `cap` elements in a new unlinked file of `dir`.
+    pub fn create(dir: &std::path::Path, cap: usize) -> io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+            .open(dir)?;
+        let cap = cap.max(1);
+        let bytes = Self::bytes_for(cap)?;
+        nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, bytes as libc::off_t)?;
+        // SAFETY: a new shared mapping of `bytes` bytes of a file this value alone holds; the
+        // kernel chooses the address, so no memory of ours is replaced.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        // SAFETY: a hint on our own mapping; it changes no data.
+        let _ = unsafe { libc::madvise(p, bytes, libc::MADV_RANDOM) };
+        Ok(Self { file, ptr, cap, len: 0 })
+    }
+
+    fn bytes_for(cap: usize) -> io::Result<usize> {
+        cap.checked_mul(Self::SIZE)
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(|| io::Error::other("vector too large"))
+    }
+
+    /// How many elements it holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// How many elements fit before [`FileVec::grow_to`] is needed.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Makes room for `cap` elements in all (never shrinks).
+    pub fn grow_to(&mut self, cap: usize) -> io::Result<()> {
+        if cap <= self.cap {
+            return Ok(());
+        }
+        let (old, new) = (Self::bytes_for(self.cap)?, Self::bytes_for(cap)?);
+        nix::fcntl::fallocate(&self.file, nix::fcntl::FallocateFlags::empty(), 0, new as libc::off_t)?;
+        // SAFETY: `ptr`/`old` is exactly our mapping, and the file now has `new` bytes; the
+        // kernel may move the mapping, and we take the address it returns. No reference into
+        // the old mapping outlives this `&mut self` call.
+        let p = unsafe { libc::mremap(self.ptr.as_ptr().cast(), old, new, libc::MREMAP_MAYMOVE) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.ptr = std::ptr::NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mremap returned NULL"))?;
+        self.cap = cap;
+        Ok(())
+    }
+
+    /// Appends `v`; the caller has made room ([`FileVec::grow_to`]). Returns false if full.
+    pub fn push(&mut self, v: T) -> bool {
+        if self.len == self.cap {
+            return false;
+        }
+        // SAFETY: `len < cap`, so the slot lies inside our mapping, which is writable and
+        // aligned (page-aligned base, a whole number of `T` before it).
+        unsafe { self.ptr.as_ptr().add(self.len).write(v) };
+        self.len += 1;
+        true
+    }
+
+    /// Keeps the first `len` elements.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// The elements.
+    pub fn as_slice(&self) -> &[T] {
+        // SAFETY: elements `[0, len)` lie in our mapping and were each written as a `T`
+        // (`push`, or through `as_mut_slice`); the mapping lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The elements, to change in place.
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Drops the pages from this process's mappings (`MADV_DONTNEED`). The data stays in the
+    /// file (the page cache): the next access faults the same bytes back in.
+    pub fn release(&self) {
+        let bytes = self.cap * Self::SIZE;
+        // SAFETY: the range is exactly our shared file mapping; for such a mapping
+        // MADV_DONTNEED only unmaps pages, whose contents stay in the file and come back on
+        // the next access, so no value anyone may be reading changes.
+        let _ = unsafe { libc::madvise(self.ptr.as_ptr().cast(), bytes, libc::MADV_DONTNEED) };
+    }
+}
+
+impl<T: Copy> Drop for FileVec<T> {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, of exactly this size; no reference into it outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.cap * Self::SIZE) };
+    }
+}
+
+impl<T: Copy> std::fmt::Debug for FileVec<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FileVec(len {}, cap {})", self.len, self.cap)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn file_vec_keeps_its_values_across_growth_and_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut v = FileVec::<(u32, u64, bool)>::create(dir.path(), 3).unwrap();
+        for i in 0..100_000u32 {
+            if !v.push((i, u64::from(i) * 7, i % 3 == 0)) {
+                v.grow_to(v.capacity() * 2).unwrap();
+                assert!(v.push((i, u64::from(i) * 7, i % 3 == 0)));
+            }
+            if i % 10_000 == 0 {
+                v.release();
+            }
+        }
+        v.as_mut_slice()[5].1 = 1;
+        v.release();
+        assert_eq!(v.len(), 100_000);
+        assert!(v.as_slice().iter().enumerate().all(|(i, e)| e.0 == i as u32 && (i == 5 || e.1 == i as u64 * 7)));
+        assert_eq!(v.as_slice()[5], (5, 1, false));
+        v.truncate(10);
+        assert_eq!(v.as_slice().len(), 10);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the file has no name");
+    }
 
     #[test]
     fn random_is_not_constant() {

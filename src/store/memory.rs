@@ -411,6 +411,22 @@ impl Mailbox for MemoryMailbox {
         self.read(|mb| mb.mails.get(&uid).map(record)).flatten()
     }
 
+    fn uid_after(&self, after: u32) -> Option<Uid> {
+        let from = Uid::new(after.checked_add(1)?)?;
+        self.read(|mb| mb.mails.range(from..).next().map(|(u, _)| *u)).flatten()
+    }
+
+    fn uids_above(&self, after: u32) -> (usize, Option<Uid>) {
+        self.read(|mb| {
+            let n = match after.checked_add(1).and_then(Uid::new) {
+                Some(from) => mb.mails.range(from..).count(),
+                None => 0,
+            };
+            (n, mb.mails.keys().next_back().copied())
+        })
+        .unwrap_or((0, None))
+    }
+
     fn changes_since(&self, since: Modseq) -> Option<Vec<Change>> {
         self.read(|mb| {
             if since != 0 && (since < mb.log_floor || mb.history_lost) {

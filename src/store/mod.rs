@@ -340,6 +340,19 @@ pub trait Mailbox {
         self.mails().into_iter().map(|m| m.uid).collect()
     }
 
+    /// The first UID above `after`: a walk over a large mailbox one mail at a time, holding
+    /// nothing per mail (the default lists them all; stores override it).
+    fn uid_after(&self, after: u32) -> Option<Uid> {
+        self.uids().into_iter().find(|u| u.get() > after)
+    }
+
+    /// How many mails have a UID above `after`, and the highest UID (the default lists them
+    /// all; stores override it).
+    fn uids_above(&self, after: u32) -> (usize, Option<Uid>) {
+        let uids = self.uids();
+        (uids.len() - uids.partition_point(|u| u.get() <= after), uids.last().copied())
+    }
+
     /// One mail.
     fn mail(&self, uid: Uid) -> Option<MailRecord>;
 

@@ -47,12 +47,15 @@ as_user perl "$HERE/gen-maildir.pl" "$DIR/src" "$MAILS" 1 200 400
 [ "${FRESH:-0}" = 1 ] || sleep 3
 
 hwm() { awk '/VmHWM/ { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
+# The resident heap and the resident pages of files (the lists a large mailbox keeps in a file,
+# see src/spill.rs), in KiB, as "anon file".
+parts() { awk '/RssAnon/ { a = $2 } /RssFile/ { f = $2 } END { if (a != "") print a, f }' "/proc/$1/status" 2>/dev/null || true; }
 
 # run MODE: one master run into $DIR/dst; prints wall time and both peaks.
 run() {
     local mode=$1 master="$DIR/mailreplica -o mail_location=maildir:$DIR/src" \
         slave="$DIR/mailreplica -o mail_location=maildir:$DIR/dst dsync-server"
-    local start end pid s h mpeak=0 speak=0 rc=0
+    local start end pid s h p mpeak=0 speak=0 manon=0 mfile=0 rc=0
     start=$(date +%s.%N)
     # Not through as_user: a function in the background is a subshell, and $! would be it.
     setpriv --reuid "$USER_NAME" --regid "$USER_NAME" --init-groups env HOME="$DIR" \
@@ -62,6 +65,11 @@ run() {
     while kill -0 "$pid" 2>/dev/null; do
         s=$(pgrep -P "$pid" | head -1 || true)
         h=$(hwm "$pid"); [ -n "$h" ] && [ "$h" -gt "$mpeak" ] && mpeak=$h
+        p=$(parts "$pid")
+        if [ -n "$p" ]; then
+            [ "${p% *}" -gt "$manon" ] && manon=${p% *}
+            [ "${p#* }" -gt "$mfile" ] && mfile=${p#* }
+        fi
         if [ -n "$s" ]; then h=$(hwm "$s"); [ -n "$h" ] && [ "$h" -gt "$speak" ] && speak=$h; fi
         sleep 0.2
     done
@@ -72,8 +80,8 @@ run() {
         tail -5 "$DIR/err" >&2
         exit 1
     fi
-    awk -v what="$2" -v s="$start" -v e="$end" -v m="$mpeak" -v sl="$speak" 'BEGIN {
-        printf "%-40s wall %7.1f s   master peak RSS %5.1f MiB   slave peak RSS %5.1f MiB\n", what, e - s, m / 1024, sl / 1024
+    awk -v what="$2" -v s="$start" -v e="$end" -v m="$mpeak" -v sl="$speak" -v a="$manon" -v f="$mfile" 'BEGIN {
+        printf "%-40s wall %7.1f s   master peak RSS %5.1f MiB (at most %.1f heap, %.1f files)   slave peak RSS %5.1f MiB\n", what, e - s, m / 1024, a / 1024, f / 1024, sl / 1024
     }'
 }
 

@@ -17,7 +17,7 @@
 //! expunges it. Only those copies are held, so memory grows with the mails both sides touched
 //! during the sync, not with the mailbox.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
@@ -87,7 +87,7 @@ impl Kept {
 /// The GUIDs of our sent saves, as the [`StrIndex`] of them checks a match.
 struct SentGuids<'a, M> {
     mb: &'a M,
-    kept: &'a HashMap<u32, Kept>,
+    kept: &'a BTreeMap<u32, Kept>,
 }
 
 impl<M: Mailbox> KeySource for SentGuids<'_, M> {
@@ -108,13 +108,15 @@ pub(crate) struct Exporter {
     /// Changes from our log since the last common modseq, by ascending UID.
     log: Vec<MailChange>,
     log_pos: usize,
-    /// Our UIDs when the export began, ascending, and how many of them were walked.
-    uids: Vec<u32>,
-    pos: usize,
+    /// The highest UID walked: the walk goes up our UIDs as they were when the export began,
+    /// one store lookup at a time (a list of them took 4 bytes a mail).
+    walked: u32,
     /// The highest of those UIDs: any mail above it was saved during this sync.
     snapshot_max: u32,
     /// Copies taken for the importer's sake (see the module's comment).
-    kept: HashMap<u32, Kept>,
+    /// By UID: those above `walked` are mails the walk has yet to reach (the importer may
+    /// have expunged or moved them in the store meanwhile).
+    kept: BTreeMap<u32, Kept>,
     /// The change last returned by [`Exporter::next_change`].
     current: MailChange,
     exhausted: bool,
@@ -188,20 +190,18 @@ impl Exporter {
             }
         }
         drop(log);
-        let uids: Vec<u32> = mb.uids().into_iter().map(Uid::get).collect();
-        let snapshot_max = uids.last().copied().unwrap_or(0);
         // Every mail above the last common UID is sent as a save, and only saves are indexed.
-        let saves = uids.len() - uids.partition_point(|&u| u <= last_common_uid);
+        let (saves, last) = mb.uids_above(last_common_uid);
+        let snapshot_max = last.map_or(0, Uid::get);
         Ok(Self {
             opts,
             last_common_uid,
             return_all,
             log: per_uid.into_values().collect(),
             log_pos: 0,
-            uids,
+            walked: 0,
             snapshot_max,
-            pos: 0,
-            kept: HashMap::new(),
+            kept: BTreeMap::new(),
             current: MailChange::new(ChangeType::Save, 0),
             exhausted: false,
             sent: StrIndex::with_capacity(saves),
@@ -216,7 +216,14 @@ impl Exporter {
     /// The next `C` record, in UID order.
     pub(crate) fn next_change<M: Mailbox>(&mut self, mb: &mut M) -> Result<Option<&MailChange>, StoreError> {
         while !self.exhausted {
-            let next_uid = self.uids.get(self.pos).copied();
+            // The next of our mails as the export began: in the store, or kept aside because
+            // the importer has changed it since.
+            let stored = mb.uid_after(self.walked).map(Uid::get).filter(|&u| u <= self.snapshot_max);
+            let kept = self.kept.range(self.walked.saturating_add(1)..).next().map(|(&u, _)| u);
+            let next_uid = match (stored, kept) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             // A logged change for a mail that is no longer here: its expunge goes out; a flag
             // change would carry no GUID and only confuse the other side.
             if let Some(l) = self.log.get(self.log_pos).map(|c| c.uid)
@@ -233,11 +240,9 @@ impl Exporter {
             let Some(uid) = next_uid else {
                 self.exhausted = true;
                 self.log = Vec::new();
-                self.uids = Vec::new();
-                self.pos = 0;
                 break;
             };
-            self.pos += 1;
+            self.walked = uid;
             let logged = match self.log.get_mut(self.log_pos) {
                 Some(c) if c.uid == uid => {
                     self.log_pos += 1;
@@ -340,7 +345,7 @@ impl Exporter {
         }
         // UIDs are never reused, so a mail at or below the highest UID of the export's
         // start was there then; the walk goes by ascending UID.
-        let unsent = self.uids.get(self.pos).is_some_and(|&next| u >= next);
+        let unsent = !self.exhausted && u > self.walked;
         if unsent {
             let Some(rec) = mb.mail(uid) else { return Ok(()) };
             let received = if self.opts.timestamps { mb.received_date(uid)? } else { 0 };

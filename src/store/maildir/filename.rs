@@ -138,19 +138,6 @@ pub(crate) fn valid_base(name: &str) -> bool {
 /// Dovecot's order for assigning UIDs to new files (`maildir_filename_sort_cmp`): by the
 /// leading seconds, then by the `M<usecs>` part, then by the rest of the base name.
 pub(crate) fn sort_cmp(a: &str, b: &str) -> Ordering {
-    fn split_secs(s: &str) -> (u64, &str) {
-        let n = s.bytes().take_while(u8::is_ascii_digit).count();
-        let secs = s[..n].bytes().fold(0u64, |acc, d| acc.wrapping_mul(10).wrapping_add(u64::from(d - b'0')));
-        (secs, &s[n..])
-    }
-    fn usecs(s: &str) -> Option<u64> {
-        let rest = s.strip_prefix('.')?;
-        let field = rest.split(['.', ':']).next()?;
-        let pos = field.find('M')?;
-        let digits = &field[pos + 1..];
-        let n = digits.bytes().take_while(u8::is_ascii_digit).count();
-        Some(digits[..n].parse().unwrap_or(0))
-    }
     let (sa, ra) = split_secs(a);
     let (sb, rb) = split_secs(b);
     sa.cmp(&sb)
@@ -159,6 +146,29 @@ pub(crate) fn sort_cmp(a: &str, b: &str) -> Ordering {
             _ => Ordering::Equal,
         })
         .then_with(|| base(ra).cmp(base(rb)))
+}
+
+/// The seconds and microseconds [`sort_cmp`] orders by, when the name has both: two names
+/// whose keys differ compare as their keys do. `None` for a name without an `M<usecs>` part,
+/// which only [`sort_cmp`] itself can place.
+pub(crate) fn sort_key(name: &str) -> Option<(u64, u64)> {
+    let (secs, rest) = split_secs(name);
+    Some((secs, usecs(rest)?))
+}
+
+fn split_secs(s: &str) -> (u64, &str) {
+    let n = s.bytes().take_while(u8::is_ascii_digit).count();
+    let secs = s[..n].bytes().fold(0u64, |acc, d| acc.wrapping_mul(10).wrapping_add(u64::from(d - b'0')));
+    (secs, &s[n..])
+}
+
+fn usecs(s: &str) -> Option<u64> {
+    let rest = s.strip_prefix('.')?;
+    let field = rest.split(['.', ':']).next()?;
+    let pos = field.find('M')?;
+    let digits = &field[pos + 1..];
+    let n = digits.bytes().take_while(u8::is_ascii_digit).count();
+    Some(digits[..n].parse().unwrap_or(0))
 }
 
 /// Generates unique base names `<secs>.M<usecs>P<pid>Q<n>.<host>` (Dovecot's scheme plus a
@@ -247,6 +257,34 @@ mod tests {
         let mut v = vec!["2.M5P1.h", "1.M20P1.h", "1.M3P9.h", "1.M3P1.h"];
         v.sort_by(|a, b| sort_cmp(a, b));
         assert_eq!(v, ["1.M3P1.h", "1.M3P9.h", "1.M20P1.h", "2.M5P1.h"]);
+    }
+
+    #[test]
+    fn where_sort_keys_differ_they_order_as_dovecot_does() {
+        let names = [
+            "1700000000.M5P1.h",
+            "1700000000.M40P1.h:2,S",
+            "1700000000.M40P2.h",
+            "1700000000.P1.h",
+            "1700000001.M1P1.h",
+            "999.M999999P1.h",
+            "99999999999999999999999.M1P1.h",
+            "1700000000.M99999999999999999999999P1.h",
+            "abc",
+            "1700000000",
+            "1700000000.M.h",
+        ];
+        for a in names {
+            for b in names {
+                if let (Some(ka), Some(kb)) = (sort_key(a), sort_key(b))
+                    && ka != kb
+                {
+                    assert_eq!(ka.cmp(&kb), sort_cmp(a, b), "{a} vs {b}");
+                }
+            }
+        }
+        assert_eq!(sort_key("1700000000.M40P2.h"), Some((1_700_000_000, 40)));
+        assert_eq!(sort_key("1700000000.P1.h"), None);
     }
 
     #[test]

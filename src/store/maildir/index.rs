@@ -62,7 +62,8 @@ use std::path::{Path, PathBuf};
 
 use super::filename::KeywordMask;
 use super::fsutil::{self, Stamp};
-use super::names::{MAX_NAME, NameRef, Names};
+use super::names::{MAX_NAME, NameRef, Names, Rare};
+use crate::spill::SpillVec;
 use crate::store::error::{IoContext, StoreResult};
 use crate::store::{Flags, Guid128, Keyword, Modseq};
 
@@ -76,12 +77,14 @@ const LOG_KEEP_MIN: usize = 10_000;
 
 /// A mail as the index remembers it, and as an open mailbox keeps it in memory: one per mail,
 /// so it is kept small (32 bytes; its file name, base and info, is in the mailbox's
-/// [`Names`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// [`Names`]) and plain (`Copy`, no pointer), so that a large mailbox's list can live in a
+/// file ([`crate::spill`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct IndexedMail {
     pub(crate) modseq: Modseq,
-    /// What few mails have, kept aside so that the others do not pay for it.
-    rare: Option<Box<Rare>>,
+    /// What few mails have, kept aside in [`Names`] so that the others do not pay for it:
+    /// its place there + 1, or 0.
+    rare: u32,
     /// The file name's place in [`Names`] (a [`NameRef`] in two fields, which packs tighter).
     name_off: u32,
     pub(crate) uid: u32,
@@ -96,37 +99,23 @@ pub(crate) struct IndexedMail {
 
 const _: () = assert!(std::mem::size_of::<IndexedMail>() == 32);
 
-/// The parts of an [`IndexedMail`] that most mails lack.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct Rare {
-    /// The uidlist's `G` extension.
-    guid_ext: Option<Box<str>>,
-    /// Keywords without a letter, as ids into [`Index::extra_keywords`], in the mail's order.
-    extras: Box<[u16]>,
-}
-
-impl Rare {
-    fn boxed(guid_ext: Option<Box<str>>, extras: Box<[u16]>) -> Option<Box<Self>> {
-        (guid_ext.is_some() || !extras.is_empty()).then(|| Box::new(Self { guid_ext, extras }))
-    }
-}
-
 impl IndexedMail {
     /// The uidlist's `G` extension, if any.
-    pub(crate) fn guid_ext(&self) -> Option<&str> {
-        self.rare.as_ref().and_then(|r| r.guid_ext.as_deref())
+    pub(crate) fn guid_ext<'a>(&self, names: &'a Names) -> Option<&'a str> {
+        names.rare(self.rare).and_then(|r| r.guid_ext.as_deref())
     }
 
     /// Keywords without a letter, as ids into [`Index::extra_keywords`], in the mail's order.
-    pub(crate) fn extras(&self) -> &[u16] {
-        self.rare.as_ref().map_or(&[], |r| &r.extras)
+    pub(crate) fn extras<'a>(&self, names: &'a Names) -> &'a [u16] {
+        names.rare(self.rare).map_or(&[], |r| &r.extras)
     }
 
     /// Replaces the keywords without a letter; returns the old ones.
-    pub(crate) fn replace_extras(&mut self, extras: Box<[u16]>) -> Box<[u16]> {
-        let rare = self.rare.take().map(|b| *b).unwrap_or_default();
-        self.rare = Rare::boxed(rare.guid_ext, extras);
-        rare.extras
+    pub(crate) fn replace_extras(&mut self, names: &mut Names, extras: Box<[u16]>) -> Box<[u16]> {
+        let mut rare = names.rare(self.rare).cloned().unwrap_or_default();
+        let old = std::mem::replace(&mut rare.extras, extras);
+        names.set_rare(&mut self.rare, rare);
+        old
     }
 
     /// A mail with the flags its file name carries, the name stored in `names`.
@@ -150,13 +139,13 @@ impl IndexedMail {
         in_new: bool,
         guid_ext: Option<Box<str>>,
         name: NameRef,
-        names: &Names,
+        names: &mut Names,
         extras: Box<[u16]>,
     ) -> Self {
         let (flags, kw) = super::filename::parse_flags(names.get(name));
         Self {
             modseq,
-            rare: Rare::boxed(guid_ext, extras),
+            rare: names.add_rare(Rare { guid_ext, extras }),
             name_off: name.off,
             uid,
             kw,
@@ -196,28 +185,30 @@ impl IndexedMail {
             uid: self.uid,
             modseq: self.modseq,
             in_new: self.in_new,
-            guid_ext: self.guid_ext(),
+            guid_ext: self.guid_ext(names),
             file: self.file(names),
-            extras: self.extras(),
+            extras: self.extras(names),
         }
     }
 
     /// The mail's GUID: the uidlist's `G` extension, else the base file name.
     pub(crate) fn guid<'a>(&'a self, names: &'a Names) -> &'a str {
-        self.guid_ext().unwrap_or_else(|| super::filename::base(self.file(names)))
+        self.guid_ext(names).unwrap_or_else(|| super::filename::base(self.file(names)))
     }
 }
 
 /// What merging a directory scan into the index needs of a mail the index knew, without its
-/// names (a full open holds the old index and the scan at once: this keeps the old one small).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// names (a full open holds the old index and the scan at once: this keeps the old one small,
+/// and plain, so that it can live in a file: see [`crate::spill`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct KnownMail {
     pub(crate) modseq: Modseq,
     /// [`mail_ident`] of the mail: the same mail if and only if equal.
     pub(crate) ident: u64,
     /// The 128-bit form of its GUID, for an expunge record.
     pub(crate) guid128: Guid128,
-    pub(crate) extras: Box<[u16]>,
+    /// Its keywords without a letter: their place in [`Index::known_extras`] + 1, or 0.
+    pub(crate) extras: u32,
     pub(crate) uid: u32,
     pub(crate) kw: KeywordMask,
     pub(crate) flags: Flags,
@@ -225,18 +216,23 @@ pub(crate) struct KnownMail {
 }
 
 impl KnownMail {
-    pub(crate) fn of(m: &IndexedMail, names: &Names) -> Self {
-        Self { kw: m.kw, flags: m.flags, gone: m.gone, ..Self::from_line(&m.line(names)) }
+    pub(crate) fn of(m: &IndexedMail, names: &Names, extras: &mut Vec<Box<[u16]>>) -> Self {
+        Self { kw: m.kw, flags: m.flags, gone: m.gone, ..Self::from_line(&m.line(names), extras) }
     }
 
     /// The same from an index line, without storing the name anywhere.
-    fn from_line(m: &MailLine<'_>) -> Self {
+    fn from_line(m: &MailLine<'_>, all_extras: &mut Vec<Box<[u16]>>) -> Self {
         let (flags, kw) = super::filename::parse_flags(m.file);
         Self {
             modseq: m.modseq,
             ident: mail_ident(m.file, m.guid_ext),
             guid128: Guid128::from_mail_guid(m.guid_ext.unwrap_or_else(|| super::filename::base(m.file))),
-            extras: m.extras.into(),
+            extras: if m.extras.is_empty() {
+                0
+            } else {
+                all_extras.push(m.extras.into());
+                all_extras.len() as u32
+            },
             uid: m.uid,
             kw,
             flags,
@@ -329,12 +325,14 @@ pub(crate) struct Index {
     /// Keywords without a letter, by id.
     pub(crate) extra_keywords: Vec<Keyword>,
     /// Mails in ascending UID order (empty when `known` holds them).
-    pub(crate) mails: Vec<IndexedMail>,
+    pub(crate) mails: SpillVec<IndexedMail>,
     /// Their file names.
     pub(crate) names: Names,
     /// The same in the form a merge needs, when the snapshot could not be trusted as it is
     /// (see [`Index::read`]).
-    pub(crate) known: Vec<KnownMail>,
+    pub(crate) known: SpillVec<KnownMail>,
+    /// The keywords without a letter of mails in `known` (see [`KnownMail::extras`]).
+    pub(crate) known_extras: Vec<Box<[u16]>>,
     pub(crate) log: VecDeque<LogEntry>,
     /// Lines appended since the last rewrite.
     pub(crate) appended: usize,
@@ -395,6 +393,10 @@ impl Index {
         let len = f.metadata().ctx("fstat", &path)?.len();
         let mut r = BufReader::with_capacity(64 * 1024, f);
         let mut p = Parser::new(len, trusted.copied());
+        // A large mailbox's lists move into files of its own directory.
+        p.idx.names = Names::in_dir(dir);
+        p.idx.mails = SpillVec::new_in(crate::spill::dir(dir));
+        p.idx.known = SpillVec::new_in(crate::spill::dir(dir));
         let mut buf = Vec::with_capacity(256);
         let mut n = 0;
         let outcome = loop {
@@ -478,9 +480,9 @@ impl Parser {
         // Mail lines are 60 to 100 bytes: room for most without growing, trimmed at the end.
         let n = (self.len / 72) as usize;
         if lean {
-            self.idx.known.reserve(n)
+            self.idx.known.reserve_exact(n)
         } else {
-            self.idx.mails.reserve(n)
+            self.idx.mails.reserve_exact(n)
         }
         self.lean = Some(lean);
         lean
@@ -547,7 +549,7 @@ impl Parser {
                 idx.appended += usize::from(section == 2);
                 if lean {
                     let line = MailLine { uid, modseq, in_new, guid_ext: guid_ext.as_deref(), file, extras: &extras };
-                    let k = KnownMail::from_line(&line);
+                    let k = KnownMail::from_line(&line, &mut idx.known_extras);
                     self.gone -= usize::from(place(&mut idx.known, k, |k| (k.uid, k.gone), section, n)?);
                 } else {
                     let m =
@@ -631,7 +633,13 @@ impl Parser {
 /// Puts a mail line's mail into `mails` (UID order): appended at the end in the snapshot
 /// section (where UIDs must ascend), upserted after it. Returns whether it replaced a mail
 /// marked gone.
-fn place<M>(mails: &mut Vec<M>, m: M, key: impl Fn(&M) -> (u32, bool), section: u8, n: usize) -> Result<bool, usize> {
+fn place<M: Copy>(
+    mails: &mut SpillVec<M>,
+    m: M,
+    key: impl Fn(&M) -> (u32, bool),
+    section: u8,
+    n: usize,
+) -> Result<bool, usize> {
     let uid = key(&m).0;
     if section == 0 {
         if mails.last().is_some_and(|l| key(l).0 >= uid) {
@@ -1054,7 +1062,7 @@ mod tests {
             idx.extra_keywords.iter().map(Keyword::as_str).collect::<Vec<_>>(),
             ["extra0", "extra1", "extra2", "late"]
         );
-        assert_eq!(idx.mails[0].extras(), &[2, 0]);
+        assert_eq!(idx.mails[0].extras(&idx.names), &[2, 0]);
         assert_eq!(idx.mails[0].file(&idx.names), "x y:2,Sa");
         assert_eq!((idx.mails[0].flags, idx.mails[0].kw), (Flags::SEEN, 1));
         assert_eq!(idx.log.len(), 2);
@@ -1090,8 +1098,9 @@ mod tests {
         let other = Stamps { new: Some(Stamp::default()), ..stamps };
         let merge = Index::read(dir.path(), Some(&other)).unwrap().unwrap();
         assert!(merge.mails.is_empty());
+        let extras = |k: &KnownMail| k.extras.checked_sub(1).map_or(&[][..], |i| &*merge.known_extras[i as usize]);
         let k: Vec<(u32, u64, Guid128, &[u16], Flags)> =
-            merge.known.iter().map(|k| (k.uid, k.modseq, k.guid128, &*k.extras, k.flags)).collect();
+            merge.known.iter().map(|k| (k.uid, k.modseq, k.guid128, extras(k), k.flags)).collect();
         assert_eq!(
             k,
             [

@@ -41,6 +41,7 @@ use super::keywords::{ExtraKeywords, KeywordMap};
 use super::names::{NameRef, Names};
 use super::uidlist::{self, Record, Salvage, Uidlist};
 use super::{Ctx, dotlock::Dotlock, dovecot_log, tmpclean, uidvalidity};
+use crate::spill::{self, SpillVec};
 use crate::store::error::{IoContext, StoreResult};
 use crate::store::{
     Change, FlagOp, Flags, Guid128, Keyword, MAX_UID, MailGuid, MailRecord, Mailbox, MailboxName, MailboxStatus,
@@ -130,7 +131,9 @@ pub struct MaildirMailbox {
     extra_kw: ExtraKeywords,
     extra_kw_written: usize,
     /// Mails by ascending UID, including expunged ones not yet swept out (`removed` of them).
-    mails: Vec<Mail>,
+    /// A large mailbox's list lives in a file ([`crate::spill`]): loops over all of it
+    /// release its pages as they go.
+    mails: SpillVec<Mail>,
     /// Their file names.
     names: Names,
     removed: usize,
@@ -179,12 +182,13 @@ fn is_fresh(s: Option<Stamp>) -> bool {
 struct DirScan {
     names: Names,
     /// (file name, in `new/`).
-    files: Vec<(NameRef, bool)>,
+    files: SpillVec<(NameRef, bool)>,
 }
 
 impl DirScan {
     fn read(dir: &Path) -> StoreResult<Self> {
-        let mut files = Vec::new();
+        // On the heap: an open matches them in no particular order (see crate::spill).
+        let mut files = SpillVec::default();
         let mut names = Names::default();
         for (sub, in_new) in [("new", true), ("cur", false)] {
             let d = dir.join(sub);
@@ -210,7 +214,13 @@ impl DirScan {
 
     /// The name of file `i`.
     fn name(&self, i: usize) -> &str {
-        self.names.get(self.files[i].0)
+        self.file(i).0
+    }
+
+    /// The name of file `i`, and whether it is in `new/`.
+    fn file(&self, i: usize) -> (&str, bool) {
+        let (name, in_new) = self.files[i];
+        (self.names.get(name), in_new)
     }
 
     /// Base name → index into `files`. A file seen in both directories (moved from new/ to
@@ -265,22 +275,52 @@ impl BaseIndex<'_> {
 /// record, with its own copy of the name, for every file.
 const APPEND_CHUNK: usize = 8192;
 
-/// Gives the files `missing` (base name, file index; in Dovecot's order) the next UIDs of
-/// `list` (a header-only view, which the appends keep header-only), appending them to the
-/// uidlist in chunks and adding them to `found`.
+/// The scanned files `unlisted` says yes to (by file index), in the order Dovecot gives new
+/// files their UIDs ([`filename::sort_cmp`]). Sorted by a key made once per file, not by
+/// reading two names per comparison: a million names read in no order would hold every page
+/// of a scan that lives in a file ([`crate::spill`]), and take a page fault each.
+fn sorted_unlisted(files: &BaseIndex<'_>, unlisted: impl Fn(u32) -> bool) -> Vec<(u64, u32)> {
+    /// The key of a file whose order the key alone does not settle.
+    const INEXACT: u64 = u64::MAX;
+    let key = |name: &str| match filename::sort_key(name) {
+        Some((secs, usecs)) if secs < 1 << 40 && usecs < 1 << 24 => (secs << 24) | usecs,
+        _ => INEXACT,
+    };
+    let mut v: Vec<(u64, u32)> = files.iter().filter(|&(_, i)| unlisted(i)).map(|(b, i)| (key(b), i)).collect();
+    v.sort_by(|a, b| {
+        if a.0 != INEXACT && b.0 != INEXACT && a.0 != b.0 {
+            a.0.cmp(&b.0)
+        } else {
+            filename::sort_cmp(files.scan.name(a.1 as usize), files.scan.name(b.1 as usize))
+        }
+    });
+    v
+}
+
+/// Gives the files `missing` (from [`sorted_unlisted`]) the next UIDs of `list` (a
+/// header-only view, which the appends keep header-only), appending them to the uidlist in
+/// chunks and adding them to `found`.
 fn append_in_chunks(
     dir: &Path,
     list: &mut Uidlist,
-    missing: &[(&str, u32)],
-    found: &mut Vec<uidlist::Found>,
+    scan: &DirScan,
+    missing: &[(u64, u32)],
+    found: &mut uidlist::FoundList,
 ) -> StoreResult<()> {
     for chunk in missing.chunks(APPEND_CHUNK) {
         let first = list.next_uid();
         let new: Vec<Record> = (first..=MAX_UID)
             .zip(chunk)
-            .map(|(uid, &(base, _))| Record { uid, base: base.to_owned(), guid: None, other_exts: String::new() })
+            .map(|(uid, &(_, i))| Record {
+                uid,
+                base: filename::base(scan.name(i as usize)).to_owned(),
+                guid: None,
+                other_exts: String::new(),
+            })
             .collect();
-        found.extend(new.iter().zip(chunk).map(|(r, &(_, i))| (r.uid, i, None)));
+        for (r, &(_, i)) in new.iter().zip(chunk) {
+            found.push(r.uid, i, None);
+        }
         list.append(dir, new)?;
     }
     Ok(())
@@ -339,7 +379,6 @@ impl MaildirMailbox {
         let file_mode = meta.permissions().mode() & 0o666;
         let mb = Self {
             name,
-            dir,
             ctx,
             _lock: lock,
             file_mode: if file_mode == 0 { 0o600 } else { file_mode },
@@ -349,8 +388,9 @@ impl MaildirMailbox {
             keywords: KeywordMap::default(),
             extra_kw: ExtraKeywords::default(),
             extra_kw_written: 0,
-            mails: Vec::new(),
-            names: Names::default(),
+            mails: SpillVec::new_in(spill::dir(&dir)),
+            names: Names::in_dir(&dir),
+            dir,
             removed: 0,
             counts: Counts::default(),
             used_kw: 0,
@@ -490,7 +530,7 @@ impl MaildirMailbox {
         self.removed = 0;
         self.counts = Counts::default();
         self.used_kw = 0;
-        for m in &self.mails {
+        for m in self.mails.iter_releasing() {
             self.counts.add(m.flags, m.in_new);
             self.used_kw |= m.kw;
         }
@@ -520,7 +560,13 @@ impl MaildirMailbox {
         {
             // Read in full (a torn index with a trusted snapshot): the merge needs less.
             let names = std::mem::take(&mut o.names);
-            o.known = std::mem::take(&mut o.mails).into_iter().map(|m| KnownMail::of(&m, &names)).collect();
+            let mails = std::mem::take(&mut o.mails);
+            o.known = SpillVec::new_in(mails.dir());
+            o.known.reserve_exact(mails.len());
+            for m in mails.iter_releasing() {
+                let k = KnownMail::of(m, &names, &mut o.known_extras);
+                o.known.push(k);
+            }
         }
         // The common case, a uidlist that lists every file: matched against the directories
         // as it is read, holding no copy of the names.
@@ -573,35 +619,45 @@ impl MaildirMailbox {
 
         // Files listed in the uidlist, in UID order; their names move over from the scan.
         let DirScan { mut names, files } = scan;
-        let mut current: Vec<Mail> = Vec::with_capacity(found.len());
+        let mut current: SpillVec<Mail> = SpillVec::new_in(spill::dir(&self.dir));
+        current.reserve_exact(found.len());
         let mut live = 0;
-        for (uid, i, guid_ext) in found {
+        for (uid, i, guid_ext) in found.iter() {
             let (name, in_new) = files[i as usize];
             live += usize::from(name.len);
-            current.push(Mail::with_name(uid, 0, in_new, guid_ext, name, &names, Box::default()));
+            current.push(Mail::with_name(uid, 0, in_new, guid_ext.map(Box::from), name, &mut names, Box::default()));
         }
+        drop(found);
         drop(files);
         names.set_live(live);
+        // Into the mailbox's own buffer, in UID order, without the names of files that got no
+        // UID: it moves into a file once large.
+        names.compact_into(&self.dir, &mut current, Mail::name, Mail::set_name);
 
         let old = old.filter(|o| o.header.uid_validity == self.uid_validity && o.header.guid == Some(self.guid));
         match old {
             Some(old) => {
-                let Index { mut header, known, mut log, extra_keywords, .. } = old;
+                let Index { mut header, known, known_extras, mut log, extra_keywords, .. } = old;
                 let mut hms = header.highest_modseq.max(dovecot_highest);
                 let mut next = || {
                     hms = hms.saturating_add(1);
                     hms
                 };
-                let mut oi = known.into_iter().peekable();
-                for m in &mut current {
+                let mut oi = known.iter_releasing().copied().peekable();
+                for n in 0..current.len() {
+                    if n % spill::RELEASE_EVERY == 0 {
+                        current.release();
+                    }
+                    let m = &mut current[n];
                     // Mails the index knew but that are gone: expunged behind our back.
                     while let Some(o) = oi.next_if(|o| o.uid < m.uid) {
                         log.push_back(LogEntry::Expunge { modseq: next(), uid: o.uid, guid: o.guid128 });
                     }
                     match oi.next_if(|o| o.uid == m.uid) {
-                        Some(o) if o.ident == index::mail_ident(m.file(&names), m.guid_ext()) => {
+                        Some(o) if o.ident == index::mail_ident(m.file(&names), m.guid_ext(&names)) => {
                             // Keywords without a letter are only ever in our index: they stay.
-                            m.replace_extras(o.extras);
+                            let extras = o.extras.checked_sub(1).and_then(|i| known_extras.get(i as usize));
+                            m.replace_extras(&mut names, extras.cloned().unwrap_or_default());
                             let (of, okw) = (o.flags, o.kw);
                             if (of, okw) == (m.flags, m.kw) {
                                 m.modseq = o.modseq;
@@ -651,8 +707,11 @@ impl MaildirMailbox {
                     0 => per_mail,
                     theirs => per_mail.max(theirs.saturating_add(u64::from(lost))),
                 };
-                for m in &mut current {
-                    m.modseq = per_mail;
+                for n in 0..current.len() {
+                    current[n].modseq = per_mail;
+                    if n % spill::RELEASE_EVERY == 0 {
+                        current.release();
+                    }
                 }
                 if lost {
                     tracing::info!(
@@ -700,7 +759,7 @@ impl MaildirMailbox {
     /// only files delivered since (Dovecot's LDA, a hand copy). They get UIDs appended, as
     /// Dovecot gives them, without reading every record's name into memory the way a repair
     /// must. `None` when the uidlist needs more than that ([`MaildirMailbox::fix_uidlist`]).
-    fn append_unlisted(&self, scan: &DirScan) -> StoreResult<Option<(Uidlist, Vec<uidlist::Found>)>> {
+    fn append_unlisted(&self, scan: &DirScan) -> StoreResult<Option<(Uidlist, uidlist::FoundList)>> {
         let by_base = scan.by_base();
         let (mut list, mut found) = match Uidlist::read_matched(&self.dir, |b| by_base.get(b), by_base.len()) {
             Ok(Some((l, found))) if l.guid.is_some() && l.version == 3 => (l, found),
@@ -708,18 +767,17 @@ impl MaildirMailbox {
             Err(e) => return Err(e),
         };
         let mut listed = vec![false; scan.files.len()];
-        for f in &found {
-            listed[f.1 as usize] = true;
+        for (_, i, _) in found.iter() {
+            listed[i as usize] = true;
         }
-        let mut missing: Vec<(&str, u32)> = by_base.iter().filter(|&(_, i)| !listed[i as usize]).collect();
-        missing.sort_by(|a, b| filename::sort_cmp(a.0, b.0));
+        let missing = sorted_unlisted(&by_base, |i| !listed[i as usize]);
         let first = list.next_uid();
         let room = (u64::from(MAX_UID) + 1).saturating_sub(u64::from(first));
         if missing.len() as u64 > room {
             // Said (and handled) by the repair.
             return Ok(None);
         }
-        append_in_chunks(&self.dir, &mut list, &missing, &mut found)?;
+        append_in_chunks(&self.dir, &mut list, scan, &missing, &mut found)?;
         Ok(Some((list, found)))
     }
 
@@ -733,7 +791,7 @@ impl MaildirMailbox {
         read: ListRead,
         files: &BaseIndex<'_>,
         old: Option<&Index>,
-    ) -> StoreResult<(Uidlist, Vec<uidlist::Found>)> {
+    ) -> StoreResult<(Uidlist, uidlist::FoundList)> {
         let path = self.dir.join(uidlist::NAME);
         let mut salvage = None;
         // A new or rebuilt uidlist may give files other UIDs than Dovecot's index has.
@@ -779,10 +837,14 @@ impl MaildirMailbox {
             });
             rewrite = true;
         }
-        let known: FastSet<&str> = list.records.iter().map(|r| r.base.as_str()).collect();
-        let mut missing: Vec<(&str, u32)> = files.iter().filter(|(b, _)| !known.contains(b)).collect();
-        drop(known);
-        missing.sort_by(|a, b| filename::sort_cmp(a.0, b.0));
+        let mut listed = vec![false; files.scan.files.len()];
+        for r in &list.records {
+            if let Some(i) = files.get(&r.base) {
+                listed[i as usize] = true;
+            }
+        }
+        let mut missing = sorted_unlisted(files, |i| !listed[i as usize]);
+        drop(listed);
         let first = list.next_uid();
         let room = (u64::from(MAX_UID) + 1).saturating_sub(u64::from(first));
         if missing.len() as u64 > room {
@@ -799,15 +861,16 @@ impl MaildirMailbox {
             // rewrite keeps the header's next UID at `first` even when trailing records go).
             list.rewrite(&self.dir, |r| files.contains(r.base.as_str()))?;
         }
-        let mut found: Vec<uidlist::Found> = Vec::with_capacity(list.records.len() + missing.len());
-        found.extend(
-            list.records
-                .iter()
-                .filter_map(|r| Some((r.uid, files.get(r.base.as_str())?, r.guid.as_deref().map(Box::from)))),
-        );
+        let mut found = uidlist::FoundList::in_dir(&self.dir);
+        found.reserve(list.records.len() + missing.len());
+        for r in &list.records {
+            if let Some(i) = files.get(r.base.as_str()) {
+                found.push(r.uid, i, r.guid.as_deref());
+            }
+        }
         let mut list = list.header_only();
         debug_assert!(missing.is_empty() || list.next_uid() == first);
-        append_in_chunks(&self.dir, &mut list, &missing, &mut found)?;
+        append_in_chunks(&self.dir, &mut list, files.scan, &missing, &mut found)?;
         if let Some(sv) = salvage {
             warn_salvaged(&path, &sv, &list, new_uids, first);
         }
@@ -821,7 +884,7 @@ impl MaildirMailbox {
         self.sweep();
         let n = self.mails.len();
         let names = &self.names;
-        let mut mails = self.mails.iter().map(|m| m.line(names));
+        let mut mails = self.mails.iter_releasing().map(|m| m.line(names));
         let floor = index::write_snapshot(
             &self.dir,
             &self.header,
@@ -864,7 +927,7 @@ impl MaildirMailbox {
             let names = &mut self.names;
             self.mails.retain(|m| {
                 if m.gone {
-                    names.release(m.name());
+                    names.release_name(m.name());
                 }
                 !m.gone
             });
@@ -877,6 +940,12 @@ impl MaildirMailbox {
     #[cfg(test)]
     pub(crate) fn names_held(&self) -> usize {
         self.names.held()
+    }
+
+    /// True when the list of mails and their names live in files (for tests).
+    #[cfg(test)]
+    pub(crate) fn lists_in_files(&self) -> bool {
+        self.mails.in_file() && self.names.in_file()
     }
 
     /// Reclaims the names that renames and sweeps left behind, once they outweigh the live
@@ -896,6 +965,7 @@ impl MaildirMailbox {
 
     fn find(&self, uid: Uid) -> Option<usize> {
         let i = self.mails.binary_search_by_key(&uid.get(), |m| m.uid).ok()?;
+        self.mails.note_lookup(i);
         (!self.mails[i].gone).then_some(i)
     }
 
@@ -917,6 +987,9 @@ impl MaildirMailbox {
         let by_base = scan.by_base();
         let mut found = false;
         for i in 0..self.mails.len() {
+            if i % spill::RELEASE_EVERY == 0 {
+                self.mails.release();
+            }
             if self.mails[i].gone {
                 continue;
             }
@@ -924,7 +997,7 @@ impl MaildirMailbox {
                 continue;
             };
             found |= i == idx;
-            let (file, in_new) = (scan.name(j as usize), scan.files[j as usize].1);
+            let (file, in_new) = scan.file(j as usize);
             let m = &mut self.mails[i];
             if file != m.file(&self.names) || in_new != m.in_new {
                 self.counts.sub(m.flags, m.in_new);
@@ -953,7 +1026,7 @@ impl MaildirMailbox {
     /// others in the order they were added (each name once).
     fn keywords_of(&self, m: &Mail) -> Vec<Keyword> {
         let mut kws = self.keywords.keywords(m.kw);
-        for &id in m.extras() {
+        for &id in m.extras(&self.names) {
             if let Some(k) = self.extra_kw.name(id)
                 && !kws.iter().any(|x| x.as_str().eq_ignore_ascii_case(k.as_str()))
             {
@@ -1378,13 +1451,15 @@ impl MaildirMailbox {
                 let mut set = FastSet::default();
                 set.reserve(self.mails.len() + self.pending.len());
                 let names = &self.names;
-                set.extend(self.mails.iter().filter(|m| !m.gone).map(|m| base_hash(filename::base(m.file(names)))));
+                set.extend(
+                    self.mails.iter_releasing().filter(|m| !m.gone).map(|m| base_hash(filename::base(m.file(names)))),
+                );
                 set.extend(self.pending.iter().map(|p| base_hash(&p.base)));
                 self.base_hashes.insert(set)
             }
         };
         set.contains(&h)
-            && (self.mails.iter().any(|m| !m.gone && filename::base(m.file(&self.names)) == base)
+            && (self.mails.iter_releasing().any(|m| !m.gone && filename::base(m.file(&self.names)) == base)
                 || self.pending.iter().any(|p| p.base == base))
     }
 
@@ -1545,11 +1620,23 @@ impl Mailbox for MaildirMailbox {
     }
 
     fn mails(&self) -> Vec<MailRecord> {
-        self.mails.iter().filter(|m| !m.gone).map(|m| self.record(m)).collect()
+        self.mails.iter_releasing().filter(|m| !m.gone).map(|m| self.record(m)).collect()
     }
 
     fn uids(&self) -> Vec<Uid> {
-        self.mails.iter().filter(|m| !m.gone).filter_map(|m| Uid::new(m.uid)).collect()
+        self.mails.iter_releasing().filter(|m| !m.gone).filter_map(|m| Uid::new(m.uid)).collect()
+    }
+
+    fn uid_after(&self, after: u32) -> Option<Uid> {
+        let start = self.mails.partition_point(|m| m.uid <= after);
+        self.mails.note_lookup(start);
+        self.mails[start..].iter().find(|m| !m.gone).and_then(|m| Uid::new(m.uid))
+    }
+
+    fn uids_above(&self, after: u32) -> (usize, Option<Uid>) {
+        // Expunged mails not swept out yet are counted: this sizes tables, it does not list.
+        let n = self.mails.len() - self.mails.partition_point(|m| m.uid <= after);
+        (n, self.mails.iter().rev().find(|m| !m.gone).and_then(|m| Uid::new(m.uid)))
     }
 
     fn mail(&self, uid: Uid) -> Option<MailRecord> {
@@ -1751,15 +1838,18 @@ impl Mailbox for MaildirMailbox {
                 FlagOp::Replace => (flags, mask),
             };
             let nextra: Box<[u16]> = match op {
-                FlagOp::Add => {
-                    m.extras().iter().copied().chain(ids.iter().copied().filter(|i| !m.extras().contains(i))).collect()
-                }
-                FlagOp::Remove => m.extras().iter().copied().filter(|i| !ids.contains(i)).collect(),
+                FlagOp::Add => m
+                    .extras(&self.names)
+                    .iter()
+                    .copied()
+                    .chain(ids.iter().copied().filter(|i| !m.extras(&self.names).contains(i)))
+                    .collect(),
+                FlagOp::Remove => m.extras(&self.names).iter().copied().filter(|i| !ids.contains(i)).collect(),
                 FlagOp::Replace => ids.clone().into_boxed_slice(),
             };
             let file_changes = (nf, nkw) != (m.flags, m.kw);
             let import = self.importing;
-            if !file_changes && *nextra == *m.extras() {
+            if !file_changes && *nextra == *m.extras(&self.names) {
                 if min_modseq > m.modseq {
                     // Only the modseq is raised, to exactly the value asked for (Dovecot's
                     // modseq update), not past it.
@@ -1800,7 +1890,7 @@ impl Mailbox for MaildirMailbox {
             self.counts.sub(of, m.in_new);
             self.counts.add(nf, m.in_new);
             self.used_kw |= nkw;
-            let old_extras = m.replace_extras(nextra);
+            let old_extras = m.replace_extras(&mut self.names, nextra);
             m.flags = nf;
             m.kw = nkw;
             m.modseq = modseq;
@@ -1812,7 +1902,7 @@ impl Mailbox for MaildirMailbox {
             // where that part changed anything, and not at all where it did not.
             if !import {
                 let flags_changed = nf != of;
-                let kw_changed = nkw != okw || *m.extras() != *old_extras;
+                let kw_changed = nkw != okw || *m.extras(&self.names) != *old_extras;
                 let (added, removed) = match (op, flags_changed) {
                     (_, false) => (Flags::NONE, Flags::NONE),
                     (FlagOp::Add, true) => (flags, Flags::NONE),
@@ -1827,8 +1917,8 @@ impl Mailbox for MaildirMailbox {
                     (FlagOp::Replace, true) => (
                         nkw,
                         okw & !nkw,
-                        m.extras().into(),
-                        old_extras.iter().copied().filter(|i| !m.extras().contains(i)).collect(),
+                        m.extras(&self.names).into(),
+                        old_extras.iter().copied().filter(|i| !m.extras(&self.names).contains(i)).collect(),
                     ),
                 };
                 let entry = LogEntry::Flags {

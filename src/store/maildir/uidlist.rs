@@ -24,6 +24,7 @@
 //! seen anywhere in the file, so that no UID is ever handed out twice. Files left without a UID
 //! get new ones, as any unlisted file does.
 
+use crate::spill::SpillVec;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
@@ -49,9 +50,48 @@ pub(crate) struct Record {
     pub(crate) other_exts: String,
 }
 
-/// A record whose file was found: its UID, the file's index in the directory scan, and its
-/// `G` extension.
-pub(crate) type Found = (u32, u32, Option<Box<str>>);
+/// The records whose file was found, in UID order: each record's UID, the file's index in the
+/// directory scan, and its `G` extension. One per file of a mailbox, made and read in order:
+/// 12 bytes each, in a file once large ([`crate::spill`]); the few `G` extensions aside.
+#[derive(Debug, Default)]
+pub(crate) struct FoundList {
+    /// (UID, file index, place of the `G` extension in `guids` + 1, or 0).
+    entries: SpillVec<(u32, u32, u32)>,
+    guids: Vec<Box<str>>,
+}
+
+impl FoundList {
+    /// An empty list that moves into a file of `dir` once large.
+    pub(crate) fn in_dir(dir: &Path) -> Self {
+        Self { entries: SpillVec::new_in(crate::spill::dir(dir)), guids: Vec::new() }
+    }
+
+    pub(crate) fn push(&mut self, uid: u32, file: u32, guid: Option<&str>) {
+        let g = match guid {
+            Some(g) => {
+                self.guids.push(g.into());
+                self.guids.len() as u32
+            }
+            None => 0,
+        };
+        self.entries.push((uid, file, g));
+    }
+
+    pub(crate) fn reserve(&mut self, n: usize) {
+        self.entries.reserve_exact(n);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// (UID, file index, `G` extension), in UID order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, u32, Option<&str>)> + '_ {
+        self.entries
+            .iter_releasing()
+            .map(|&(u, i, g)| (u, i, g.checked_sub(1).and_then(|g| self.guids.get(g as usize)).map(|g| &**g)))
+    }
+}
 
 /// A parsed uidlist.
 #[derive(Debug, Clone)]
@@ -199,9 +239,9 @@ impl Uidlist {
         dir: &Path,
         by_base: impl Fn(&str) -> Option<u32>,
         files: usize,
-    ) -> StoreResult<Option<(Self, Vec<Found>)>> {
+    ) -> StoreResult<Option<(Self, FoundList)>> {
         let mut list: Option<Self> = None;
-        let mut found: Vec<Found> = Vec::new();
+        let mut found = FoundList::in_dir(dir);
         let mut taken = vec![false; files];
         let read = read_lines(dir, |line| match line {
             Line::Header(header) => {
@@ -225,7 +265,7 @@ impl Uidlist {
                     if std::mem::replace(&mut taken[slot], true) {
                         return Err((lineno, "the same file is listed twice"));
                     }
-                    found.push((uid, i, guid.map(Box::from)));
+                    found.push(uid, i, guid);
                 }
                 Ok(())
             }
@@ -902,7 +942,7 @@ mod tests {
         let by_base: super::super::fasthash::FastMap<&str, u32> = [("a", 0), ("c", 7), ("z", 2)].into_iter().collect();
         let (l, found) =
             Uidlist::read_matched(dir.path(), |b| by_base.get(b).copied(), by_base.len()).unwrap().unwrap();
-        assert_eq!(found, [(1, 0, None), (5, 7, Some(Box::from("yy")))]);
+        assert_eq!(found.iter().collect::<Vec<_>>(), [(1, 0, None), (5, 7, Some("yy"))]);
         assert_eq!((l.last_uid, l.next_uid(), l.complete), (5, 6, false));
         assert_eq!(l.read_len, std::fs::metadata(&path).unwrap().len() - "6 :torn".len() as u64);
         assert!(l.stamp.is_some() && l.records.is_empty());
