@@ -172,6 +172,18 @@ impl<T: Copy> SpillVec<T> {
         self.release();
     }
 
+    /// Changes every element in order, releasing the pages behind every [`RELEASE_EVERY`] of
+    /// them (the mutable [`SpillVec::iter_releasing`]).
+    pub(crate) fn update_releasing(&mut self, mut f: impl FnMut(&mut T)) {
+        for i in 0..self.len() {
+            if i % RELEASE_EVERY == RELEASE_EVERY - 1 {
+                self.release();
+            }
+            f(&mut self[i]);
+        }
+        self.release();
+    }
+
     /// Inserts `v` at `i`, shifting the rest up.
     pub(crate) fn insert(&mut self, i: usize, v: T) {
         assert!(i <= self.len(), "insertion index {i} past the end");

@@ -300,8 +300,6 @@ impl<T: Copy> FileVec<T> {
             return Err(io::Error::last_os_error());
         }
         let ptr = std::ptr::NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-        // SAFETY: a hint on our own mapping; it changes no data.
-        let _ = unsafe { libc::madvise(p, bytes, libc::MADV_RANDOM) };
         Ok(Self { file, ptr, cap, len: 0 })
     }
 

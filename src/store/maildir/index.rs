@@ -394,9 +394,10 @@ impl Index {
         let mut r = BufReader::with_capacity(64 * 1024, f);
         let mut p = Parser::new(len, trusted.copied());
         // A large mailbox's lists move into files of its own directory.
+        let spill_dir = crate::spill::dir(dir);
         p.idx.names = Names::in_dir(dir);
-        p.idx.mails = SpillVec::new_in(crate::spill::dir(dir));
-        p.idx.known = SpillVec::new_in(crate::spill::dir(dir));
+        p.idx.mails = SpillVec::new_in(spill_dir.clone());
+        p.idx.known = SpillVec::new_in(spill_dir);
         let mut buf = Vec::with_capacity(256);
         let mut n = 0;
         let outcome = loop {

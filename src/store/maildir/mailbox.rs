@@ -175,20 +175,19 @@ fn is_fresh(s: Option<Stamp>) -> bool {
     s.is_some_and(|s| now - s.mtime_ns < FRESH.as_nanos() as i128)
 }
 
-/// The files found in `new/` and `cur/`: their names in one buffer, which a full load then
-/// keeps as the mailbox's own [`Names`] (the names of files without a UID become garbage
-/// there), so that no name is copied or held twice.
+/// The files found in `new/` and `cur/`: their names in one buffer, from which a full load
+/// copies those that got a UID into the mailbox's own [`Names`], in UID order.
 #[derive(Debug, Default)]
 struct DirScan {
     names: Names,
-    /// (file name, in `new/`).
-    files: SpillVec<(NameRef, bool)>,
+    /// (file name, in `new/`). On the heap, as the names: an open matches them in no
+    /// particular order (see [`crate::spill`]).
+    files: Vec<(NameRef, bool)>,
 }
 
 impl DirScan {
     fn read(dir: &Path) -> StoreResult<Self> {
-        // On the heap: an open matches them in no particular order (see crate::spill).
-        let mut files = SpillVec::default();
+        let mut files = Vec::new();
         let mut names = Names::default();
         for (sub, in_new) in [("new", true), ("cur", false)] {
             let d = dir.join(sub);
@@ -621,15 +620,12 @@ impl MaildirMailbox {
         let DirScan { mut names, files } = scan;
         let mut current: SpillVec<Mail> = SpillVec::new_in(spill::dir(&self.dir));
         current.reserve_exact(found.len());
-        let mut live = 0;
         for (uid, i, guid_ext) in found.iter() {
             let (name, in_new) = files[i as usize];
-            live += usize::from(name.len);
             current.push(Mail::with_name(uid, 0, in_new, guid_ext.map(Box::from), name, &mut names, Box::default()));
         }
         drop(found);
         drop(files);
-        names.set_live(live);
         // Into the mailbox's own buffer, in UID order, without the names of files that got no
         // UID: it moves into a file once large.
         names.compact_into(&self.dir, &mut current, Mail::name, Mail::set_name);
@@ -644,11 +640,7 @@ impl MaildirMailbox {
                     hms
                 };
                 let mut oi = known.iter_releasing().copied().peekable();
-                for n in 0..current.len() {
-                    if n % spill::RELEASE_EVERY == 0 {
-                        current.release();
-                    }
-                    let m = &mut current[n];
+                current.update_releasing(|m| {
                     // Mails the index knew but that are gone: expunged behind our back.
                     while let Some(o) = oi.next_if(|o| o.uid < m.uid) {
                         log.push_back(LogEntry::Expunge { modseq: next(), uid: o.uid, guid: o.guid128 });
@@ -681,7 +673,7 @@ impl MaildirMailbox {
                         }
                         None => m.modseq = next(),
                     }
-                }
+                });
                 for o in oi {
                     log.push_back(LogEntry::Expunge { modseq: next(), uid: o.uid, guid: o.guid128 });
                 }
@@ -707,12 +699,7 @@ impl MaildirMailbox {
                     0 => per_mail,
                     theirs => per_mail.max(theirs.saturating_add(u64::from(lost))),
                 };
-                for n in 0..current.len() {
-                    current[n].modseq = per_mail;
-                    if n % spill::RELEASE_EVERY == 0 {
-                        current.release();
-                    }
-                }
+                current.update_releasing(|m| m.modseq = per_mail);
                 if lost {
                     tracing::info!(
                         mailbox = %self.dir.display(),

@@ -89,12 +89,6 @@ impl Names {
         Ok(())
     }
 
-    /// Says that only `live` bytes of the buffer are in use (names taken over from a
-    /// directory scan whose other names are not kept).
-    pub(crate) fn set_live(&mut self, live: usize) {
-        self.garbage = self.buf.len().saturating_sub(live);
-    }
-
     /// True when released names take more room than the live ones (and at least 1 MiB).
     pub(crate) fn wants_compaction(&self) -> bool {
         self.garbage >= MIN_GARBAGE && self.garbage > self.buf.len() - self.garbage
@@ -125,17 +119,13 @@ impl Names {
     ) {
         let mut buf = SpillVec::new_in(self.buf.dir());
         buf.reserve_exact(self.buf.len() - self.garbage);
-        for i in 0..items.len() {
-            let r = get(&items[i]);
+        items.update_releasing(|item| {
+            let r = get(item);
             // The new buffer is no larger than the old one: the offset fits.
             let off = buf.len() as u32;
             buf.extend_from_slice(self.get(r).as_bytes());
-            set(&mut items[i], NameRef { off, len: r.len });
-            if i % spill::RELEASE_EVERY == 0 {
-                buf.release();
-                items.release();
-            }
-        }
+            set(item, NameRef { off, len: r.len });
+        });
         self.buf = buf;
         self.garbage = 0;
     }
