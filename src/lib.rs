@@ -25,6 +25,7 @@ pub mod fleet;
 pub mod logging;
 pub mod privdrop;
 pub mod replicator;
+pub(crate) mod runs;
 pub(crate) mod spill;
 pub mod store;
 pub(crate) mod str_index;

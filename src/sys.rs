@@ -241,6 +241,26 @@ pub fn filesystem_id(path: &std::path::Path) -> io::Result<[i32; 2]> {
     Ok(unsafe { std::mem::transmute::<libc::fsid_t, [i32; 2]>(st.f_fsid) })
 }
 
+/// A new file without a name (`O_TMPFILE`) in `dir`, readable and writable by this process
+/// alone: for data too large for memory that must vanish with the process.
+pub fn unnamed_file(dir: &std::path::Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(dir)
+}
+
+/// Gives `len` bytes of `file` at `off` back to the file system, keeping the file's size.
+/// Best effort: a file system without hole punching keeps the blocks until the file closes.
+pub fn punch_hole(file: &std::fs::File, off: u64, len: usize) {
+    use nix::fcntl::FallocateFlags as F;
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(off), libc::off_t::try_from(len)) else { return };
+    let _ = nix::fcntl::fallocate(file, F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE, off, len);
+}
+
 /// A vector of plain `Copy` values kept in an unlinked file of `dir`, mapped shared into
 /// memory: the store's per-mail lists of a very large mailbox, which would otherwise hold
 /// tens of megabytes of heap for the whole sync (see [`crate::spill`]). The kernel keeps the
@@ -274,13 +294,7 @@ impl<T: Copy> FileVec<T> {
 
     /// An empty vector with room for `cap` elements in a new unlinked file of `dir`.
     pub fn create(dir: &std::path::Path, cap: usize) -> io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
-            .open(dir)?;
+        let file = unnamed_file(dir)?;
         let cap = cap.max(1);
         let bytes = Self::bytes_for(cap)?;
         nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, bytes as libc::off_t)?;

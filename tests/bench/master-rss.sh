@@ -12,7 +12,9 @@
 #   1. `backup` into an empty Maildir, the source without an index of ours and without a
 #      dovecot-uidlist (its first open scans the directory and lists every file: the worst
 #      case);
-#   2. `sync` without a state, nothing changed, both sides indexed.
+#   2. `sync` without a state, nothing changed, both sides indexed;
+#   3. the same after one mail was delivered into the source's new/: its open lists both
+#      directories and matches them against the uidlist (what every open after a delivery does).
 #
 # Needs root and about 4 KiB of disk per mail on each side. WORK (default /var/tmp) is where
 # the work directory is made; KEEP=1 keeps it.
@@ -89,3 +91,7 @@ as_user mkdir "$DIR/dst"
 echo "binary: $BIN, sha256 $(sha256sum "$BIN" | cut -c1-12); $MAILS mails in one mailbox" >&2
 run backup "backup into an empty Maildir (no index)"
 run sync "sync without a state, nothing changed"
+# One delivery into new/: the next open of the source must list both directories again and
+# match them against the uidlist (no index can be trusted across a change of new/).
+as_user sh -c "printf 'Subject: one more\n\nbody\n' > '$DIR/src/new/1999999999.M1P1.delivered'"
+run sync "sync without a state, after one delivery"

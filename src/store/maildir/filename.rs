@@ -137,15 +137,25 @@ pub(crate) fn valid_base(name: &str) -> bool {
 
 /// Dovecot's order for assigning UIDs to new files (`maildir_filename_sort_cmp`): by the
 /// leading seconds, then by the `M<usecs>` part, then by the rest of the base name.
+///
+/// Dovecot compares a name with an `M<usecs>` part and one without, in the same second, by
+/// the rest alone, which is not a total order (`1.M5Pa`, `1.Pm`, `1.M3Pz` would each come
+/// before the next and the last before the first): its `qsort` then gives some order, and
+/// Rust's sort may panic. Here such a pair puts the name with the part first, which makes
+/// the order total and keeps Dovecot's for every set of names where its own is one. Names
+/// that differ only in how their seconds are written come in the order of their base names.
 pub(crate) fn sort_cmp(a: &str, b: &str) -> Ordering {
     let (sa, ra) = split_secs(a);
     let (sb, rb) = split_secs(b);
     sa.cmp(&sb)
         .then_with(|| match (usecs(ra), usecs(rb)) {
             (Some(x), Some(y)) => x.cmp(&y),
-            _ => Ordering::Equal,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => Ordering::Equal,
         })
         .then_with(|| base(ra).cmp(base(rb)))
+        .then_with(|| base(a).cmp(base(b)))
 }
 
 /// The seconds and microseconds [`sort_cmp`] orders by, when the name has both: two names
@@ -285,6 +295,36 @@ mod tests {
         }
         assert_eq!(sort_key("1700000000.M40P2.h"), Some((1_700_000_000, 40)));
         assert_eq!(sort_key("1700000000.P1.h"), None);
+    }
+
+    #[test]
+    fn the_order_of_new_files_is_total() {
+        let names = [
+            "1.M5Pa.h",
+            "1.Pm.h",
+            "1.M3Pz.h",
+            "01.M3Pz.h",
+            "1.M3Pz.h:2,S",
+            "1",
+            "x",
+            "2.M1.h",
+            "1.M.h",
+            "1.M10000000000000000000000.h",
+        ];
+        for a in names {
+            assert_eq!(sort_cmp(a, a), Ordering::Equal);
+            for b in names {
+                assert_eq!(sort_cmp(a, b), sort_cmp(b, a).reverse(), "{a} vs {b}");
+                if sort_cmp(a, b) == Ordering::Equal {
+                    assert_eq!(base(a), base(b), "only one file can be equal to another");
+                }
+                for c in names {
+                    if sort_cmp(a, b).is_lt() && sort_cmp(b, c).is_lt() {
+                        assert!(sort_cmp(a, c).is_lt(), "{a} < {b} < {c}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

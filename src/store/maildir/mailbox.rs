@@ -38,7 +38,8 @@ use super::filename::{self, KeywordMask};
 use super::fsutil::{self, Stamp};
 use super::index::{self, ExtraChange, Header, Index, IndexedMail, KnownMail, LogEntry, Stamps};
 use super::keywords::{ExtraKeywords, KeywordMap};
-use super::names::{NameRef, Names};
+use super::names::Names;
+use super::scan::{BaseIndex, DirScan, Scan, append_in_chunks, sorted_unlisted};
 use super::uidlist::{self, Record, Salvage, Uidlist};
 use super::{Ctx, dotlock::Dotlock, dovecot_log, tmpclean, uidvalidity};
 use crate::spill::{self, SpillVec};
@@ -47,7 +48,6 @@ use crate::store::{
     Change, FlagOp, Flags, Guid128, Keyword, MAX_UID, MailGuid, MailRecord, Mailbox, MailboxName, MailboxStatus,
     MailboxUpdate, Modseq, SaveRequest, SavedMail, StoreError, Uid, UnixTime,
 };
-use crate::str_index::{KeySource, StrIndex};
 
 /// A directory whose mtime is this close to "now" may still change within the same timestamp
 /// tick, so a snapshot taken from it is not trusted without a rescan (files are told apart by
@@ -173,156 +173,6 @@ pub struct MaildirMailbox {
 fn is_fresh(s: Option<Stamp>) -> bool {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i128;
     s.is_some_and(|s| now - s.mtime_ns < FRESH.as_nanos() as i128)
-}
-
-/// The files found in `new/` and `cur/`: their names in one buffer, from which a full load
-/// copies those that got a UID into the mailbox's own [`Names`], in UID order.
-#[derive(Debug, Default)]
-struct DirScan {
-    names: Names,
-    /// (file name, in `new/`). On the heap, as the names: an open matches them in no
-    /// particular order (see [`crate::spill`]).
-    files: Vec<(NameRef, bool)>,
-}
-
-impl DirScan {
-    fn read(dir: &Path) -> StoreResult<Self> {
-        let mut files = Vec::new();
-        let mut names = Names::default();
-        for (sub, in_new) in [("new", true), ("cur", false)] {
-            let d = dir.join(sub);
-            let rd = match fs::read_dir(&d) {
-                Ok(rd) => rd,
-                Err(e) if e.kind() == io::ErrorKind::NotFound && in_new => continue,
-                Err(e) => return Err(StoreError::io("opendir", &d, e)),
-            };
-            for e in rd {
-                let e = e.ctx("readdir", &d)?;
-                let Ok(name) = e.file_name().into_string() else {
-                    tracing::warn!(dir = %d.display(), "skipping a file whose name is not UTF-8");
-                    continue;
-                };
-                if name.starts_with('.') {
-                    continue;
-                }
-                files.push((names.push(&name)?, in_new));
-            }
-        }
-        Ok(Self { names, files })
-    }
-
-    /// The name of file `i`.
-    fn name(&self, i: usize) -> &str {
-        self.file(i).0
-    }
-
-    /// The name of file `i`, and whether it is in `new/`.
-    fn file(&self, i: usize) -> (&str, bool) {
-        let (name, in_new) = self.files[i];
-        (self.names.get(name), in_new)
-    }
-
-    /// Base name → index into `files`. A file seen in both directories (moved from new/ to
-    /// cur/ while we read them) counts where cur/ has it.
-    fn by_base(&self) -> BaseIndex<'_> {
-        let mut ix = StrIndex::with_capacity(self.files.len());
-        for (i, &(name, in_new)) in (0u32..).zip(self.files.iter()) {
-            let base = filename::base(self.names.get(name));
-            if ix.insert(base, i, self).is_some() && !in_new {
-                ix.remove(base, self);
-                ix.insert(base, i, self);
-            }
-        }
-        BaseIndex { scan: self, ix }
-    }
-}
-
-impl KeySource for DirScan {
-    fn key_is(&self, v: u32, key: &str) -> bool {
-        filename::base(self.name(v as usize)) == key
-    }
-}
-
-/// The scanned files by base name: 9 bytes a file, where a map of the names took 24 (a
-/// million files: 19 MiB, not 52).
-struct BaseIndex<'a> {
-    scan: &'a DirScan,
-    ix: StrIndex,
-}
-
-impl BaseIndex<'_> {
-    fn get(&self, base: &str) -> Option<u32> {
-        self.ix.get(base, self.scan)
-    }
-
-    fn contains(&self, base: &str) -> bool {
-        self.get(base).is_some()
-    }
-
-    fn len(&self) -> usize {
-        self.ix.len()
-    }
-
-    /// Every (base name, file index), in no order.
-    fn iter(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
-        self.ix.values().map(|i| (filename::base(self.scan.name(i as usize)), i))
-    }
-}
-
-/// How many new uidlist records are made and appended at a time: a mailbox of files without
-/// UIDs (a Maildir no Dovecot has seen has no uidlist at all) is listed without holding a
-/// record, with its own copy of the name, for every file.
-const APPEND_CHUNK: usize = 8192;
-
-/// The scanned files `unlisted` says yes to (by file index), in the order Dovecot gives new
-/// files their UIDs ([`filename::sort_cmp`]). Sorted by a key made once per file, not by
-/// reading two names per comparison: a million names read in no order would hold every page
-/// of a scan that lives in a file ([`crate::spill`]), and take a page fault each.
-fn sorted_unlisted(files: &BaseIndex<'_>, unlisted: impl Fn(u32) -> bool) -> Vec<(u64, u32)> {
-    /// The key of a file whose order the key alone does not settle.
-    const INEXACT: u64 = u64::MAX;
-    let key = |name: &str| match filename::sort_key(name) {
-        Some((secs, usecs)) if secs < 1 << 40 && usecs < 1 << 24 => (secs << 24) | usecs,
-        _ => INEXACT,
-    };
-    let mut v: Vec<(u64, u32)> = files.iter().filter(|&(_, i)| unlisted(i)).map(|(b, i)| (key(b), i)).collect();
-    v.sort_by(|a, b| {
-        if a.0 != INEXACT && b.0 != INEXACT && a.0 != b.0 {
-            a.0.cmp(&b.0)
-        } else {
-            filename::sort_cmp(files.scan.name(a.1 as usize), files.scan.name(b.1 as usize))
-        }
-    });
-    v
-}
-
-/// Gives the files `missing` (from [`sorted_unlisted`]) the next UIDs of `list` (a
-/// header-only view, which the appends keep header-only), appending them to the uidlist in
-/// chunks and adding them to `found`.
-fn append_in_chunks(
-    dir: &Path,
-    list: &mut Uidlist,
-    scan: &DirScan,
-    missing: &[(u64, u32)],
-    found: &mut uidlist::FoundList,
-) -> StoreResult<()> {
-    for chunk in missing.chunks(APPEND_CHUNK) {
-        let first = list.next_uid();
-        let new: Vec<Record> = (first..=MAX_UID)
-            .zip(chunk)
-            .map(|(uid, &(_, i))| Record {
-                uid,
-                base: filename::base(scan.name(i as usize)).to_owned(),
-                guid: None,
-                other_exts: String::new(),
-            })
-            .collect();
-        for (r, &(_, i)) in new.iter().zip(chunk) {
-            found.push(r.uid, i, None);
-        }
-        list.append(dir, new)?;
-    }
-    Ok(())
 }
 
 /// Reads the whole uidlist, for a repair.
@@ -567,68 +417,13 @@ impl MaildirMailbox {
                 o.known.push(k);
             }
         }
-        // The common case, a uidlist that lists every file: matched against the directories
-        // as it is read, holding no copy of the names.
-        let mut scan = DirScan::read(&self.dir)?;
-        let matched = {
-            let by_base = scan.by_base();
-            match Uidlist::read_matched(&self.dir, |b| by_base.get(b), by_base.len()) {
-                Ok(Some((l, found))) if l.guid.is_some() && l.version == 3 && found.len() == by_base.len() => {
-                    Some((l, found))
-                }
-                Ok(_) | Err(StoreError::Corrupt { .. }) => None,
-                Err(e) => return Err(e),
-            }
-        };
-        let (list, found) = match matched {
-            Some(m) => m,
-            None => {
-                // Files without UIDs, no uidlist, a damaged one, or no mailbox GUID: fixed
-                // under the lock, from a fresh look (the first one's names dropped first: at
-                // 200,000 mails each look holds 10 MiB of them).
-                drop(std::mem::take(&mut scan));
-                let lock = Dotlock::acquire(&self.dir.join(uidlist::NAME), &self.ctx.hostname, self.ctx.lock_wait)?;
-                stamps.new = Stamp::read(&self.dir.join("new"))?;
-                stamps.cur = Stamp::read(&self.dir.join("cur"))?;
-                scan = DirScan::read(&self.dir)?;
-                match self.append_unlisted(&scan)? {
-                    Some((l, found)) => {
-                        stamps.uidlist = l.stamp;
-                        lock.release()?;
-                        (l, found)
-                    }
-                    None => {
-                        // The directories were read under the lock already.
-                        let read = read_uidlist(&self.dir)?;
-                        let by_base = scan.by_base();
-                        let (l, found) = self.fix_uidlist(read, &by_base, old.as_ref())?;
-                        stamps.uidlist = l.stamp;
-                        lock.release()?;
-                        (l, found)
-                    }
-                }
-            }
-        };
+        let (list, mut current, mut names) = self.scan_mails(old.as_ref(), &mut stamps)?;
         self.uidlist_cache = Some(list.header_only());
         self.keywords = KeywordMap::read(&self.dir)?;
         stamps.keywords = self.keywords.stamp;
         self.uid_validity = list.uid_validity;
         self.guid = list.guid.unwrap_or_default();
         self.next_uid = list.next_uid();
-
-        // Files listed in the uidlist, in UID order; their names move over from the scan.
-        let DirScan { mut names, files } = scan;
-        let mut current: SpillVec<Mail> = SpillVec::new_in(spill::dir(&self.dir));
-        current.reserve_exact(found.len());
-        for (uid, i, guid_ext) in found.iter() {
-            let (name, in_new) = files[i as usize];
-            current.push(Mail::with_name(uid, 0, in_new, guid_ext.map(Box::from), name, &mut names, Box::default()));
-        }
-        drop(found);
-        drop(files);
-        // Into the mailbox's own buffer, in UID order, without the names of files that got no
-        // UID: it moves into a file once large.
-        names.compact_into(&self.dir, &mut current, Mail::name, Mail::set_name);
 
         let old = old.filter(|o| o.header.uid_validity == self.uid_validity && o.header.guid == Some(self.guid));
         match old {
@@ -742,6 +537,99 @@ impl MaildirMailbox {
         Ok(())
     }
 
+    /// Reads the directories and the uidlist: the uidlist's header, and the mails in UID
+    /// order with their names. The uidlist is fixed under its lock when files lack a UID, or
+    /// it is missing or damaged (the directories are then read again under the lock).
+    fn scan_mails(&self, old: Option<&Index>, stamps: &mut Stamps) -> StoreResult<(Uidlist, SpillVec<Mail>, Names)> {
+        // The common case, a uidlist that lists every file: matched against the directories
+        // as it is read, without the lock.
+        match Scan::read(&self.dir)? {
+            Scan::Small(scan) => {
+                let by_base = scan.by_base();
+                let matched = match Uidlist::read_matched(&self.dir, |b| by_base.get(b), by_base.len()) {
+                    Ok(Some((l, found))) if l.guid.is_some() && l.version == 3 && found.len() == by_base.len() => {
+                        Some((l, found))
+                    }
+                    Ok(_) | Err(StoreError::Corrupt { .. }) => None,
+                    Err(e) => return Err(e),
+                };
+                drop(by_base);
+                if let Some((l, found)) = matched {
+                    return Ok(self.mails_of(l, &found, scan));
+                }
+            }
+            Scan::Big(big) => {
+                if let Some(j) = big.join(&self.dir, None)? {
+                    return Ok((j.list, j.mails, j.names));
+                }
+            }
+        }
+        // Files without UIDs, no uidlist, a damaged one, or no mailbox GUID: fixed under the
+        // lock, from a fresh look (the first one dropped first).
+        let lock = Dotlock::acquire(&self.dir.join(uidlist::NAME), &self.ctx.hostname, self.ctx.lock_wait)?;
+        stamps.new = Stamp::read(&self.dir.join("new"))?;
+        stamps.cur = Stamp::read(&self.dir.join("cur"))?;
+        let scan = match Scan::read(&self.dir)? {
+            Scan::Small(scan) => scan,
+            Scan::Big(big) => {
+                let new_list = || self.new_uidlist(old);
+                match big.join(&self.dir, Some(&new_list))? {
+                    Some(j) => {
+                        stamps.uidlist = j.list.stamp;
+                        lock.release()?;
+                        if j.created {
+                            nudge_dovecot(&self.dir);
+                        }
+                        return Ok((j.list, j.mails, j.names));
+                    }
+                    // A repair reads the uidlist whole, and the directories into memory.
+                    None => DirScan::read(&self.dir)?,
+                }
+            }
+        };
+        let (l, found) = match self.append_unlisted(&scan)? {
+            Some(m) => m,
+            None => {
+                let read = read_uidlist(&self.dir)?;
+                let by_base = scan.by_base();
+                self.fix_uidlist(read, &by_base, old)?
+            }
+        };
+        stamps.uidlist = l.stamp;
+        lock.release()?;
+        Ok(self.mails_of(l, &found, scan))
+    }
+
+    /// The files of `found` (listed in UID order), with their names moved over from the scan
+    /// into a buffer of their own, which moves into a file once large.
+    fn mails_of(&self, list: Uidlist, found: &uidlist::FoundList, scan: DirScan) -> (Uidlist, SpillVec<Mail>, Names) {
+        let DirScan { mut names, files } = scan;
+        let mut current: SpillVec<Mail> = SpillVec::new_in(spill::dir(&self.dir));
+        current.reserve_exact(found.len());
+        for (uid, i, guid_ext) in found.iter() {
+            let (name, in_new) = files[i as usize];
+            current.push(Mail::with_name(uid, 0, in_new, guid_ext.map(Box::from), name, &mut names, Box::default()));
+        }
+        drop(files);
+        // Without the names of files that got no UID.
+        names.compact_into(&self.dir, &mut current, Mail::name, Mail::set_name);
+        (list, current, names)
+    }
+
+    /// A new uidlist (not yet written) for a mailbox that has none: with our index's identity
+    /// if we have one, so that replicas keep recognising the mailbox, else a new one.
+    fn new_uidlist(&self, old: Option<&Index>) -> StoreResult<Uidlist> {
+        let (uv, guid, next) = match old {
+            Some(o) if o.header.uid_validity != 0 => {
+                (o.header.uid_validity, o.header.guid.unwrap_or_else(Guid128::generate), o.header.next_uid.max(1))
+            }
+            _ => (uidvalidity::next(&self.ctx.root)?, Guid128::generate(), 1),
+        };
+        let mut l = Uidlist::new(uv, guid);
+        l.header_next_uid = next;
+        Ok(l)
+    }
+
     /// Under the uidlist lock, the common case of an incomplete uidlist: it is good and lacks
     /// only files delivered since (Dovecot's LDA, a hand copy). They get UIDs appended, as
     /// Dovecot gives them, without reading every record's name into memory the way a repair
@@ -788,21 +676,7 @@ impl MaildirMailbox {
                 let rw = l.version != 3;
                 (l, rw)
             }
-            ListRead::Missing => {
-                // No uidlist: keep our index's identity if we have one (so replicas keep
-                // recognising the mailbox), else start a new one.
-                let (uv, guid, next) = match old {
-                    Some(o) if o.header.uid_validity != 0 => (
-                        o.header.uid_validity,
-                        o.header.guid.unwrap_or_else(Guid128::generate),
-                        o.header.next_uid.max(1),
-                    ),
-                    _ => (uidvalidity::next(&self.ctx.root)?, Guid128::generate(), 1),
-                };
-                let mut l = Uidlist::new(uv, guid);
-                l.header_next_uid = next;
-                (l, true)
-            }
+            ListRead::Missing => (self.new_uidlist(old)?, true),
             ListRead::Damaged => {
                 let data = fsutil::read_optional(&path)?.unwrap_or_default();
                 let mut sv = Salvage::of(&data);

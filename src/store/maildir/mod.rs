@@ -26,6 +26,7 @@ mod keywords;
 mod mailbox;
 mod mailbox_log;
 mod names;
+mod scan;
 mod subscriptions;
 mod synclock;
 #[cfg(test)]

@@ -230,8 +230,8 @@ impl Uidlist {
 
     /// Reads the uidlist matching its records against the files found in the directories
     /// (`by_base`: base name → index in the scan, of `files` files) as it goes, keeping no
-    /// names: what a full
-    /// open of a large mailbox needs, in a fraction of the memory of [`Uidlist::read`].
+    /// names: what a full open of a large mailbox needs, in a fraction of the memory of
+    /// [`Uidlist::read`].
     /// Returns the header-only view, and (UID, file index, `G` extension) for each record
     /// whose file exists, in UID order; `None` if there is no uidlist. Damage is an error,
     /// as in [`Uidlist::parse`] (a record listed twice is noticed when its file exists).
@@ -240,12 +240,35 @@ impl Uidlist {
         by_base: impl Fn(&str) -> Option<u32>,
         files: usize,
     ) -> StoreResult<Option<(Self, FoundList)>> {
-        let mut list: Option<Self> = None;
         let mut found = FoundList::in_dir(dir);
+        found.reserve(files);
         let mut taken = vec![false; files];
+        let list = Self::read_each(dir, |uid, guid, base| {
+            if let Some(i) = by_base(base) {
+                let slot = usize::try_from(i).unwrap_or(usize::MAX);
+                if slot >= taken.len() {
+                    taken.resize(slot + 1, false);
+                }
+                if std::mem::replace(&mut taken[slot], true) {
+                    return Err("the same file is listed twice");
+                }
+                found.push(uid, i, guid);
+            }
+            Ok(())
+        })?;
+        Ok(list.map(|l| (l, found)))
+    }
+
+    /// Reads the uidlist, checking every record and giving `each` its UID, `G` extension and
+    /// base name, in UID order; an error from `each` is damage at that record's line.
+    /// Returns the header-only view; `None` if there is no uidlist.
+    pub(crate) fn read_each(
+        dir: &Path,
+        mut each: impl FnMut(u32, Option<&str>, &str) -> Result<(), &'static str>,
+    ) -> StoreResult<Option<Self>> {
+        let mut list: Option<Self> = None;
         let read = read_lines(dir, |line| match line {
             Line::Header(header) => {
-                found.reserve(files);
                 list = Some(header);
                 Ok(())
             }
@@ -257,17 +280,7 @@ impl Uidlist {
                 }
                 l.last_uid = uid;
                 let guid = guid_ext(exts).map_err(|why| (lineno, why))?;
-                if let Some(i) = by_base(base) {
-                    let slot = usize::try_from(i).unwrap_or(usize::MAX);
-                    if slot >= taken.len() {
-                        taken.resize(slot + 1, false);
-                    }
-                    if std::mem::replace(&mut taken[slot], true) {
-                        return Err((lineno, "the same file is listed twice"));
-                    }
-                    found.push(uid, i, guid);
-                }
-                Ok(())
+                each(uid, guid, base).map_err(|why| (lineno, why))
             }
         })?;
         Ok(read.map(|(stamp, read_len)| {
@@ -275,7 +288,7 @@ impl Uidlist {
             l.stamp = stamp;
             l.read_len = read_len;
             l.complete = false;
-            (l, found)
+            l
         }))
     }
 
