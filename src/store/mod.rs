@@ -340,6 +340,12 @@ pub trait Mailbox {
         self.mails().into_iter().map(|m| m.uid).collect()
     }
 
+    /// Where a sync may keep large working lists about this mailbox in unnamed files (see
+    /// [`crate::runs`]): a directory on the mail's own file system. `None`: in memory.
+    fn scratch_dir(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+
     /// The first UID above `after`: a walk over a large mailbox one mail at a time, holding
     /// nothing per mail (the default lists them all; stores override it).
     fn uid_after(&self, after: u32) -> Option<Uid> {

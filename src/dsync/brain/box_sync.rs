@@ -528,7 +528,7 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                         .exporter
                         .as_mut()
                         .ok_or_else(|| BrainError::Protocol("mail requests sent to the backup destination".into()))?;
-                    ex.want_mail(&cur.mb, &r).map_err(|e| BrainError::Protocol(e.to_string()))?;
+                    ex.want_mail(&r).map_err(|e| BrainError::Protocol(e.to_string()))?;
                 }
                 Incoming::EndOfList => {
                     cur.recv_state = if cur.importer.is_some() { BoxState::Mails } else { BoxState::RecvLastCommon };
@@ -771,7 +771,10 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
                 }
                 if !cur.sending {
                     if let Some(ex) = cur.exporter.as_mut() {
-                        ex.start_sending(&cur.mb);
+                        ex.start_sending(&cur.mb).map_err(|e| match e {
+                            crate::store::StoreError::NotPossible(m) => BrainError::Protocol(m),
+                            e => BrainError::Store(e),
+                        })?;
                     }
                     cur.sending = true;
                 }

@@ -8,9 +8,10 @@
 //! go out sorted by UID. Afterwards the other side asks for the bodies it lacks (`R`), and we
 //! send one instance per GUID (`M`).
 //!
-//! Memory does not grow with the records of the mailbox: the exporter keeps the mailbox's UIDs
-//! as they were when the export began (4 bytes a mail) and reads each mail from the store when
-//! its turn comes. What it sends must still be the mailbox *as it was then*, as Dovecot's
+//! Memory does not grow with the mailbox: the exporter walks the mailbox's UIDs as they were
+//! when the export began, through the store, and reads each mail when its turn comes; the
+//! GUIDs it sent and those the peer asks for are written down in partitions and matched when
+//! the sending starts ([`super::sent_guids`]). What it sends must still be the mailbox *as it was then*, as Dovecot's
 //! exporter (which searches every mail up front) sends it, even though our importer changes
 //! the same mailbox meanwhile: [`ExportGuard`] hands the importer the mailbox and lets the
 //! exporter copy a mail it has not sent yet just before the importer changes, moves or
@@ -20,12 +21,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 
+use super::sent_guids::SentGuids;
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
+use crate::spill::SpillVec;
 use crate::store::{
     Change, FlagOp, Flags, Keyword, MailRecord, Mailbox, MailboxName, MailboxStatus, MailboxUpdate, Modseq,
     SaveRequest, SavedMail, StoreError, StoreResult, Uid, UnixTime,
 };
-use crate::str_index::{KeySource, StrIndex};
 
 /// An `M` record to send: the header, and the UID of our mail whose body follows (`None`: all
 /// instances were expunged meanwhile, no body).
@@ -75,30 +77,6 @@ enum Kept {
     Sent { guid: Box<str> },
 }
 
-impl Kept {
-    fn guid(&self) -> &str {
-        match self {
-            Self::Unsent { rec, .. } => rec.guid.as_str(),
-            Self::Sent { guid } => guid,
-        }
-    }
-}
-
-/// The GUIDs of our sent saves, as the [`StrIndex`] of them checks a match.
-struct SentGuids<'a, M> {
-    mb: &'a M,
-    kept: &'a BTreeMap<u32, Kept>,
-}
-
-impl<M: Mailbox> KeySource for SentGuids<'_, M> {
-    fn key_is(&self, v: u32, guid: &str) -> bool {
-        match self.kept.get(&v) {
-            Some(k) => k.guid() == guid,
-            None => Uid::new(v).and_then(|u| self.mb.mail(u)).is_some_and(|m| m.guid.as_str() == guid),
-        }
-    }
-}
-
 /// The exporter of one mailbox.
 pub(crate) struct Exporter {
     opts: ExportOptions,
@@ -120,11 +98,12 @@ pub(crate) struct Exporter {
     /// The change last returned by [`Exporter::next_change`].
     current: MailChange,
     exhausted: bool,
-    /// GUID → UID of the first save sent with it; only saves may be asked for by GUID.
-    sent: StrIndex,
-    /// UIDs of the saves asked for by GUID (or all, with `auto_export`), the first instance
-    /// of each GUID.
-    requested: Vec<u32>,
+    /// The saves sent and the GUIDs asked for, until [`Exporter::start_sending`] matches them;
+    /// only saves may be asked for by GUID.
+    sent: Option<SentGuids>,
+    /// Then: UIDs of the saves asked for by GUID (or all, with `auto_export`), the first
+    /// instance of each GUID, ascending.
+    requested: SpillVec<u32>,
     /// Mails asked for by UID (peers without GUIDs).
     requested_uids: Vec<u32>,
     /// Requested saves whose sent UID is gone: where their GUID lives now.
@@ -204,8 +183,8 @@ impl Exporter {
             kept: BTreeMap::new(),
             current: MailChange::new(ChangeType::Save, 0),
             exhausted: false,
-            sent: StrIndex::with_capacity(saves),
-            requested: Vec::new(),
+            sent: Some(SentGuids::new(mb.scratch_dir().as_deref(), saves)),
+            requested: SpillVec::default(),
             requested_uids: Vec::new(),
             relocated: HashMap::new(),
             send_pos: 0,
@@ -317,9 +296,8 @@ impl Exporter {
                     None => mb.virtual_size(rec.uid)?,
                 });
             }
-            let src = SentGuids { mb: &*mb, kept: &self.kept };
-            if self.sent.insert(rec.guid.as_str(), uid, &src).is_none() && self.opts.auto_export {
-                self.requested.push(uid);
+            if let Some(sent) = &mut self.sent {
+                sent.sent(rec.guid.as_str(), uid);
             }
         }
         Ok(Some(c))
@@ -361,20 +339,16 @@ impl Exporter {
     }
 
     /// Notes an `R` record from the other side.
-    pub(crate) fn want_mail<M: Mailbox>(&mut self, mb: &M, req: &MailRequest) -> Result<(), StoreError> {
+    /// A GUID no save was sent with is refused by [`Exporter::start_sending`].
+    pub(crate) fn want_mail(&mut self, req: &MailRequest) -> Result<(), StoreError> {
         match req.guid.as_deref().filter(|g| !g.is_empty()) {
-            Some(g) => {
-                let src = SentGuids { mb, kept: &self.kept };
-                match self.sent.get(g, &src) {
-                    Some(uid) => {
-                        if !self.opts.auto_export {
-                            self.requested.push(uid);
-                        }
-                        Ok(())
-                    }
-                    None => Err(StoreError::NotPossible(format!("remote requested unexpected GUID {g}"))),
+            Some(g) => match &mut self.sent {
+                Some(sent) => {
+                    sent.asked(g);
+                    Ok(())
                 }
-            }
+                None => Err(StoreError::NotPossible(format!("remote requested GUID {g} after the mails were sent"))),
+            },
             None => {
                 self.requested_uids.push(req.uid);
                 Ok(())
@@ -384,12 +358,14 @@ impl Exporter {
 
     /// Readies the `M` records: one per requested GUID, in the order of our UIDs, then one
     /// per requested UID. Requested mails that our importer moved meanwhile (a UID conflict)
-    /// are found again by GUID, in one pass over the mailbox.
-    pub(crate) fn start_sending<M: Mailbox>(&mut self, mb: &M) {
-        self.requested.sort_unstable();
-        self.requested.dedup();
+    /// are found again by GUID, in one pass over the mailbox. Fails (`NotPossible`) when the
+    /// peer asked for a GUID that no save was sent with.
+    pub(crate) fn start_sending<M: Mailbox>(&mut self, mb: &M) -> StoreResult<()> {
+        if let Some(sent) = self.sent.take() {
+            self.requested = sent.resolve(self.opts.auto_export)?;
+        }
         let mut lost: HashMap<Box<str>, Option<Uid>> = HashMap::new();
-        for &u in &self.requested {
+        for &u in self.requested.iter_releasing() {
             if let Some(Kept::Sent { guid }) = self.kept.get(&u) {
                 lost.insert(guid.clone(), None);
             }
@@ -405,11 +381,13 @@ impl Exporter {
             }
         }
         self.relocated = lost.into_iter().filter_map(|(g, u)| Some((g, u?))).collect();
+        Ok(())
     }
 
     /// The next `M` record to send, after [`Exporter::start_sending`].
     pub(crate) fn next_mail<M: Mailbox>(&mut self, mb: &mut M) -> Result<Option<OutMail>, StoreError> {
         while let Some(&u) = self.requested.get(self.send_pos) {
+            self.requested.note_lookup(self.send_pos);
             self.send_pos += 1;
             let (guid, body) = match self.kept.get(&u) {
                 Some(Kept::Sent { guid }) => (guid.to_string(), self.relocated.get(guid).copied()),
@@ -496,6 +474,10 @@ impl<M: Mailbox> Mailbox for ExportGuard<'_, M> {
 
     fn uids(&self) -> Vec<Uid> {
         self.mb.uids()
+    }
+
+    fn scratch_dir(&self) -> Option<std::path::PathBuf> {
+        self.mb.scratch_dir()
     }
 
     fn mail(&self, uid: Uid) -> Option<MailRecord> {
@@ -648,10 +630,9 @@ mod tests {
         assert_eq!(got[1].0, 3, "an expunged mail still goes out as it was");
         assert_eq!((got[2].0, got[2].2.as_str()), (4, g4.as_str()));
         for g in [&g1, &g4] {
-            ex.want_mail(&mb, &MailRequest { guid: Some(g.clone()), uid: 0 }).unwrap();
+            ex.want_mail(&MailRequest { guid: Some(g.clone()), uid: 0 }).unwrap();
         }
-        assert!(ex.want_mail(&mb, &MailRequest { guid: Some("nope".into()), uid: 0 }).is_err());
-        ex.start_sending(&mb);
+        ex.start_sending(&mb).unwrap();
         let mut sent = Vec::new();
         while let Some(m) = ex.next_mail(&mut mb).unwrap() {
             sent.push((m.header.guid.clone(), m.body_uid.map(Uid::get)));

@@ -1494,6 +1494,10 @@ impl Mailbox for MaildirMailbox {
         self.mails[start..].iter().find(|m| !m.gone).and_then(|m| Uid::new(m.uid))
     }
 
+    fn scratch_dir(&self) -> Option<PathBuf> {
+        Some(self.dir.clone())
+    }
+
     fn uids_above(&self, after: u32) -> (usize, Option<Uid>) {
         // Expunged mails not swept out yet are counted: this sizes tables, it does not list.
         let n = self.mails.len() - self.mails.partition_point(|m| m.uid <= after);
