@@ -16,8 +16,12 @@
 #   3. the same after one mail was delivered into the source's new/: its open lists both
 #      directories and matches them against the uidlist (what every open after a delivery does).
 #
-# Needs root and about 4 KiB of disk per mail on each side. WORK (default /var/tmp) is where
-# the work directory is made; KEEP=1 keeps it.
+# DOVECOT=1 then runs the same three with Dovecot's `doveadm` as the master, on a copy of the
+# source made before any tool opened it, into the same slave (`mailreplica dsync-server`),
+# and prints the ratios (ours / Dovecot's) of the master's peak RSS and of the wall time.
+#
+# Needs root and about 4 KiB of disk per mail on each side (twice that with DOVECOT=1). WORK
+# (default /var/tmp) is where the work directory is made; KEEP=1 keeps it.
 set -euo pipefail
 MAILS=${1:?usage: master-rss.sh MAILS [MAILREPLICA]}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -47,20 +51,43 @@ as_user perl "$HERE/gen-maildir.pl" "$DIR/src" "$MAILS" 1 200 400
 # open. FRESH=1 measures that case; by default the run waits it out, as for a Maildir
 # written earlier (a site migrating its mail).
 [ "${FRESH:-0}" = 1 ] || sleep 3
+if [ "${DOVECOT:-0}" = 1 ]; then
+    as_user cp -a "$DIR/src" "$DIR/dvsrc"
+    as_user mkdir "$DIR/dvdst"
+    cat > "$DIR/dovecot.conf" <<EOF
+protocols =
+ssl = no
+base_dir = $DIR/dvrun
+log_path = /dev/stderr
+mail_location = maildir:$DIR/dvsrc
+first_valid_uid = 100
+namespace inbox {
+  inbox = yes
+}
+EOF
+    chmod 644 "$DIR/dovecot.conf"
+fi
 
 hwm() { awk '/VmHWM/ { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
 # The resident heap and the resident pages of files (the lists a large mailbox keeps in a file,
 # see src/spill.rs), in KiB, as "anon file".
 parts() { awk '/RssAnon/ { a = $2 } /RssFile/ { f = $2 } END { if (a != "") print a, f }' "/proc/$1/status" 2>/dev/null || true; }
 
-# run MODE: one master run into $DIR/dst; prints wall time and both peaks.
+# run MODE WHAT [dovecot]: one master run (ours, or Dovecot's) into $DIR/dst ($DIR/dvdst);
+# prints wall time and both peaks, and keeps them in $DIR/last.
 run() {
-    local mode=$1 master="$DIR/mailreplica -o mail_location=maildir:$DIR/src" \
-        slave="$DIR/mailreplica -o mail_location=maildir:$DIR/dst dsync-server"
+    local mode=$1 dst=dst master
+    if [ "${3:-}" = dovecot ]; then
+        dst=dvdst
+        master="doveadm -c $DIR/dovecot.conf -o mail_location=maildir:$DIR/dvsrc"
+    else
+        master="$DIR/mailreplica -o mail_location=maildir:$DIR/src"
+    fi
+    local slave="$DIR/mailreplica -o mail_location=maildir:$DIR/$dst dsync-server"
     local start end pid s h p mpeak=0 speak=0 manon=0 mfile=0 rc=0
     start=$(date +%s.%N)
     # Not through as_user: a function in the background is a subshell, and $! would be it.
-    setpriv --reuid "$USER_NAME" --regid "$USER_NAME" --init-groups env HOME="$DIR" \
+    setpriv --reuid "$USER_NAME" --regid "$USER_NAME" --init-groups env HOME="$DIR" USER="$USER_NAME" \
         $master "$mode" "$slave" > "$DIR/out" 2> "$DIR/err" &
     pid=$!
     # setpriv and env exec: $pid becomes the master; the slave is its only child.
@@ -82,16 +109,37 @@ run() {
         tail -5 "$DIR/err" >&2
         exit 1
     fi
-    awk -v what="$2" -v s="$start" -v e="$end" -v m="$mpeak" -v sl="$speak" -v a="$manon" -v f="$mfile" 'BEGIN {
-        printf "%-40s wall %7.1f s   master peak RSS %5.1f MiB (at most %.1f heap, %.1f files)   slave peak RSS %5.1f MiB\n", what, e - s, m / 1024, a / 1024, f / 1024, sl / 1024
+    awk -v what="$2${3:+ ($3)}" -v s="$start" -v e="$end" -v m="$mpeak" -v sl="$speak" -v a="$manon" -v f="$mfile" 'BEGIN {
+        printf "%-50s wall %7.1f s   master peak RSS %5.1f MiB (at most %.1f heap, %.1f files)   slave peak RSS %5.1f MiB\n", what, e - s, m / 1024, a / 1024, f / 1024, sl / 1024
+    }'
+    echo "$start $end $mpeak" > "$DIR/last"
+}
+
+# deliver DIR: one more mail into DIR/new, as a delivery agent writes it.
+deliver() {
+    as_user sh -c "printf 'Subject: one more\n\nbody\n' > '$1/new/1999999999.M1P1.delivered'"
+}
+
+# both MODE WHAT: ours, then Dovecot's (with DOVECOT=1), and the ratios.
+both() {
+    local ours dv
+    run "$1" "$2"
+    ours=$(cat "$DIR/last")
+    [ "${DOVECOT:-0}" = 1 ] || return 0
+    run "$1" "$2" dovecot
+    dv=$(cat "$DIR/last")
+    awk -v o="$ours" -v d="$dv" -v what="$2" 'BEGIN {
+        split(o, a, " "); split(d, b, " ")
+        printf "%-50s ours / Dovecot: master peak RSS %.2f, wall %.2f\n", what, a[3] / b[3], (a[2] - a[1]) / (b[2] - b[1])
     }'
 }
 
 as_user mkdir "$DIR/dst"
 echo "binary: $BIN, sha256 $(sha256sum "$BIN" | cut -c1-12); $MAILS mails in one mailbox" >&2
-run backup "backup into an empty Maildir (no index)"
-run sync "sync without a state, nothing changed"
+both backup "backup into an empty Maildir (no index)"
+both sync "sync without a state, nothing changed"
 # One delivery into new/: the next open of the source must list both directories again and
 # match them against the uidlist (no index can be trusted across a change of new/).
-as_user sh -c "printf 'Subject: one more\n\nbody\n' > '$DIR/src/new/1999999999.M1P1.delivered'"
-run sync "sync without a state, after one delivery"
+deliver "$DIR/src"
+if [ "${DOVECOT:-0}" = 1 ]; then deliver "$DIR/dvsrc"; fi
+both sync "sync without a state, after one delivery"

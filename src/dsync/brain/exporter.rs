@@ -480,6 +480,14 @@ impl<M: Mailbox> Mailbox for ExportGuard<'_, M> {
         self.mb.scratch_dir()
     }
 
+    fn uid_after(&self, after: u32) -> Option<Uid> {
+        self.mb.uid_after(after)
+    }
+
+    fn uids_above(&self, after: u32) -> (usize, Option<Uid>) {
+        self.mb.uids_above(after)
+    }
+
     fn mail(&self, uid: Uid) -> Option<MailRecord> {
         self.mb.mail(uid)
     }
