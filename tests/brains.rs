@@ -197,6 +197,52 @@ fn both_sides_send_100_mib_at_once_over_64_kib_pipes() {
     eprintln!("200 MiB two-way over 64 KiB pipes: {:?}", start.elapsed());
 }
 
+/// A master that sends for longer than the stall timeout to a slave that says nothing
+/// meanwhile (in a backup the slave answers once it has everything) has not stalled: the
+/// slave reads all along. A link slow enough here to take some 2.5 s under a 1 s timeout; a
+/// 2,000,000-mail backup took longer than the 600 s default and failed, before the clock
+/// counted from the last sign of life on either side rather than from the last read.
+#[test]
+fn a_backup_longer_than_the_timeout_to_a_quiet_slave_completes() {
+    use std::io::{Read, Write};
+    const MAILS: usize = 40;
+    let t = Duration::from_secs(1);
+    let mut a = MemoryStore::new();
+    let mut b = MemoryStore::new();
+    for i in 0..MAILS {
+        let mut v = format!("Subject: {i}\n\n").into_bytes();
+        v.resize(100 << 10, b'y');
+        v.push(b'\n');
+        deliver(&mut a, "INBOX", &v);
+    }
+    let (m_in, s_out) = os_pipe();
+    let (s_in, mut link_out) = os_pipe();
+    let (mut link_in, m_out) = os_pipe();
+    // The slow link from master to slave: 16 KiB every 10 ms.
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 16 << 10];
+        while let Ok(n @ 1..) = link_in.read(&mut buf) {
+            std::thread::sleep(Duration::from_millis(10));
+            if link_out.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let start = Instant::now();
+    let slave = {
+        let mut b = b.clone();
+        std::thread::spawn(move || serve(&mut b, s_in, s_out, "slave", t))
+    };
+    let mut opts = two_way();
+    opts.direction = Direction::Backup;
+    let r = run_master(&mut a, m_in, m_out, &opts, t).unwrap_or_else(|e| panic!("master: {e}"));
+    let s = slave.join().expect("slave thread").unwrap_or_else(|e| panic!("slave: {e}"));
+    assert!(start.elapsed() > 2 * t, "the link was too fast to show anything: {:?}", start.elapsed());
+    assert_eq!(s.failed, None);
+    assert_eq!(r.stats.mails_sent, MAILS as u64);
+    assert_eq!(view(&mut a), view(&mut b));
+}
+
 #[test]
 fn keywords_and_flags_travel_both_ways() {
     let mut a = MemoryStore::new();

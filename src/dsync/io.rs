@@ -20,7 +20,11 @@
 //!   reading until the brain catches up: memory stays bounded whatever the peer sends.
 //! * Every wait has the session's stall timeout (`dsync-server -T`): no input for that long
 //!   while the brain waits for some, or queued output that the peer has not taken for that
-//!   long, ends the session with [`io::ErrorKind::TimedOut`]. Nothing ever joins a thread that
+//!   long, ends the session with [`io::ErrorKind::TimedOut`]. Like Dovecot's, the clock
+//!   counts from the last sign of life on either side: a read, a write, or the brain starting
+//!   to wait. A master sending a large mailbox hears nothing from the peer until the peer has
+//!   saved it all (ten minutes for 2,000,000 mails), and a brain busy for longer than the
+//!   timeout while the peer's bytes sat in the pipe has not seen the peer stall either. Nothing ever joins a thread that
 //!   may be stuck in `read(2)` or `write(2)`: a session that failed returns at once, and the
 //!   process (or the next session) is not held by a peer that stopped reading.
 
@@ -156,6 +160,7 @@ impl ThreadedIo {
     fn wait_until(&mut self, mut ready: impl FnMut(&Shared) -> bool, need_input: bool) -> io::Result<()> {
         let timeout = self.timeout;
         let inner = Arc::clone(&self.inner);
+        let started = Instant::now();
         let mut s = inner.lock();
         loop {
             Self::check_writer(&s)?;
@@ -163,12 +168,10 @@ impl ThreadedIo {
                 return Ok(());
             }
             let now = Instant::now();
-            if need_input
-                && s.input.is_empty()
-                && s.in_end.is_none()
-                && let Some(t) = s.last_input
-                && now.duration_since(t) >= timeout
-            {
+            // The last sign of life: this wait's start, the last read, or the writer's last
+            // progress (or our last queueing onto an empty queue).
+            let quiet_since = [s.last_input, s.last_output].into_iter().flatten().fold(started, Instant::max);
+            if need_input && s.input.is_empty() && s.in_end.is_none() && now.duration_since(quiet_since) >= timeout {
                 return Err(stalled("no input from the peer", timeout));
             }
             if (s.out_bytes > 0 || s.out_bodies > 0)
@@ -510,6 +513,85 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
         assert!(start.elapsed() < Duration::from_secs(5));
         // Dropping does not wait for the stuck threads.
+        drop(io);
+    }
+
+    /// A peer that sends a queue's worth at once, then the rest slowly, in pieces `gap` apart.
+    struct Slow {
+        first: usize,
+        rest: usize,
+        gap: Duration,
+    }
+    impl Read for Slow {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.first > 0 {
+                let n = self.first.min(buf.len());
+                self.first -= n;
+                buf[..n].fill(b'a');
+                return Ok(n);
+            }
+            if self.rest == 0 {
+                return Ok(0);
+            }
+            std::thread::sleep(self.gap);
+            let n = self.rest.min(buf.len()).min(100);
+            self.rest -= n;
+            buf[..n].fill(b'b');
+            Ok(n)
+        }
+    }
+
+    /// The regression of a 2,000,000-mail backup: a brain busy for longer than the timeout
+    /// while its input queue was full, then waiting for a peer that answers within it, is not
+    /// a stall (the clock used to run from the reader's last read).
+    #[test]
+    fn a_busy_brain_is_not_a_stalled_peer() {
+        let t = Duration::from_millis(400);
+        let input = Slow { first: IN_LIMIT, rest: 300, gap: t / 4 };
+        let (tx, _rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let mut io = ThreadedIo::start(input, ChanWriter(tx), t).unwrap();
+        // The reader fills its queue and stops; the brain is busy elsewhere meanwhile.
+        std::thread::sleep(t * 3);
+        let mut got = 0;
+        loop {
+            let v = io.read_blocking().expect("a slow peer within the timeout is no stall");
+            if v.is_empty() {
+                break;
+            }
+            got += v.len();
+        }
+        assert_eq!(got, IN_LIMIT + 300);
+    }
+
+    /// A peer that takes what we send slowly and steadily.
+    struct SlowTaker(Duration);
+    impl Write for SlowTaker {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            std::thread::sleep(self.0);
+            Ok(b.len().min(OUT_LIMIT / 8))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The 2,000,000-mail backup again, from the master's side: it sends for longer than the
+    /// timeout while the peer, busy saving, says nothing. The peer is alive: it reads.
+    #[test]
+    fn sending_to_a_quiet_peer_that_reads_is_not_a_stall() {
+        let t = Duration::from_millis(400);
+        let mut io = ThreadedIo::start(Silent, SlowTaker(t / 8), t).unwrap();
+        let start = Instant::now();
+        let mut sent = 0;
+        while start.elapsed() < t * 3 {
+            if io.queue_full() {
+                io.wait().expect("a peer that reads what we send has not stalled");
+                continue;
+            }
+            io.queue(OutItem::Bytes(vec![b'x'; OUT_LIMIT / 4])).unwrap();
+            sent += 1;
+        }
+        assert!(sent > 8, "the writer made progress ({sent} pieces queued)");
         drop(io);
     }
 
