@@ -15,6 +15,8 @@
 #   2. `sync` without a state, nothing changed, both sides indexed;
 #   3. the same after one mail was delivered into the source's new/: its open lists both
 #      directories and matches them against the uidlist (what every open after a delivery does).
+#   4. `backup -R` from that replica into an empty Maildir: the master receives every mail
+#      (its importer's side, which still grows with the mailbox).
 #
 # DOVECOT=1 then runs the same three with Dovecot's `doveadm` as the master, on a copy of the
 # source made before any tool opened it, into the same slave (`mailreplica dsync-server`),
@@ -73,22 +75,23 @@ hwm() { awk '/VmHWM/ { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
 # see src/spill.rs), in KiB, as "anon file".
 parts() { awk '/RssAnon/ { a = $2 } /RssFile/ { f = $2 } END { if (a != "") print a, f }' "/proc/$1/status" 2>/dev/null || true; }
 
-# run MODE WHAT [dovecot]: one master run (ours, or Dovecot's) into $DIR/dst ($DIR/dvdst);
-# prints wall time and both peaks, and keeps them in $DIR/last.
+# run MODE WHAT [dovecot]: one master run (ours, or Dovecot's) of $DIR/$MASTER (default src;
+# Dovecot's: dv$MASTER) with $DIR/dst ($DIR/dvdst); MODE is split into words ("backup -R").
+# Prints wall time and both peaks, and keeps them in $DIR/last.
 run() {
     local mode=$1 dst=dst master
     if [ "${3:-}" = dovecot ]; then
         dst=dvdst
-        master="doveadm -c $DIR/dovecot.conf -o mail_location=maildir:$DIR/dvsrc"
+        master="doveadm -c $DIR/dovecot.conf -o mail_location=maildir:$DIR/dv${MASTER:-src}"
     else
-        master="$DIR/mailreplica -o mail_location=maildir:$DIR/src"
+        master="$DIR/mailreplica -o mail_location=maildir:$DIR/${MASTER:-src}"
     fi
     local slave="$DIR/mailreplica -o mail_location=maildir:$DIR/$dst dsync-server"
     local start end pid s h p mpeak=0 speak=0 manon=0 mfile=0 rc=0
     start=$(date +%s.%N)
     # Not through as_user: a function in the background is a subshell, and $! would be it.
     setpriv --reuid "$USER_NAME" --regid "$USER_NAME" --init-groups env HOME="$DIR" USER="$USER_NAME" \
-        $master "$mode" "$slave" > "$DIR/out" 2> "$DIR/err" &
+        $master $mode "$slave" > "$DIR/out" 2> "$DIR/err" &
     pid=$!
     # setpriv and env exec: $pid becomes the master; the slave is its only child.
     while kill -0 "$pid" 2>/dev/null; do
@@ -143,3 +146,6 @@ both sync "sync without a state, nothing changed"
 deliver "$DIR/src"
 if [ "${DOVECOT:-0}" = 1 ]; then deliver "$DIR/dvsrc"; fi
 both sync "sync without a state, after one delivery"
+as_user mkdir "$DIR/rev"
+if [ "${DOVECOT:-0}" = 1 ]; then as_user mkdir "$DIR/dvrev"; fi
+MASTER=rev both "backup -R" "backup -R into an empty Maildir (receives all)"
