@@ -825,8 +825,7 @@ impl MaildirMailbox {
     }
 
     fn find(&self, uid: Uid) -> Option<usize> {
-        let i = self.mails.binary_search_by_key(&uid.get(), |m| m.uid).ok()?;
-        self.mails.note_lookup(i);
+        let i = self.mails.search_by_key(uid.get(), |m| m.uid).ok()?;
         (!self.mails[i].gone).then_some(i)
     }
 
@@ -1489,8 +1488,11 @@ impl Mailbox for MaildirMailbox {
     }
 
     fn uid_after(&self, after: u32) -> Option<Uid> {
-        let start = self.mails.partition_point(|m| m.uid <= after);
-        self.mails.note_lookup(start);
+        // The first UID above `after`: its position, found or not, is where `after + 1` goes.
+        let start = match after.checked_add(1) {
+            Some(next) => self.mails.search_by_key(next, |m| m.uid).unwrap_or_else(|i| i),
+            None => return None,
+        };
         self.mails[start..].iter().find(|m| !m.gone).and_then(|m| Uid::new(m.uid))
     }
 
