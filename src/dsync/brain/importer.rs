@@ -174,10 +174,10 @@ struct LocalChange {
 
 /// One instance of a mail that is new to one side: a remote save, one of our mails above the
 /// common prefix, or both. Kept for every such mail until the import ends (in an initial sync,
-/// for every mail of the mailbox), so it is small: the GUID lives in [`NewMails::text`], the
-/// keywords of a remote save in [`NewMails::kwsets`], and of the save's change record only
-/// what saving needs.
-#[derive(Debug, Clone)]
+/// for every mail of the mailbox), so it is small and plain: the GUID lives in
+/// [`NewMails::text`], the keywords of a remote save in [`NewMails::kwsets`], and of the save's
+/// change record only what saving needs.
+#[derive(Debug, Clone, Copy)]
 struct NewMail {
     /// The remote's modseq, the least the saved mail gets (0: none).
     modseq: u64,
@@ -223,20 +223,29 @@ impl Ix {
     }
 }
 
-/// The new mails of an import, indexed by `u32` (a mailbox holds at most a few million).
+/// The new mails of an import, indexed by `u32` (a mailbox holds at most a few million). The
+/// records and the GUIDs' text move into a file once large, like a mailbox's own lists: they
+/// are written in the order the changes come and mostly read back in that order (the saving
+/// walks them by UID), so what a receiving side holds no longer grows by some 90 bytes a mail.
 #[derive(Debug)]
 struct NewMails {
-    list: Vec<NewMail>,
-    /// Every GUID, one after another.
-    text: String,
+    list: SpillVec<NewMail>,
+    /// Every GUID, one after another (each from a `&str`).
+    text: SpillVec<u8>,
     /// Distinct keyword sets of remote saves; entry 0 is the empty set.
     kwsets: Vec<Box<[Box<str>]>>,
     kwset_ids: HashMap<Box<[Box<str>]>, u32>,
 }
 
 impl NewMails {
-    fn new() -> Self {
-        Self { list: Vec::new(), text: String::new(), kwsets: vec![Box::default()], kwset_ids: HashMap::new() }
+    /// New mails whose lists may move into a file of `dir`.
+    fn new(dir: Option<Arc<std::path::Path>>) -> Self {
+        Self {
+            list: SpillVec::new_in(dir.clone()),
+            text: SpillVec::new_in(dir),
+            kwsets: vec![Box::default()],
+            kwset_ids: HashMap::new(),
+        }
     }
 
     fn len(&self) -> usize {
@@ -244,18 +253,20 @@ impl NewMails {
     }
 
     fn guid(&self, i: usize) -> &str {
-        let m = &self.list[i];
-        &self.text[m.guid_at as usize..(m.guid_at + m.guid_len) as usize]
+        let m = &self[i];
+        let at = m.guid_at as usize;
+        self.text.note_lookup(at);
+        std::str::from_utf8(&self.text[at..at + m.guid_len as usize]).expect("GUIDs are stored from a str")
     }
 
     fn keywords(&self, i: usize) -> &[Box<str>] {
-        &self.kwsets[self.list[i].kwset as usize]
+        &self.kwsets[self[i].kwset as usize]
     }
 
     /// Adds a mail; `save` is the remote's save record, if it is one.
     fn push(&mut self, guid: &str, save: Option<&MailChange>, uids: [u32; 3], in_local: bool, usable: bool) -> usize {
         let guid_at = u32::try_from(self.text.len()).expect("GUID text stays below 4 GiB: mails are limited");
-        self.text.push_str(guid);
+        self.text.extend_from_slice(guid.as_bytes());
         let mut m = NewMail {
             modseq: 0,
             next: Ix::NONE,
@@ -298,12 +309,14 @@ impl NewMails {
 impl Index<usize> for NewMails {
     type Output = NewMail;
     fn index(&self, i: usize) -> &NewMail {
+        self.list.note_lookup(i);
         &self.list[i]
     }
 }
 
 impl IndexMut<usize> for NewMails {
     fn index_mut(&mut self, i: usize) -> &mut NewMail {
+        self.list.note_lookup(i);
         &mut self.list[i]
     }
 }
@@ -507,7 +520,7 @@ impl Importer {
             local_changes: HashMap::new(),
             maybe_expunge_uids: BTreeSet::new(),
             maybe_saves: Vec::new(),
-            newmails: NewMails::new(),
+            newmails: NewMails::new(mb.scratch_dir().map(|d| Arc::from(d.as_path()))),
             import_guids: GuidGroups::new(),
             import_uids: Ordered::new(),
             wanted_uids: Vec::new(),
