@@ -10,8 +10,11 @@
 //! changed uidlist, means a mail arrived, and everything is moved back and the deletion is
 //! refused with [`StoreError::ChangedDuringDelete`] (Dovecot's "New mails were added to mailbox
 //! during deletion"). After the move every writer works by path and finds nothing, so nothing
-//! new can land where the directories went; removal still deletes only the names it saw, and a
-//! directory that is not empty afterwards is put back too.
+//! new can land where the directories went, except from a delivery that had looked them up
+//! just before (a `rename` already past its path lookup): removal looks once more and removes
+//! nothing if a stranger is there, deletes only the names it saw, and a directory that is not
+//! empty afterwards is put back too. In that last case the seen mails already removed stay
+//! removed, as asked (Dovecot's deletion expunges before it gives up, too); each is logged.
 //!
 //! Where the directories go follows Dovecot. Maildir++: the mailbox directory is renamed to
 //! `..DOVECOT-TRASHED` in the root, or into `..DOVECOT-TRASHED/<host>.<pid>.<random>` when that
@@ -215,8 +218,16 @@ fn move_parts(dir: &Path, hostname: &str) -> StoreResult<Moved> {
 }
 
 /// Removes the mails `seen` holds from `mail_dir`'s `new/` and `cur/`, then those directories.
-/// Returns false, having removed only seen mails, if anything else is there.
-fn remove_seen_mails(mail_dir: &Path, seen: &Seen) -> StoreResult<bool> {
+/// Returns false if anything else is there: having removed nothing if it was there when the
+/// removal started, or only seen mails if it appeared during it (a delivery that had looked up
+/// the directories before they moved can still rename its file into them). Each removed mail
+/// is logged at trace level (`vname`), so that what went is known either way.
+fn remove_seen_mails(mail_dir: &Path, seen: &Seen, vname: &str) -> StoreResult<bool> {
+    for sub in ["new", "cur"] {
+        if names_in(&mail_dir.join(sub))?.iter().any(|n| !seen.bases.contains(filename::base(n))) {
+            return Ok(false);
+        }
+    }
     let mut clean = true;
     for sub in ["new", "cur"] {
         let d = mail_dir.join(sub);
@@ -226,7 +237,7 @@ fn remove_seen_mails(mail_dir: &Path, seen: &Seen) -> StoreResult<bool> {
                 continue;
             }
             match fs::remove_file(d.join(&name)) {
-                Ok(()) => {}
+                Ok(()) => tracing::trace!(mailbox = vname, mail = %filename::base(&name), "deleted mail"),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(StoreError::io("unlink", d.join(&name), e)),
             }
@@ -302,15 +313,10 @@ pub(crate) fn delete_mailbox(
     if !seen.covers(&Seen::read(moved.mail_dir(), moved.list_dir())?) {
         return refuse(&moved, lock, "new mails arrived");
     }
-    if !remove_seen_mails(moved.mail_dir(), &seen)? {
+    if !remove_seen_mails(moved.mail_dir(), &seen, env.vname)? {
         return refuse(&moved, lock, "a file appeared");
     }
     tracing::debug!(mailbox = env.vname, mails = seen.len(), "deleted mailbox");
-    if tracing::enabled!(tracing::Level::TRACE) {
-        for b in &seen.bases {
-            tracing::trace!(mailbox = env.vname, mail = %b, "deleted mail");
-        }
-    }
     committed()?;
     match moved {
         Moved::Whole { trash, .. } => {
@@ -462,13 +468,14 @@ mod tests {
         let dir = mailbox(root.path(), ".Box", &["1.M1P1.h:2,S"]);
         let seen = Seen::read(&dir, &dir).unwrap();
         let moved = move_to_trash(root.path(), &dir, "h").unwrap();
-        // A delivery that renamed into new/ just before the move.
-        fs::write(moved.mail_dir().join("new/9.M1P1.h"), b"late").unwrap();
+        // A mail that came in just before the move (into cur/, behind the seen one there).
+        fs::write(moved.mail_dir().join("cur/9.M1P1.h:2,"), b"late").unwrap();
         assert!(!seen.covers(&Seen::read(moved.mail_dir(), moved.list_dir()).unwrap()));
-        assert!(!remove_seen_mails(moved.mail_dir(), &seen).unwrap());
-        assert!(!moved.mail_dir().join("cur/1.M1P1.h").exists(), "seen mails may go");
+        assert!(!remove_seen_mails(moved.mail_dir(), &seen, "Box").unwrap());
+        assert!(moved.mail_dir().join("cur/1.M1P1.h:2,S").exists(), "nothing goes when a stranger is there");
         moved.restore().unwrap();
-        assert!(dir.join("new/9.M1P1.h").exists());
+        assert!(dir.join("cur/9.M1P1.h:2,").exists());
+        assert!(dir.join("cur/1.M1P1.h:2,S").exists());
         assert!(dir.join(uidlist::NAME).exists());
         // fs layout: parts move and come back.
         let dir = mailbox(root.path(), "Fs", &["1.M1P1.h"]);
