@@ -259,8 +259,7 @@ impl<T: Copy> SpillVec<T> {
                 for i in [h, h + 1] {
                     // `i` is the answer if the key is there, or if it falls between `i - 1`
                     // and `i` (the insertion point).
-                    let above = i == 0 || i > s.len() || f(&s[i - 1]) < key;
-                    if !above || i > s.len() {
+                    if i > s.len() || (i > 0 && f(&s[i - 1]) >= key) {
                         continue;
                     }
                     let r = match s.get(i).map(&f) {

@@ -24,9 +24,10 @@
 //!   counts from the last sign of life on either side: a read, a write, or the brain starting
 //!   to wait. A master sending a large mailbox hears nothing from the peer until the peer has
 //!   saved it all (ten minutes for 2,000,000 mails), and a brain busy for longer than the
-//!   timeout while the peer's bytes sat in the pipe has not seen the peer stall either. Nothing ever joins a thread that
-//!   may be stuck in `read(2)` or `write(2)`: a session that failed returns at once, and the
-//!   process (or the next session) is not held by a peer that stopped reading.
+//!   timeout while the peer's bytes sat in the pipe has not seen the peer stall either.
+//!   Nothing ever joins a thread that may be stuck in `read(2)` or `write(2)`: a session that
+//!   failed returns at once, and the process (or the next session) is not held by a peer that
+//!   stopped reading.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};

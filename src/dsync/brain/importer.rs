@@ -18,11 +18,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
 use std::io::Read;
 use std::ops::{Index, IndexMut};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::limits::MAX_UID;
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
-use crate::spill::SpillVec;
+use crate::spill::{self, SpillVec};
 use crate::store::{
     Change, FlagOp, Flags, Guid128, Keyword, MailGuid, MailRecord, Mailbox, MailboxUpdate, SaveRequest, StoreError, Uid,
 };
@@ -239,7 +240,7 @@ struct NewMails {
 
 impl NewMails {
     /// New mails whose lists may move into a file of `dir`.
-    fn new(dir: Option<Arc<std::path::Path>>) -> Self {
+    fn new(dir: Option<Arc<Path>>) -> Self {
         Self {
             list: SpillVec::new_in(dir.clone()),
             text: SpillVec::new_in(dir),
@@ -478,8 +479,8 @@ fn kw_names(kws: &[Keyword]) -> Vec<String> {
 
 /// The UIDs of `mb`'s mails above `after`, ascending, walked one at a time through the store
 /// (listing them all at once took 4 more bytes a mail for a moment).
-fn local_uids_above<M: Mailbox>(mb: &M, after: u32) -> SpillVec<u32> {
-    let mut v = SpillVec::new_in(mb.scratch_dir().map(|d| Arc::from(d.as_path())));
+fn local_uids_above<M: Mailbox>(mb: &M, after: u32, scratch: Option<Arc<Path>>) -> SpillVec<u32> {
+    let mut v = SpillVec::new_in(scratch);
     let mut at = after;
     while let Some(u) = mb.uid_after(at) {
         v.push(u.get());
@@ -503,6 +504,7 @@ impl Importer {
         let one_modseq = opts.revert_local_changes.then(|| status.highest_modseq.max(remote.highest_modseq));
         mb.begin_import(one_modseq);
         let stateful = last.uid != 0 || last.modseq != 0;
+        let scratch = mb.scratch_dir().as_deref().and_then(spill::dir);
         let mut imp = Self {
             opts,
             remote,
@@ -511,7 +513,7 @@ impl Importer {
             local_uid_next: status.uid_next,
             local_initial_hms: status.highest_modseq,
             local_initial_pvt_hms: 0,
-            local: local_uids_above(mb, last.uid),
+            local: local_uids_above(mb, last.uid, scratch.clone()),
             cur: None,
             cur_rec: None,
             next_local_seq: 0,
@@ -520,7 +522,7 @@ impl Importer {
             local_changes: HashMap::new(),
             maybe_expunge_uids: BTreeSet::new(),
             maybe_saves: Vec::new(),
-            newmails: NewMails::new(mb.scratch_dir().map(|d| Arc::from(d.as_path()))),
+            newmails: NewMails::new(scratch),
             import_guids: GuidGroups::new(),
             import_uids: Ordered::new(),
             wanted_uids: Vec::new(),

@@ -223,27 +223,18 @@ fn move_parts(dir: &Path, hostname: &str) -> StoreResult<Moved> {
 /// the directories before they moved can still rename its file into them). Each removed mail
 /// is logged at trace level (`vname`), so that what went is known either way.
 fn remove_seen_mails(mail_dir: &Path, seen: &Seen, vname: &str) -> StoreResult<bool> {
-    for sub in ["new", "cur"] {
-        if names_in(&mail_dir.join(sub))?.iter().any(|n| !seen.bases.contains(filename::base(n))) {
-            return Ok(false);
-        }
+    let listed = [names_in(&mail_dir.join("new"))?, names_in(&mail_dir.join("cur"))?];
+    if listed.iter().flatten().any(|n| !seen.bases.contains(filename::base(n))) {
+        return Ok(false);
     }
-    let mut clean = true;
-    for sub in ["new", "cur"] {
+    for (sub, names) in ["new", "cur"].into_iter().zip(listed) {
         let d = mail_dir.join(sub);
-        for name in names_in(&d)? {
-            if !seen.bases.contains(filename::base(&name)) {
-                clean = false;
-                continue;
-            }
+        for name in names {
             match fs::remove_file(d.join(&name)) {
                 Ok(()) => tracing::trace!(mailbox = vname, mail = %filename::base(&name), "deleted mail"),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(StoreError::io("unlink", d.join(&name), e)),
             }
-        }
-        if !clean {
-            return Ok(false);
         }
         // Dot files are never mails (no tool reads them as such); they must not keep the
         // directory from going.
