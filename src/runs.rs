@@ -17,6 +17,9 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
+
+use crate::spill::{self, SpillVec};
 
 /// Runs of records in one file (see the module's documentation).
 pub(crate) struct Runs {
@@ -106,6 +109,17 @@ impl Runs {
             None => Chunk::Mem(buf),
         };
         self.runs[run].chunks.push(chunk);
+    }
+
+    /// Adds an empty run at the end and returns its number.
+    pub(crate) fn add_run(&mut self) -> usize {
+        self.runs.push(Run::default());
+        self.runs.len() - 1
+    }
+
+    /// How many runs there are.
+    pub(crate) fn len(&self) -> usize {
+        self.runs.len()
     }
 
     /// Ends writing run `run`: its buffer is written out and freed.
@@ -286,9 +300,92 @@ pub(crate) fn merge<E>(
     Ok(())
 }
 
+/// Pairs sorted in memory at a time (a quarter of the spill threshold), at least.
+const SORT_PIECE_MIN: usize = 1024;
+
+/// `items` sorted, in a list that moves into a file of `dir` once large (see
+/// [`crate::spill`]). What a sort holds on the heap is bounded whatever the count: pieces of
+/// a quarter of the spill threshold are sorted in memory, written as runs, and merged. The
+/// importer sorts its new mails by UID with this, and looks mails up by a GUID's hash.
+pub(crate) fn sort_pairs(
+    dir: Option<Arc<Path>>,
+    items: impl IntoIterator<Item = [u32; 2]>,
+) -> io::Result<SpillVec<[u32; 2]>> {
+    let piece = (spill::threshold() / 4 / size_of::<[u32; 2]>()).max(SORT_PIECE_MIN);
+    let mut out = SpillVec::new_in(dir.clone());
+    let mut buf: Vec<[u32; 2]> = Vec::new();
+    let mut runs: Option<Runs> = None;
+    let write = |runs: &mut Runs, buf: &mut Vec<[u32; 2]>| {
+        buf.sort_unstable();
+        let run = runs.add_run();
+        for p in buf.iter() {
+            runs.push(run, &[&p[0].to_le_bytes(), &p[1].to_le_bytes()]);
+        }
+        runs.finish(run);
+        buf.clear();
+    };
+    for item in items {
+        if buf.len() == piece {
+            write(runs.get_or_insert_with(|| Runs::new(dir.as_deref(), 0, 64 << 10)), &mut buf);
+        }
+        buf.push(item);
+    }
+    let Some(mut runs) = runs else {
+        buf.sort_unstable();
+        out.reserve_exact(buf.len());
+        out.extend_from_slice(&buf);
+        return Ok(out);
+    };
+    if !buf.is_empty() {
+        write(&mut runs, &mut buf);
+    }
+    drop(buf);
+    let pair = |rec: &[u8]| -> [u32; 2] {
+        let n = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or_default());
+        if rec.len() == 8 { [n(&rec[..4]), n(&rec[4..])] } else { [0, 0] }
+    };
+    let mut readers: Vec<_> = (0..runs.len()).map(|r| runs.reader(r)).collect();
+    merge(
+        &mut readers,
+        |a, b| pair(a).cmp(&pair(b)),
+        |rec| {
+            if rec.len() != 8 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "a sorted run's record is damaged"));
+            }
+            out.push(pair(rec));
+            Ok(())
+        },
+        |e| e,
+    )?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sorted_pairs_come_out_in_order_from_one_piece_or_many() {
+        let d = tempfile::tempdir().unwrap();
+        // The unit tests' threshold is 0: pieces of SORT_PIECE_MIN pairs.
+        for n in [0usize, 1, 5, SORT_PIECE_MIN, SORT_PIECE_MIN + 1, 10 * SORT_PIECE_MIN + 17] {
+            for dir in [spill::dir(d.path()), None] {
+                let mut x = n as u64 + 99;
+                let items: Vec<[u32; 2]> = (0..n)
+                    .map(|i| {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        // Many equal first elements.
+                        [(x >> 54) as u32, i as u32]
+                    })
+                    .collect();
+                let mut want = items.clone();
+                want.sort_unstable();
+                let got = sort_pairs(dir.clone(), items).unwrap();
+                assert_eq!(got.to_vec(), want, "{n} pairs, in a file: {}", dir.is_some());
+                assert_eq!(got.in_file(), dir.is_some() && n > 0, "{n} pairs");
+            }
+        }
+    }
 
     fn read_all(runs: &Runs, run: usize) -> Vec<Vec<u8>> {
         let mut r = runs.reader(run);

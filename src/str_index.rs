@@ -133,10 +133,6 @@ pub(crate) struct StrIndex {
 }
 
 impl StrIndex {
-    pub(crate) fn new() -> Self {
-        Self::default()
-    }
-
     /// An index with room for `n` entries, so that a table built up to a known size is never
     /// copied to a larger one (a resize holds both tables at once).
     pub(crate) fn with_capacity(n: usize) -> Self {
@@ -188,12 +184,6 @@ impl StrIndex {
     pub(crate) fn values(&self) -> impl Iterator<Item = u32> + '_ {
         self.by_hash.values().chain(self.collided.values().copied())
     }
-
-    /// Forgets every entry, and the memory they took.
-    pub(crate) fn clear(&mut self) {
-        self.by_hash = Slots::default();
-        self.collided = HashMap::new();
-    }
 }
 
 #[cfg(test)]
@@ -210,7 +200,7 @@ mod tests {
     #[test]
     fn exact_even_when_hashes_collide() {
         let names = Names(vec!["a", "b", "c"]);
-        let mut ix = StrIndex::new();
+        let mut ix = StrIndex::default();
         assert_eq!(ix.insert("a", 0, &names), None);
         assert_eq!(ix.insert("a", 2, &names), Some(0));
         // Force a collision: "b" lands in the slot "a" holds.

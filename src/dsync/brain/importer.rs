@@ -16,18 +16,18 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::Hash;
-use std::io::Read;
-use std::ops::{Index, IndexMut};
+use std::io::{self, Read};
 use std::path::Path;
 use std::sync::Arc;
 
 use super::limits::MAX_UID;
+use super::new_mails::{Ix, NewMails};
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
+use crate::runs;
 use crate::spill::{self, SpillVec};
 use crate::store::{
     Change, FlagOp, Flags, Guid128, Keyword, MailGuid, MailRecord, Mailbox, MailboxUpdate, SaveRequest, StoreError, Uid,
 };
-use crate::str_index::{KeySource, StrIndex};
 
 /// How the importer behaves.
 #[derive(Debug, Clone)]
@@ -173,202 +173,6 @@ struct LocalChange {
     keywords: Vec<(KwOp, String)>,
 }
 
-/// One instance of a mail that is new to one side: a remote save, one of our mails above the
-/// common prefix, or both. Kept for every such mail until the import ends (in an initial sync,
-/// for every mail of the mailbox), so it is small and plain: the GUID lives in
-/// [`NewMails::text`], the keywords of a remote save in [`NewMails::kwsets`], and of the save's
-/// change record only what saving needs.
-#[derive(Debug, Clone, Copy)]
-struct NewMail {
-    /// The remote's modseq, the least the saved mail gets (0: none).
-    modseq: u64,
-    /// The next instance with the same GUID.
-    next: Ix,
-    /// The instance on the other side this one pairs with.
-    link: Ix,
-    guid_at: u32,
-    guid_len: u32,
-    /// Final keywords of the remote save ([`NewMails::kwsets`]; 0: none).
-    kwset: u32,
-    final_uid: u32,
-    local_uid: u32,
-    remote_uid: u32,
-    /// Final system flags of the remote save, `\Recent` removed.
-    flags: u8,
-    /// A remote save: `modseq`, `kwset` and `flags` are its.
-    has_change: bool,
-    uid_in_local: bool,
-    uid_is_usable: bool,
-    skip: bool,
-    saved: bool,
-}
-
-/// An optional index into [`NewMails`], in four bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Ix(Option<std::num::NonZeroU32>);
-
-impl Ix {
-    const NONE: Self = Self(None);
-
-    fn to(i: usize) -> Self {
-        // New mails are limited to a few million (`max_mails_per_mailbox`).
-        Self(u32::try_from(i + 1).ok().and_then(std::num::NonZeroU32::new))
-    }
-
-    fn get(self) -> Option<usize> {
-        self.0.map(|n| n.get() as usize - 1)
-    }
-
-    fn is_none(self) -> bool {
-        self.0.is_none()
-    }
-}
-
-/// The new mails of an import, indexed by `u32` (a mailbox holds at most a few million). The
-/// records and the GUIDs' text move into a file once large, like a mailbox's own lists: they
-/// are written in the order the changes come and mostly read back in that order (the saving
-/// walks them by UID), so what a receiving side holds no longer grows by some 90 bytes a mail.
-#[derive(Debug)]
-struct NewMails {
-    list: SpillVec<NewMail>,
-    /// Every GUID, one after another (each from a `&str`).
-    text: SpillVec<u8>,
-    /// Distinct keyword sets of remote saves; entry 0 is the empty set.
-    kwsets: Vec<Box<[Box<str>]>>,
-    kwset_ids: HashMap<Box<[Box<str>]>, u32>,
-}
-
-impl NewMails {
-    /// New mails whose lists may move into a file of `dir`.
-    fn new(dir: Option<Arc<Path>>) -> Self {
-        Self {
-            list: SpillVec::new_in(dir.clone()),
-            text: SpillVec::new_in(dir),
-            kwsets: vec![Box::default()],
-            kwset_ids: HashMap::new(),
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.list.len()
-    }
-
-    fn guid(&self, i: usize) -> &str {
-        let m = &self[i];
-        let at = m.guid_at as usize;
-        self.text.note_lookup(at);
-        std::str::from_utf8(&self.text[at..at + m.guid_len as usize]).expect("GUIDs are stored from a str")
-    }
-
-    fn keywords(&self, i: usize) -> &[Box<str>] {
-        &self.kwsets[self[i].kwset as usize]
-    }
-
-    /// Adds a mail; `save` is the remote's save record, if it is one.
-    fn push(&mut self, guid: &str, save: Option<&MailChange>, uids: [u32; 3], in_local: bool, usable: bool) -> usize {
-        let guid_at = u32::try_from(self.text.len()).expect("GUID text stays below 4 GiB: mails are limited");
-        self.text.extend_from_slice(guid.as_bytes());
-        let mut m = NewMail {
-            modseq: 0,
-            next: Ix::NONE,
-            link: Ix::NONE,
-            guid_at,
-            guid_len: guid.len() as u32,
-            kwset: 0,
-            final_uid: uids[0],
-            local_uid: uids[1],
-            remote_uid: uids[2],
-            flags: 0,
-            has_change: false,
-            uid_in_local: in_local,
-            uid_is_usable: usable,
-            skip: false,
-            saved: false,
-        };
-        if let Some(c) = save {
-            m.has_change = true;
-            m.modseq = if c.modseq > 1 { c.modseq } else { 0 };
-            m.flags = recent_stripped(c.final_flags);
-            let kws: Box<[Box<str>]> = c.final_keywords().into_iter().map(Box::from).collect();
-            if !kws.is_empty() {
-                m.kwset = match self.kwset_ids.get(&kws) {
-                    Some(&id) => id,
-                    None => {
-                        let id = self.kwsets.len() as u32;
-                        self.kwsets.push(kws.clone());
-                        self.kwset_ids.insert(kws, id);
-                        id
-                    }
-                };
-            }
-        }
-        self.list.push(m);
-        self.list.len() - 1
-    }
-}
-
-impl Index<usize> for NewMails {
-    type Output = NewMail;
-    fn index(&self, i: usize) -> &NewMail {
-        self.list.note_lookup(i);
-        &self.list[i]
-    }
-}
-
-impl IndexMut<usize> for NewMails {
-    fn index_mut(&mut self, i: usize) -> &mut NewMail {
-        self.list.note_lookup(i);
-        &mut self.list[i]
-    }
-}
-
-impl KeySource for NewMails {
-    fn key_is(&self, v: u32, guid: &str) -> bool {
-        self.guid(v as usize) == guid
-    }
-}
-
-/// New mails not yet saved, grouped by GUID: the first instance of each group, and the order
-/// the groups were found in (which keeps requests deterministic).
-#[derive(Debug)]
-struct GuidGroups {
-    index: StrIndex,
-    order: Vec<u32>,
-}
-
-impl GuidGroups {
-    fn new() -> Self {
-        Self { index: StrIndex::new(), order: Vec::new() }
-    }
-
-    fn get(&self, guid: &str, nm: &NewMails) -> Option<usize> {
-        self.index.get(guid, nm).map(|v| v as usize)
-    }
-
-    fn insert(&mut self, first: usize, nm: &NewMails) {
-        if self.index.insert(nm.guid(first), first as u32, nm).is_none() {
-            self.order.push(first as u32);
-        }
-    }
-
-    fn remove(&mut self, guid: &str, nm: &NewMails) -> Option<usize> {
-        self.index.remove(guid, nm).map(|v| v as usize)
-    }
-
-    /// The groups still present, in the order they were found.
-    fn values(&self, nm: &NewMails) -> Vec<usize> {
-        self.order.iter().map(|&i| i as usize).filter(|&i| self.get(nm.guid(i), nm) == Some(i)).collect()
-    }
-
-    /// Removes and returns every group, in the order they were found.
-    fn take_all(&mut self, nm: &NewMails) -> Vec<usize> {
-        let all = self.values(nm);
-        self.index.clear();
-        self.order = Vec::new();
-        all
-    }
-}
-
 /// The importer of one mailbox.
 pub(crate) struct Importer {
     opts: ImportOptions,
@@ -390,16 +194,21 @@ pub(crate) struct Importer {
     local_changes: HashMap<u32, LocalChange>,
     maybe_expunge_uids: BTreeSet<u32>,
     maybe_saves: Vec<MailChange>,
+    /// The new mails, grouped by GUID once the change list ended; the groups waiting for a
+    /// body are marked `pending` on their first instance.
     newmails: NewMails,
-    /// New mails not yet saved, grouped by GUID (or, without GUIDs, by remote UID): the
-    /// first instance of each group. Insertion order keeps requests deterministic.
-    import_guids: GuidGroups,
+    /// Mails without a GUID (which the remote's saves always have: only our own, rarely),
+    /// grouped by remote UID as they come: the first instance of each group, in the order
+    /// found.
     import_uids: Ordered<u32>,
-    wanted_uids: Vec<u32>,
-    saved_uids: Vec<u32>,
+    /// Where the store's files for large lists go.
+    scratch: Option<Arc<Path>>,
+    /// The UIDs each committed save or move wanted, and the UIDs the store gave them.
+    wanted_uids: SpillVec<u32>,
+    saved_uids: SpillVec<u32>,
     highest_wanted_uid: u32,
     /// The mails to ask for (`R`), by the new mail that names them.
-    requests: Vec<u32>,
+    requests: SpillVec<u32>,
     request_idx: usize,
     prev_uid: u32,
     new_uids_assigned: bool,
@@ -407,10 +216,13 @@ pub(crate) struct Importer {
     delete_mailbox: bool,
     failed: Option<String>,
     expunges: BTreeSet<u32>,
-    /// Newmail indices sorted by final UID (after UID assignment), and how many leading ones
-    /// are saved: intermediate commits are allowed only when every save so far is a prefix.
-    order: Vec<u32>,
+    /// (final UID, new mail) sorted (after UID assignment), and how many leading ones are
+    /// saved or never will be: an intermediate commit is allowed only when every UID staged
+    /// so far is below every UID still to be saved.
+    order: SpillVec<[u32; 2]>,
     first_unsaved_idx: usize,
+    /// Our own mails were matched (moved, copied, expunged): no move follows.
+    local_handled: bool,
     saves_since_commit: usize,
     /// Wanted UIDs of staged, not yet committed saves, in staging order.
     pending_wanted: Vec<u32>,
@@ -514,6 +326,7 @@ impl Importer {
             local_initial_hms: status.highest_modseq,
             local_initial_pvt_hms: 0,
             local: local_uids_above(mb, last.uid, scratch.clone()),
+            scratch: scratch.clone(),
             cur: None,
             cur_rec: None,
             next_local_seq: 0,
@@ -522,13 +335,12 @@ impl Importer {
             local_changes: HashMap::new(),
             maybe_expunge_uids: BTreeSet::new(),
             maybe_saves: Vec::new(),
-            newmails: NewMails::new(scratch),
-            import_guids: GuidGroups::new(),
+            newmails: NewMails::new(scratch.clone()),
             import_uids: Ordered::new(),
-            wanted_uids: Vec::new(),
-            saved_uids: Vec::new(),
+            wanted_uids: SpillVec::new_in(scratch.clone()),
+            saved_uids: SpillVec::new_in(scratch.clone()),
             highest_wanted_uid: 0,
-            requests: Vec::new(),
+            requests: SpillVec::new_in(scratch),
             request_idx: 0,
             prev_uid: 0,
             new_uids_assigned: false,
@@ -536,8 +348,9 @@ impl Importer {
             delete_mailbox: false,
             failed: None,
             expunges: BTreeSet::new(),
-            order: Vec::new(),
+            order: SpillVec::default(),
             first_unsaved_idx: 0,
+            local_handled: false,
             saves_since_commit: 0,
             pending_wanted: Vec::new(),
             moved: HashMap::new(),
@@ -677,28 +490,15 @@ impl Importer {
         ));
     }
 
-    /// `newmail_link`: groups instances by GUID (or by remote UID without GUIDs) and links a
-    /// local instance with a remote one.
+    /// `newmail_link` for a mail without a GUID: grouped by remote UID as it comes (mails with
+    /// a GUID are grouped when the change list ended, [`NewMails::link_by_guid`]).
     fn link_newmail(&mut self, idx: usize, remote_uid: u32) {
-        let first = if !self.newmails.guid(idx).is_empty() {
-            match self.import_guids.get(self.newmails.guid(idx), &self.newmails) {
-                Some(f) => f,
-                None => {
-                    self.import_guids.insert(idx, &self.newmails);
-                    return;
-                }
-            }
-        } else {
-            if remote_uid == 0 {
-                return;
-            }
-            match self.import_uids.get(&remote_uid) {
-                Some(f) => f,
-                None => {
-                    self.import_uids.insert(remote_uid, idx);
-                    return;
-                }
-            }
+        if !self.newmails.guid(idx).is_empty() || remote_uid == 0 {
+            return;
+        }
+        let Some(first) = self.import_uids.get(&remote_uid) else {
+            self.import_uids.insert(remote_uid, idx);
+            return;
         };
         let mut link = None;
         let mut cur = Some(first);
@@ -1118,6 +918,7 @@ impl Importer {
 
     /// `dsync_mailbox_import_assign_new_uids`. Fails when the UID space is used up.
     fn assign_new_uids(&mut self) -> Result<(), ImportError> {
+        self.newmails.link_by_guid().map_err(|e| self.io_error(e))?;
         let mut common_uid_next = self.local_uid_next.max(self.remote.uid_next).max(1);
         for i in 0..self.newmails.len() {
             if self.newmails[i].skip {
@@ -1146,10 +947,24 @@ impl Importer {
         }
         self.last_common_uid = common_uid_next - 1;
         self.new_uids_assigned = true;
-        let mut order: Vec<u32> = (0..self.newmails.len() as u32).collect();
-        order.sort_by_key(|&i| self.newmails[i as usize].final_uid);
-        self.order = order;
+        let nm = &self.newmails;
+        let order = runs::sort_pairs(
+            self.scratch.clone(),
+            (0..nm.len()).map(|i| {
+                if i % spill::RELEASE_EVERY == spill::RELEASE_EVERY - 1 {
+                    nm.release();
+                }
+                [nm[i].final_uid, i as u32]
+            }),
+        );
+        self.order = order.map_err(|e| self.io_error(e))?;
         Ok(())
+    }
+
+    /// An error of the files a large import keeps its lists in.
+    fn io_error(&self, e: io::Error) -> ImportError {
+        let place = self.scratch.as_deref().map_or_else(|| "(memory)".into(), Path::to_path_buf);
+        ImportError::Store(StoreError::io("read", place, e))
     }
 
     /// Handles everything after the remote's change list ended: local mails above the common
@@ -1187,9 +1002,12 @@ impl Importer {
     }
 
     fn handle_local_mails<M: Mailbox>(&mut self, mb: &mut M) -> Result<(), ImportError> {
-        for first in self.import_guids.take_all(&self.newmails) {
-            if !self.handle_mail(mb, first)? {
-                self.import_guids.insert(first, &self.newmails);
+        for first in 0..self.newmails.len() {
+            if first % spill::RELEASE_EVERY == spill::RELEASE_EVERY - 1 {
+                self.newmails.release();
+            }
+            if self.newmails[first].first && !self.handle_mail(mb, first)? {
+                self.newmails[first].pending = true;
             }
         }
         for (u, first) in self.import_uids.take_all() {
@@ -1197,7 +1015,8 @@ impl Importer {
                 self.import_uids.insert(u, first);
             }
         }
-        Ok(())
+        self.local_handled = true;
+        self.newmails.index_pending().map_err(|e| self.io_error(e))
     }
 
     /// `dsync_mailbox_import_handle_mail`: true if handled locally, false if requested.
@@ -1328,7 +1147,7 @@ impl Importer {
         let &i = self.requests.get(self.request_idx)?;
         self.request_idx += 1;
         if self.request_idx == self.requests.len() {
-            self.requests = Vec::new();
+            self.requests = SpillVec::default();
             self.request_idx = 0;
         }
         let guid = self.newmails.guid(i as usize);
@@ -1386,14 +1205,25 @@ impl Importer {
             self.highest_wanted_uid = self.highest_wanted_uid.max(final_uid);
             self.saves_since_commit += 1;
         }
-        while self.first_unsaved_idx < self.order.len()
-            && self.newmails[self.order[self.first_unsaved_idx] as usize].saved
-        {
+        while let Some(&[_, i]) = self.order.get(self.first_unsaved_idx) {
+            self.order.note_lookup(self.first_unsaved_idx);
+            let m = &self.newmails[i as usize];
+            if !m.saved && !m.skip {
+                break;
+            }
             self.first_unsaved_idx += 1;
         }
-        // Committing early is safe only if every later save has a higher UID.
-        let prefix_done = self.first_unsaved_idx == self.wanted_uids.len() + self.pending_wanted.len();
-        if self.saves_since_commit >= self.opts.commit_msgs_interval.max(1) && prefix_done {
+        // Committing early is safe only if every later save has a higher UID than every one
+        // staged (the store hands UIDs out in ascending order), no move is still to come, and
+        // none was made: a moved mail's old UID must stay readable until the end, for the
+        // export that may still send it.
+        let below_the_rest =
+            self.order.get(self.first_unsaved_idx).is_none_or(|&[uid, _]| self.highest_wanted_uid < uid);
+        if self.saves_since_commit >= self.opts.commit_msgs_interval.max(1)
+            && self.local_handled
+            && self.moved.is_empty()
+            && below_the_rest
+        {
             self.commit(mb)?;
         }
         Ok(())
@@ -1429,7 +1259,7 @@ impl Importer {
             return Ok(true);
         }
         let found = if !header.guid.is_empty() {
-            self.import_guids.remove(header.guid.as_str(), &self.newmails)
+            self.newmails.take_pending(&header.guid)
         } else {
             self.import_uids.remove(&header.uid)
         };
@@ -1462,16 +1292,26 @@ impl Importer {
         if self.local_uid_next > highest_seen {
             return Ok(None);
         }
-        let mut kept: Vec<u32> =
-            self.wanted_uids.iter().zip(&self.saved_uids).filter(|(w, s)| w == s).map(|(_, s)| *s).collect();
-        kept.sort_unstable();
-        let unwanted: Vec<Uid> = mb
-            .uids()
-            .into_iter()
-            .filter(|u| {
-                (self.local_uid_next..=highest_seen).contains(&u.get()) && kept.binary_search(&u.get()).is_err()
-            })
-            .collect();
+        // The UIDs we saved and got, sorted; the mails in the range that are not among them
+        // were saved by another writer (found by a walk, never listing the whole mailbox).
+        let kept = runs::sort_pairs(
+            self.scratch.clone(),
+            self.wanted_uids
+                .iter_releasing()
+                .zip(self.saved_uids.iter_releasing())
+                .filter(|(w, s)| w == s)
+                .map(|(_, &s)| [s, 0]),
+        )
+        .map_err(|e| self.io_error(e))?;
+        let mut unwanted: Vec<Uid> = Vec::new();
+        let mut at = self.local_uid_next.saturating_sub(1);
+        while let Some(u) = mb.uid_after(at).filter(|u| u.get() <= highest_seen) {
+            at = u.get();
+            if kept.search_by_key(at, |p| p[0]).is_err() {
+                unwanted.push(u);
+            }
+        }
+        drop(kept);
         let mut renumbered = 0;
         for &u in &unwanted {
             let target = mb.status().uid_next;
@@ -1504,7 +1344,8 @@ impl Importer {
             self.fail(e.to_string());
         }
         if self.failed.is_none() {
-            let firsts = self.import_guids.values(&self.newmails).into_iter().chain(self.import_uids.values());
+            let nm = &self.newmails;
+            let firsts = nm.firsts().filter(|&f| nm[f].pending).chain(self.import_uids.values());
             let missing: Vec<String> = firsts
                 .flat_map(|f| self.chain(f))
                 .filter(|&i| !self.newmails[i].skip && !self.newmails[i].saved)

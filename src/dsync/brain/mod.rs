@@ -16,6 +16,7 @@ pub(crate) mod ibc;
 pub(crate) mod importer;
 pub(crate) mod limits;
 pub(crate) mod mailbox_tree;
+pub(crate) mod new_mails;
 pub(crate) mod sent_guids;
 pub(crate) mod session;
 pub(crate) mod tree;
