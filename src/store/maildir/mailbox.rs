@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{AT_FDCWD, Flock, FlockArg, RenameFlags, renameat2};
 
-use super::fasthash::FastSet;
+use super::base_hashes::BaseHashes;
 use super::filename::{self, KeywordMask};
 use super::fsutil::{self, Stamp};
 use super::index::{self, ExtraChange, Header, Index, IndexedMail, KnownMail, LogEntry, Stamps};
@@ -142,7 +142,7 @@ pub struct MaildirMailbox {
     /// keeps a letter without a name from being handed out).
     used_kw: KeywordMask,
     /// Hashes of the base names of our mails and pending saves, built on first need.
-    base_hashes: Option<FastSet<u64>>,
+    base_hashes: Option<BaseHashes>,
     /// The uidlist as we last read or wrote it (header only), so that a commit re-reads only
     /// what others appended since.
     uidlist_cache: Option<Uidlist>,
@@ -1303,24 +1303,26 @@ impl MaildirMailbox {
 
     /// Is `base` the base name of one of our mails or pending saves? A set of hashes answers
     /// in O(1); only a hit is confirmed by a scan (a real duplicate, which is rare).
-    fn base_in_use(&mut self, base: &str) -> bool {
+    fn base_in_use(&mut self, base: &str) -> StoreResult<bool> {
         let h = base_hash(base);
         let set = match &mut self.base_hashes {
             Some(set) => set,
             None => {
-                let mut set = FastSet::default();
-                set.reserve(self.mails.len() + self.pending.len());
                 let names = &self.names;
-                set.extend(
-                    self.mails.iter_releasing().filter(|m| !m.gone).map(|m| base_hash(filename::base(m.file(names)))),
-                );
-                set.extend(self.pending.iter().map(|p| base_hash(&p.base)));
+                let all = self
+                    .mails
+                    .iter_releasing()
+                    .filter(|m| !m.gone)
+                    .map(|m| base_hash(filename::base(m.file(names))))
+                    .chain(self.pending.iter().map(|p| base_hash(&p.base)));
+                let set = BaseHashes::build(spill::dir(&self.dir), all)
+                    .map_err(|e| StoreError::io("read", self.dir.clone(), e))?;
                 self.base_hashes.insert(set)
             }
         };
-        set.contains(&h)
+        Ok(set.contains(h)
             && (self.mails.iter_releasing().any(|m| !m.gone && filename::base(m.file(&self.names)) == base)
-                || self.pending.iter().any(|p| p.base == base))
+                || self.pending.iter().any(|p| p.base == base)))
     }
 
     /// Clears `tmp/` of what dead writers left, once per handle, before its first write there.
@@ -1614,15 +1616,24 @@ impl Mailbox for MaildirMailbox {
         // Dovecot's rule: the GUID becomes the file name when it is a valid name that already
         // carries the right ,S= and ,W= sizes; otherwise the file gets a new name and the
         // uidlist keeps the GUID.
-        let (base, guid_ext) = match &request.guid {
+        let keep_name = match &request.guid {
             Some(g)
                 if filename::valid_base(g.as_str())
                     && filename::size_field(g.as_str(), b'S') == Some(size)
-                    && filename::size_field(g.as_str(), b'W') == Some(vsize)
-                    && !self.base_in_use(g.as_str()) =>
+                    && filename::size_field(g.as_str(), b'W') == Some(vsize) =>
             {
-                (g.as_str().to_owned(), None)
+                match self.base_in_use(g.as_str()) {
+                    Ok(used) => !used,
+                    Err(e) => {
+                        let _ = fs::remove_file(&tmp);
+                        return Err(e);
+                    }
+                }
             }
+            _ => false,
+        };
+        let (base, guid_ext) = match &request.guid {
+            Some(g) if keep_name => (g.as_str().to_owned(), None),
             Some(g) => (format!("{},S={size},W={vsize}", self.ctx.names.next()), Some(g.as_str().to_owned())),
             None => (format!("{},S={size},W={vsize}", tmp.file_name().and_then(|n| n.to_str()).unwrap_or("x")), None),
         };
@@ -1841,7 +1852,7 @@ impl Mailbox for MaildirMailbox {
                 self.removed += 1;
                 self.counts.sub(m.flags, m.in_new);
                 if let Some(h) = &mut self.base_hashes {
-                    h.remove(&base_hash(filename::base(m.file(&self.names))));
+                    h.remove(base_hash(filename::base(m.file(&self.names))));
                 }
                 any = true;
             }

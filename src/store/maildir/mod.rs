@@ -15,6 +15,7 @@
 //!
 //! With `LAYOUT=fs` children are nested directories (`Archive/2024/`) and the separator is `/`.
 
+mod base_hashes;
 mod delete;
 mod dotlock;
 mod dovecot_log;
