@@ -14,12 +14,46 @@
 //! chunks stay in memory: slower to bound, never wrong.
 
 use std::fs::File;
+use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::spill::{self, SpillVec};
+
+/// A partition holds at least this many bytes of records, whatever the spill threshold (the
+/// tests set it to 0 to send every join through the partitions).
+const MIN_PART: usize = 1024;
+/// At most this many partitions: with the 4 MiB threshold, that is some 80 million file names
+/// before a partition grows past it (a mailbox's names stop at 4 GiB before that).
+const MAX_PARTS: usize = 1024;
+/// What the buffers of the runs being written hold at most, all together.
+const BUFFERS: usize = 4 << 20;
+
+/// How a join too large for memory is split: into `parts` partitions by a keyed hash of each
+/// record's key (keyed, so that no set of keys can be made to fall into one partition), each
+/// small enough to join in memory, and the size of the buffers its runs are written with.
+pub(crate) struct Partitions {
+    pub(crate) parts: usize,
+    pub(crate) chunk: usize,
+    keys: RandomState,
+}
+
+impl Partitions {
+    /// For `bytes` of records: partitions of about `budget` bytes, at least `least` of them,
+    /// `writing` runs of each partition being written at once.
+    pub(crate) fn new(bytes: usize, budget: usize, least: usize, writing: usize) -> Self {
+        let parts = bytes.div_ceil(budget.max(MIN_PART)).clamp(least, MAX_PARTS);
+        let chunk = (BUFFERS / (writing.max(1) * parts)).clamp(4 << 10, 256 << 10);
+        Self { parts, chunk, keys: RandomState::new() }
+    }
+
+    /// The partition of `key`.
+    pub(crate) fn of(&self, key: &str) -> usize {
+        ((u128::from(self.keys.hash_one(key)) * self.parts as u128) >> 64) as usize
+    }
+}
 
 /// Runs of records in one file (see the module's documentation).
 pub(crate) struct Runs {

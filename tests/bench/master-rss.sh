@@ -16,7 +16,7 @@
 #   3. the same after one mail was delivered into the source's new/: its open lists both
 #      directories and matches them against the uidlist (what every open after a delivery does).
 #   4. `backup -R` from that replica into an empty Maildir: the master receives every mail
-#      (its importer's side, which still grows with the mailbox).
+#      (its importer's side).
 #
 # DOVECOT=1 then runs the same three with Dovecot's `doveadm` as the master, on a copy of the
 # source made before any tool opened it, into the same slave (`mailreplica dsync-server`),

@@ -6,6 +6,8 @@
 //!   mailbox_tree  our tree from the store, tree exchange, merge (tree_sync), apply
 //!   box_sync    choosing mailboxes, the per-mailbox exchange of changes, requests, mails
 //!   importer / exporter   one mailbox's import (merge, UIDs, saving) and export
+//!   new_mails   the importer's new mails, grouped by GUID in partitions when the changes end
+//!   sent_guids  the exporter's sent GUIDs and the peer's requests, matched in partitions
 //!   ibc         the typed connection the brain talks through (wire stream or in-process)
 //!   limits      bounds on everything the peer controls
 //! ```

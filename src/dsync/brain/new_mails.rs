@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::types::{FLAG_RECENT, MailChange};
-use crate::runs::{self, Runs};
+use crate::runs::{self, Partitions, Runs};
 use crate::spill::{self, SpillVec};
 
 /// One instance of a mail that is new to one side. Kept for every such mail until the import
@@ -79,12 +79,6 @@ impl Ix {
     }
 }
 
-/// A partition holds at least this many bytes of instances, whatever the threshold.
-const MIN_PART: usize = 1024;
-/// At most this many partitions.
-const MAX_PARTS: usize = 1024;
-/// What the buffers of the partitions being written hold at most, all together.
-const BUFFERS: usize = 4 << 20;
 /// The bytes of an instance in a partition: its index and a GUID of 32 hex digits.
 const RECORD: usize = 4 + 4 + 32;
 
@@ -101,6 +95,7 @@ pub(super) struct NewMails {
     kwsets: Vec<Box<[Box<str>]>>,
     kwset_ids: HashMap<Box<[Box<str>]>, u32>,
     dir: Option<Arc<Path>>,
+    /// The hash of [`NewMails::by_guid`], keyed.
     keys: RandomState,
     /// The pending groups' first instances by their GUID's hash: (hash, index), sorted.
     by_guid: SpillVec<[u32; 2]>,
@@ -193,10 +188,6 @@ impl NewMails {
         self.text.release();
     }
 
-    fn part(&self, guid: &str, parts: usize) -> usize {
-        ((u128::from(self.keys.hash_one(guid)) * parts as u128) >> 64) as usize
-    }
-
     /// `newmail_link` for every instance with a GUID, in the order they were pushed: chains
     /// each group, links local and remote instances pairwise (each with the earliest unlinked
     /// one of the other side), marks a UID two instances of a group share as usable, and marks
@@ -205,22 +196,21 @@ impl NewMails {
     /// that sends one GUID a million times) costs linear time.
     pub(super) fn link_by_guid(&mut self) -> io::Result<()> {
         let n = self.len();
-        let budget = (spill::threshold() / 4).max(MIN_PART);
-        let parts = n.saturating_mul(RECORD).div_ceil(budget).clamp(1, MAX_PARTS);
+        let part = Partitions::new(n.saturating_mul(RECORD), spill::threshold() / 4, 1, 1);
+        let parts = part.parts;
         if parts == 1 {
-            // A small import: its instances are few (see `budget`).
+            // A small import: its instances fit in one partition.
             let all: Vec<u32> = (0..n).filter(|&i| self[i].guid_len > 0).map(|i| i as u32).collect();
             return self.link_part(all.into_iter().map(Ok));
         }
-        let chunk = (BUFFERS / parts).clamp(4 << 10, 256 << 10);
-        let mut runs = Runs::new(self.dir.as_deref(), parts, chunk);
+        let mut runs = Runs::new(self.dir.as_deref(), parts, part.chunk);
         for i in 0..n {
             if i % spill::RELEASE_EVERY == spill::RELEASE_EVERY - 1 {
                 self.release();
             }
             let g = self.guid(i);
             if !g.is_empty() {
-                runs.push(self.part(g, parts), &[&(i as u32).to_le_bytes()]);
+                runs.push(part.of(g), &[&(i as u32).to_le_bytes()]);
             }
         }
         self.release();

@@ -11,21 +11,14 @@
 //! memory.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::runs::{self, Runs};
+use crate::runs::{self, Partitions, Runs};
 use crate::spill::{self, SpillVec};
 use crate::store::{StoreError, StoreResult};
 
-/// A partition holds at least this many bytes of records, whatever the threshold.
-const MIN_PART: usize = 1024;
-/// At most this many partitions.
-const MAX_PARTS: usize = 1024;
-/// What the buffers of the runs being written hold at most, all together.
-const BUFFERS: usize = 4 << 20;
 /// The bytes of a sent save's record: its length, its UID and a GUID of 32 hex digits
 /// (Dovecot's and ours; other GUIDs vary).
 const RECORD: usize = 4 + 4 + 32;
@@ -34,37 +27,30 @@ const RECORD: usize = 4 + 4 + 32;
 pub(crate) struct SentGuids {
     /// Partition `p`'s sent saves (UID, GUID) in run `p`, its asked GUIDs in `parts + p`.
     runs: Runs,
-    parts: usize,
-    chunk: usize,
+    /// By GUID.
+    part: Partitions,
     /// Where the runs and the result go when large (`None`: memory).
     dir: Option<Arc<Path>>,
-    keys: RandomState,
 }
 
 impl SentGuids {
     /// Ready for about `saves` saves; large lists go to files in `dir`.
     pub(crate) fn new(dir: Option<&Path>, saves: usize) -> Self {
-        let budget = (spill::threshold() / 4).max(MIN_PART);
-        let parts = saves.saturating_mul(RECORD).div_ceil(budget).clamp(1, MAX_PARTS);
-        let chunk = (BUFFERS / (2 * parts)).clamp(4 << 10, 256 << 10);
-        let dir = if parts > 1 { dir.map(Arc::from) } else { None };
-        Self { runs: Runs::new(dir.as_deref(), 2 * parts, chunk), parts, chunk, dir, keys: RandomState::new() }
-    }
-
-    fn part(&self, guid: &str) -> usize {
-        ((u128::from(self.keys.hash_one(guid)) * self.parts as u128) >> 64) as usize
+        let part = Partitions::new(saves.saturating_mul(RECORD), spill::threshold() / 4, 1, 2);
+        let dir = if part.parts > 1 { dir.map(Arc::from) } else { None };
+        Self { runs: Runs::new(dir.as_deref(), 2 * part.parts, part.chunk), part, dir }
     }
 
     /// Notes a save sent with `guid` as our mail `uid`; saves come in ascending UID order.
     pub(crate) fn sent(&mut self, guid: &str, uid: u32) {
-        let p = self.part(guid);
+        let p = self.part.of(guid);
         self.runs.push(p, &[&uid.to_le_bytes(), guid.as_bytes()]);
     }
 
     /// Notes that the peer asked for `guid`.
     pub(crate) fn asked(&mut self, guid: &str) {
-        let p = self.part(guid);
-        self.runs.push(self.parts + p, &[guid.as_bytes()]);
+        let p = self.part.of(guid);
+        self.runs.push(self.part.parts + p, &[guid.as_bytes()]);
     }
 
     /// The UIDs to send, ascending, each once: the first save sent with each GUID asked for
@@ -73,11 +59,11 @@ impl SentGuids {
     pub(crate) fn resolve(mut self, all: bool) -> StoreResult<SpillVec<u32>> {
         let place = self.dir.as_deref().map_or_else(|| "(memory)".into(), Path::to_path_buf);
         let io_err = |e: io::Error| StoreError::io("read", place.clone(), e);
-        let parts = self.parts;
+        let parts = self.part.parts;
         for run in 0..2 * parts {
             self.runs.finish(run);
         }
-        let mut out = Runs::new(self.dir.as_deref(), parts, self.chunk);
+        let mut out = Runs::new(self.dir.as_deref(), parts, self.part.chunk);
         for p in 0..parts {
             let mut first: HashMap<Box<str>, u32> = HashMap::new();
             let mut r = self.runs.reader(p);
@@ -147,8 +133,8 @@ mod tests {
         // Enough saves for many partitions (the unit tests' threshold is 0), and few for one.
         for saves in [5000u32, 3] {
             let mut s = SentGuids::new(Some(d.path()), saves as usize);
-            assert_eq!(s.parts > 1, saves > 100, "{saves} saves, {} partitions", s.parts);
-            assert_eq!(s.runs.in_file(), s.parts > 1);
+            assert_eq!(s.part.parts > 1, saves > 100, "{saves} saves, {} partitions", s.part.parts);
+            assert_eq!(s.runs.in_file(), s.part.parts > 1);
             // Every tenth save repeats the GUID of the one before it.
             let g = |uid: u32| guid(if uid.is_multiple_of(10) { uid - 1 } else { uid });
             for uid in 1..=saves {

@@ -19,7 +19,6 @@
 //! pieces; what the heap holds is one partition, at most about the threshold's worth of
 //! names, and a buffer a run.
 
-use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::path::Path;
 
@@ -27,7 +26,7 @@ use super::filename;
 use super::index::IndexedMail as Mail;
 use super::names::{NameRef, Names};
 use super::uidlist::{self, Record, Uidlist};
-use crate::runs::{self, RunReader, Runs};
+use crate::runs::{self, Partitions, RunReader, Runs};
 use crate::spill::{self, SpillVec};
 use crate::store::error::{IoContext, StoreResult};
 use crate::store::{MAX_UID, StoreError};
@@ -207,15 +206,6 @@ pub(super) enum Scan {
     Big(BigScan),
 }
 
-/// Partitions of at least this many bytes of names, whatever the threshold (the tests set
-/// it to 0 to send every mailbox through the partitions).
-const MIN_PART: usize = 1024;
-/// At most this many partitions: with the 4 MiB threshold, that is some 80 million files
-/// before a partition grows past it (a mailbox's names stop at 4 GiB before that).
-const MAX_PARTS: usize = 1024;
-/// What the buffers of the runs being written hold at most, all together.
-const BUFFERS: usize = 4 << 20;
-
 impl Scan {
     /// Lists `new/` and `cur/` of the mailbox in `dir`.
     pub(super) fn read(dir: &Path) -> StoreResult<Self> {
@@ -237,11 +227,11 @@ impl Scan {
             }
             return Ok(Self::Small(scan));
         }
-        let parts = stream.len().div_ceil(budget.max(MIN_PART)).clamp(2, MAX_PARTS);
-        let chunk = (BUFFERS / parts).clamp(4 << 10, 256 << 10);
-        let mut big = BigScan { runs: Runs::new(Some(dir), 2 * parts, chunk), parts, chunk, keys: RandomState::new() };
+        let part = Partitions::new(stream.len(), budget, 2, 1);
+        let parts = part.parts;
+        let mut big = BigScan { runs: Runs::new(Some(dir), 2 * parts, part.chunk), part };
         for (name, in_new) in stream_entries(&stream) {
-            let p = big.part(filename::base(name));
+            let p = big.part.of(filename::base(name));
             big.runs.push(SCAN * parts + p, &[&[u8::from(in_new)], name.as_bytes()]);
         }
         for p in 0..parts {
@@ -276,10 +266,8 @@ const UNLISTED: usize = 1;
 pub(super) struct BigScan {
     /// The scan's partitions, then the uidlist's.
     runs: Runs,
-    parts: usize,
-    chunk: usize,
-    /// The partitions' hash: keyed, so that no set of names can be made to fall into one.
-    keys: RandomState,
+    /// By base name.
+    part: Partitions,
 }
 
 /// The mails a [`BigScan`] found, in UID order, with their names.
@@ -357,10 +345,6 @@ fn uid_of(rec: &[u8]) -> u32 {
 }
 
 impl BigScan {
-    fn part(&self, base: &str) -> usize {
-        ((u128::from(self.keys.hash_one(base)) * self.parts as u128) >> 64) as usize
-    }
-
     /// Joins the scan with the uidlist of `dir`. `None` when that takes more than reading:
     /// without `new_list` (the caller does not hold the uidlist's lock), when there is no
     /// uidlist or a file has no UID; with it, when the uidlist needs a repair (damaged, listing
@@ -372,14 +356,14 @@ impl BigScan {
         dir: &Path,
         new_list: Option<&dyn Fn() -> StoreResult<Uidlist>>,
     ) -> StoreResult<Option<Joined>> {
-        let parts = self.parts;
+        let parts = self.part.parts;
         // The uidlist's records, into the partitions of their base names.
         let read = {
             let this = &mut self;
             Uidlist::read_each(dir, |uid, guid, base| {
                 let g = guid.unwrap_or_default();
                 let glen = u16::try_from(g.len()).map_err(|_| "a G extension of more than 64 KiB")?;
-                let p = this.part(base);
+                let p = this.part.of(base);
                 this.runs.push(
                     LIST * parts + p,
                     &[
@@ -404,7 +388,7 @@ impl BigScan {
         }
 
         // Each partition joined in memory, one after the other.
-        let mut out = Runs::new(Some(dir), 2 * parts, self.chunk);
+        let mut out = Runs::new(Some(dir), 2 * parts, self.part.chunk);
         let (mut matched, mut unlisted) = (0usize, 0usize);
         for p in 0..parts {
             let mut scan = DirScan::default();
