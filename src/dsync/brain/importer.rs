@@ -1344,8 +1344,7 @@ impl Importer {
             self.fail(e.to_string());
         }
         if self.failed.is_none() {
-            let nm = &self.newmails;
-            let firsts = nm.firsts().filter(|&f| nm[f].pending).chain(self.import_uids.values());
+            let firsts = self.newmails.pending().chain(self.import_uids.values());
             let missing: Vec<String> = firsts
                 .flat_map(|f| self.chain(f))
                 .filter(|&i| !self.newmails[i].skip && !self.newmails[i].saved)

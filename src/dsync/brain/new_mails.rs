@@ -201,7 +201,8 @@ impl NewMails {
         if parts == 1 {
             // A small import: its instances fit in one partition.
             let all: Vec<u32> = (0..n).filter(|&i| self[i].guid_len > 0).map(|i| i as u32).collect();
-            return self.link_part(all.into_iter().map(Ok));
+            self.link_part(all);
+            return Ok(());
         }
         let mut runs = Runs::new(self.dir.as_deref(), parts, part.chunk);
         for i in 0..n {
@@ -224,14 +225,14 @@ impl NewMails {
             }
             drop(r);
             runs.clear(p);
-            self.link_part(indices.into_iter().map(Ok))?;
+            self.link_part(indices);
             self.release();
         }
         Ok(())
     }
 
     /// Builds the groups of one partition from its instances' indices, ascending.
-    fn link_part(&mut self, indices: impl Iterator<Item = io::Result<u32>>) -> io::Result<()> {
+    fn link_part(&mut self, indices: Vec<u32>) {
         /// A group being built: its first and last instance, and the earliest instance of each
         /// side (remote, local) that is not linked yet.
         struct Group {
@@ -243,7 +244,7 @@ impl NewMails {
         // (group, UID) -> the last instance of the group with that final UID.
         let mut by_uid: HashMap<(usize, u32), usize> = HashMap::new();
         for i in indices {
-            let i = i? as usize;
+            let i = i as usize;
             let side = usize::from(self[i].uid_in_local);
             let uid = self[i].final_uid;
             let guid = self.guid(i);
@@ -287,7 +288,6 @@ impl NewMails {
                 }
             }
         }
-        Ok(())
     }
 
     /// The first instances of the groups, in the order the groups were found.
@@ -300,11 +300,16 @@ impl NewMails {
         })
     }
 
+    /// The first instances of the groups that wait for a body.
+    pub(super) fn pending(&self) -> impl Iterator<Item = usize> + '_ {
+        self.firsts().filter(|&i| self[i].pending)
+    }
+
     /// Lists the pending groups by their GUID's hash, for [`NewMails::take_pending`].
     pub(super) fn index_pending(&mut self) -> io::Result<()> {
         let keys = self.keys.clone();
         let hash = |g: &str| (keys.hash_one(g) >> 32) as u32;
-        let items = self.firsts().filter(|&i| self[i].pending).map(|i| [hash(self.guid(i)), i as u32]);
+        let items = self.pending().map(|i| [hash(self.guid(i)), i as u32]);
         let sorted = runs::sort_pairs(self.dir.clone(), items)?;
         self.by_guid = sorted;
         Ok(())
