@@ -21,6 +21,7 @@
 pub mod config;
 pub mod copy;
 pub mod dsync;
+pub(crate) mod fenced;
 pub mod fleet;
 pub mod logging;
 pub mod privdrop;

@@ -22,6 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::types::{FLAG_RECENT, MailChange};
+use crate::fenced::FencedList;
 use crate::runs::{self, Partitions, Runs};
 use crate::spill::{self, SpillVec};
 
@@ -98,7 +99,7 @@ pub(super) struct NewMails {
     /// The hash of [`NewMails::by_guid`], keyed.
     keys: RandomState,
     /// The pending groups' first instances by their GUID's hash: (hash, index), sorted.
-    by_guid: SpillVec<[u32; 2]>,
+    by_guid: FencedList,
 }
 
 impl NewMails {
@@ -111,7 +112,7 @@ impl NewMails {
             kwset_ids: HashMap::new(),
             dir,
             keys: RandomState::new(),
-            by_guid: SpillVec::default(),
+            by_guid: FencedList::default(),
         }
     }
 
@@ -311,16 +312,15 @@ impl NewMails {
         let hash = |g: &str| (keys.hash_one(g) >> 32) as u32;
         let items = self.pending().map(|i| [hash(self.guid(i)), i as u32]);
         let sorted = runs::sort_pairs(self.dir.clone(), items)?;
-        self.by_guid = sorted;
+        self.by_guid = FencedList::new(sorted);
         Ok(())
     }
 
     /// The pending group of `guid`, which stops being pending (its body came).
     pub(super) fn take_pending(&mut self, guid: &str) -> Option<usize> {
         let h = (self.keys.hash_one(guid) >> 32) as u32;
-        let mut at = self.by_guid.partition_point(|p| p[0] < h);
-        while let Some(&[k, i]) = self.by_guid.get(at) {
-            self.by_guid.note_lookup(at);
+        let mut at = self.by_guid.lower_bound([h, 0]);
+        while let Some([k, i]) = self.by_guid.get(at) {
             if k != h {
                 break;
             }

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::fasthash::FastSet;
+use crate::fenced::FencedList;
 use crate::runs;
 use crate::spill::SpillVec;
 
@@ -25,8 +26,8 @@ const RECENT: usize = 1 << 16;
 /// removes it, as a `HashSet` would.
 pub(crate) struct BaseHashes {
     /// Each hash as its high and low halves (which sort as the hash does): the form
-    /// [`runs::sort_pairs`] gives.
-    sorted: SpillVec<[u32; 2]>,
+    /// [`runs::sort_pairs`] gives, fenced so that a lookup touches one page of it.
+    sorted: FencedList,
     recent: FastSet<u64>,
     removed: FastSet<u64>,
     /// The hashes added and removed below this many gather before a merge (tests set it low).
@@ -45,7 +46,7 @@ impl BaseHashes {
         hashes: impl IntoIterator<Item = u64>,
         recent_max: usize,
     ) -> io::Result<Self> {
-        let sorted = runs::sort_pairs(dir, hashes.into_iter().map(split))?;
+        let sorted = FencedList::new(runs::sort_pairs(dir, hashes.into_iter().map(split))?);
         Ok(Self { sorted, recent: FastSet::default(), removed: FastSet::default(), recent_max })
     }
 
@@ -56,10 +57,7 @@ impl BaseHashes {
         if self.removed.contains(&h) {
             return false;
         }
-        let key = split(h);
-        let at = self.sorted.partition_point(|&x| x < key);
-        self.sorted.note_lookup(at);
-        self.sorted.get(at) == Some(&key)
+        self.sorted.contains(split(h))
     }
 
     pub(crate) fn insert(&mut self, h: u64) {
@@ -82,10 +80,10 @@ impl BaseHashes {
         let mut recent: Vec<[u32; 2]> = self.recent.drain().map(split).collect();
         recent.sort_unstable();
         let removed = std::mem::take(&mut self.removed);
-        let mut out = SpillVec::new_in(self.sorted.dir());
+        let mut out = SpillVec::new_in(self.sorted.list().dir());
         out.reserve_exact(self.sorted.len() + recent.len());
         let mut add = recent.into_iter().peekable();
-        for &h in self.sorted.iter_releasing() {
+        for &h in self.sorted.list().iter_releasing() {
             while let Some(a) = add.next_if(|&a| a < h) {
                 out.push(a);
             }
@@ -97,8 +95,7 @@ impl BaseHashes {
         for a in add {
             out.push(a);
         }
-        out.release();
-        self.sorted = out;
+        self.sorted = FencedList::new(out);
     }
 }
 
