@@ -3,13 +3,16 @@
 # Sent, Drafts, Trash, Archive, Archive.2015..2024, then Lists.listN), MAILS mails of MIN to
 # MAX bytes (log-uniform), two thirds \Seen, some flagged, answered or with keywords, all in
 # cur/ with their flags and S=/W= sizes in the name. Deterministic (fixed seed), no index of
-# any tool. Run it as the mail user.
+# any tool. Run it as the mail user. GEN_HOST (default "bench") is the host part of the file
+# names (the mails' GUIDs): another host gives mails unrelated to the default's.
 #
 #   gen-maildir.pl ROOT MAILS BOXES [MIN MAX]      (MIN, MAX default 1024, 102400)
 use strict;
 use warnings;
 
 my ($root, $mails, $boxes, $min, $max) = @ARGV;
+my $host = $ENV{GEN_HOST} // "bench";
+die "GEN_HOST must be a word\n" unless $host =~ /^\w+$/;
 die "usage: gen-maildir.pl ROOT MAILS BOXES [MIN MAX]\n" unless defined $boxes;
 $min //= 1024;
 $max //= 102400;
@@ -54,7 +57,7 @@ for my $n (1 .. $mails) {
   $flags .= "R" if $rand->() < 0.1;
   $flags .= "S" if $rand->() < 0.66;
   my $vsize = length($body) + ($body =~ tr/\n//);
-  my $name = sprintf("%d.M%dP1.bench,S=%d,W=%d:2,%s", 1700000000 + $n, $n, length($body), $vsize, $flags);
+  my $name = sprintf("%d.M%dP1.%s,S=%d,W=%d:2,%s", 1700000000 + $n, $n, $host, length($body), $vsize, $flags);
   open my $f, ">", "$d/cur/$name" or die "$d/cur/$name: $!";
   print $f $body;
   close $f;

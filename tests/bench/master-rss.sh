@@ -17,8 +17,10 @@
 #      directories and matches them against the uidlist (what every open after a delivery does).
 #   4. `backup -R` from that replica into an empty Maildir: the master receives every mail
 #      (its importer's side).
+#   5. `backup -R` into that Maildir again, from another one of MAILS unrelated mails (its
+#      INBOX another mailbox): the master deletes its INBOX of MAILS mails, then receives.
 #
-# DOVECOT=1 then runs the same three with Dovecot's `doveadm` as the master, on a copy of the
+# DOVECOT=1 then runs the same cases with Dovecot's `doveadm` as the master, on a copy of the
 # source made before any tool opened it, into the same slave (`mailreplica dsync-server`),
 # and prints the ratios (ours / Dovecot's) of the master's peak RSS and of the wall time.
 #
@@ -76,12 +78,13 @@ hwm() { awk '/VmHWM/ { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
 parts() { awk '/RssAnon/ { a = $2 } /RssFile/ { f = $2 } END { if (a != "") print a, f }' "/proc/$1/status" 2>/dev/null || true; }
 
 # run MODE WHAT [dovecot]: one master run (ours, or Dovecot's) of $DIR/$MASTER (default src;
-# Dovecot's: dv$MASTER) with $DIR/dst ($DIR/dvdst); MODE is split into words ("backup -R").
+# Dovecot's: dv$MASTER) with $DIR/$SLAVE (default dst; Dovecot's: dv$SLAVE); MODE is split
+# into words ("backup -R").
 # Prints wall time and both peaks, and keeps them in $DIR/last.
 run() {
-    local mode=$1 dst=dst master
+    local mode=$1 dst=${SLAVE:-dst} master
     if [ "${3:-}" = dovecot ]; then
-        dst=dvdst
+        dst=dv${SLAVE:-dst}
         master="doveadm -c $DIR/dovecot.conf -o mail_location=maildir:$DIR/dv${MASTER:-src}"
     else
         master="$DIR/mailreplica -o mail_location=maildir:$DIR/${MASTER:-src}"
@@ -149,3 +152,11 @@ both sync "sync without a state, after one delivery"
 as_user mkdir "$DIR/rev"
 if [ "${DOVECOT:-0}" = 1 ]; then as_user mkdir "$DIR/dvrev"; fi
 MASTER=rev both "backup -R" "backup -R into an empty Maildir (receives all)"
+
+# INBOX there is now another mailbox (another GUID) than rev's: a backup into rev deletes rev's
+# INBOX of MAILS mails first (the deletion's memory), then receives the other's.
+echo "writing $MAILS unrelated mails ($(date -u +%H:%M:%S))" >&2
+as_user env GEN_HOST=other perl "$HERE/gen-maildir.pl" "$DIR/other" "$MAILS" 1 200 400
+if [ "${DOVECOT:-0}" = 1 ]; then as_user cp -a "$DIR/other" "$DIR/dvother"; fi
+[ "${FRESH:-0}" = 1 ] || sleep 3
+SLAVE=other MASTER=rev both "backup -R" "backup -R replacing a mailbox (deletes it first)"
