@@ -21,6 +21,7 @@
 pub mod config;
 pub mod copy;
 pub mod dsync;
+pub(crate) mod fasthash;
 pub(crate) mod fenced;
 pub mod fleet;
 pub mod logging;
@@ -28,6 +29,7 @@ pub mod privdrop;
 pub mod replicator;
 pub(crate) mod runs;
 pub(crate) mod spill;
+pub(crate) mod spill_set;
 pub mod store;
 pub(crate) mod str_index;
 pub mod sys;

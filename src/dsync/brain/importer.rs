@@ -25,9 +25,13 @@ use super::new_mails::{Ix, NewMails};
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
 use crate::runs;
 use crate::spill::{self, SpillVec};
+use crate::spill_set::SpillSet;
 use crate::store::{
     Change, FlagOp, Flags, Guid128, Keyword, MailGuid, MailRecord, Mailbox, MailboxUpdate, SaveRequest, StoreError, Uid,
 };
+
+/// UIDs handed to the store's expunge at a time.
+const EXPUNGE_PIECE: usize = 16_384;
 
 /// How the importer behaves.
 #[derive(Debug, Clone)]
@@ -215,7 +219,7 @@ pub(crate) struct Importer {
     require_full_resync: bool,
     delete_mailbox: bool,
     failed: Option<String>,
-    expunges: BTreeSet<u32>,
+    expunges: SpillSet,
     /// (final UID, new mail) sorted (after UID assignment), and how many leading ones are
     /// saved or never will be: an intermediate commit is allowed only when every UID staged
     /// so far is below every UID still to be saved.
@@ -340,14 +344,14 @@ impl Importer {
             wanted_uids: SpillVec::new_in(scratch.clone()),
             saved_uids: SpillVec::new_in(scratch.clone()),
             highest_wanted_uid: 0,
-            requests: SpillVec::new_in(scratch),
+            requests: SpillVec::new_in(scratch.clone()),
             request_idx: 0,
             prev_uid: 0,
             new_uids_assigned: false,
             require_full_resync: false,
             delete_mailbox: false,
             failed: None,
-            expunges: BTreeSet::new(),
+            expunges: SpillSet::new_in(scratch),
             order: SpillVec::default(),
             first_unsaved_idx: 0,
             local_handled: false,
@@ -549,7 +553,7 @@ impl Importer {
                         );
                         return true;
                     }
-                    self.expunges.insert(c.uid.get());
+                    self.expunges.insert(u64::from(c.uid.get()));
                     self.cur_mail_skip = true;
                     self.next_local_seq += 1;
                     return false;
@@ -607,7 +611,7 @@ impl Importer {
     }
 
     fn current_record<M: Mailbox>(&self, mb: &M, uid: u32) -> Option<MailRecord> {
-        if self.expunges.contains(&uid) {
+        if self.expunges.contains(uid.into()) {
             // Expunged in this import but, as in Dovecot's open transaction, still readable.
             // The store still has it: expunges are applied when the import ends.
             return Uid::new(uid).and_then(|u| mb.mail(u));
@@ -677,7 +681,7 @@ impl Importer {
                 None => return Ok(()),
             },
         };
-        if self.expunges.contains(&rec.uid.get()) {
+        if self.expunges.contains(rec.uid.get().into()) {
             return Ok(());
         }
         if self.opts.revert_local_changes {
@@ -737,7 +741,7 @@ impl Importer {
     fn import_expunge<M: Mailbox>(&mut self, mb: &mut M, change: &MailChange) {
         if self.last_common_uid_found {
             if self.set_mail(mb, change).is_some() {
-                self.expunges.insert(change.uid);
+                self.expunges.insert(u64::from(change.uid));
             }
         } else if self.cur_mail().is_none_or(|c| change.uid < c.uid.get()) {
             // Already expunged locally.
@@ -748,7 +752,7 @@ impl Importer {
                     Some(_) => self.guid_equals(change, c.guid.as_str()),
                 };
                 if ok {
-                    self.expunges.insert(c.uid.get());
+                    self.expunges.insert(u64::from(c.uid.get()));
                 } else {
                     self.unexpected_state(format!("Unexpected GUID mismatch (2) for UID={}", change.uid));
                 }
@@ -773,7 +777,7 @@ impl Importer {
             self.maybe_expunge_uids.iter().copied().take_while(|&u| u <= self.last_common_uid).collect();
         for uid in delayed {
             if self.current_record(mb, uid).is_some() {
-                self.expunges.insert(uid);
+                self.expunges.insert(u64::from(uid));
             }
         }
         let saves = std::mem::take(&mut self.maybe_saves);
@@ -1107,7 +1111,7 @@ impl Importer {
             }
         }
         for u in unwanted {
-            self.expunges.insert(u);
+            self.expunges.insert(u64::from(u));
         }
         for &i in chain {
             if !self.newmails[i].skip && assigned.contains(&self.newmails[i].final_uid) {
@@ -1357,10 +1361,21 @@ impl Importer {
         }
         let mut changes_during_sync = None;
         let commit = self.commit(mb);
-        let expunges: Vec<Uid> = self.expunges.iter().filter_map(|&u| Uid::new(u)).collect();
         let mut ok = commit.is_ok() && self.failed.is_none();
         if commit.is_ok() {
-            mb.expunge(&expunges)?;
+            // In pieces, in UID order, so that neither this list nor the store's record of
+            // the expunges holds them all (a backup may expunge a whole mailbox).
+            let mut piece = Vec::with_capacity(EXPUNGE_PIECE);
+            for u in self.expunges.sorted() {
+                piece.extend(u32::try_from(u).ok().and_then(Uid::new));
+                if piece.len() == EXPUNGE_PIECE {
+                    mb.expunge(&piece)?;
+                    piece.clear();
+                }
+            }
+            if !piece.is_empty() {
+                mb.expunge(&piece)?;
+            }
         }
         if ok {
             let update = MailboxUpdate {

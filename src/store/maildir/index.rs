@@ -55,11 +55,11 @@
 //! `f` and `x` lines newer than the log floor are the change log; changes at or below the floor
 //! are forgotten, so incremental export since a modseq below the floor is refused.
 
-use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
+use super::change_log::ChangeLog;
 use super::filename::KeywordMask;
 use super::fsutil::{self, Stamp};
 use super::names::{MAX_NAME, NameRef, Names, Rare};
@@ -245,7 +245,7 @@ impl KnownMail {
 /// extension. (Two different mails under one UID with equal hashes would need a 64-bit hash
 /// collision.)
 pub(crate) fn mail_ident(file: &str, guid_ext: Option<&str>) -> u64 {
-    super::fasthash::strong_hash(&(super::filename::base(file), guid_ext))
+    crate::fasthash::strong_hash(&(super::filename::base(file), guid_ext))
 }
 
 /// Keywords without a letter that a flag change added and removed (ids).
@@ -333,7 +333,7 @@ pub(crate) struct Index {
     pub(crate) known: SpillVec<KnownMail>,
     /// The keywords without a letter of mails in `known` (see [`KnownMail::extras`]).
     pub(crate) known_extras: Vec<Box<[u16]>>,
-    pub(crate) log: VecDeque<LogEntry>,
+    pub(crate) log: ChangeLog,
     /// Lines appended since the last rewrite.
     pub(crate) appended: usize,
     /// The file ended in a partial line (a crash during an append): rewrite before appending.
@@ -397,7 +397,8 @@ impl Index {
         let spill_dir = crate::spill::dir(dir);
         p.idx.names = Names::in_dir(dir);
         p.idx.mails = SpillVec::new_in(spill_dir.clone());
-        p.idx.known = SpillVec::new_in(spill_dir);
+        p.idx.known = SpillVec::new_in(spill_dir.clone());
+        p.idx.log = ChangeLog::new_in(spill_dir);
         let mut buf = Vec::with_capacity(256);
         let mut n = 0;
         let outcome = loop {
@@ -842,14 +843,14 @@ pub(crate) fn write_snapshot(
     stamps: Option<&Stamps>,
     extra_keywords: &[Keyword],
     mails: &mut dyn Iterator<Item = MailLine<'_>>,
-    log: &mut VecDeque<LogEntry>,
+    log: &mut ChangeLog,
     messages: usize,
 ) -> StoreResult<Modseq> {
     let keep = LOG_KEEP_MIN.max(messages);
     let mut floor = header.log_floor;
     while log.len() > keep {
-        if let Some(e) = log.pop_front() {
-            floor = floor.max(e.modseq());
+        if let Some(modseq) = log.pop_front() {
+            floor = floor.max(modseq);
         }
     }
     let mut h = *header;
@@ -883,7 +884,7 @@ pub(crate) fn write_snapshot(
         }
         data.push_str("-- log\n");
         for e in log.iter() {
-            data.push_str(&log_line(e));
+            data.push_str(&log_line(&e));
             if data.len() >= CHUNK {
                 f.write_all(data.as_bytes())?;
                 data.clear();
@@ -962,7 +963,8 @@ mod tests {
             IndexedMail::new(1, 2, false, None, "a,S=1:2,S", &mut names, Box::default()).unwrap(),
             IndexedMail::new(2, 5, true, Some("g2".into()), "b", &mut names, Box::default()).unwrap(),
         ];
-        let mut log = VecDeque::from(vec![LogEntry::Flags {
+        let mut log = ChangeLog::default();
+        log.push_back(LogEntry::Flags {
             modseq: 2,
             uid: 1,
             added: Flags::SEEN,
@@ -970,7 +972,7 @@ mod tests {
             kw_added: 0,
             kw_removed: 0,
             extra: None,
-        }]);
+        });
         write_snapshot(
             dir.path(),
             &h,
@@ -1035,7 +1037,8 @@ mod tests {
         let mut names = Names::default();
         let mails =
             [IndexedMail::new(2, 3, false, None, "x y:2,Sa", &mut names, vec![2, 0].into_boxed_slice()).unwrap()];
-        let mut log = VecDeque::from(vec![LogEntry::Flags {
+        let mut log = ChangeLog::default();
+        log.push_back(LogEntry::Flags {
             modseq: 3,
             uid: 2,
             added: Flags::NONE,
@@ -1043,7 +1046,7 @@ mod tests {
             kw_added: 1,
             kw_removed: 0,
             extra: ExtraChange::boxed(vec![2, 0].into_boxed_slice(), Box::default()),
-        }]);
+        });
         write_snapshot(dir.path(), &h, None, &kws, &mut mails.iter().map(|m| m.line(&names)), &mut log, 1).unwrap();
         let mut ap = Appender::open(dir.path()).unwrap();
         ap.append(&keyword_line(3, &Keyword::new("late").unwrap())).unwrap();
@@ -1067,7 +1070,7 @@ mod tests {
         assert_eq!(idx.mails[0].file(&idx.names), "x y:2,Sa");
         assert_eq!((idx.mails[0].flags, idx.mails[0].kw), (Flags::SEEN, 1));
         assert_eq!(idx.log.len(), 2);
-        assert!(matches!(&idx.log[1], LogEntry::Flags { extra: Some(x), .. }
+        assert!(matches!(idx.log.get(1), Some(LogEntry::Flags { extra: Some(x), .. })
             if *x.added == [3] && *x.removed == [2]));
         // A reference to a keyword id that the table does not have is damage.
         assert!(Index::parse(b"mailreplica-index 1\nH V1 G- N1 M1 F1 R1\ne 1 1 c - 0 f\n").is_err());
@@ -1085,7 +1088,7 @@ mod tests {
             IndexedMail::new(2, 3, true, Some("g2".into()), "b", &mut names, vec![0].into_boxed_slice()).unwrap(),
         ];
         let kws = [Keyword::new("x").unwrap()];
-        let mut log = VecDeque::new();
+        let mut log = ChangeLog::default();
         write_snapshot(dir.path(), &h, Some(&stamps), &kws, &mut mails.iter().map(|m| m.line(&names)), &mut log, 2)
             .unwrap();
         let mut ap = Appender::open(dir.path()).unwrap();

@@ -15,9 +15,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::fasthash::FastMap;
 use super::filename::KeywordMask;
 use super::fsutil::{self, Stamp};
+use crate::fasthash::FastMap;
 use crate::store::error::{IoContext, StoreResult};
 use crate::store::{Keyword, MAX_MAILBOX_KEYWORDS, StoreError};
 

@@ -23,7 +23,6 @@
 //! 200,000-mail mailbox peaks around 40 MiB): a scan matches uidlist records to files while
 //! it streams the uidlist, and holds the old index only as hashes (see `index::KnownMail`).
 
-use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -33,7 +32,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{AT_FDCWD, Flock, FlockArg, RenameFlags, renameat2};
 
-use super::base_hashes::BaseHashes;
+use super::change_log::ChangeLog;
 use super::filename::{self, KeywordMask};
 use super::fsutil::{self, Stamp};
 use super::index::{self, ExtraChange, Header, Index, IndexedMail, KnownMail, LogEntry, Stamps};
@@ -43,6 +42,7 @@ use super::scan::{BaseIndex, DirScan, Scan, append_in_chunks, sorted_unlisted};
 use super::uidlist::{self, Record, Salvage, Uidlist};
 use super::{Ctx, dotlock::Dotlock, dovecot_log, tmpclean, uidvalidity};
 use crate::spill::{self, SpillVec};
+use crate::spill_set::SpillSet;
 use crate::store::error::{IoContext, StoreResult};
 use crate::store::{
     Change, FlagOp, Flags, Guid128, Keyword, MAX_UID, MailGuid, MailRecord, Mailbox, MailboxName, MailboxStatus,
@@ -81,6 +81,9 @@ struct Pending {
 /// writeback of each was started when it was written), few enough for any descriptor limit.
 const MAX_UNSYNCED: usize = 128;
 
+/// Bytes of index lines an expunge gathers before it appends them.
+const EXPUNGE_LINES_PIECE: usize = 64 << 10;
+
 /// The status counters, kept up to date by every change so that `status()` is O(1).
 #[derive(Debug, Clone, Copy, Default)]
 struct Counts {
@@ -105,7 +108,7 @@ impl Counts {
 
 /// Hash of a base name, for [`MaildirMailbox::base_hashes`].
 fn base_hash(base: &str) -> u64 {
-    super::fasthash::strong_hash(base)
+    crate::fasthash::strong_hash(base)
 }
 
 /// How a uidlist looked before we took the lock.
@@ -142,7 +145,7 @@ pub struct MaildirMailbox {
     /// keeps a letter without a name from being handed out).
     used_kw: KeywordMask,
     /// Hashes of the base names of our mails and pending saves, built on first need.
-    base_hashes: Option<BaseHashes>,
+    base_hashes: Option<SpillSet>,
     /// The uidlist as we last read or wrote it (header only), so that a commit re-reads only
     /// what others appended since.
     uidlist_cache: Option<Uidlist>,
@@ -151,7 +154,7 @@ pub struct MaildirMailbox {
     /// `tmp/` was cleaned by this handle.
     tmp_cleaned: bool,
     header: Header,
-    log: VecDeque<LogEntry>,
+    log: ChangeLog,
     appender: Option<index::Appender>,
     appended: usize,
     pending: Vec<Pending>,
@@ -248,7 +251,7 @@ impl MaildirMailbox {
             rescanned: None,
             tmp_cleaned: false,
             header: Header::default(),
-            log: VecDeque::new(),
+            log: ChangeLog::default(),
             appender: None,
             appended: 0,
             pending: Vec::new(),
@@ -516,7 +519,7 @@ impl MaildirMailbox {
                     peer_modseq: 0,
                     history_lost: lost,
                 };
-                self.log = VecDeque::new();
+                self.log = ChangeLog::in_dir(&self.dir);
                 self.extra_kw = ExtraKeywords::default();
                 self.extra_kw_written = 0;
             }
@@ -764,21 +767,23 @@ impl MaildirMailbox {
 
     /// Appends lines to our index, preceded by the keyword-table entries they may use.
     fn append_index(&mut self, lines: &str) -> StoreResult<()> {
-        let mut all = String::new();
+        let mut table = String::new();
         while self.extra_kw_written < self.extra_kw.len() {
             if let Some(k) = self.extra_kw.name(self.extra_kw_written as u16) {
-                all.push_str(&index::keyword_line(self.extra_kw_written, k));
+                table.push_str(&index::keyword_line(self.extra_kw_written, k));
             }
             self.extra_kw_written += 1;
         }
-        all.push_str(lines);
         if self.appender.is_none() {
             self.appender = Some(index::Appender::open(&self.dir)?);
         }
         if let Some(a) = &mut self.appender {
-            a.append(&all)?;
+            // Two writes rather than a copy of `lines` (an expunge's may be long): the table's
+            // entries are whole lines that stand on their own.
+            a.append(&table)?;
+            a.append(lines)?;
         }
-        self.appended += all.bytes().filter(|&b| b == b'\n').count();
+        self.appended += table.bytes().chain(lines.bytes()).filter(|&b| b == b'\n').count();
         Ok(())
     }
 
@@ -1315,7 +1320,7 @@ impl MaildirMailbox {
                     .filter(|m| !m.gone)
                     .map(|m| base_hash(filename::base(m.file(names))))
                     .chain(self.pending.iter().map(|p| base_hash(&p.base)));
-                let set = BaseHashes::build(spill::dir(&self.dir), all)
+                let set = SpillSet::build(spill::dir(&self.dir), all)
                     .map_err(|e| StoreError::io("read", self.dir.clone(), e))?;
                 self.base_hashes.insert(set)
             }
@@ -1522,22 +1527,20 @@ impl Mailbox for MaildirMailbox {
             v
         };
         let mut out = Vec::new();
-        for e in &self.log {
+        for e in self.log.iter() {
             if e.modseq() <= since {
                 continue;
             }
             out.push(match e {
                 LogEntry::Flags { modseq, uid, added, removed, kw_added, kw_removed, extra } => Change::Flags {
-                    uid: Uid::new(*uid)?,
-                    modseq: *modseq,
-                    added: *added,
-                    removed: *removed,
-                    keywords_added: with_extra(*kw_added, extra.as_ref().map_or(&[], |x| &x.added)),
-                    keywords_removed: with_extra(*kw_removed, extra.as_ref().map_or(&[], |x| &x.removed)),
+                    uid: Uid::new(uid)?,
+                    modseq,
+                    added,
+                    removed,
+                    keywords_added: with_extra(kw_added, extra.as_ref().map_or(&[], |x| &x.added)),
+                    keywords_removed: with_extra(kw_removed, extra.as_ref().map_or(&[], |x| &x.removed)),
                 },
-                LogEntry::Expunge { modseq, uid, guid } => {
-                    Change::Expunge { uid: Uid::new(*uid)?, modseq: *modseq, guid: *guid }
-                }
+                LogEntry::Expunge { modseq, uid, guid } => Change::Expunge { uid: Uid::new(uid)?, modseq, guid },
             });
         }
         Some(out)
@@ -1855,14 +1858,23 @@ impl Mailbox for MaildirMailbox {
                     h.remove(base_hash(filename::base(m.file(&self.names))));
                 }
                 any = true;
+                self.dirs_dirty = true;
+                // The lines of many expunges go out in pieces, each closed by the header (the
+                // modseqs so far), so that they need not all be held.
+                if lines.len() >= EXPUNGE_LINES_PIECE {
+                    lines.push_str(&index::header_line(&self.header));
+                    self.append_index(&lines)?;
+                    lines.clear();
+                }
             }
         }
         if !any {
             return Ok(());
         }
-        self.dirs_dirty = true;
-        lines.push_str(&index::header_line(&self.header));
-        self.append_index(&lines)?;
+        if !lines.is_empty() {
+            lines.push_str(&index::header_line(&self.header));
+            self.append_index(&lines)?;
+        }
         self.maybe_sweep();
         Ok(())
     }

@@ -15,11 +15,10 @@
 //!
 //! With `LAYOUT=fs` children are nested directories (`Archive/2024/`) and the separator is `/`.
 
-mod base_hashes;
+mod change_log;
 mod delete;
 mod dotlock;
 mod dovecot_log;
-mod fasthash;
 mod filename;
 mod fsutil;
 mod index;

@@ -199,7 +199,7 @@ impl Uidlist {
     /// Reads `<dir>/dovecot-uidlist`; `None` if it does not exist.
     pub(crate) fn read(dir: &Path) -> StoreResult<Option<Self>> {
         let mut list: Option<Self> = None;
-        let mut bases: super::fasthash::FastSet<u64> = Default::default();
+        let mut bases: crate::fasthash::FastSet<u64> = Default::default();
         let read = read_lines(dir, |line| match line {
             Line::Header(header) => {
                 list = Some(header);
@@ -378,7 +378,7 @@ impl Uidlist {
         let header = lines.next().unwrap_or_default();
         let mut list = parse_header(header).map_err(|why| corrupt(1, why))?;
         list.read_len = complete.len() as u64;
-        let mut seen: super::fasthash::FastSet<&str> = Default::default();
+        let mut seen: crate::fasthash::FastSet<&str> = Default::default();
         seen.reserve(complete.len() / 48);
         for (i, line) in lines.enumerate() {
             let lineno = i + 2;
@@ -582,7 +582,7 @@ fn parse_header(header: &[u8]) -> Result<Uidlist, &'static str> {
 
 /// Hash of a base name, for duplicate checks.
 fn base_hash(base: &str) -> u64 {
-    super::fasthash::strong_hash(base)
+    crate::fasthash::strong_hash(base)
 }
 
 /// A line of a uidlist, for [`read_lines`].
@@ -758,7 +758,7 @@ impl Salvage {
             }
         }
         // A file listed twice keeps its later line, as Dovecot does.
-        let mut by_base: super::fasthash::FastMap<String, usize> = Default::default();
+        let mut by_base: crate::fasthash::FastMap<String, usize> = Default::default();
         for i in 0..kept.len() {
             let Some((lineno, r)) = &kept[i] else { continue };
             if let Some(prev) = by_base.insert(r.base.clone(), i) {
@@ -952,7 +952,7 @@ mod tests {
         let path = dir.path().join(NAME);
         let head = "3 V1 N2 G42d01a2e9bb20a6b6454000083ecc375\n";
         std::fs::write(&path, format!("{head}1 :a\n3 Gxx W9 :b\n5 Gyy :c:2,S\n6 :torn")).unwrap();
-        let by_base: super::super::fasthash::FastMap<&str, u32> = [("a", 0), ("c", 7), ("z", 2)].into_iter().collect();
+        let by_base: crate::fasthash::FastMap<&str, u32> = [("a", 0), ("c", 7), ("z", 2)].into_iter().collect();
         let (l, found) =
             Uidlist::read_matched(dir.path(), |b| by_base.get(b).copied(), by_base.len()).unwrap().unwrap();
         assert_eq!(found.iter().collect::<Vec<_>>(), [(1, 0, None), (5, 7, Some("yy"))]);

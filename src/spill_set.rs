@@ -1,20 +1,22 @@
-//! The hashes of the base names in use in one mailbox, for a save that wants to keep its
-//! GUID as its file name (Dovecot's names carry the GUID, so a backup keeps them).
+//! A set of 64-bit values that grows past memory: the hashes of the base names in use in one
+//! mailbox (a save that wants to keep its GUID as its file name checks them: Dovecot's names
+//! carry the GUID, so a backup keeps them), the UIDs an import expunges.
 //!
-//! A hash set of every name grows with the mailbox: some 10 to 18 bytes a mail, and twice
-//! that while it doubles (56 MiB at a moment for 4,000,000 mails). Here only the hashes added
+//! A hash set grows with what it holds: some 10 to 18 bytes a value, and twice that while it
+//! doubles (56 MiB at a moment for the names of 4,000,000 mails). Here only the values added
 //! lately are in a set on the heap; the rest are a sorted list that moves into a file like a
 //! mailbox's other lists ([`crate::spill`]), into which the recent ones are merged whenever
 //! [`RECENT`] of them have gathered. A merge copies the whole list, so `n` additions cost
-//! `n * n / RECENT` copies of eight bytes: at 4,000,000 mails, 30 merges of 2,000,000 on
-//! average, well under a second. A lookup is a binary search of the list and a probe of the
-//! set; removals wait in a set of their own until the next merge, which drops them.
+//! `n * n / RECENT` copies of eight bytes: at 4,000,000, 30 merges of 2,000,000 on average,
+//! well under a second. A lookup is a search of the list through its fences
+//! ([`FencedList`]) and a probe of the set; removals wait in a set of their own until the next
+//! merge, which drops them.
 
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::fasthash::FastSet;
+use crate::fasthash::FastSet;
 use crate::fenced::FencedList;
 use crate::runs;
 use crate::spill::SpillVec;
@@ -24,7 +26,7 @@ const RECENT: usize = 1 << 16;
 
 /// See the module's documentation. A set: adding a hash twice keeps it once, and removing it
 /// removes it, as a `HashSet` would.
-pub(crate) struct BaseHashes {
+pub(crate) struct SpillSet {
     /// Each hash as its high and low halves (which sort as the hash does): the form
     /// [`runs::sort_pairs`] gives, fenced so that a lookup touches one page of it.
     sorted: FencedList,
@@ -34,7 +36,7 @@ pub(crate) struct BaseHashes {
     recent_max: usize,
 }
 
-impl BaseHashes {
+impl SpillSet {
     /// The set of `hashes` (sorted in pieces and merged: [`runs::sort_pairs`]), whose list
     /// may move into a file of `dir`.
     pub(crate) fn build(dir: Option<Arc<Path>>, hashes: impl IntoIterator<Item = u64>) -> io::Result<Self> {
@@ -48,6 +50,24 @@ impl BaseHashes {
     ) -> io::Result<Self> {
         let sorted = FencedList::new(runs::sort_pairs(dir, hashes.into_iter().map(split))?);
         Ok(Self { sorted, recent: FastSet::default(), removed: FastSet::default(), recent_max })
+    }
+
+    /// An empty set whose list may move into a file of `dir`.
+    pub(crate) fn new_in(dir: Option<Arc<Path>>) -> Self {
+        Self {
+            sorted: FencedList::new(SpillVec::new_in(dir)),
+            recent: FastSet::default(),
+            removed: FastSet::default(),
+            recent_max: RECENT,
+        }
+    }
+
+    /// Every value, in ascending order (the recent ones are merged into the list first).
+    pub(crate) fn sorted(&mut self) -> impl Iterator<Item = u64> + '_ {
+        self.merge();
+        // A set built from values with repeats keeps them in its list.
+        let mut last = None;
+        self.sorted.list().iter_releasing().map(|&p| join(p)).filter(move |&v| last.replace(v) != Some(v))
     }
 
     pub(crate) fn contains(&self, h: u64) -> bool {
@@ -74,7 +94,13 @@ impl BaseHashes {
     }
 
     fn merge_if_full(&mut self) {
-        if self.recent.len() + self.removed.len() < self.recent_max {
+        if self.recent.len() + self.removed.len() >= self.recent_max {
+            self.merge();
+        }
+    }
+
+    fn merge(&mut self) {
+        if self.recent.is_empty() && self.removed.is_empty() {
             return;
         }
         let mut recent: Vec<[u32; 2]> = self.recent.drain().map(split).collect();
@@ -99,9 +125,9 @@ impl BaseHashes {
     }
 }
 
-impl std::fmt::Debug for BaseHashes {
+impl std::fmt::Debug for SpillSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BaseHashes")
+        f.debug_struct("SpillSet")
             .field("sorted", &self.sorted.len())
             .field("recent", &self.recent.len())
             .field("removed", &self.removed.len())
@@ -131,7 +157,7 @@ mod tests {
             // Built from a start with duplicates, then changed; the high halves vary too.
             let start = (0..1000u64).map(|h| (h % 700) * 3 + (h << 40));
             let mut model: HashSet<u64> = start.clone().collect();
-            let mut s = BaseHashes::build_with(dir, start, 100).unwrap();
+            let mut s = SpillSet::build_with(dir, start, 100).unwrap();
             let mut x = 7u64;
             for step in 0..20_000u32 {
                 x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -156,6 +182,9 @@ mod tests {
             for h in (0..3000).chain(model.clone()) {
                 assert_eq!(s.contains(h), model.contains(&h), "{h}");
             }
+            let mut want: Vec<u64> = model.into_iter().collect();
+            want.sort_unstable();
+            assert_eq!(s.sorted().collect::<Vec<_>>(), want);
         }
     }
 }
