@@ -340,7 +340,8 @@ impl<S: MailStore, I: Ibc> Brain<'_, S, I> {
     /// cannot (`dsync_brain_sync_mailbox_open`).
     fn incremental_unusable(&self, mb: &S::Mailbox, last: &LastCommon) -> Option<String> {
         let st = mb.status();
-        if last.modseq != 0 && mb.changes_since(last.modseq).is_none() {
+        // What `changes_since` would answer `None` for, without listing the changes.
+        if last.modseq != 0 && (last.modseq < st.log_floor || st.history_lost) {
             return Some(format!(
                 "Modseq {} no longer in transaction log (highest={}, last_common_uid={}, nextuid={})",
                 last.modseq, st.highest_modseq, last.uid, st.uid_next
