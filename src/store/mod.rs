@@ -197,6 +197,13 @@ impl Change {
             Self::Flags { modseq, .. } | Self::Expunge { modseq, .. } => *modseq,
         }
     }
+
+    /// The mail it changed.
+    pub fn uid(&self) -> Uid {
+        match self {
+            Self::Flags { uid, .. } | Self::Expunge { uid, .. } => *uid,
+        }
+    }
 }
 
 /// How to change flags.
@@ -368,6 +375,18 @@ pub trait Mailbox {
     /// be a modseq from before the loss, which the log cannot tell apart).
     /// `since == 0` returns whatever the log still holds.
     fn changes_since(&self, since: Modseq) -> Option<Vec<Change>>;
+
+    /// [`Mailbox::changes_since`] one change at a time, for a log too long to list: `each`
+    /// gets every change above `since` in modseq order; false where that gives `None`.
+    fn each_change_since(&self, since: Modseq, each: &mut dyn FnMut(Change)) -> bool {
+        match self.changes_since(since) {
+            Some(changes) => {
+                changes.into_iter().for_each(each);
+                true
+            }
+            None => false,
+        }
+    }
 
     /// The mail's body as stored (Maildir: LF line ends unless the sender used CRLF).
     fn open_body(&mut self, uid: Uid) -> StoreResult<Box<dyn Read + Send>>;

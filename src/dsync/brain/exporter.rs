@@ -21,6 +21,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 
+use super::logged::LoggedChanges;
 use super::sent_guids::SentGuids;
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
 use crate::spill::SpillVec;
@@ -83,8 +84,8 @@ pub(crate) struct Exporter {
     last_common_uid: u32,
     /// Our log has no record back to the last common modseq: every mail is a flag change.
     return_all: bool,
-    /// Changes from our log since the last common modseq, by ascending UID.
-    log: Vec<MailChange>,
+    /// Changes from our log since the last common modseq, walked by ascending UID.
+    log: Option<LoggedChanges>,
     log_pos: usize,
     /// The highest UID walked: the walk goes up our UIDs as they were when the export began,
     /// one store lookup at a time (a list of them took 4 bytes a mail).
@@ -121,54 +122,14 @@ impl Exporter {
         opts: ExportOptions,
     ) -> Result<Self, StoreError> {
         let highest_wanted = if last_common_uid == 0 { u32::MAX } else { last_common_uid };
-        let (log, return_all) = match mb.changes_since(last_common_modseq) {
-            Some(l) => (l, last_common_modseq == 0),
-            None => (Vec::new(), true),
+        let scratch = mb.scratch_dir().as_deref().and_then(crate::spill::dir);
+        let (log, return_all) = match LoggedChanges::read(&*mb, last_common_modseq, highest_wanted, scratch) {
+            Some(l) => (
+                Some(l.map_err(|e| StoreError::io("sort the change log in", mb.scratch_dir().unwrap_or_default(), e))?),
+                last_common_modseq == 0,
+            ),
+            None => (None, true),
         };
-        // Per UID: accumulated changes since Q, as in Dovecot's log scan.
-        let mut per_uid: std::collections::BTreeMap<u32, MailChange> = std::collections::BTreeMap::new();
-        for c in &log {
-            match c {
-                Change::Expunge { uid, guid, .. } => {
-                    if uid.get() > highest_wanted {
-                        continue;
-                    }
-                    let mut e = MailChange::new(ChangeType::Expunge, uid.get());
-                    e.guid = Some(guid.to_string());
-                    if opts.timestamps {
-                        // Meaningless for an expunge, but a Dovecot master filtering by date
-                        // asserts that every change it weighs has one (2.3.19 panics in
-                        // dsync_mailbox_import_want_change); "long ago" makes it skip the
-                        // record, which is right: neither side has the mail.
-                        e.received_timestamp = 1;
-                    }
-                    per_uid.insert(uid.get(), e);
-                }
-                Change::Flags { uid, added, removed, keywords_added, keywords_removed, .. } => {
-                    if uid.get() > highest_wanted {
-                        continue;
-                    }
-                    let e =
-                        per_uid.entry(uid.get()).or_insert_with(|| MailChange::new(ChangeType::FlagChange, uid.get()));
-                    if e.kind == ChangeType::Expunge {
-                        continue;
-                    }
-                    e.add_flags |= added.bits();
-                    e.remove_flags &= !added.bits();
-                    e.remove_flags |= removed.bits();
-                    e.add_flags &= !removed.bits();
-                    for k in keywords_added {
-                        e.keyword_changes.retain(|(_, n)| n != k.as_str());
-                        e.keyword_changes.push((KwOp::Add, k.as_str().to_owned()));
-                    }
-                    for k in keywords_removed {
-                        e.keyword_changes.retain(|(_, n)| n != k.as_str());
-                        e.keyword_changes.push((KwOp::Remove, k.as_str().to_owned()));
-                    }
-                }
-            }
-        }
-        drop(log);
         // Every mail above the last common UID is sent as a save, and only saves are indexed.
         let (saves, last) = mb.uids_above(last_common_uid);
         let snapshot_max = last.map_or(0, Uid::get);
@@ -176,7 +137,7 @@ impl Exporter {
             opts,
             last_common_uid,
             return_all,
-            log: per_uid.into_values().collect(),
+            log,
             log_pos: 0,
             walked: 0,
             snapshot_max,
@@ -205,12 +166,11 @@ impl Exporter {
             };
             // A logged change for a mail that is no longer here: its expunge goes out; a flag
             // change would carry no GUID and only confuse the other side.
-            if let Some(l) = self.log.get(self.log_pos).map(|c| c.uid)
+            if let Some(l) = self.log.as_ref().and_then(|log| log.uid_at(self.log_pos))
                 && next_uid.is_none_or(|u| l < u)
             {
-                let c = std::mem::replace(&mut self.log[self.log_pos], MailChange::new(ChangeType::Save, 0));
-                self.log_pos += 1;
-                if c.kind == ChangeType::Expunge {
+                let c = self.take_logged();
+                if let Some(c) = c.filter(|c| c.kind == ChangeType::Expunge) {
                     self.current = c;
                     return Ok(Some(&self.current));
                 }
@@ -218,15 +178,12 @@ impl Exporter {
             }
             let Some(uid) = next_uid else {
                 self.exhausted = true;
-                self.log = Vec::new();
+                self.log = None;
                 break;
             };
             self.walked = uid;
-            let logged = match self.log.get_mut(self.log_pos) {
-                Some(c) if c.uid == uid => {
-                    self.log_pos += 1;
-                    Some(std::mem::replace(c, MailChange::new(ChangeType::Save, 0)))
-                }
+            let logged = match self.log.as_ref().and_then(|log| log.uid_at(self.log_pos)) {
+                Some(l) if l == uid => self.take_logged(),
                 _ => None,
             };
             if let Some(c) = self.mail_change(mb, uid, logged)? {
@@ -235,6 +192,33 @@ impl Exporter {
             }
         }
         Ok(None)
+    }
+
+    /// The logged change at the walk's position, as sent, and the walk moved past it.
+    fn take_logged(&mut self) -> Option<MailChange> {
+        let (uid, s, next) = self.log.as_ref()?.summed_at(self.log_pos)?;
+        self.log_pos = next;
+        Some(match s.expunged {
+            Some(guid) => {
+                let mut e = MailChange::new(ChangeType::Expunge, uid);
+                e.guid = Some(guid.to_string());
+                if self.opts.timestamps {
+                    // Meaningless for an expunge, but a Dovecot master filtering by date
+                    // asserts that every change it weighs has one (2.3.19 panics in
+                    // dsync_mailbox_import_want_change); "long ago" makes it skip the
+                    // record, which is right: neither side has the mail.
+                    e.received_timestamp = 1;
+                }
+                e
+            }
+            None => {
+                let mut e = MailChange::new(ChangeType::FlagChange, uid);
+                e.add_flags = s.add;
+                e.remove_flags = s.remove;
+                e.keyword_changes = s.keywords;
+                e
+            }
+        })
     }
 
     /// The change for our mail `uid`, if it has one to send.
@@ -494,6 +478,10 @@ impl<M: Mailbox> Mailbox for ExportGuard<'_, M> {
 
     fn changes_since(&self, since: Modseq) -> Option<Vec<Change>> {
         self.mb.changes_since(since)
+    }
+
+    fn each_change_since(&self, since: Modseq, each: &mut dyn FnMut(Change)) -> bool {
+        self.mb.each_change_since(since, each)
     }
 
     fn open_body(&mut self, uid: Uid) -> StoreResult<Box<dyn Read + Send>> {

@@ -21,13 +21,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::limits::MAX_UID;
+use super::logged::LoggedChanges;
 use super::new_mails::{Ix, NewMails};
 use super::types::{ChangeType, FLAG_RECENT, KwOp, MailChange, MailHeader, MailRequest};
 use crate::runs;
 use crate::spill::{self, SpillVec};
 use crate::spill_set::SpillSet;
 use crate::store::{
-    Change, FlagOp, Flags, Guid128, Keyword, MailGuid, MailRecord, Mailbox, MailboxUpdate, SaveRequest, StoreError, Uid,
+    FlagOp, Flags, Guid128, Keyword, MailGuid, MailRecord, Mailbox, MailboxUpdate, SaveRequest, StoreError, Uid,
 };
 
 /// UIDs handed to the store's expunge at a time.
@@ -169,14 +170,6 @@ pub(crate) enum ImportError {
     Failed(String),
 }
 
-#[derive(Debug, Clone, Default)]
-struct LocalChange {
-    expunge_guid: Option<Option<Guid128>>,
-    add: u8,
-    remove: u8,
-    keywords: Vec<(KwOp, String)>,
-}
-
 /// The importer of one mailbox.
 pub(crate) struct Importer {
     opts: ImportOptions,
@@ -195,7 +188,7 @@ pub(crate) struct Importer {
     next_local_seq: usize,
     cur_mail_skip: bool,
     cur_uid_has_change: bool,
-    local_changes: HashMap<u32, LocalChange>,
+    local_changes: Option<LoggedChanges>,
     maybe_expunge_uids: BTreeSet<u32>,
     maybe_saves: Vec<MailChange>,
     /// The new mails, grouped by GUID once the change list ended; the groups waiting for a
@@ -336,7 +329,7 @@ impl Importer {
             next_local_seq: 0,
             cur_mail_skip: true,
             cur_uid_has_change: false,
-            local_changes: HashMap::new(),
+            local_changes: None,
             maybe_expunge_uids: BTreeSet::new(),
             maybe_saves: Vec::new(),
             newmails: NewMails::new(scratch.clone()),
@@ -380,8 +373,12 @@ impl Importer {
             }
         }
         let highest_wanted = if last.uid == 0 { u32::MAX } else { last.uid };
-        match mb.changes_since(last.modseq) {
-            Some(changes) => imp.local_changes = scan_log(&changes, highest_wanted),
+        let scratch = mb.scratch_dir().as_deref().and_then(spill::dir);
+        match LoggedChanges::read(&*mb, last.modseq, highest_wanted, scratch) {
+            Some(Ok(changes)) => imp.local_changes = Some(changes),
+            Some(Err(e)) => {
+                return Err(StoreError::io("sort the change log in", mb.scratch_dir().unwrap_or_default(), e).into());
+            }
             None => imp.unexpected_state(format!("modseq {} is no longer in our change log", last.modseq)),
         }
         Ok(imp)
@@ -687,7 +684,7 @@ impl Importer {
         if self.opts.revert_local_changes {
             return self.replace_flags(mb, &rec, change);
         }
-        let local = self.local_changes.get(&change.uid).cloned().unwrap_or_default();
+        let local = self.local_changes.as_ref().and_then(|l| l.find(change.uid)).unwrap_or_default();
         let prefer_remote = match rec.modseq.cmp(&change.modseq) {
             std::cmp::Ordering::Less => true,
             std::cmp::Ordering::Greater => false,
@@ -806,7 +803,8 @@ impl Importer {
         let Some(g) = change.guid.as_deref().filter(|g| !g.is_empty()) else {
             return false;
         };
-        let Some(Some(Some(local_guid))) = self.local_changes.get(&change.uid).map(|c| c.expunge_guid) else {
+        let Some(Some(local_guid)) = self.local_changes.as_ref().and_then(|l| l.find(change.uid)).map(|c| c.expunged)
+        else {
             return false;
         };
         let remote128 = if change.kind == ChangeType::Expunge {
@@ -1415,45 +1413,6 @@ impl Importer {
         };
         Ok(result)
     }
-}
-
-/// Collects our own changes since the last common modseq per UID, as Dovecot's transaction
-/// log scan does: flag adds/removes accumulate, an expunge overrides everything.
-fn scan_log(changes: &[Change], highest_wanted_uid: u32) -> HashMap<u32, LocalChange> {
-    let mut out: HashMap<u32, LocalChange> = HashMap::new();
-    for c in changes {
-        match c {
-            Change::Expunge { uid, guid, .. } => {
-                if uid.get() > highest_wanted_uid {
-                    continue;
-                }
-                let e = out.entry(uid.get()).or_default();
-                *e = LocalChange { expunge_guid: Some(Some(*guid)), ..Default::default() };
-            }
-            Change::Flags { uid, added, removed, keywords_added, keywords_removed, .. } => {
-                if uid.get() > highest_wanted_uid {
-                    continue;
-                }
-                let e = out.entry(uid.get()).or_default();
-                if e.expunge_guid.is_some() {
-                    continue;
-                }
-                e.add |= added.bits();
-                e.remove &= !added.bits();
-                e.remove |= removed.bits();
-                e.add &= !removed.bits();
-                for k in keywords_added {
-                    e.keywords.retain(|(_, n)| n != k.as_str());
-                    e.keywords.push((KwOp::Add, k.as_str().to_owned()));
-                }
-                for k in keywords_removed {
-                    e.keywords.retain(|(_, n)| n != k.as_str());
-                    e.keywords.push((KwOp::Remove, k.as_str().to_owned()));
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Dovecot's `merge_flags` for one 32-bit group (no private flags here): returns the flags to

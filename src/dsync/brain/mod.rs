@@ -17,6 +17,7 @@ pub(crate) mod exporter;
 pub(crate) mod ibc;
 pub(crate) mod importer;
 pub(crate) mod limits;
+pub(crate) mod logged;
 pub(crate) mod mailbox_tree;
 pub(crate) mod new_mails;
 pub(crate) mod sent_guids;

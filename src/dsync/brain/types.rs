@@ -15,7 +15,7 @@ pub(crate) enum ChangeType {
 }
 
 /// A keyword change operation in `C.keyword_changes`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum KwOp {
     /// `+`: added since the last common modseq.
     Add,

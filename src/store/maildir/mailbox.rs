@@ -1518,32 +1518,44 @@ impl Mailbox for MaildirMailbox {
     }
 
     fn changes_since(&self, since: Modseq) -> Option<Vec<Change>> {
+        let mut out = Vec::new();
+        self.each_change_since(since, &mut |c| out.push(c)).then_some(out)
+    }
+
+    fn each_change_since(&self, since: Modseq, each: &mut dyn FnMut(Change)) -> bool {
         if since != 0 && (since < self.header.log_floor || self.header.history_lost) {
-            return None;
+            return false;
         }
         let with_extra = |mask: KeywordMask, ids: &[u16]| {
             let mut v = self.keywords.keywords(mask);
             v.extend(ids.iter().filter_map(|&id| self.extra_kw.name(id)).cloned());
             v
         };
-        let mut out = Vec::new();
         for e in self.log.iter() {
             if e.modseq() <= since {
                 continue;
             }
-            out.push(match e {
-                LogEntry::Flags { modseq, uid, added, removed, kw_added, kw_removed, extra } => Change::Flags {
-                    uid: Uid::new(uid)?,
-                    modseq,
-                    added,
-                    removed,
-                    keywords_added: with_extra(kw_added, extra.as_ref().map_or(&[], |x| &x.added)),
-                    keywords_removed: with_extra(kw_removed, extra.as_ref().map_or(&[], |x| &x.removed)),
-                },
-                LogEntry::Expunge { modseq, uid, guid } => Change::Expunge { uid: Uid::new(uid)?, modseq, guid },
-            });
+            // UID 0 is never logged.
+            let change = match e {
+                LogEntry::Flags { modseq, uid, added, removed, kw_added, kw_removed, extra } => {
+                    Uid::new(uid).map(|uid| Change::Flags {
+                        uid,
+                        modseq,
+                        added,
+                        removed,
+                        keywords_added: with_extra(kw_added, extra.as_ref().map_or(&[], |x| &x.added)),
+                        keywords_removed: with_extra(kw_removed, extra.as_ref().map_or(&[], |x| &x.removed)),
+                    })
+                }
+                LogEntry::Expunge { modseq, uid, guid } => {
+                    Uid::new(uid).map(|uid| Change::Expunge { uid, modseq, guid })
+                }
+            };
+            if let Some(c) = change {
+                each(c);
+            }
         }
-        Some(out)
+        true
     }
 
     fn open_body(&mut self, uid: Uid) -> StoreResult<Box<dyn Read + Send>> {
