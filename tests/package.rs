@@ -112,7 +112,9 @@ impl Bookworm {
 
     /// Every path in the root but what dpkg, apt, man-db and the kernel keep for themselves.
     fn files(&self) -> BTreeSet<String> {
-        let skip = ["proc", "dev", "sys", "tmp", "var/lib/dpkg", "var/log", "var/cache", "run"];
+        // The package managers' own records (apt writes `extended_states` and `lists/auxfiles`
+        // at its first local install in a fresh root) are not the package's files.
+        let skip = ["proc", "dev", "sys", "tmp", "var/lib/dpkg", "var/lib/apt", "var/log", "var/cache", "run"];
         let mut out = BTreeSet::new();
         let mut stack = vec![self.root.clone()];
         while let Some(d) = stack.pop() {
