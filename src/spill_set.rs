@@ -154,6 +154,7 @@ mod tests {
     fn behaves_as_a_hash_set_through_merges() {
         let d = tempfile::tempdir().unwrap();
         for dir in [spill::dir(d.path()), None] {
+            let dir_given = dir.is_some();
             // Built from a start with duplicates, then changed; the high halves vary too.
             let start = (0..1000u64).map(|h| (h % 700) * 3 + (h << 40));
             let mut model: HashSet<u64> = start.clone().collect();
@@ -182,6 +183,7 @@ mod tests {
             for h in (0..3000).chain(model.clone()) {
                 assert_eq!(s.contains(h), model.contains(&h), "{h}");
             }
+            assert_eq!(s.sorted.list().in_file(), dir_given, "the list is in a file when it may be");
             let mut want: Vec<u64> = model.into_iter().collect();
             want.sort_unstable();
             assert_eq!(s.sorted().collect::<Vec<_>>(), want);

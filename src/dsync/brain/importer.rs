@@ -189,7 +189,7 @@ pub(crate) struct Importer {
     cur_mail_skip: bool,
     cur_uid_has_change: bool,
     local_changes: Option<LoggedChanges>,
-    maybe_expunge_uids: BTreeSet<u32>,
+    maybe_expunge_uids: SpillSet,
     maybe_saves: Vec<MailChange>,
     /// The new mails, grouped by GUID once the change list ended; the groups waiting for a
     /// body are marked `pending` on their first instance.
@@ -330,7 +330,7 @@ impl Importer {
             cur_mail_skip: true,
             cur_uid_has_change: false,
             local_changes: None,
-            maybe_expunge_uids: BTreeSet::new(),
+            maybe_expunge_uids: SpillSet::new_in(scratch.clone()),
             maybe_saves: Vec::new(),
             newmails: NewMails::new(scratch.clone()),
             import_uids: Ordered::new(),
@@ -443,7 +443,7 @@ impl Importer {
         let start = i;
         while i < self.next_local_seq || self.local[i] < wanted_uid {
             if !self.cur_uid_has_change && !self.last_common_uid_found {
-                self.maybe_expunge_uids.insert(self.local[i]);
+                self.maybe_expunge_uids.insert(u64::from(self.local[i]));
             }
             self.cur_mail_skip = false;
             i += 1;
@@ -755,7 +755,7 @@ impl Importer {
                 }
             }
         } else {
-            self.maybe_expunge_uids.insert(change.uid);
+            self.maybe_expunge_uids.insert(u64::from(change.uid));
         }
     }
 
@@ -770,9 +770,11 @@ impl Importer {
     fn common_uid_found<M: Mailbox>(&mut self, mb: &mut M) {
         self.last_common_uid_found = true;
         self.rewind_search(mb);
-        let delayed: Vec<u32> =
-            self.maybe_expunge_uids.iter().copied().take_while(|&u| u <= self.last_common_uid).collect();
-        for uid in delayed {
+        // Not needed once the common UID is found (a backup from an emptied mailbox puts every
+        // local mail in it: a set that moves into a file).
+        let mut delayed = std::mem::replace(&mut self.maybe_expunge_uids, SpillSet::new_in(None));
+        let last = self.last_common_uid;
+        for uid in delayed.sorted().map_while(|u| u32::try_from(u).ok()).take_while(|&u| u <= last) {
             if self.current_record(mb, uid).is_some() {
                 self.expunges.insert(u64::from(uid));
             }
