@@ -159,4 +159,10 @@ echo "writing $MAILS unrelated mails ($(date -u +%H:%M:%S))" >&2
 as_user env GEN_HOST=other perl "$HERE/gen-maildir.pl" "$DIR/other" "$MAILS" 1 200 400
 if [ "${DOVECOT:-0}" = 1 ]; then as_user cp -a "$DIR/other" "$DIR/dvother"; fi
 [ "${FRESH:-0}" = 1 ] || sleep 3
-SLAVE=other MASTER=rev both "backup -R" "backup -R replacing a mailbox (deletes it first)"
+SLAVE=other MASTER=rev run "backup -R" "backup -R replacing a mailbox (deletes it first)"
+if [ "${DOVECOT:-0}" = 1 ]; then
+    # Dovecot 2.3.19's master refuses this one ("mailbox_delete failed: INBOX can't be
+    # deleted", exit 65): reported, not compared.
+    (SLAVE=other MASTER=rev run "backup -R" "backup -R replacing a mailbox (deletes it first)" dovecot) ||
+        echo "backup -R replacing a mailbox: Dovecot's master failed (above); no ratio" >&2
+fi
