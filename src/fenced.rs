@@ -13,6 +13,11 @@ use crate::spill::SpillVec;
 /// Pairs in one block: one 4 KiB page of the list.
 const BLOCK: usize = 4096 / size_of::<[u32; 2]>();
 
+/// A 64-bit key as the pair it sorts as (high half first).
+pub(crate) fn split(h: u64) -> [u32; 2] {
+    [(h >> 32) as u32, h as u32]
+}
+
 /// A sorted list with its fence index (see the module's documentation). Read-only: a list that
 /// changes is rebuilt and fenced again ([`FencedList::new`]).
 #[derive(Debug, Default)]

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::fasthash::FastSet;
-use crate::fenced::FencedList;
+use crate::fenced::{FencedList, split};
 use crate::runs;
 use crate::spill::SpillVec;
 
@@ -133,10 +133,6 @@ impl std::fmt::Debug for SpillSet {
             .field("removed", &self.removed.len())
             .finish()
     }
-}
-
-fn split(h: u64) -> [u32; 2] {
-    [(h >> 32) as u32, h as u32]
 }
 
 fn join(p: [u32; 2]) -> u64 {

@@ -121,13 +121,8 @@ impl Exporter {
         last_common_modseq: u64,
         opts: ExportOptions,
     ) -> Result<Self, StoreError> {
-        let highest_wanted = if last_common_uid == 0 { u32::MAX } else { last_common_uid };
-        let scratch = mb.scratch_dir().as_deref().and_then(crate::spill::dir);
-        let (log, return_all) = match LoggedChanges::read(&*mb, last_common_modseq, highest_wanted, scratch) {
-            Some(l) => (
-                Some(l.map_err(|e| StoreError::io("sort the change log in", mb.scratch_dir().unwrap_or_default(), e))?),
-                last_common_modseq == 0,
-            ),
+        let (log, return_all) = match LoggedChanges::read(&*mb, last_common_modseq, last_common_uid) {
+            Some(l) => (Some(l?), last_common_modseq == 0),
             None => (None, true),
         };
         // Every mail above the last common UID is sent as a save, and only saves are indexed.

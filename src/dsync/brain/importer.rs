@@ -372,13 +372,8 @@ impl Importer {
                 ));
             }
         }
-        let highest_wanted = if last.uid == 0 { u32::MAX } else { last.uid };
-        let scratch = mb.scratch_dir().as_deref().and_then(spill::dir);
-        match LoggedChanges::read(&*mb, last.modseq, highest_wanted, scratch) {
-            Some(Ok(changes)) => imp.local_changes = Some(changes),
-            Some(Err(e)) => {
-                return Err(StoreError::io("sort the change log in", mb.scratch_dir().unwrap_or_default(), e).into());
-            }
+        match LoggedChanges::read(&*mb, last.modseq, last.uid) {
+            Some(changes) => imp.local_changes = Some(changes?),
             None => imp.unexpected_state(format!("modseq {} is no longer in our change log", last.modseq)),
         }
         Ok(imp)

@@ -18,7 +18,7 @@ use super::types::KwOp;
 use crate::fenced::FencedList;
 use crate::runs;
 use crate::spill::SpillVec;
-use crate::store::{Change, Guid128, Mailbox, Modseq};
+use crate::store::{Change, Guid128, Mailbox, Modseq, StoreError, StoreResult};
 
 /// The keyword changes of one logged change: the added, then the removed.
 type KwSet = Box<[(KwOp, Box<str>)]>;
@@ -76,16 +76,15 @@ pub(crate) struct LoggedChanges {
 }
 
 impl LoggedChanges {
-    /// The changes of `mb` above `since`, of UIDs up to `highest_wanted`; `None` if the log
-    /// no longer reaches back that far ([`Mailbox::changes_since`]). Lists move into files
-    /// of `dir`.
-    pub(crate) fn read<M: Mailbox + ?Sized>(
-        mb: &M,
-        since: Modseq,
-        highest_wanted: u32,
-        dir: Option<Arc<Path>>,
-    ) -> Option<io::Result<Self>> {
-        Self::build(|each| mb.each_change_since(since, each), highest_wanted, dir)
+    /// The changes of `mb` above `since`, of UIDs up to `last_common_uid` (all if 0); `None`
+    /// if the log no longer reaches back that far ([`Mailbox::changes_since`]). Lists move
+    /// into files of the mailbox's scratch directory.
+    pub(crate) fn read<M: Mailbox + ?Sized>(mb: &M, since: Modseq, last_common_uid: u32) -> Option<StoreResult<Self>> {
+        let highest_wanted = if last_common_uid == 0 { u32::MAX } else { last_common_uid };
+        let scratch = mb.scratch_dir();
+        let dir = scratch.as_deref().and_then(crate::spill::dir);
+        let built = Self::build(|each| mb.each_change_since(since, each), highest_wanted, dir)?;
+        Some(built.map_err(|e| StoreError::io("sort the change log in", scratch.unwrap_or_default(), e)))
     }
 
     /// The same from the changes `source` gives `each` (false: the log does not reach).

@@ -46,7 +46,7 @@ use super::dotlock::Dotlock;
 use super::filename;
 use super::fsutil::{self, Stamp};
 use super::uidlist;
-use crate::fenced::FencedList;
+use crate::fenced::{FencedList, split};
 use crate::runs;
 use crate::spill;
 use crate::store::StoreError;
@@ -101,10 +101,6 @@ impl Seen {
     fn covers(&self, mail_dir: &Path, list_dir: &Path) -> StoreResult<bool> {
         Ok(!has_stranger(mail_dir, self)? && Stamp::read(&list_dir.join(uidlist::NAME))? == self.uidlist)
     }
-}
-
-fn split(h: u64) -> [u32; 2] {
-    [(h >> 32) as u32, h as u32]
 }
 
 /// The file names in a directory, without dot files, read as they come (none if the
