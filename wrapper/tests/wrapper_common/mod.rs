@@ -1163,6 +1163,12 @@ impl Dovecot {
         c
     }
 
+    /// The words that run `program` of this Dovecot (for Dovecot 2.4, the root's entry
+    /// first), for a script that runs it.
+    pub fn argv(&self, program: &str) -> Vec<String> {
+        self.prefix.iter().cloned().chain([program.to_owned()]).collect()
+    }
+
     /// `doveadm -c CONF ARGS…` with a clean environment (not started).
     pub fn doveadm(&self) -> Command {
         let mut c = self.command("/usr/bin/doveadm");
