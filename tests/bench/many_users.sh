@@ -8,13 +8,18 @@
 #   sudo USERS=20 REPS=3 PARALLEL=2 tests/bench/many_users.sh
 #   sudo USERS=1 MAILS=10000 PARALLEL=1 RECEIVER=upstream VERB=backup CHANGES=1 tests/bench/many_users.sh
 #                                                          one user, stack against stack
+#   sudo USERS=1 MAILS=10000 PARALLEL=1 RECEIVER=dovecot24 VERB=backup CHANGES=1 tests/bench/many_users.sh
+#                                                          the two senders into Dovecot 2.4.1
 #
 # Each user has two identical sources, ~/SrcD (Dovecot's sender) and ~/SrcM (ours), and the
 # wrapper writes Dovecot's replica to ~/ReplD and ours to ~/ReplM (two peers of its policy,
 # one SSH key each). With RECEIVER=upstream the whole of Dovecot's stack is measured instead:
 # Dovecot's key forces the upstream recipe, a shell script that reads the username and runs
 # `doveadm dsync-server -u USER` on ~/ReplD (stack against stack; the default, RECEIVER=wrapper,
-# compares the sending sides only). Phases:
+# compares the sending sides only). With RECEIVER=dovecot24 both keys force that recipe with
+# Dovecot 2.4.1 (from the Debian 13 root `tests/run` makes, entered with unshare + chroot; its
+# own daemon and a passwd-file of the users), on ~/ReplD and ~/ReplM: the two senders into the
+# replica Dovecot 2.4 sites run. Phases:
 #   initial    the first sync of every user into empty replicas, once per stack
 #   nochange   everything synced, nothing changed since (no -s state: `-s` is per user and
 #              doveadm refuses it with many users too), REPS rounds, the stacks alternating
@@ -49,13 +54,17 @@ CHANGES=${CHANGES:-0}
 # sync (two-way, the default) or backup (one-way, the replica made equal to the source).
 VERB=${VERB:-sync}
 case $VERB in sync | backup) ;; *) echo "many_users.sh: VERB is sync or backup" >&2; exit 1 ;; esac
-case $RECEIVER in wrapper | upstream) ;; *) echo "many_users.sh: RECEIVER is wrapper or upstream" >&2; exit 1 ;; esac
+case $RECEIVER in wrapper | upstream | dovecot24) ;; *) echo "many_users.sh: RECEIVER is wrapper, upstream or dovecot24" >&2; exit 1 ;; esac
+ROOT24=${MAILREPLICA_TEST_ROOTS:-/var/lib/mailreplica-tests}/trixie
 cd "$(dirname "$0")/../.."
 die() { echo "many_users.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root: it creates throw-away users (sudo $0)"
 for t in doveadm /usr/sbin/dovecot /usr/sbin/sshd ssh ssh-keygen perl useradd userdel xargs; do
   command -v "$t" >/dev/null || die "$t is missing"
 done
+if [ "$RECEIVER" = dovecot24 ] && [ ! -x "$ROOT24/usr/bin/doveadm" ]; then
+  die "no Debian 13 root with Dovecot 2.4 at $ROOT24 (tests/lab/debian-root.sh trixie $ROOT24 dovecot-core,dovecot-imapd)"
+fi
 if [ -z "${MAILREPLICA:-}" ] || [ -z "${WRAPPER:-}" ]; then
   cargo build --release --workspace >&2
   MAILREPLICA=$PWD/target/release/mailreplica
@@ -74,6 +83,8 @@ cleanup() {
   for u in "${names[@]}"; do userdel "$u" 2>/dev/null || true; done
   if [ -n "${KEEP:-}" ]; then
     echo "kept $WORK" >&2
+  elif [ -d "$ROOT24$WORK" ] && ! rmdir "$ROOT24$WORK"; then
+    echo "many_users.sh: $ROOT24$WORK is not empty; kept $WORK" >&2
   elif ! rm -rf "$WORK" || [ -e "$WORK" ]; then
     # Once seen: a daemon's last writes racing the removal. One more try, then say so.
     sleep 1
@@ -121,8 +132,63 @@ read -r username
 exec doveadm -c $WORK/dovecot/dovecot.conf -o mail_location=maildir:~/ReplD dsync-server -u "\$username"
 EOF
 chmod 755 "$WORK/upstream-wrapper.sh"
+if [ "$RECEIVER" = dovecot24 ]; then
+  # Dovecot 2.4.1 in its root: /dev, /proc and $WORK mounted in a private mount namespace.
+  mkdir -p "$ROOT24$WORK" "$WORK/dovecot24/state"
+  chmod 755 "$WORK/dovecot24" "$WORK/dovecot24/state"
+  cat >"$WORK/enter24.sh" <<EOF
+#!/bin/sh
+exec unshare --mount --propagation private sh -c 'mount --rbind /dev "\$0/dev" && mount -t proc proc "\$0/proc" && mount --bind "$WORK" "\$0$WORK" && exec chroot "\$0" "\$@"' "$ROOT24" "\$@"
+EOF
+  chmod 755 "$WORK/enter24.sh"
+  for u in "${names[@]}"; do getent passwd "$u" | awk -F: '{ printf "%s:x:%s:%s::%s::\n", $1, $3, $4, $6 }'; done \
+    >"$WORK/dovecot24/users.passwd"
+  cat >"$WORK/dovecot24/dovecot.conf" <<EOF
+dovecot_config_version = 2.4.1
+dovecot_storage_version = 2.4.1
+base_dir = $WORK/dovecot24/run
+state_dir = $WORK/dovecot24/state
+log_path = $WORK/dovecot24/dovecot.log
+protocols =
+mail_driver = maildir
+mail_path = ~/ReplD
+first_valid_uid = 1000
+passdb passwd-file {
+  passwd_file_path = $WORK/dovecot24/users.passwd
+}
+userdb passwd-file {
+  passwd_file_path = $WORK/dovecot24/users.passwd
+}
+namespace inbox {
+  inbox = yes
+}
+service anvil {
+  chroot =
+}
+default_internal_user = dovecot
+default_login_user = dovenull
+EOF
+  "$WORK/enter24.sh" /usr/sbin/dovecot -F -c "$WORK/dovecot24/dovecot.conf" </dev/null >>"$WORK/dovecot24/early.log" 2>&1 &
+  pids+=("$!")
+  for _ in $(seq 400); do [ -S "$WORK/dovecot24/run/auth-userdb" ] && break; sleep 0.05; done
+  [ -S "$WORK/dovecot24/run/auth-userdb" ] || die "dovecot 2.4 did not start: $(cat "$WORK/dovecot24/"*.log)"
+  # The same recipe per replica directory (2.4 expands `~` in -o when it parses it, with
+  # root's HOME: the home is looked up here).
+  for dir in ReplD ReplM; do
+    cat >"$WORK/upstream24-$dir.sh" <<EOF
+#!/bin/sh
+read -r username
+home=\$(getent passwd "\$username" | cut -d: -f6)
+[ -n "\$home" ] || exit 1
+exec $WORK/enter24.sh /usr/bin/doveadm -c $WORK/dovecot24/dovecot.conf -o "mail_path=\$home/$dir" dsync-server -u "\$username"
+EOF
+    chmod 755 "$WORK/upstream24-$dir.sh"
+  done
+fi
 for peer in ours dovecot; do
-  if [ "$peer" = dovecot ] && [ "$RECEIVER" = upstream ]; then
+  if [ "$RECEIVER" = dovecot24 ]; then
+    if [ "$peer" = dovecot ]; then cmd="$WORK/upstream24-ReplD.sh"; else cmd="$WORK/upstream24-ReplM.sh"; fi
+  elif [ "$peer" = dovecot ] && [ "$RECEIVER" = upstream ]; then
     cmd="$WORK/upstream-wrapper.sh"
   else
     cmd="$WRAPPER --peer $peer --policy $WORK/wrapper.toml --auth-log $WORK/out/auth.log"
@@ -306,7 +372,9 @@ median() { tr ' ' '\n' | grep . | sort -n | awk '{ v[NR] = $1 } END { print (NR 
 echo
 echo "$USERS users, $MAILS mails each, $PARALLEL at a time ($(nproc) CPUs, MASK_ROOT_BASHRC=$MASK_ROOT_BASHRC, RECEIVER=$RECEIVER, VERB=$VERB, load average $(cut -d' ' -f1-3 /proc/loadavg)):"
 echo
-if [ "$RECEIVER" = upstream ]; then
+if [ "$RECEIVER" = dovecot24 ]; then
+  echo "| phase, both into Dovecot 2.4.1's doveadm dsync-server behind the upstream recipe | Dovecot 2.3.19: doveadm $VERB + ssh per user | ours: mailreplica -F $VERB, one SSH connection | ratio (ours / Dovecot's) | SSH logins: Dovecot's / ours |"
+elif [ "$RECEIVER" = upstream ]; then
   echo "| phase | Dovecot: doveadm $VERB + ssh per user, upstream wrapper + doveadm dsync-server | ours: mailreplica -F $VERB, one SSH connection, mailreplica-wrapper | ratio (ours / Dovecot's) | SSH logins: Dovecot's / ours |"
 else
   echo "| phase | Dovecot: doveadm sync per user, ssh per user | ours: mailreplica -F, one SSH connection | ratio (ours / Dovecot's) | SSH logins: Dovecot's / ours |"

@@ -611,11 +611,13 @@ fn backup_and_stateful_syncs_with_dovecot_24_as_the_replica_match_its_own_pair()
     let after = w.assert_like_dovecot(alice, "a full backup", true);
     assert_same(&after, &source, "the backup changed the source");
 
-    // A second user with another UID through the same recipe: its own replica, its own files.
+    // A second user with another UID through the same recipe, with a first two-way sync into
+    // an empty replica: its own replica, its own files. (Dovecot 2.3.19's master fails this
+    // one against 2.4.1's slave for some users: "Remote lost mailbox", exit 2.)
     let bob = &w.users[1];
     w.seed(bob);
-    w.sync_both(bob, "backup", None);
-    w.assert_like_dovecot(bob, "backup of a second user", true);
+    w.sync_both(bob, "sync", Some(&(String::new(), String::new())));
+    w.assert_like_dovecot(bob, "a first two-way sync of a second user", true);
     assert_owned_by(&bob.home.join("Replica"), bob.uid);
     assert_owned_by(&alice.home.join("Replica"), alice.uid);
     // One SSH connection per sync of ours: seven for alice, one for bob.
