@@ -29,6 +29,8 @@
 //! Needs root, useradd, OpenSSH's sshd, the Debian 13 root and the workspace built first
 //! (`tests/run` does all of it).
 
+#[path = "../../tests/common/rng.rs"]
+mod rng;
 mod wrapper_common;
 
 use std::collections::BTreeSet;
@@ -38,6 +40,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use rng::Rng;
 use wrapper_common::*;
 
 /// Any single run of a tool.
@@ -397,27 +400,9 @@ impl World {
 const FLAGS: &[&str] =
     &["\\Seen", "\\Flagged", "\\Answered", "\\Draft", "\\Deleted", "$Label1", "project", "$Important"];
 
-/// A small deterministic generator (xorshift64*): a failing seed replays with
-/// `MAILREPLICA_TEST_SEED`.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
+/// One of `items`, drawn by `rng`.
+fn pick<'a, T>(rng: &mut Rng, items: &'a [T]) -> &'a T {
+    &items[rng.below(items.len() as u64) as usize]
 }
 
 impl World {
@@ -443,30 +428,30 @@ impl World {
     /// Returns what it did.
     fn random_op(&self, u: &TestUser, rng: &mut Rng, side: Side, tree_side: Side, n: &mut u32, k: &mut u32) -> String {
         let boxes = self.mailboxes(u, side);
-        let mb = rng.pick(&boxes).clone();
+        let mb = pick(rng, &boxes).clone();
         let uids = self.uids(u, side, &mb);
-        let pick = rng.below(12);
+        let draw = rng.below(12);
         let children = |name: &str| boxes.iter().any(|b| b.starts_with(&format!("{name}.")));
         let others: Vec<&String> = boxes.iter().filter(|b| **b != mb && **b != "INBOX").collect();
-        match pick {
+        match draw {
             2..=4 if !uids.is_empty() => {
-                let uid = rng.pick(&uids).clone();
+                let uid = pick(rng, &uids).clone();
                 let count = 1 + rng.below(2);
-                let flags: Vec<&str> = (0..count).map(|_| *rng.pick(FLAGS)).collect();
+                let flags: Vec<&str> = (0..count).map(|_| *pick(rng, FLAGS)).collect();
                 let flags = flags.join(" ");
-                let verb = *rng.pick(&["flags add", "flags add", "flags remove", "flags replace"]);
+                let verb = *pick(rng, &["flags add", "flags add", "flags remove", "flags replace"]);
                 self.both(u, side, verb, &[&flags, "mailbox", &mb, "uid", &uid]);
                 format!("{verb} {flags:?} {mb} {uid}")
             }
             5 if !uids.is_empty() => {
-                let uid = rng.pick(&uids).clone();
+                let uid = pick(rng, &uids).clone();
                 self.both(u, side, "expunge", &["mailbox", &mb, "uid", &uid]);
                 format!("expunge {mb} {uid}")
             }
             6 if !uids.is_empty() && boxes.len() > 1 => {
-                let uid = rng.pick(&uids).clone();
-                let dest = rng.pick(&boxes.iter().filter(|b| **b != mb).collect::<Vec<_>>()).to_string();
-                let verb = *rng.pick(&["copy", "move"]);
+                let uid = pick(rng, &uids).clone();
+                let dest = pick(rng, &boxes.iter().filter(|b| **b != mb).collect::<Vec<_>>()).to_string();
+                let verb = *pick(rng, &["copy", "move"]);
                 self.both(u, side, verb, &[&dest, "mailbox", &mb, "uid", &uid]);
                 format!("{verb} {mb} {uid} to {dest}")
             }
@@ -474,19 +459,19 @@ impl World {
                 *k += 1;
                 let choice = rng.below(3);
                 if choice == 1 && !others.is_empty() {
-                    let from = rng.pick(&others).to_string();
+                    let from = pick(rng, &others).to_string();
                     let to = format!("N{k}");
                     self.both(u, side, "mailbox rename", &[&from, &to]);
                     format!("rename {from} to {to}")
                 } else if choice == 2 && others.iter().any(|b| !children(b)) {
                     let leaves: Vec<&String> = others.iter().copied().filter(|b| !children(b)).collect();
-                    let gone = rng.pick(&leaves).to_string();
+                    let gone = pick(rng, &leaves).to_string();
                     self.both(u, side, "mailbox delete", &[&gone]);
                     format!("delete {gone}")
                 } else {
                     let name = match others.is_empty() || rng.below(3) != 0 {
                         true => format!("R{k}"),
-                        false => format!("{}.R{k}", rng.pick(&others)),
+                        false => format!("{}.R{k}", pick(rng, &others)),
                     };
                     let guid = format!("0d24{k:028x}");
                     let validity = (1_800_000_000 + *k).to_string();
@@ -683,13 +668,11 @@ fn backup_and_stateful_syncs_with_dovecot_24_as_the_replica_match_its_own_pair()
 /// copies of ours).
 #[test]
 fn randomized_rounds_with_dovecot_24_as_the_replica_match_its_own_pair() {
-    let seed = std::env::var("MAILREPLICA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock");
-        now.as_nanos() as u64 | 1
-    });
+    let seed =
+        std::env::var("MAILREPLICA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(Rng::seed_from_time);
     eprintln!("seed {seed} (MAILREPLICA_TEST_SEED={seed} replays it)");
     let rounds: usize = std::env::var("MAILREPLICA_TEST_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let w = World::new();
     let u = &w.users[0];
     w.seed(u);
